@@ -1,0 +1,152 @@
+"""Checkpoints of one training run: the latest and the best (by validation AUC).
+
+This is the only module that imports Orbax. A checkpoint holds two items:
+
+- `state`: the training state pytree (step, params, batch_stats, opt_state),
+  saved with Orbax's standard pytree handler;
+- `progress`: a JSON dict with everything else needed to resume exactly: the
+  data iterator's state (epoch and position), the best validation AUC so far
+  and its step, and the training-loop bookkeeping.
+
+Saves are synchronous and atomic (Orbax writes to a temporary directory and
+renames it when complete), so a process killed at any moment leaves either the
+previous checkpoint or the new one, never a half-written one that restore
+would pick up; leftover temporary directories are removed on the next start.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+LATEST = "latest"
+BEST = "best"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be read (corrupt, truncated, wrong shapes)."""
+
+
+def _manager(directory: Path) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=1,
+        create=True,
+        cleanup_tmp_directories=True,
+        enable_async_checkpointing=False,
+    )
+    return ocp.CheckpointManager(directory, options=options, item_names=("state", "progress"))
+
+
+def _like(target: Any, restored: Any, path: Path) -> Any:
+    """`restored`'s leaves in `target`'s tree structure.
+
+    Orbax gives named tuples (optax states) back as plain tuples; the leaf
+    order is the same, so the target's structure is re-applied.
+    """
+    target_leaves, treedef = jax.tree.flatten(target)
+    leaves = jax.tree.leaves(restored)
+    if len(leaves) != len(target_leaves):
+        raise CheckpointError(
+            f"checkpoint {path} holds {len(leaves)} arrays, the model needs {len(target_leaves)}"
+        )
+    for index, (have, want) in enumerate(zip(leaves, target_leaves)):
+        if have.shape != want.shape or have.dtype != want.dtype:
+            raise CheckpointError(
+                f"checkpoint {path}: array {index} is {have.dtype}{list(have.shape)}, "
+                f"the model needs {want.dtype}{list(want.shape)}"
+            )
+    return jax.tree.unflatten(treedef, leaves)
+
+
+class RunCheckpoints:
+    """The `latest/` and `best/` checkpoint managers of one run directory.
+
+    Args:
+      directory: folder that holds `latest/<step>/` and `best/<step>/`.
+    """
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory).resolve()
+        self._managers = {name: _manager(self.directory / name) for name in (LATEST, BEST)}
+
+    def step(self, which: str = LATEST) -> int | None:
+        """Step of the latest or best checkpoint, or None when there is none."""
+        return self._managers[which].latest_step()
+
+    def save(self, which: str, step: int, state: Any, progress: dict) -> None:
+        """Save `state` (pytree of arrays) and `progress` (JSON dict) as step `step`.
+
+        An existing checkpoint with the same step is replaced: after a resume
+        the run recomputes steps it had already saved, bit for bit.
+        """
+        manager = self._managers[which]
+        if step in manager.all_steps():
+            manager.delete(step)
+        manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)
+            ),
+            force=True,
+        )
+        manager.wait_until_finished()
+
+    def restore(self, which: str, target_state: Any, step: int | None = None) -> tuple[Any, dict]:
+        """Restore (state, progress) of the latest or best checkpoint.
+
+        Args:
+          which: "latest" or "best".
+          target_state: a pytree with the structure, shapes and dtypes of the
+            saved state (for example a freshly initialised state).
+          step: a given step instead of the newest one.
+
+        Raises:
+          CheckpointError: there is no checkpoint, or it cannot be read or does
+            not match `target_state`; the message names the directory.
+        """
+        manager = self._managers[which]
+        step = manager.latest_step() if step is None else step
+        path = self.directory / which / str(step)
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory / which}")
+        try:
+            restored = manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target_state), progress=ocp.args.JsonRestore()
+                ),
+            )
+        except Exception as error:  # Orbax raises many types; all mean "unreadable".
+            raise CheckpointError(
+                f"checkpoint {path} cannot be restored ({type(error).__name__}: {error}); "
+                "delete it (or the whole run directory) to start again"
+            ) from error
+        if restored.progress is None or restored.state is None:
+            raise CheckpointError(f"checkpoint {path} is incomplete")
+        return _like(target_state, restored.state, path), dict(restored.progress)
+
+    def discard_best_after(self, step: int) -> None:
+        """Delete best checkpoints newer than `step`.
+
+        A run killed between saving a new best and saving the latest resumes
+        from the older latest checkpoint; it will recompute (and re-save) the
+        newer best, so the stale one must not win meanwhile.
+        """
+        manager = self._managers[BEST]
+        for saved in manager.all_steps():
+            if saved > step:
+                manager.delete(saved)
+        manager.reload()
+
+    def close(self) -> None:
+        for manager in self._managers.values():
+            manager.close()
+
+
+def remove_checkpoints(directory: str | Path) -> None:
+    """Delete a run's checkpoint folder (used only by explicit user request)."""
+    shutil.rmtree(Path(directory), ignore_errors=True)

@@ -1,0 +1,79 @@
+"""Checkpoint save/restore round trips, best pruning and clear errors on corrupt files."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dare_jax.checkpointing import BEST, LATEST, CheckpointError, RunCheckpoints
+
+
+def _state(scale: float = 1.0):
+    params = {"dense": {"kernel": jnp.full((3, 4), scale)}, "embed": jnp.arange(6.0) * scale}
+    return {
+        "step": jnp.asarray(7, jnp.int32),
+        "params": params,
+        "batch_stats": {"mean": jnp.zeros(4)},
+        "opt_state": optax.adam(0.01).init(params),
+    }
+
+
+def test_round_trip_keeps_values_structure_and_progress(tmp_path):
+    checkpoints = RunCheckpoints(tmp_path)
+    state = _state(2.5)
+    progress = {"data_iterator": {"next_index": 7}, "best_auc": 0.61, "best_step": 5}
+    checkpoints.save(LATEST, 7, state, progress)
+    assert checkpoints.step(LATEST) == 7 and checkpoints.step(BEST) is None
+    restored, restored_progress = RunCheckpoints(tmp_path).restore(LATEST, _state(0.0))
+    assert restored_progress == progress
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for got, want in zip(jax.tree.leaves(restored), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_keeps_only_newest_and_resaves_same_step(tmp_path):
+    checkpoints = RunCheckpoints(tmp_path)
+    checkpoints.save(LATEST, 1, _state(1.0), {"n": 1})
+    checkpoints.save(LATEST, 2, _state(2.0), {"n": 2})
+    checkpoints.save(LATEST, 2, _state(3.0), {"n": 3})  # a resumed run recomputes step 2
+    assert sorted(p.name for p in (tmp_path / LATEST).iterdir() if p.name.isdigit()) == ["2"]
+    restored, progress = checkpoints.restore(LATEST, _state(0.0))
+    assert progress == {"n": 3}
+    np.testing.assert_array_equal(restored["params"]["embed"], np.arange(6.0) * 3.0)
+
+
+def test_discard_best_after(tmp_path):
+    checkpoints = RunCheckpoints(tmp_path)
+    checkpoints.save(BEST, 300, _state(), {})
+    checkpoints.discard_best_after(150)
+    assert checkpoints.step(BEST) is None
+    checkpoints.save(BEST, 150, _state(), {})
+    checkpoints.discard_best_after(150)
+    assert checkpoints.step(BEST) == 150
+
+
+def test_corrupt_checkpoint_names_the_path(tmp_path):
+    checkpoints = RunCheckpoints(tmp_path)
+    checkpoints.save(LATEST, 4, _state(), {"n": 1})
+    state_dir = tmp_path / LATEST / "4" / "state"
+    for path in state_dir.rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match=str(tmp_path / LATEST / "4")):
+        RunCheckpoints(tmp_path).restore(LATEST, _state())
+
+
+def test_shape_mismatch_is_reported(tmp_path):
+    checkpoints = RunCheckpoints(tmp_path)
+    checkpoints.save(LATEST, 1, _state(), {})
+    other = _state()
+    other["params"]["embed"] = jnp.zeros(9)
+    other["opt_state"] = optax.adam(0.01).init(other["params"])
+    with pytest.raises(CheckpointError, match="cannot be restored|needs"):
+        checkpoints.restore(LATEST, other)
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        RunCheckpoints(tmp_path).restore(BEST, _state())
