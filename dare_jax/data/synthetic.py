@@ -1,0 +1,525 @@
+"""Synthetic logs in the Taobao `UserBehavior.csv` format.
+
+The real Taobao log (100 M rows) is not available everywhere, so the demo, the
+at-scale benchmarks and several tests run on logs written here. The file has
+no header and five columns, exactly like the Tianchi original::
+
+    user_id,item_id,category_id,behavior_type,timestamp
+
+Rows are grouped by user (users in a shuffled order, as in the real file),
+time-ordered within a user, ``behavior_type`` in ``pv``/``cart``/``fav``/``buy``
+with the real shares (about 90 % ``pv``), Unix-second timestamps inside
+2017-11-25 .. 2017-12-03 (Beijing time, as the real log) and sparse raw ids in
+Taobao's ranges (items and categories up to ~5.2 M, users up to ~1 M).
+
+How a user's ``pv`` sequence is generated (the planted, learnable structure):
+
+* The world: a catalogue of items with power-law (Zipf) popularity, each item
+  in exactly one category; category sizes are power-law too, so category
+  popularity is heavy-tailed. Categories sit on a hidden ring; the categories
+  next to each other on the ring are "related" (phones -> phone cases).
+* Each event either **copies from the user's own past** (probability
+  ``1 - p_fresh``) or **opens a fresh category**. A copy picks an earlier event
+  at distance ``d`` (``d = 1`` with probability ``p_last``, otherwise
+  log-uniform in ``[2, max_lookback]``, i.e. P(d) ~ 1/d: strong recency with a
+  long tail) and takes its category; with probability ``p_revisit`` it also
+  takes its item (a re-visit), otherwise it draws a new item of that category
+  by popularity.
+* A fresh category is a related category of the last event's (``p_related``),
+  one of the user's ``n_interests`` long-term interests (``p_interest``), or a
+  draw by global popularity (the rest). Interests drift: each event replaces
+  one interest with probability ``interest_drift`` (by a related category or a
+  popularity draw).
+* ``cart``/``fav``/``buy`` rows follow a random ``pv`` event of the same user,
+  on the same item a quarter of the time (as in the real sample) and otherwise
+  on another item of its category.
+* Timestamps: short gaps inside sessions, long gaps between sessions, each
+  user's span squeezed into the 9-day window if needed.
+
+Negatives of the protocol are drawn by popularity among items the user never
+touched, so their categories rarely appear in the history while the positives'
+categories usually do: a model that reads the history with target-aware
+attention clearly beats one that does not.
+
+Per-user lengths are log-normal (median ``median_events`` rows, ``length_sigma``)
+so that most users pass the protocol's 210-event filter; ``target_rows`` rescales
+them so that the file has exactly that many rows. Catalogue sizes default to
+what a Taobao file of that many rows holds (Heaps' law fitted on the 84 k-row
+real sample and the full 100 M-row log).
+
+The generation is vectorised over the users of a chunk (a Python loop over the
+event position, never over rows or users) and chunked by users, so memory stays
+bounded; the same seed gives a byte-identical file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+
+# 2017-11-25 00:00 and 2017-12-04 00:00 in Beijing time (UTC+8), in Unix seconds.
+TAOBAO_START_TIMESTAMP = 1_511_539_200
+TAOBAO_END_TIMESTAMP = 1_512_316_800  # exclusive
+BEHAVIOR_TYPES = ("pv", "cart", "fav", "buy")
+
+# Real id ranges (max ids of the Tianchi file), used as the default raw-id spaces.
+_TAOBAO_MAX_ITEM_ID = 5_163_070
+_TAOBAO_MAX_CATEGORY_ID = 5_162_429
+_TAOBAO_MAX_USER_ID = 1_018_011
+
+# Heaps' law (distinct = K * rows**beta) through two real points: the 84,287-row
+# head sample (55,233 items, 2,911 categories) and the full 100,150,807-row log
+# (4,162,024 items, 9,439 categories).
+_REAL_SAMPLE_ROWS = 84_287
+_REAL_FULL_ROWS = 100_150_807
+_REAL_SAMPLE_ITEMS, _REAL_FULL_ITEMS = 55_233, 4_162_024
+_REAL_SAMPLE_CATEGORIES, _REAL_FULL_CATEGORIES = 2_911, 9_439
+
+# Rows simulated at once: bounds memory (a few hundred MB) independently of file size.
+# A constant, not an option, because chunk boundaries are part of what the seed determines.
+_CHUNK_ROWS = 2_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class LogStructure:
+    """Knobs of the generator (pass any of them to `write_taobao_log` as keywords)."""
+
+    # Per-user length: total rows (all behaviour types), log-normal.
+    median_events: float = 330.0
+    length_sigma: float = 0.5
+    # Catalogue; None = Heaps'-law size of a real Taobao file with this many rows.
+    n_items: int | None = None
+    n_categories: int | None = None
+    catalogue_oversize: float = 1.5  # catalogue / expected distinct items seen
+    item_zipf: float = 0.9  # item popularity ~ rank**-item_zipf
+    category_size_zipf: float = 1.0  # items per category ~ rank**-category_size_zipf
+    n_related: int = 6  # neighbours of a category on the hidden ring
+    # pv sequence process.
+    p_fresh: float = 0.2
+    p_last: float = 0.35
+    max_lookback: int = 400
+    p_revisit: float = 0.3
+    p_related: float = 0.35
+    p_interest: float = 0.35
+    n_interests: int = 4
+    interest_drift: float = 0.01
+    # Behaviour types (pv, cart, fav, buy): shares in the real sample.
+    behavior_shares: tuple[float, float, float, float] = (0.898, 0.053, 0.028, 0.021)
+    p_nonpv_same_item: float = 0.25
+    # Timestamps (seconds).
+    session_break: float = 0.1
+    session_gap_mean: float = 6 * 3600.0
+    click_gap_mean: float = 150.0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first field with an impossible value."""
+        probabilities = (
+            "p_fresh p_last p_revisit p_related p_interest interest_drift "
+            "p_nonpv_same_item session_break"
+        ).split()
+        for name in probabilities:
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"structure field {name}={value!r} must be in [0, 1]")
+        if self.p_related + self.p_interest > 1.0:
+            raise ValueError(
+                f"p_related + p_interest = {self.p_related + self.p_interest} must be <= 1"
+            )
+        positive = (
+            "median_events item_zipf category_size_zipf catalogue_oversize "
+            "session_gap_mean click_gap_mean"
+        ).split()
+        for name in positive:
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"structure field {name}={value!r} must be > 0")
+        if self.length_sigma < 0:
+            raise ValueError(f"structure field length_sigma={self.length_sigma!r} must be >= 0")
+        for name in ("n_related", "n_interests", "max_lookback"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"structure field {name}={value!r} must be an integer >= 1")
+        for name in ("n_items", "n_categories"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"structure field {name}={value!r} must be None or an int >= 1")
+        if self.n_items is not None and self.n_categories is not None:
+            if self.n_items < self.n_categories:
+                raise ValueError(
+                    f"n_items={self.n_items} must be >= n_categories={self.n_categories}"
+                )
+        shares = self.behavior_shares
+        if len(shares) != 4 or any(s < 0 for s in shares) or not math.isclose(sum(shares), 1.0):
+            raise ValueError(
+                f"behavior_shares={shares!r} must be 4 non-negative shares (pv, cart, fav, buy) "
+                "summing to 1"
+            )
+        if shares[0] <= 0:
+            raise ValueError("behavior_shares: the pv share must be > 0")
+
+
+def _heaps(rows: float, sample_value: int, full_value: int) -> float:
+    beta = math.log(full_value / sample_value) / math.log(_REAL_FULL_ROWS / _REAL_SAMPLE_ROWS)
+    return sample_value * (rows / _REAL_SAMPLE_ROWS) ** beta
+
+
+@dataclasses.dataclass(frozen=True)
+class _World:
+    """The catalogue, shared by all users. Items are stored sorted by category.
+
+    item_raw_id, item_category: [n_items]; item_cumulative_weight: [n_items] float64
+    category_raw_id, category_first_item, category_last_item: [n_categories]
+    category_weight_before, category_weight: [n_categories] float64 (popularity mass)
+    category_cumulative_weight: [n_categories] float64
+    related: [n_categories, n_related] category indices
+    """
+
+    item_raw_id: np.ndarray
+    item_category: np.ndarray
+    item_cumulative_weight: np.ndarray
+    category_raw_id: np.ndarray
+    category_first_item: np.ndarray
+    category_last_item: np.ndarray
+    category_weight_before: np.ndarray
+    category_weight: np.ndarray
+    category_cumulative_weight: np.ndarray
+    related: np.ndarray
+
+    def draw_categories(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """n category indices drawn by popularity (= a popularity draw of an item's category)."""
+        total = self.category_cumulative_weight[-1]
+        picks = np.searchsorted(self.category_cumulative_weight, rng.random(n) * total, "right")
+        return np.minimum(picks, len(self.category_weight) - 1)
+
+    def draw_items_in(self, rng: np.random.Generator, categories: np.ndarray) -> np.ndarray:
+        """One item index per category in `categories` [n], by popularity within the category."""
+        targets = (
+            self.category_weight_before[categories]
+            + rng.random(len(categories)) * self.category_weight[categories]
+        )
+        picks = np.searchsorted(self.item_cumulative_weight, targets, "right")
+        # Float rounding can land one item outside the category's block: clamp into it.
+        return np.clip(
+            picks, self.category_first_item[categories], self.category_last_item[categories]
+        )
+
+
+def _build_world(rng: np.random.Generator, n_items: int, n_categories: int, s: LogStructure):
+    # Category sizes: every category gets one item, the rest go by a power law over a
+    # random ranking of the categories.
+    size_rank = rng.permutation(n_categories) + 1.0
+    size_weight = size_rank**-s.category_size_zipf
+    extra = rng.choice(n_categories, n_items - n_categories, p=size_weight / size_weight.sum())
+    item_category = np.sort(
+        np.concatenate([np.arange(n_categories), extra]).astype(np.int32), kind="stable"
+    )
+    # Item popularity: Zipf over a random ranking, independent of the category.
+    item_weight = (rng.permutation(n_items) + 1.0) ** -s.item_zipf
+    item_cumulative_weight = np.cumsum(item_weight)
+    counts = np.bincount(item_category, minlength=n_categories)
+    category_last_item = np.cumsum(counts) - 1
+    category_first_item = category_last_item - counts + 1
+    category_weight = np.bincount(item_category, weights=item_weight, minlength=n_categories)
+    category_weight_before = item_cumulative_weight[category_last_item] - category_weight
+    # Related categories: neighbours on a hidden ring (random order of the categories), so
+    # related categories form overlapping clusters unrelated to popularity.
+    ring = rng.permutation(n_categories)
+    position = np.empty(n_categories, dtype=np.int64)
+    position[ring] = np.arange(n_categories)
+    half = (s.n_related + 1) // 2
+    steps = np.array([k for k in range(1, half + 1) for k in (k, -k)][: s.n_related])
+    related = ring[(position[:, None] + steps[None, :]) % n_categories].astype(np.int32)
+    item_raw_id = 1 + rng.choice(max(_TAOBAO_MAX_ITEM_ID, 2 * n_items), n_items, replace=False)
+    category_raw_id = 1 + rng.choice(
+        max(_TAOBAO_MAX_CATEGORY_ID, 2 * n_categories), n_categories, replace=False
+    )
+    return _World(
+        item_raw_id=item_raw_id.astype(np.int64),
+        item_category=item_category,
+        item_cumulative_weight=item_cumulative_weight,
+        category_raw_id=category_raw_id.astype(np.int64),
+        category_first_item=category_first_item,
+        category_last_item=category_last_item,
+        category_weight_before=category_weight_before,
+        category_weight=category_weight,
+        category_cumulative_weight=np.cumsum(category_weight),
+        related=related,
+    )
+
+
+def _user_lengths(
+    rng: np.random.Generator, n_users: int, target_rows: int | None, s: LogStructure
+) -> np.ndarray:
+    """Rows per user [n_users] int64; sums to exactly target_rows when given."""
+    raw = rng.lognormal(math.log(s.median_events), s.length_sigma, n_users)
+    if target_rows is None:
+        return np.maximum(1, np.rint(raw)).astype(np.int64)
+    # Everyone gets one row, the remainder is shared in proportion to the log-normal draw
+    # (largest fractional parts take the rounding leftovers), so the total is exact.
+    share = raw / raw.sum() * (target_rows - n_users)
+    lengths = np.floor(share).astype(np.int64)
+    leftover = int(target_rows - n_users - lengths.sum())
+    if leftover:
+        lengths[np.argsort(lengths - share, kind="stable")[:leftover]] += 1
+    return lengths + 1
+
+
+def _simulate_pv(
+    rng: np.random.Generator, world: _World, n_pv: np.ndarray, s: LogStructure
+) -> tuple[np.ndarray, np.ndarray]:
+    """Item and category indices of the pv events of a chunk of users.
+
+    n_pv: [m] events per user (>= 1). Returns two flat [sum(n_pv)] arrays, user after
+    user, each user's events in time order. Vectorised over users: the loop runs over the
+    event position t, and at step t works on the users whose sequence is longer than t.
+    """
+    m = len(n_pv)
+    offsets = np.concatenate([[0], np.cumsum(n_pv)[:-1]])
+    order = np.argsort(-n_pv, kind="stable")  # longest first: active users are a prefix
+    sorted_lengths = n_pv[order]
+    sorted_offsets = offsets[order]
+    max_len = int(sorted_lengths[0])
+    n_active = np.searchsorted(-sorted_lengths, -np.arange(max_len), "left")
+    total = int(n_pv.sum())
+    items = np.empty(total, dtype=np.int32)
+    categories = np.empty(total, dtype=np.int32)
+    interests = world.draw_categories(rng, m * s.n_interests).reshape(m, s.n_interests)
+    n_related = world.related.shape[1]
+    log_lookback = math.log(max(s.max_lookback, 2) / 2.0)
+    for t in range(max_len):
+        a = int(n_active[t])
+        pos = sorted_offsets[:a] + t
+        if t == 0:
+            fresh = np.ones(a, dtype=bool)
+            new_category = np.empty(a, dtype=np.int32)
+            revisit_item = np.full(a, -1, dtype=np.int32)
+        else:
+            fresh = rng.random(a) < s.p_fresh
+            # Distance to the copied event: 1 with p_last, else log-uniform in [2, lookback].
+            distance = np.floor(2.0 * np.exp(rng.random(a) * log_lookback)).astype(np.int64)
+            distance[rng.random(a) < s.p_last] = 1
+            source = pos - np.minimum(distance, t)
+            new_category = categories[source]
+            revisit_item = np.where(rng.random(a) < s.p_revisit, items[source], -1)
+        fresh_idx = np.flatnonzero(fresh)
+        if len(fresh_idx):
+            kind = rng.random(len(fresh_idx))
+            chosen = world.draw_categories(rng, len(fresh_idx)).astype(np.int32)
+            if t > 0:
+                related = kind < s.p_related
+                previous = categories[pos[fresh_idx[related]] - 1]
+                chosen[related] = world.related[
+                    previous, rng.integers(0, n_related, len(previous))
+                ]
+            interest = (kind >= s.p_related) & (kind < s.p_related + s.p_interest)
+            users = fresh_idx[interest]
+            chosen[interest] = interests[users, rng.integers(0, s.n_interests, len(users))]
+            new_category[fresh_idx] = chosen
+            revisit_item[fresh_idx] = -1
+        need_item = revisit_item < 0
+        revisit_item[need_item] = world.draw_items_in(rng, new_category[need_item])
+        items[pos] = revisit_item
+        categories[pos] = new_category
+        # Interest drift.
+        drifting = np.flatnonzero(rng.random(a) < s.interest_drift)
+        if len(drifting):
+            slot = rng.integers(0, s.n_interests, len(drifting))
+            old = interests[drifting, slot]
+            replacement = world.draw_categories(rng, len(drifting))
+            to_related = rng.random(len(drifting)) < 0.5
+            replacement[to_related] = world.related[
+                old[to_related], rng.integers(0, n_related, int(to_related.sum()))
+            ]
+            interests[drifting, slot] = replacement
+    return items, categories
+
+
+def _chunk_rows(
+    rng: np.random.Generator, world: _World, user_ids: np.ndarray, rows: np.ndarray, s: LogStructure
+) -> tuple[pa.Table, np.ndarray]:
+    """All rows of a chunk of users as an Arrow table in file order, and their item indices.
+
+    user_ids, rows: [m] raw id and row count of each user of the chunk.
+    """
+    nonpv_share = 1.0 - s.behavior_shares[0]
+    n_nonpv = np.minimum(rng.binomial(rows, nonpv_share), rows - 1)
+    n_pv = rows - n_nonpv
+    pv_items, pv_categories = _simulate_pv(rng, world, n_pv, s)
+    # Non-pv rows follow a random pv event of their user.
+    pv_offsets = np.concatenate([[0], np.cumsum(n_pv)[:-1]])
+    user_of_nonpv = np.repeat(np.arange(len(rows)), n_nonpv)
+    source = pv_offsets[user_of_nonpv] + np.floor(
+        rng.random(len(user_of_nonpv)) * n_pv[user_of_nonpv]
+    ).astype(np.int64)
+    nonpv_categories = pv_categories[source]
+    nonpv_items = np.where(
+        rng.random(len(source)) < s.p_nonpv_same_item,
+        pv_items[source],
+        world.draw_items_in(rng, nonpv_categories),
+    )
+    other = np.asarray(s.behavior_shares[1:]) / nonpv_share if nonpv_share > 0 else None
+    nonpv_types = 1 + rng.choice(3, len(source), p=other) if len(source) else np.zeros(0, int)
+    # Merge: a non-pv row goes right after its source pv row.
+    key = np.concatenate([2 * np.arange(len(pv_items)), 2 * source + 1])
+    merge = np.argsort(key, kind="stable")
+    items = np.concatenate([pv_items, nonpv_items])[merge]
+    behavior = np.concatenate([np.zeros(len(pv_items), np.int8), nonpv_types.astype(np.int8)])[
+        merge
+    ]
+    # Timestamps: gaps (short inside a session, long between), squeezed into the window.
+    total = int(rows.sum())
+    offsets = np.concatenate([[0], np.cumsum(rows)[:-1]])
+    session = rng.random(total) < s.session_break
+    gaps = rng.exponential(1.0, total) * np.where(session, s.session_gap_mean, s.click_gap_mean)
+    gaps[behavior > 0] *= 0.3  # cart/fav/buy come right after the view they follow
+    gaps[offsets] = 0.0
+    elapsed = np.cumsum(gaps)
+    elapsed -= np.repeat(elapsed[offsets], rows)
+    window = TAOBAO_END_TIMESTAMP - TAOBAO_START_TIMESTAMP - 1
+    span = elapsed[offsets + rows - 1]
+    scale = np.minimum(1.0, window / np.maximum(span, 1.0))
+    start = np.floor(rng.random(len(rows)) * (window - span * scale + 1))
+    timestamps = TAOBAO_START_TIMESTAMP + np.floor(
+        np.repeat(start, rows) + elapsed * np.repeat(scale, rows)
+    ).astype(np.int64)
+    timestamps = np.minimum(timestamps, TAOBAO_END_TIMESTAMP - 1)
+    behavior_column = pa.DictionaryArray.from_arrays(
+        pa.array(behavior, pa.int8()), pa.array(BEHAVIOR_TYPES)
+    ).cast(pa.string())
+    return pa.table(
+        {
+            "user_id": pa.array(np.repeat(user_ids, rows)),
+            "item_id": pa.array(world.item_raw_id[items]),
+            "category_id": pa.array(world.category_raw_id[world.item_category[items]]),
+            "behavior_type": behavior_column,
+            "timestamp": pa.array(timestamps),
+        }
+    ), items
+
+
+def _chunks(rows: np.ndarray) -> Iterator[tuple[int, int]]:
+    """(first_user, end_user) ranges of about _CHUNK_ROWS rows each (at least one user)."""
+    cumulative = np.cumsum(rows)
+    first = 0
+    while first < len(rows):
+        done = cumulative[first - 1] if first else 0
+        end = int(np.searchsorted(cumulative, done + _CHUNK_ROWS, "right"))
+        end = max(end, first + 1)
+        yield first, end
+        first = end
+
+
+def write_taobao_log(
+    path: str | os.PathLike,
+    n_users: int,
+    seed: int = 0,
+    target_rows: int | None = None,
+    progress: bool | None = None,
+    **structure,
+) -> dict:
+    """Write a synthetic Taobao `UserBehavior.csv` (no header) to `path`, atomically.
+
+    Args:
+      path: output file; its folder must exist. Written to a temporary file in the same
+        folder and moved into place, so a reader never sees a partial file.
+      n_users: number of users (>= 1).
+      seed: everything derives from it: same arguments -> byte-identical file.
+      target_rows: if given, the file has exactly this many rows (>= n_users).
+      progress: tqdm progress bar; default: on for files over 2 M rows.
+      **structure: overrides of `LogStructure` fields (e.g. ``median_events=500``).
+
+    Returns:
+      dict with ``path``, ``rows``, ``pv_rows``, ``users``, ``items`` and ``categories``
+      (distinct ids written).
+    """
+    if isinstance(n_users, bool) or not isinstance(n_users, int | np.integer) or n_users < 1:
+        raise ValueError(f"n_users={n_users!r} must be an integer >= 1")
+    if target_rows is not None:
+        if isinstance(target_rows, bool) or not isinstance(target_rows, int | np.integer):
+            raise ValueError(f"target_rows={target_rows!r} must be an integer or None")
+        if target_rows < n_users:
+            raise ValueError(
+                f"target_rows={target_rows} is smaller than n_users={n_users}: "
+                "every user needs at least one row"
+            )
+    unknown = set(structure) - {f.name for f in dataclasses.fields(LogStructure)}
+    if unknown:
+        raise TypeError(f"unknown structure option(s): {', '.join(sorted(unknown))}")
+    s = LogStructure(**structure)
+    s.validate()
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"output folder does not exist: {path.parent}")
+
+    lengths_seed, world_seed, user_seed, chunks_seed = np.random.SeedSequence(seed).spawn(4)
+    rows = _user_lengths(np.random.default_rng(lengths_seed), n_users, target_rows, s)
+    total_rows = int(rows.sum())
+    n_categories = s.n_categories or max(
+        10, round(_heaps(total_rows, _REAL_SAMPLE_CATEGORIES, _REAL_FULL_CATEGORIES))
+    )
+    n_items = s.n_items or max(
+        n_categories,
+        round(s.catalogue_oversize * _heaps(total_rows, _REAL_SAMPLE_ITEMS, _REAL_FULL_ITEMS)),
+    )
+    if n_items < n_categories:
+        raise ValueError(f"n_items={n_items} must be >= n_categories={n_categories}")
+    world = _build_world(np.random.default_rng(world_seed), n_items, n_categories, s)
+    user_ids = 1 + np.random.default_rng(user_seed).choice(
+        max(_TAOBAO_MAX_USER_ID, 2 * n_users), n_users, replace=False
+    )
+    chunk_ranges = list(_chunks(rows))
+    chunk_seeds = chunks_seed.spawn(len(chunk_ranges))
+    if progress is None:
+        progress = total_rows > _CHUNK_ROWS
+    item_seen = np.zeros(n_items, dtype=bool)
+    pv_rows = 0
+    options = pa_csv.WriteOptions(include_header=False, quoting_style="none")
+    schema = pa.schema(
+        [
+            ("user_id", pa.int64()),
+            ("item_id", pa.int64()),
+            ("category_id", pa.int64()),
+            ("behavior_type", pa.string()),
+            ("timestamp", pa.int64()),
+        ]
+    )
+    from tqdm import tqdm
+
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(descriptor, "wb") as sink, pa_csv.CSVWriter(sink, schema, write_options=options) as w:
+            with tqdm(
+                total=total_rows, unit="row", unit_scale=True, disable=not progress,
+                desc=f"writing {path.name}",
+            ) as bar:
+                for (first, end), chunk_seed in zip(chunk_ranges, chunk_seeds):
+                    table, items = _chunk_rows(
+                        np.random.default_rng(chunk_seed), world, user_ids[first:end],
+                        rows[first:end], s,
+                    )
+                    item_seen[items] = True
+                    pv_rows += int(np.count_nonzero(table["behavior_type"].to_numpy() == "pv"))
+                    w.write_table(table)
+                    bar.update(table.num_rows)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+    categories_seen = np.unique(world.item_category[item_seen])
+    return {
+        "path": str(path),
+        "rows": total_rows,
+        "pv_rows": pv_rows,
+        "users": n_users,
+        "items": int(item_seen.sum()),
+        "categories": len(categories_seen),
+    }
