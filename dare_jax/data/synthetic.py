@@ -509,6 +509,10 @@ def write_taobao_log(
                     pv_rows += int(np.count_nonzero(table["behavior_type"].to_numpy() == "pv"))
                     w.write_table(table)
                     bar.update(table.num_rows)
+        # mkstemp creates the file 0600; give it the permissions a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
