@@ -1,0 +1,184 @@
+"""Shared defaults (the paper's training setup) and the experiment variants.
+
+Not run directly: `configs/taobao.py`, `configs/tmall.py` and `configs/demo.py`
+start from `base_config()` and apply `apply_variant(config, arg)`, where `arg`
+is the text after the colon in `--config configs/taobao.py:model=twin,dim=64`.
+
+Variant keys (comma-separated `key=value`):
+  model=NAME    one of MODEL_VARIANTS below (default dare)
+  dim=D         item, category and time embedding dims (default 16; the paper also uses 64, 128)
+  attn_dim=D    DARE's attention dims (item, category and time) when they should differ
+  seeds=N       number of seeds (default 5)
+  steps=N       stop after N training steps (quick runs; default: all epochs)
+Every other field is overridden with flags, e.g. `--config.optim.lr=0.005`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from dare_jax.models import default_model_config
+
+# name -> (model config overrides, other config overrides). Each row is one paper experiment.
+MODEL_VARIANTS: dict[str, tuple[dict, dict]] = {
+    # Table 1 models.
+    "dare": ({"name": "dare"}, {}),
+    "twin": ({"name": "twin"}, {}),
+    "din": ({"name": "din", "use_time": False}, {}),
+    "twin_4e": ({"name": "twin_4e"}, {}),
+    "twin_proj": ({"name": "projection"}, {}),  # TWIN w/ proj: 12 per-field, per-role maps
+    "twin_hard": ({"name": "twin", "soft_search": False}, {}),  # SIM-style category search
+    "twin_wo_tr": ({"name": "twin", "use_cross_feature": False}, {}),
+    # Ablations and the other decoupling attempts of the paper's appendix.
+    "dare_wo_tr": ({"name": "dare", "use_cross_feature": False}, {}),
+    # DARE with half-width attention tables (the efficiency result); any width: attn_dim=D.
+    "dare_small_attn": ({"name": "dare"}, {"_attention_fraction": 0.5}),
+    "three_embedding": ({"name": "three_embedding"}, {}),
+    "twin_proj_after_concat": ({"name": "projection", "mlp_position_after_concat": True}, {}),
+    "projection_two_linear": (
+        {"name": "projection_two_linear", "mlp_position_after_concat": True},
+        {},
+    ),
+    "projection_with_mlp": ({"name": "projection_with_mlp"}, {}),
+    "projection_no_item": ({"name": "projection_no_item"}, {}),
+    "projection_only_time": ({"name": "projection_only_time"}, {}),
+    "projection_only_category": ({"name": "projection_only_category"}, {}),
+    "projection_only_item": ({"name": "projection_only_item"}, {}),
+    "projection_large_emb_small_output": ({"name": "projection_large_emb_small_output"}, {}),
+    # Gradient analyses (SPEC 3): TWIN with the shared tables split into synchronised copies.
+    "twin_observe_grad": (
+        {"name": "twin", "observe_attn_repr_grad": True},
+        {"export.gradients": True},
+    ),
+    "twin_avoid_domination": (
+        {"name": "twin", "observe_attn_repr_grad": True, "avoid_domination": True},
+        {"export.gradients": True},
+    ),
+    # History-blind baseline: DARE whose every history position is padding.
+    "target_only": ({"name": "dare"}, {"data.blind_history": True}),
+}
+
+VARIANT_KEYS = ("model", "dim", "attn_dim", "seeds", "steps")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The paper's training setup on an unnamed dataset (the dataset configs fill `data`)."""
+    config = ml_collections.ConfigDict()
+    config.variant = "dare"  # the `model=` variant name, kept for run names and results
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = ""  # the dataset's name in run names and results (taobao, tmall, demo)
+    config.data.kind = ""  # taobao | tmall (the raw log format)
+    config.data.raw_path = ""  # the raw log file
+    config.data.dir = ""  # the preprocessed dataset directory
+    config.data.preprocess_seed = 0  # negative-sampling seed of the preprocessing
+    config.data.max_length = 200  # history length L fed to the model
+    config.data.blind_history = False  # zero every history (the history-blind baseline)
+    config.data.synthetic_users = 0  # > 0: generate a synthetic Taobao-format log first
+    config.data.synthetic_rows = 0  # target row count of that log (0: generator default)
+
+    config.model = default_model_config()
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.lr = 0.01
+    config.optim.b1 = 0.9
+    config.optim.b2 = 0.999
+    config.optim.eps = 1e-8  # PyTorch Adam's default, as in the official code
+    config.optim.weight_decay = 1e-6  # L2 penalty on non-bias, non-embedding weights
+
+    config.train = ml_collections.ConfigDict()
+    config.train.batch_size = 2048
+    config.train.num_epochs = 2
+    config.train.max_steps = -1  # > 0: stop after this many steps
+    config.train.eval_every_steps = 150  # validation (and the latest checkpoint) every N steps
+    config.train.eval_batch_size = 2048
+    config.train.first_seed = 0
+    config.train.num_seeds = 5
+
+    config.log = ml_collections.ConfigDict()
+    config.log.every_steps = 50  # training loss to metrics.jsonl / TensorBoard
+    config.log.progress_bar = True
+    config.log.tensorboard = True
+
+    config.export = ml_collections.ConfigDict()
+    config.export.embeddings = True  # every learned table of the best checkpoint as .npy
+    config.export.gradients = False  # per-step attention/representation gradients (needs
+    # model.observe_attn_repr_grad)
+    config.export.gradients_every_steps = 1
+
+    config.workdir = ""  # run directory; default runs/<dataset>/<variant>
+    return config
+
+
+def parse_variant_arg(arg: str | None) -> dict[str, str]:
+    """`"model=twin,dim=64"` -> {"model": "twin", "dim": "64"}; ValueError naming a bad key."""
+    parsed: dict[str, str] = {}
+    for part in (arg or "").split(","):
+        part = part.strip()
+        if not part:
+            continue
+        key, sep, value = part.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or not value:
+            raise ValueError(f"config argument {part!r}: expected key=value")
+        if key not in VARIANT_KEYS:
+            raise ValueError(f"config argument {key!r}: unknown key; known: {list(VARIANT_KEYS)}")
+        parsed[key] = value
+    return parsed
+
+
+def _positive_int(key: str, value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"config argument {key}={value!r}: expected a positive integer")
+    return number
+
+
+def _set_path(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+    node = config
+    *parents, leaf = dotted.split(".")
+    for name in parents:
+        node = node[name]
+    node[leaf] = value
+
+
+def apply_variant(
+    config: ml_collections.ConfigDict, arg: str | None
+) -> ml_collections.ConfigDict:
+    """Apply the `key=value` variant string to `config` (in place) and return it."""
+    parsed = parse_variant_arg(arg)
+    variant = parsed.get("model", config.variant)
+    if variant not in MODEL_VARIANTS:
+        raise ValueError(
+            f"config argument model={variant!r}: unknown variant; known: {sorted(MODEL_VARIANTS)}"
+        )
+    config.variant = variant
+    model_overrides, other_overrides = MODEL_VARIANTS[variant]
+    if "dim" in parsed:
+        dim = _positive_int("dim", parsed["dim"])
+        for field in ("item", "category", "time"):
+            config.model[f"{field}_embedding_dim"] = dim
+    for key, value in model_overrides.items():
+        config.model[key] = value
+    for key, value in other_overrides.items():
+        if key == "_attention_fraction":
+            for field in ("item", "category", "time"):
+                width = int(config.model[f"{field}_embedding_dim"])
+                config.model[f"attention_{field}_embedding_dim"] = max(1, int(width * value))
+        else:
+            _set_path(config, key, value)
+    if "attn_dim" in parsed:
+        dim = _positive_int("attn_dim", parsed["attn_dim"])
+        for field in ("item", "category", "time"):
+            config.model[f"attention_{field}_embedding_dim"] = dim
+    if "seeds" in parsed:
+        config.train.num_seeds = _positive_int("seeds", parsed["seeds"])
+    if "steps" in parsed:
+        config.train.max_steps = _positive_int("steps", parsed["steps"])
+    suffix = "" if "dim" not in parsed else f"_d{parsed['dim']}"
+    suffix += "" if "attn_dim" not in parsed else f"_attn{parsed['attn_dim']}"
+    config.workdir = f"runs/{config.data.name}/{variant}{suffix}"
+    return config

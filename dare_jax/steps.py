@@ -1,0 +1,147 @@
+"""Pure training and evaluation steps.
+
+The training state is a plain pytree (a dict):
+
+    {"step": int32 [], "rng": uint32 [2], "params": ..., "batch_stats": ...,
+     "opt_state": ...}
+
+so that a later multi-device version only has to attach `NamedSharding`s to
+its leaves and to the batch. `make_train_step` returns one function,
+`jax.jit`-compiled once: the state is donated, every batch has the same static
+shapes, and the step number is traced data (not a Python int), so nothing
+recompiles between steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+from dare_jax.models import loss as loss_lib
+
+State = dict[str, Any]
+Batch = dict[str, jax.Array]
+
+
+def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Adam as in the official code (the L2 penalty is part of the loss, not of Adam)."""
+    return optax.adam(learning_rate=optim.lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+
+
+def create_train_state(
+    model: Any,
+    optimizer: optax.GradientTransformation,
+    init_rng: jax.Array,
+    example_batch: Batch,
+    step_rng: jax.Array,
+) -> State:
+    """Initialise parameters (from `init_rng`), BatchNorm statistics and the optimiser state.
+
+    `step_rng` (a raw uint32 [2] key) is kept in the state: step s draws its
+    randomness from `fold_in(step_rng, s)`, so a resumed run draws the same
+    numbers as an uninterrupted one, and seeds share one compiled step.
+    """
+    variables = model.init(init_rng, example_batch, train=False)
+    params = variables["params"]
+    return {
+        "step": jnp.zeros((), jnp.int32),
+        "rng": jnp.asarray(step_rng),
+        "params": params,
+        "batch_stats": variables.get("batch_stats", {}),
+        "opt_state": optimizer.init(params),
+    }
+
+
+def _observes_gradients(model_cfg: ml_collections.ConfigDict) -> bool:
+    return bool(model_cfg.observe_attn_repr_grad or model_cfg.avoid_domination)
+
+
+def make_train_step(
+    model: Any,
+    optimizer: optax.GradientTransformation,
+    model_cfg: ml_collections.ConfigDict,
+    weight_decay: float,
+) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
+    """The jitted `train_step(state, batch) -> (new_state, metrics)`.
+
+    Args:
+      model: the Linen module of `dare_jax.models.build_model`.
+      optimizer: from `make_optimizer`.
+      model_cfg: the model config (decides whether path gradients are observed).
+      weight_decay: the L2 coefficient (SPEC: 1e-6).
+
+    `batch` holds uid, iid, cid, label `[B]` and hist_iid, hist_cid `[B, L]`.
+    `metrics` holds the scalar loss terms (total, ctr, aux, l2) and, when the
+    model observes path gradients, `observed`: the per-path gradients of the
+    category and time tables returned by `combine_path_gradients`.
+    """
+    observe = _observes_gradients(model_cfg)
+    if observe:
+        from dare_jax.models import combine_path_gradients  # only the analysis runs need it
+
+    def loss_fn(params, state, batch, rng):
+        variables = {"params": params, "batch_stats": state["batch_stats"]}
+        outputs, updates = model.apply(
+            variables, batch, train=True, mutable=["batch_stats"], rngs={"dropout": rng}
+        )
+        terms = loss_lib.loss_terms(outputs, batch["label"], params, weight_decay)
+        return terms["total"], (terms, updates.get("batch_stats", state["batch_stats"]))
+
+    def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(
+            state["params"], state, batch, rng
+        )
+        metrics = {name: terms[name] for name in ("total", "ctr", "aux", "l2")}
+        if observe:
+            grads, observed = combine_path_gradients(grads, model_cfg)
+            metrics["observed"] = observed
+        updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+        new_state = {
+            "step": state["step"] + 1,
+            "rng": state["rng"],
+            "params": optax.apply_updates(state["params"], updates),
+            "batch_stats": batch_stats,
+            "opt_state": opt_state,
+        }
+        return new_state, metrics
+
+    return jax.jit(train_step, donate_argnums=(0,))
+
+
+def make_eval_step(
+    model: Any, model_cfg: ml_collections.ConfigDict
+) -> Callable[[State, Batch], jax.Array]:
+    """The jitted `eval_step(state, batch) -> click probability [B]`.
+
+    By default BatchNorm uses its running statistics; with
+    `model_cfg.eval_batchnorm_uses_batch_stats` (the official code's behaviour)
+    the model normalises with the batch's own statistics, and the statistics
+    it would update are thrown away.
+    """
+    batch_stats_mode = bool(model_cfg.eval_batchnorm_uses_batch_stats)
+
+    def eval_step(state: State, batch: Batch) -> jax.Array:
+        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        if batch_stats_mode:
+            outputs, _ = model.apply(variables, batch, train=False, mutable=["batch_stats"])
+        else:
+            outputs = model.apply(variables, batch, train=False)
+        return outputs["prob"][:, 0]
+
+    return jax.jit(eval_step)
+
+
+def check_finite(loss: float, step: int) -> None:
+    """Raise FloatingPointError naming the step when the training loss is NaN or infinite."""
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"training loss is {float(loss)} at step {step}; stopping (try a lower "
+            "--config.optim.lr, or check the data)"
+        )

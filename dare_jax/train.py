@@ -1,0 +1,390 @@
+"""The training and evaluation loop of one experiment (all its seeds).
+
+Read top to bottom: `run(config)` checks the config, prepares the data
+(preprocessing the raw log on first use), refuses a run directory made with a
+different config, then trains every seed with `train_seed` and writes
+`results.json` (per-seed and mean/std test metrics plus the full config).
+
+Run directory layout (`config.workdir`):
+
+    config.json                 the flattened config the run was started with
+    results.json                written when every seed has finished
+    seed_<s>/metrics.jsonl      train loss every log.every_steps, val metrics every eval
+    seed_<s>/tensorboard/       the same as TensorBoard scalars
+    seed_<s>/checkpoints/{latest,best}/<step>/
+    seed_<s>/embeddings/*.npy   every learned table of the best checkpoint
+    seed_<s>/gradients/step_<n>.npz   (export.gradients) per-path table gradients
+    seed_<s>/result.json        the seed's best step, best validation and test metrics
+
+A seed killed at any point and restarted with the same command resumes from
+its latest checkpoint (state + data iterator position + best-so-far) and ends
+with exactly the metrics of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from dare_jax import checkpointing, metrics, run_logging, steps
+from dare_jax.data import pipeline
+
+# Config fields that may change between a run and its resumption: they do not
+# change any number the run computes.
+RESUMABLE_FIELDS = ("workdir", "log.progress_bar")
+METRIC_NAMES = ("auc", "gauc", "category_auc", "log_loss", "accuracy")
+DOWNLOADS = {
+    "taobao": (
+        "UserBehavior.csv",
+        "https://tianchi.aliyun.com/dataset/649",
+        "python -m preprocessing.taobao --input {raw} --output {dir}",
+    ),
+    "tmall": (
+        "user_log_format1.csv (inside data_format1.zip)",
+        "https://tianchi.aliyun.com/dataset/42",
+        "python -m preprocessing.tmall --input {raw} --output {dir}",
+    ),
+}
+
+
+class RunError(Exception):
+    """Bad user input (config, data, run directory): the message says what and where."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """{'optim.lr': 0.01, ...}: every leaf field by dotted path, JSON values."""
+    flat: dict[str, Any] = {}
+
+    def visit(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for key in sorted(node):
+                visit(f"{prefix}.{key}" if prefix else key, node[key])
+        else:
+            flat[prefix] = run_logging.to_jsonable(node)
+
+    visit("", config.to_dict())
+    return flat
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two flattened configs (resumable fields ignored)."""
+    out = []
+    for key in sorted(set(saved) | set(current)):
+        if key in RESUMABLE_FIELDS:
+            continue
+        if saved.get(key, "<absent>") != current.get(key, "<absent>"):
+            out.append(f"{key}: run has {saved.get(key, '<absent>')!r}, "
+                       f"command has {current.get(key, '<absent>')!r}")
+    return out
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Checks that need no data; RunError naming the field."""
+    train = config.train
+    for field in ("batch_size", "eval_batch_size", "num_epochs", "eval_every_steps", "num_seeds"):
+        if int(train[field]) < 1:
+            raise RunError(f"config field train.{field} = {train[field]!r}: must be >= 1")
+    if int(train.first_seed) < 0:
+        raise RunError(f"config field train.first_seed = {train.first_seed!r}: must be >= 0")
+    if int(train.max_steps) == 0 or int(train.max_steps) < -1:
+        raise RunError(f"config field train.max_steps = {train.max_steps!r}: -1 (all) or >= 1")
+    if int(config.log.every_steps) < 1:
+        raise RunError(f"config field log.every_steps = {config.log.every_steps!r}: must be >= 1")
+    if int(config.data.max_length) < 1:
+        raise RunError(f"config field data.max_length = {config.data.max_length!r}: must be >= 1")
+    if config.data.kind not in DOWNLOADS:
+        raise RunError(f"config field data.kind = {config.data.kind!r}: expected "
+                       f"one of {sorted(DOWNLOADS)}")
+    if not config.data.dir:
+        raise RunError("config field data.dir is empty: where is the preprocessed dataset?")
+    if not config.workdir:
+        raise RunError("config field workdir is empty")
+    from dare_jax.models import canonical_name
+
+    try:
+        canonical_name(str(config.model.name))
+    except ValueError as error:
+        raise RunError(str(error)) from error
+    observe = config.model.observe_attn_repr_grad or config.model.avoid_domination
+    if config.export.gradients and not observe:
+        raise RunError("config field export.gradients = True needs "
+                       "model.observe_attn_repr_grad = True (a twin-family model)")
+    if int(config.export.gradients_every_steps) < 1:
+        raise RunError("config field export.gradients_every_steps must be >= 1")
+    if not math.isfinite(config.optim.lr) or config.optim.lr <= 0:
+        raise RunError(f"config field optim.lr = {config.optim.lr!r}: must be positive")
+
+
+# ------------------------------------------------------------------------------- data
+
+
+def prepare_dataset(config: ml_collections.ConfigDict):
+    """Open `data.dir`; preprocess `data.raw_path` (generating it first for synthetic
+    configs) when the dataset is not there yet. RunError with download instructions when
+    neither exists."""
+    from dare_jax.data import DatasetError, open_dataset, preprocess_log
+
+    data_dir, raw_path = Path(config.data.dir), Path(config.data.raw_path)
+    if not (data_dir / "manifest.json").exists():
+        if data_dir.exists() and any(data_dir.iterdir()):
+            raise RunError(f"{data_dir} exists but holds no manifest.json: not a dataset "
+                           "directory (remove it, or point --config.data.dir elsewhere)")
+        if int(config.data.synthetic_users) > 0 and not raw_path.exists():
+            from dare_jax.data.synthetic import write_taobao_log
+
+            raw_path.parent.mkdir(parents=True, exist_ok=True)
+            rows = int(config.data.synthetic_rows) or None
+            print(f"generating a synthetic Taobao log ({config.data.synthetic_users} users) "
+                  f"at {raw_path}", flush=True)
+            write_taobao_log(raw_path, int(config.data.synthetic_users), seed=0, target_rows=rows)
+        if not raw_path.is_file():
+            name, url, command = DOWNLOADS[config.data.kind]
+            raise RunError(
+                f"no preprocessed dataset at {data_dir} and no raw log at {raw_path}.\n"
+                f"  1. download {name} from {url}\n"
+                f"  2. save it as {raw_path} (or pass --config.data.raw_path=...)\n"
+                f"  3. run this command again (it preprocesses first), or preprocess now:\n"
+                f"     {command.format(raw=raw_path, dir=data_dir)}"
+            )
+        print(f"preprocessing {raw_path} into {data_dir} (once)", flush=True)
+        try:
+            preprocess_log(config.data.kind, raw_path, data_dir,
+                           seed=int(config.data.preprocess_seed))
+        except (ValueError, OSError) as error:
+            raise RunError(f"preprocessing {raw_path} failed: {error}") from error
+    try:
+        return open_dataset(data_dir)
+    except (DatasetError, OSError, ValueError) as error:
+        raise RunError(f"cannot open the dataset {data_dir}: {error}") from error
+
+
+# ------------------------------------------------------------------------------ model
+
+
+def build(config: ml_collections.ConfigDict, manifest: dict):
+    """(model, optimizer) for this dataset; RunError naming the bad model field."""
+    from dare_jax.models import build_model, validate_model_config
+
+    item_n, cate_n = int(manifest["item_n"]), int(manifest["cate_n"])
+    try:
+        validate_model_config(config.model, item_n, cate_n, int(config.data.max_length))
+    except ValueError as error:
+        raise RunError(str(error)) from error
+    model = build_model(config.model, item_n, cate_n, int(config.data.max_length))
+    return model, steps.make_optimizer(config.optim)
+
+
+# ------------------------------------------------------------------------- evaluation
+
+
+def evaluate(eval_step, state, dataset, split: str, config: ml_collections.ConfigDict) -> dict:
+    """Metrics of `state` over every sample of `split` (the last batch padded and masked)."""
+    batch_size = min(int(config.train.eval_batch_size), dataset.num_samples(split))
+    probs, labels, users, categories = [], [], [], []
+    for batch, valid in pipeline.eval_batches(
+        dataset, split, batch_size=batch_size, max_length=int(config.data.max_length),
+        blind_history=bool(config.data.blind_history),
+    ):
+        probs.append((eval_step(state, batch), valid))  # dispatch now, fetch later
+        labels.append(batch["label"][valid])
+        users.append(batch["uid"][valid])
+        categories.append(batch["cid"][valid])
+    prob = np.concatenate([np.asarray(p, np.float64)[v] for p, v in probs])
+    return metrics.ctr_metrics(
+        np.concatenate(labels), prob, np.concatenate(users), np.concatenate(categories)
+    )
+
+
+# --------------------------------------------------------------------------- exports
+
+
+def _path_name(path) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def export_embeddings(params, directory: Path) -> list[str]:
+    """Every embedding table (a 2-D leaf whose path mentions 'embed') as <path>.npy."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = _path_name(path)
+        if "embed" in name.lower() and np.ndim(leaf) == 2:
+            np.save(directory / f"{name}.npy", np.asarray(leaf))
+            written.append(name)
+    return written
+
+
+def export_gradients(observed, step: int, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        _path_name(path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(observed)[0]
+    }
+    np.savez(directory / f"step_{step:08d}.npz", **arrays)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+class _Trainer:
+    """What is built once per run and shared by its seeds (the step compiles once)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, dataset):
+        self.config, self.dataset = config, dataset
+        self.model, self.optimizer = build(config, dataset.manifest)
+        self.train_step = steps.make_train_step(
+            self.model, self.optimizer, config.model, float(config.optim.weight_decay)
+        )
+        self.eval_step = steps.make_eval_step(self.model, config.model)
+        self.steps_per_epoch = pipeline.steps_per_epoch(dataset, int(config.train.batch_size))
+        total = self.steps_per_epoch * int(config.train.num_epochs)
+        if int(config.train.max_steps) > 0:
+            total = min(total, int(config.train.max_steps))
+        self.total_steps = total
+
+    def initial_state(self, seed: int) -> dict:
+        example = self.dataset.gather(
+            "train", np.arange(int(self.config.train.batch_size)), int(self.config.data.max_length)
+        )
+        init_rng, step_rng = jax.random.split(jax.random.PRNGKey(seed))
+        return steps.create_train_state(self.model, self.optimizer, init_rng, example, step_rng)
+
+
+def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
+    """Train one seed to the end (resuming if it has a checkpoint); returns its result."""
+    result_path = seed_dir / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    config, dataset = trainer.config, trainer.dataset
+    checkpoints = checkpointing.RunCheckpoints(seed_dir / "checkpoints")
+    state = trainer.initial_state(seed)
+    template = state
+    progress: dict[str, Any] = {"data_iterator": None, "best_auc": None, "best_step": None,
+                                "best_val": None}
+    resume_step = checkpoints.step(checkpointing.LATEST)
+    if resume_step is not None:
+        state, progress = checkpoints.restore(checkpointing.LATEST, template)
+        checkpoints.discard_best_after(resume_step)
+        print(f"seed {seed}: resuming from step {resume_step}", flush=True)
+    step = int(state["step"])
+    log = run_logging.MetricsLog(seed_dir / "metrics.jsonl", resume_step)
+    board = run_logging.TensorBoard(seed_dir / "tensorboard", bool(config.log.tensorboard),
+                                    resume_step)
+    train_data = pipeline.train_dataset(
+        dataset, batch_size=int(config.train.batch_size), seed=seed,
+        num_epochs=int(config.train.num_epochs), max_length=int(config.data.max_length),
+        blind_history=bool(config.data.blind_history),
+    )
+    iterator = pipeline.train_iterator(train_data, progress["data_iterator"])
+    batch_size = int(config.train.batch_size)
+    bar = tqdm(total=trainer.total_steps * batch_size, initial=step * batch_size, unit="sample",
+               unit_scale=True, desc=f"seed {seed}", disable=not config.log.progress_bar,
+               dynamic_ncols=True)
+    pending = None  # (step, loss array) checked one step late so the host never stalls
+    try:
+        while step < trainer.total_steps:
+            batch = next(iterator)
+            state, out = trainer.train_step(state, batch)
+            step += 1
+            if pending is not None:
+                steps.check_finite(float(pending[1]), pending[0])
+            pending = (step, out["total"])
+            bar.update(batch_size)
+            if config.export.gradients and step % int(config.export.gradients_every_steps) == 0:
+                export_gradients(out["observed"], step, seed_dir / "gradients")
+            if step % int(config.log.every_steps) == 0:
+                losses = {k: float(v) for k, v in out.items() if k != "observed"}
+                log.write({"step": step, "split": "train", **losses})
+                board.scalars("train", losses, step)
+                bar.set_postfix(step=step, loss=f"{losses['total']:.4f}")
+            if step % int(config.train.eval_every_steps) == 0 or step == trainer.total_steps:
+                steps.check_finite(float(pending[1]), pending[0])
+                val = evaluate(trainer.eval_step, state, dataset, "val", config)
+                log.write({"step": step, "split": "val", **val})
+                board.scalars("val", val, step)
+                improved = progress["best_auc"] is None or val["auc"] > progress["best_auc"]
+                if improved:
+                    progress.update(best_auc=val["auc"], best_step=step, best_val=val)
+                progress["data_iterator"] = iterator.get_state()
+                # Best first: a kill between the two saves resumes from the older latest,
+                # which discards this best and recomputes it.
+                if improved:
+                    checkpoints.save(checkpointing.BEST, step, state,
+                                     run_logging.to_jsonable(progress))
+                checkpoints.save(checkpointing.LATEST, step, state,
+                                 run_logging.to_jsonable(progress))
+                bar.write(f"seed {seed} step {step}: val auc {val['auc']:.5f} "
+                          f"(best {progress['best_auc']:.5f} at {progress['best_step']})")
+    finally:
+        bar.close()
+    best_state, best_progress = checkpoints.restore(checkpointing.BEST, state)
+    test = evaluate(trainer.eval_step, best_state, dataset, "test", config)
+    log.write({"step": step, "split": "test", "best_step": best_progress["best_step"], **test})
+    board.scalars("test", test, int(best_progress["best_step"]))
+    if config.export.embeddings:
+        export_embeddings(best_state["params"], seed_dir / "embeddings")
+    log.close()
+    board.close()
+    checkpoints.close()
+    result = {"seed": seed, "steps": step, "best_step": best_progress["best_step"],
+              "val": best_progress["best_val"], "test": test}
+    run_logging.write_json_atomic(result_path, result)
+    return result
+
+
+def summarize(results: list[dict]) -> dict:
+    """Mean and sample standard deviation (ddof=1; 0 for one seed) of each test metric."""
+    summary: dict[str, dict[str, float]] = {"mean": {}, "std": {}}
+    for name in METRIC_NAMES:
+        values = np.array([r["test"][name] for r in results], dtype=np.float64)
+        summary["mean"][name] = float(values.mean())
+        summary["std"][name] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+    return summary
+
+
+def run(config: ml_collections.ConfigDict) -> dict:
+    """Train and test every seed of `config`; returns (and writes) results.json's content."""
+    check_config(config)
+    workdir = Path(config.workdir)
+    flat = flatten_config(config)
+    saved_config = workdir / "config.json"
+    if saved_config.exists():
+        differences = config_differences(json.loads(saved_config.read_text()), flat)
+        if differences:
+            raise RunError(
+                f"{workdir} holds a run with a different config; refusing to resume into it. "
+                "Differences:\n  " + "\n  ".join(differences)
+                + "\nUse another --config.workdir, or delete the directory to start over."
+            )
+    dataset = prepare_dataset(config)
+    trainer = _Trainer(config, dataset)  # validates the model config against the data
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not saved_config.exists():
+        run_logging.write_json_atomic(saved_config, flat)
+    seeds = [int(config.train.first_seed) + i for i in range(int(config.train.num_seeds))]
+    started = time.time()
+    results = [train_seed(trainer, seed, workdir / f"seed_{seed}") for seed in seeds]
+    out = {
+        "dataset": config.data.name,
+        "variant": config.variant,
+        "seeds": results,
+        **summarize(results),
+        "std_note": "sample standard deviation over seeds (ddof=1)",
+        "gauc_weighting": "per-user AUC weighted by the user's sample count; one-class users "
+        "skipped (category_auc likewise per target category)",
+        "seconds_this_invocation": round(time.time() - started, 1),
+        "config": config.to_dict(),
+    }
+    run_logging.write_json_atomic(workdir / "results.json", out)
+    return out
