@@ -1,0 +1,229 @@
+"""Import official PyTorch DARE weights (github thuml/DARE `DIN` class) into our variables.
+
+The official `state_dict` names every module by the attribute that holds it; tied modules
+(shared tables and maps) appear under every attribute name that points at them, with identical
+values. `official_names(spec, path)` lists, for one of our leaves, every official name it
+corresponds to; `import_state_dict` fills a variables template (from `model.init`) from a
+state dict, transposing Linear weights (PyTorch `(out, in)` -> our kernel `[in, out]`) and
+putting BatchNorm running statistics into `batch_stats`.
+
+A state dict comes from a fixture `.npz` (keys `state/<name>`) or from a `.pth` file when
+torch happens to be installed (torch is NOT a dependency of this project).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dare_jax.models.variants import ROLES, VariantSpec
+
+_HEAD_MODULES = {"main": "main_mlp", "aux": "auxiliary_mlp"}
+
+
+def _role_words(role: str) -> tuple[str, str]:
+    """'attention_target' -> ('attention', 'target')."""
+    kind, who = role.split("_")
+    return kind, who
+
+
+def _sequential_index(layer: str, has_leading_batchnorm: bool) -> int:
+    """Index in an official nn.Sequential of our `dense_i` / `prelu_i` / `batch_norm`."""
+    if layer == "batch_norm":
+        return 0
+    kind, index = layer.rsplit("_", 1)
+    position = 2 * int(index) + (1 if kind == "prelu" else 0)
+    return position + (1 if has_leading_batchnorm else 0)
+
+
+def _leaf_suffix(leaf: str) -> str:
+    return {"kernel": "weight", "scale": "weight", "slope": "weight", "bias": "bias",
+            "mean": "running_mean", "var": "running_var"}[leaf]
+
+
+def official_module_names(spec: VariantSpec, path: tuple[str, ...]) -> list[str]:
+    """Official module (attribute) names of the module holding leaf `path` (tied: several)."""
+    root = path[0]
+    if root == "embed":
+        group, field = path[1], path[2]
+        return [f"{field}_id_embedding_layer_for_{'_of_'.join(_role_words(r))}"
+                for r in ROLES if spec.tables[r] == group]
+    if root == "project":
+        proj = spec.projection
+        if proj is None:
+            raise KeyError(f"parameter {'/'.join(path)} but the variant has no projection")
+        group = path[1]
+        roles = [r for r in ROLES if proj.groups[r] == group]
+        if proj.per_field:
+            field, layer = path[2], path[3]
+            modules = [f"mlp_for_{field}_{'_of_'.join(_role_words(r))}" for r in roles]
+            if proj.hidden:  # nn.Sequential(Linear, PReLU, ..., Linear)
+                return [f"{m}.{_sequential_index(layer, False)}" for m in modules]
+            return modules  # a bare nn.Linear
+        return [f"mlp_for_{'_of_'.join(_role_words(r))}" for r in roles]
+    if root == "head":
+        return [f"{_HEAD_MODULES[path[1]]}.{_sequential_index(path[2], True)}"]
+    if root == "din_attention":
+        return [f"attention_model.main_model.{_sequential_index(path[1], False)}"]
+    raise KeyError(f"no official counterpart known for parameter {'/'.join(path)}")
+
+
+def official_names(spec: VariantSpec, path: tuple[str, ...]) -> list[str]:
+    """Every official state_dict name of our leaf `path` (params or batch_stats)."""
+    if path[0] == "embed":  # the table itself is the leaf
+        return [f"{m}.weight" for m in official_module_names(spec, path)]
+    suffix = _leaf_suffix(path[-1])
+    return [f"{m}.{suffix}" for m in official_module_names(spec, path[:-1])]
+
+
+def _to_ours(leaf: str, value: np.ndarray, expected_shape: tuple[int, ...]) -> np.ndarray:
+    value = np.asarray(value)
+    if leaf == "kernel":
+        value = value.T  # PyTorch Linear weight is (out, in)
+    if value.shape != tuple(expected_shape):
+        raise ValueError(f"shape {value.shape} does not fit {tuple(expected_shape)}")
+    return value.astype(np.float32)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()):
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, prefix + (str(key),))
+        else:
+            yield prefix + (str(key),), value
+
+
+def _unflatten(items: list[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, value in items:
+        node = out
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+        node[path[-1]] = value
+    return out
+
+
+def import_state_dict(
+    spec: VariantSpec,
+    variables: Mapping[str, Any],
+    state: Mapping[str, np.ndarray],
+    tie_atol: float = 0.0,
+) -> tuple[dict[str, Any], list[str]]:
+    """Fill `variables` ({'params', 'batch_stats'} template) from an official `state` dict.
+
+    Every leaf of the template must be found; tied names must hold equal values (up to
+    `tie_atol`), otherwise the state dict is not from this variant. Returns
+    (new variables as nested dicts of numpy float32 arrays, official names left unused,
+    e.g. `num_batches_tracked`).
+    """
+    used: set[str] = set()
+    new_variables: dict[str, Any] = {}
+    for collection in ("params", "batch_stats"):
+        if collection not in variables:
+            continue
+        items = []
+        for path, leaf in _flatten(variables[collection]):
+            names = official_names(spec, path)
+            present = [n for n in names if n in state]
+            if not present:
+                raise KeyError(f"{collection}/{'/'.join(path)}: none of the official names "
+                               f"{names} is in the state dict")
+            first = np.asarray(state[present[0]])
+            for other in present[1:]:
+                if not np.allclose(np.asarray(state[other]), first, rtol=0, atol=tie_atol):
+                    raise ValueError(f"{other} should be tied to {present[0]} in variant "
+                                     f"{spec.official_name!r} but holds different values")
+            try:
+                value = _to_ours(path[-1], first, np.shape(leaf))
+            except ValueError as err:
+                raise ValueError(f"{collection}/{'/'.join(path)} from {present[0]}: {err}") from None
+            items.append((path, value))
+            used.update(present)
+        new_variables[collection] = _unflatten(items)
+    unused = sorted(set(state) - used)
+    return new_variables, unused
+
+
+def state_from_npz(path: str | Path) -> dict[str, np.ndarray]:
+    """The `state/<name>` entries of a parity-fixture `.npz`, keyed by `<name>`."""
+    with np.load(path, allow_pickle=False) as data:
+        return {k[len("state/"):]: data[k] for k in data.files if k.startswith("state/")}
+
+
+def state_from_pth(path: str | Path) -> dict[str, np.ndarray]:
+    """An official checkpoint `.pth` (a state_dict) as numpy arrays; needs torch installed."""
+    try:
+        import torch  # noqa: PLC0415 - optional, imported only here
+    except ImportError as err:
+        raise ImportError(
+            f"reading {path} needs PyTorch, which is not a dependency of dare-jax; install "
+            "torch (CPU build is enough) or convert the checkpoint to .npz with keys "
+            "state/<name> on a machine that has it"
+        ) from err
+    loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+    if not isinstance(loaded, Mapping):
+        raise ValueError(f"{path}: expected a state_dict (mapping), got {type(loaded).__name__}")
+    return {str(k): v.detach().cpu().numpy() for k, v in loaded.items()}
+
+
+def load_state(path: str | Path) -> dict[str, np.ndarray]:
+    """State dict from `.npz` (fixture layout) or `.pth` (torch)."""
+    path = Path(path)
+    if path.suffix == ".npz":
+        return state_from_npz(path)
+    if path.suffix in (".pth", ".pt"):
+        return state_from_pth(path)
+    raise ValueError(f"{path}: unknown weight file type {path.suffix!r} (want .npz or .pth)")
+
+
+def config_from_official_kwargs(kwargs: Mapping[str, Any]):
+    """Our model config from the official `DIN(...)` constructor kwargs.
+
+    Returns (model config, item_n, cate_n, max_length). Raises ValueError for official
+    options this project does not implement (short_seq_split, a long_seq_split other than the
+    whole history, batch_size 1 heads without BatchNorm).
+    """
+    from dare_jax.models.config import canonical_name, default_model_config  # noqa: PLC0415
+
+    def need(key: str) -> Any:
+        if key not in kwargs:
+            raise ValueError(f"official constructor kwargs lack {key!r}")
+        return kwargs[key]
+
+    max_length = int(need("max_length"))
+    if kwargs.get("short_seq_split"):
+        raise ValueError(f"short_seq_split={kwargs['short_seq_split']!r} is not supported")
+    long_split = kwargs.get("long_seq_split")
+    if long_split not in (f"0:{max_length}",):
+        raise ValueError(f"long_seq_split={long_split!r}: only '0:{max_length}' is supported")
+    if int(kwargs.get("batch_size", 2)) == 1:
+        raise ValueError("batch_size=1 (official heads without BatchNorm) is not supported")
+    cfg = default_model_config()
+    cfg.name = canonical_name(str(need("model_name")))
+    category_dim = int(kwargs.get("category_embedding_dim", 16))
+    item_dim = int(kwargs.get("item_embedding_dim", -1))
+    cfg.category_embedding_dim = category_dim
+    cfg.item_embedding_dim = category_dim if item_dim == -1 else item_dim
+    cfg.time_embedding_dim = int(kwargs.get("time_embedding_dim", 16))
+    for field in ("item", "category", "time"):
+        key = f"attention_{field}_embedding_dim"
+        cfg[key] = int(kwargs.get(key, -1))
+    cfg.use_cross_feature = bool(kwargs.get("use_cross_feature", False))
+    cfg.use_aux_loss = bool(kwargs.get("use_aux_loss", False))
+    cfg.use_time = bool(kwargs.get("use_time", True))
+    cfg.time_mode = str(kwargs.get("use_time_mode", "concat"))
+    cfg.soft_search = bool(kwargs.get("soft_search", False))
+    cfg.top_k = int(kwargs.get("top_k", 10))
+    cfg.use_long_seq_average = bool(kwargs.get("use_long_seq_average", True))
+    cfg.only_odot = bool(kwargs.get("only_odot", False))
+    cfg.mlp_position_after_concat = bool(kwargs.get("mlp_position_after_concat", False))
+    hidden = kwargs.get("mlp_hidden_layer") or [32]
+    cfg.mlp_hidden_layer = tuple(int(h) for h in hidden)
+    cfg.observe_attn_repr_grad = bool(kwargs.get("observe_attn_repr_grad", False))
+    expected_func = "learnable" if cfg.name == "din" else "scaled_dot_product"
+    if kwargs.get("attn_func", expected_func) != expected_func:
+        raise ValueError(f"attn_func={kwargs['attn_func']!r} but {cfg.name} uses {expected_func!r}")
+    return cfg, int(need("item_n")), int(need("cate_n")), max_length

@@ -1,0 +1,78 @@
+"""Gradient observation hooks (official `observe_attn_repr_grad` and `avoid_domination`).
+
+With either switch, a single-table variant (TWIN, ...) keeps its shared tables as two
+synchronised copies, `embed/attention/<field>` (read only by the search) and
+`embed/representation/<field>` (read only by the aggregation and the target representation).
+The loss is the same function of the same values as plain TWIN, so the gradient of the
+shared table is the SUM of the two copies' gradients (the attention-path and the
+representation-path gradients). `combine_path_gradients` runs between `jax.grad` and the
+optimizer: it gives both copies that sum (so they stay equal under any optimizer that treats
+equal parameters with equal gradients equally, e.g. Adam) and returns the two path gradients.
+
+avoid_domination (official semantics, train_pytorch.py): per TABLE, not per row - the whole
+attention-path gradient of a field's table is multiplied by
+||g_repr||_F / ||g_attn||_F (Frobenius norms over the whole table) before the sum. We keep
+the official per-table choice so results are comparable with the paper; a zero attention
+gradient is left at zero instead of producing NaN.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+ATTENTION, REPRESENTATION = "attention", "representation"
+
+
+def _uses_copies(model_cfg: ml_collections.ConfigDict) -> bool:
+    return bool(model_cfg.observe_attn_repr_grad or model_cfg.avoid_domination)
+
+
+def rescale_to_norm(gradient: jax.Array, reference: jax.Array) -> jax.Array:
+    """`gradient * ||reference|| / ||gradient||` (Frobenius); zero stays zero."""
+    norm = jnp.sqrt(jnp.sum(jnp.square(gradient)))
+    ref_norm = jnp.sqrt(jnp.sum(jnp.square(reference)))
+    factor = jnp.where(norm > 0, ref_norm / jnp.where(norm > 0, norm, 1.0), 0.0)
+    return gradient * factor
+
+
+def combine_path_gradients(
+    grads: Any, model_cfg: ml_collections.ConfigDict
+) -> tuple[Any, dict[str, jax.Array]]:
+    """(grads for the optimizer, observed path gradients).
+
+    grads: the `params` gradient pytree (as from jax.grad of the loss w.r.t. params).
+    Without the hooks: returned unchanged, observed = {}.
+    With them: for every field f, observed['attention/f'] and observed['representation/f']
+    are the raw path gradients `[rows, d]`; both copies receive
+    g_attn' + g_repr, with g_attn' = g_attn (observe) or rescaled to ||g_repr|| (avoid
+    domination).
+    """
+    if not _uses_copies(model_cfg):
+        return grads, {}
+    embed = grads["embed"]
+    if ATTENTION not in embed or REPRESENTATION not in embed:
+        raise ValueError(
+            "combine_path_gradients: grads['embed'] needs 'attention' and 'representation' "
+            f"copies when observe_attn_repr_grad/avoid_domination is on; got {sorted(embed)}"
+        )
+    observed: dict[str, jax.Array] = {}
+    new_attention, new_representation = {}, {}
+    for field, g_attn in embed[ATTENTION].items():
+        g_repr = embed[REPRESENTATION][field]
+        observed[f"{ATTENTION}/{field}"] = g_attn
+        observed[f"{REPRESENTATION}/{field}"] = g_repr
+        if model_cfg.avoid_domination:
+            g_attn = rescale_to_norm(g_attn, g_repr)
+        total = g_attn + g_repr
+        new_attention[field] = total
+        new_representation[field] = total
+    new_embed = dict(embed)
+    new_embed[ATTENTION] = new_attention
+    new_embed[REPRESENTATION] = new_representation
+    new_grads = dict(grads)
+    new_grads["embed"] = new_embed
+    return new_grads, observed

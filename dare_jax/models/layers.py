@@ -1,0 +1,137 @@
+"""Small layers with the official (PyTorch) semantics and initialisation.
+
+Official initialisation: every parameter whose name is not a bias ~ Normal(0, init_std)
+(BatchNorm scale and PReLU slope included); biases keep PyTorch's defaults (Linear bias
+~ Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)), BatchNorm bias 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# PyTorch BatchNorm1d defaults.
+BATCHNORM_EPS = 1e-5
+BATCHNORM_MOMENTUM = 0.1  # PyTorch convention: running = (1 - m) * running + m * batch
+
+
+def normal_init(std: float):
+    """Normal(0, std) initialiser."""
+
+    def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+        return std * jax.random.normal(key, shape, dtype)
+
+    return init
+
+
+def torch_linear_bias_init(fan_in: int):
+    """PyTorch's default Linear bias: Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+
+    def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Linear(nn.Module):
+    """y = x @ kernel (+ bias); kernel `[in, out]` (the transpose of PyTorch's weight)."""
+
+    features: int
+    use_bias: bool = True
+    init_std: float = 0.01
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        fan_in = x.shape[-1]
+        kernel = self.param("kernel", normal_init(self.init_std), (fan_in, self.features))
+        y = jnp.dot(x, kernel)
+        if self.use_bias:
+            y = y + self.param("bias", torch_linear_bias_init(fan_in), (self.features,))
+        return y
+
+
+class PReLU(nn.Module):
+    """PReLU with ONE learnable slope shared by all channels (PyTorch num_parameters=1)."""
+
+    init_std: float = 0.01
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        slope = self.param("slope", normal_init(self.init_std), (1,))
+        return jnp.where(x >= 0, x, slope[0] * x)
+
+
+class BatchNorm1d(nn.Module):
+    """PyTorch BatchNorm1d over `[B, F]`: eps 1e-5, momentum 0.1 (PyTorch convention).
+
+    Training normalises with the batch mean and the biased batch variance and, when the
+    `batch_stats` collection is mutable, updates the running statistics with the UNBIASED
+    variance (as PyTorch does; flax.linen.BatchNorm would use the biased one and the opposite
+    momentum convention). Evaluation uses the running statistics unless
+    `use_batch_stats_at_eval` (the official code never switches to evaluation mode).
+    """
+
+    init_std: float = 0.01
+    use_batch_stats_at_eval: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", normal_init(self.init_std), (features,))
+        bias = self.param("bias", nn.initializers.zeros, (features,))
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+        if train or self.use_batch_stats_at_eval:
+            mean = jnp.mean(x, axis=0)
+            var = jnp.mean(jnp.square(x - mean), axis=0)
+            if train and self.is_mutable_collection("batch_stats") and not self.is_initializing():
+                n = x.shape[0]
+                unbiased = var * (n / max(n - 1, 1))
+                m = BATCHNORM_MOMENTUM
+                running_mean.value = (1 - m) * running_mean.value + m * mean
+                running_var.value = (1 - m) * running_var.value + m * unbiased
+        else:
+            mean, var = running_mean.value, running_var.value
+        return (x - mean) * jax.lax.rsqrt(var + BATCHNORM_EPS) * scale + bias
+
+
+class MLPHead(nn.Module):
+    """BatchNorm, then Linear + PReLU per hidden size, then Linear(2): logits `[B, 2]`.
+
+    Parameter names: batch_norm, dense_0, prelu_0, dense_1, ... (the official main head is
+    hidden (200, 80), the auxiliary head (200,)).
+    """
+
+    hidden: tuple[int, ...]
+    init_std: float = 0.01
+    use_batch_stats_at_eval: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = BatchNorm1d(self.init_std, self.use_batch_stats_at_eval, name="batch_norm")(x, train)
+        for i, width in enumerate(self.hidden):
+            x = Linear(width, init_std=self.init_std, name=f"dense_{i}")(x)
+            x = PReLU(self.init_std, name=f"prelu_{i}")(x)
+        return Linear(2, init_std=self.init_std, name=f"dense_{len(self.hidden)}")(x)
+
+
+class ProjectionMLP(nn.Module):
+    """Linear map, or Linear-PReLU-...-Linear when `hidden` is non-empty (dense_i / prelu_i)."""
+
+    features: int
+    hidden: tuple[int, ...] = ()
+    use_bias: bool = True
+    init_std: float = 0.01
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i, width in enumerate(self.hidden):
+            x = Linear(width, self.use_bias, self.init_std, name=f"dense_{i}")(x)
+            x = PReLU(self.init_std, name=f"prelu_{i}")(x)
+        return Linear(self.features, self.use_bias, self.init_std,
+                      name=f"dense_{len(self.hidden)}")(x)

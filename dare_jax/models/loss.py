@@ -1,0 +1,73 @@
+"""Losses as the official code computes them, and the path-selected L2 penalty.
+
+ctr = mean over examples of -log(p_true), p = softmax(logits) + 1e-8 (column 0 = click);
+aux likewise on the auxiliary head; l2 = sum of squares of every parameter that is neither
+a bias nor an embedding table; total = ctr + aux + weight_decay * l2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+EMBEDDING_ROOT = "embed"
+
+
+def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
+    names = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                names.append(str(getattr(entry, attr)))
+                break
+        else:
+            names.append(str(entry))
+    return tuple(names)
+
+
+def is_l2_penalised(path: tuple[str, ...]) -> bool:
+    """True for leaves counted in the L2 penalty: not under `embed/` and not named `bias`.
+
+    (The official rule: parameter name contains neither 'bias' nor 'embedding'. BatchNorm
+    scale, PReLU slopes, projection and DIN-attention kernels are therefore penalised.)
+    """
+    return EMBEDDING_ROOT not in path[:1] and path[-1] != "bias"
+
+
+def l2_penalty(params: Any) -> jax.Array:
+    """Sum of squares of every penalised leaf of `params` (selected by path), float32 scalar."""
+    total = jnp.zeros((), jnp.float32)
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if is_l2_penalised(_path_names(path)):
+            total = total + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+    return total
+
+
+def cross_entropy(
+    prob: jax.Array, label: jax.Array, example_weight: jax.Array | None = None
+) -> jax.Array:
+    """Mean of -log(prob of the true class). prob `[B, 2]` (column 0 = click), label `[B]`
+    (1 = click). example_weight `[B]` (e.g. 0 for padded evaluation rows): weighted mean."""
+    true_column = jnp.where(jnp.asarray(label) == 1, 0, 1)
+    nll = -jnp.log(jnp.take_along_axis(prob, true_column[:, None], axis=1)[:, 0])
+    if example_weight is None:
+        return jnp.mean(nll)
+    w = jnp.asarray(example_weight, nll.dtype)
+    return jnp.sum(w * nll) / jnp.maximum(jnp.sum(w), 1e-12)
+
+
+def loss_terms(
+    outputs: dict[str, jax.Array],
+    label: jax.Array,
+    params: Any,
+    weight_decay: float,
+    example_weight: jax.Array | None = None,
+) -> dict[str, jax.Array]:
+    """{'total', 'ctr', 'aux', 'l2'}: aux is 0 without an auxiliary head in `outputs`."""
+    ctr = cross_entropy(outputs["prob"], label, example_weight)
+    aux = (cross_entropy(outputs["aux_prob"], label, example_weight)
+           if "aux_prob" in outputs else jnp.zeros((), ctr.dtype))
+    l2 = l2_penalty(params)
+    return {"total": ctr + aux + weight_decay * l2, "ctr": ctr, "aux": aux, "l2": l2}

@@ -1,0 +1,116 @@
+"""First stage (search) and second stage (aggregation), batched and with static shapes.
+
+Scores `[B, L]` between the target's attention vector and every behaviour's; padded (or
+unselected) positions get PADDING_SCORE; soft search keeps the top-k scores with
+`jax.lax.top_k`, gathers `[B, k, D]`, softmaxes over the k kept and sums the representation
+vectors. Hard search (SIM-style) selects k behaviours by category and recency with one
+batched `top_k` over an integer priority. No Python loop over the batch anywhere.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dare_jax.models.layers import Linear, PReLU
+
+# The official masking value; exp(PADDING_SCORE - max) underflows to exactly 0 in float32.
+PADDING_SCORE = float(-(2**32) + 1)
+
+
+def dot_product_scores(
+    query: jax.Array, keys: jax.Array, split: int | None
+) -> jax.Array:
+    """Scaled dot-product scores `[B, L]` of query `[B, D]` against keys `[B, L, D]`.
+
+    split=None: `<q, k> / sqrt(D)` (time mode "add").
+    split=t: the last t entries (the time part) and the first D - t (the semantic part) are
+    scored separately, `<q_sem, k_sem> / sqrt(D - t) + <q_time, k_time> / sqrt(t)` (SPEC 3).
+    """
+    if split is None:
+        return jnp.einsum("bd,bld->bl", query, keys) / math.sqrt(query.shape[-1])
+    d_sem = query.shape[-1] - split
+    semantic = jnp.einsum("bd,bld->bl", query[:, :d_sem], keys[:, :, :d_sem]) / math.sqrt(d_sem)
+    time = jnp.einsum("bd,bld->bl", query[:, d_sem:], keys[:, :, d_sem:]) / math.sqrt(split)
+    return semantic + time
+
+
+class DinAttentionScores(nn.Module):
+    """DIN's learnable scores: MLP([q, k, q - k, q * k]) / D; Linear(4D, 36), PReLU, Linear(36, 1).
+
+    query `[B, D]`, keys `[B, L, D]` -> `[B, L]`.
+    """
+
+    init_std: float = 0.01
+    hidden: int = 36
+
+    @nn.compact
+    def __call__(self, query: jax.Array, keys: jax.Array) -> jax.Array:
+        q = jnp.broadcast_to(query[:, None, :], keys.shape)
+        x = jnp.concatenate([q, keys, q - keys, q * keys], axis=-1)
+        x = Linear(self.hidden, init_std=self.init_std, name="dense_0")(x)
+        x = PReLU(self.init_std, name="prelu_0")(x)
+        x = Linear(1, init_std=self.init_std, name="dense_1")(x)
+        return x[..., 0] / query.shape[-1]
+
+
+def mask_scores(scores: jax.Array, mask: jax.Array) -> jax.Array:
+    """Scores `[B, L]` with PADDING_SCORE where mask `[B, L]` is False."""
+    return jnp.where(mask, scores, jnp.asarray(PADDING_SCORE, scores.dtype))
+
+
+def full_attention(masked_scores: jax.Array, values: jax.Array) -> jax.Array:
+    """Softmax over all L masked scores `[B, L]`, weighted sum of values `[B, L, D]` -> `[B, D]`."""
+    weights = jax.nn.softmax(masked_scores, axis=-1)
+    return jnp.einsum("bl,bld->bd", weights, values)
+
+
+def gather_rows(values: jax.Array, indices: jax.Array) -> jax.Array:
+    """values `[B, L, ...]`, indices `[B, k]` -> `[B, k, ...]` (one batched gather)."""
+    return jnp.take_along_axis(values, indices.reshape(indices.shape + (1,) * (values.ndim - 2)),
+                               axis=1)
+
+
+def aggregate_selected(
+    masked_scores: jax.Array, values: jax.Array, indices: jax.Array
+) -> jax.Array:
+    """Softmax over the selected scores only, weighted sum of the selected values.
+
+    masked_scores `[B, L]`, values `[B, L, D]`, indices `[B, k]` -> `[B, D]`.
+    """
+    kept_scores = jnp.take_along_axis(masked_scores, indices, axis=1)
+    weights = jax.nn.softmax(kept_scores, axis=-1)
+    return jnp.einsum("bk,bkd->bd", weights, gather_rows(values, indices))
+
+
+def soft_search_indices(masked_scores: jax.Array, k: int) -> jax.Array:
+    """Indices `[B, k]` of the k best masked scores `[B, L]` (gradient-free)."""
+    _, indices = jax.lax.top_k(jax.lax.stop_gradient(masked_scores), k)
+    return indices
+
+
+def hard_search_indices(
+    valid: jax.Array, same_category: jax.Array, k: int
+) -> tuple[jax.Array, jax.Array]:
+    """SIM-style selection of exactly k positions per row, batched.
+
+    valid `[B, L]` (a real behaviour), same_category `[B, L]` (its category is the target's).
+    Rule: the most recent same-category behaviours (at most k); if fewer than k, the most
+    recent other valid behaviours until there are k; if the row has fewer than k valid
+    behaviours in all, the remaining slots are padding positions (their scores stay masked,
+    so they get zero weight). Position j is more recent than i < j.
+    Returns (indices `[B, k]`, selected `[B, L]` bool: selected AND valid).
+    """
+    length = valid.shape[1]
+    position = jnp.arange(length, dtype=jnp.int32)[None, :]
+    same = valid & same_category
+    # Priority tiers: same category above other valid above padding; recency inside a tier.
+    priority = jnp.where(same, 2 * length + position,
+                         jnp.where(valid, length + position, position - length))
+    _, indices = jax.lax.top_k(priority, k)
+    chosen = jnp.zeros(valid.shape, dtype=bool)
+    chosen = chosen.at[jnp.arange(valid.shape[0])[:, None], indices].set(True)
+    return indices, chosen & valid
