@@ -55,6 +55,7 @@ bounded; the same seed gives a byte-identical file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import tempfile
@@ -75,14 +76,6 @@ _TAOBAO_MAX_ITEM_ID = 5_163_070
 _TAOBAO_MAX_CATEGORY_ID = 5_162_429
 _TAOBAO_MAX_USER_ID = 1_018_011
 
-# Heaps' law (distinct = K * rows**beta) through two real points: the 84,287-row
-# head sample (55,233 items, 2,911 categories) and the full 100,150,807-row log
-# (4,162,024 items, 9,439 categories).
-_REAL_SAMPLE_ROWS = 84_287
-_REAL_FULL_ROWS = 100_150_807
-_REAL_SAMPLE_ITEMS, _REAL_FULL_ITEMS = 55_233, 4_162_024
-_REAL_SAMPLE_CATEGORIES, _REAL_FULL_CATEGORIES = 2_911, 9_439
-
 # Rows simulated at once: bounds memory (a few hundred MB) independently of file size.
 # A constant, not an option, because chunk boundaries are part of what the seed determines.
 _CHUNK_ROWS = 2_000_000
@@ -95,20 +88,21 @@ class LogStructure:
     # Per-user length: total rows (all behaviour types), log-normal.
     median_events: float = 330.0
     length_sigma: float = 0.5
-    # Catalogue; None = Heaps'-law size of a real Taobao file with this many rows.
-    n_items: int | None = None
-    n_categories: int | None = None
-    catalogue_oversize: float = 1.5  # catalogue / expected distinct items seen
-    item_zipf: float = 0.9  # item popularity ~ rank**-item_zipf
-    category_size_zipf: float = 1.0  # items per category ~ rank**-category_size_zipf
+    # Catalogue: a Taobao-sized world (the full log has 4.16 M items, 9,439 categories);
+    # a file of n users is a sample of users from it, like the real head sample.
+    n_items: int = 4_500_000
+    n_categories: int = 9_439
+    item_zipf: float = 0.45  # item popularity ~ rank**-item_zipf
+    category_size_zipf: float = 1.15  # items per category ~ rank**-category_size_zipf
     n_related: int = 6  # neighbours of a category on the hidden ring
     # pv sequence process.
-    p_fresh: float = 0.2
-    p_last: float = 0.35
+    p_fresh: float = 0.24
+    p_last: float = 0.42
     max_lookback: int = 400
-    p_revisit: float = 0.3
+    lookback_exponent: float = 1.3  # P(d) ~ d**-lookback_exponent for d in [2, max_lookback]
+    p_revisit: float = 0.31
     p_related: float = 0.35
-    p_interest: float = 0.35
+    p_interest: float = 0.2
     n_interests: int = 4
     interest_drift: float = 0.01
     # Behaviour types (pv, cart, fav, buy): shares in the real sample.
@@ -134,7 +128,7 @@ class LogStructure:
                 f"p_related + p_interest = {self.p_related + self.p_interest} must be <= 1"
             )
         positive = (
-            "median_events item_zipf category_size_zipf catalogue_oversize "
+            "median_events item_zipf category_size_zipf lookback_exponent "
             "session_gap_mean click_gap_mean"
         ).split()
         for name in positive:
@@ -143,19 +137,12 @@ class LogStructure:
                 raise ValueError(f"structure field {name}={value!r} must be > 0")
         if self.length_sigma < 0:
             raise ValueError(f"structure field length_sigma={self.length_sigma!r} must be >= 0")
-        for name in ("n_related", "n_interests", "max_lookback"):
+        for name in ("n_related", "n_interests", "max_lookback", "n_items", "n_categories"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"structure field {name}={value!r} must be an integer >= 1")
-        for name in ("n_items", "n_categories"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"structure field {name}={value!r} must be None or an int >= 1")
-        if self.n_items is not None and self.n_categories is not None:
-            if self.n_items < self.n_categories:
-                raise ValueError(
-                    f"n_items={self.n_items} must be >= n_categories={self.n_categories}"
-                )
+        if self.n_items < self.n_categories:
+            raise ValueError(f"n_items={self.n_items} must be >= n_categories={self.n_categories}")
         shares = self.behavior_shares
         if len(shares) != 4 or any(s < 0 for s in shares) or not math.isclose(sum(shares), 1.0):
             raise ValueError(
@@ -164,11 +151,6 @@ class LogStructure:
             )
         if shares[0] <= 0:
             raise ValueError("behavior_shares: the pv share must be > 0")
-
-
-def _heaps(rows: float, sample_value: int, full_value: int) -> float:
-    beta = math.log(full_value / sample_value) / math.log(_REAL_FULL_ROWS / _REAL_SAMPLE_ROWS)
-    return sample_value * (rows / _REAL_SAMPLE_ROWS) ** beta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,22 +194,29 @@ class _World:
         )
 
 
+def _sparse_ids(rng: np.random.Generator, n: int, max_id: int) -> np.ndarray:
+    """n distinct ids in [1, max_id] in random order [n] int64 (sparse, like Taobao's raw ids)."""
+    # Evenly spread random ids (sorted gaps), then a random assignment: one permutation of n
+    # instead of rng.choice over the whole id range.
+    slots = np.arange(n, dtype=np.int64) * max_id // n
+    width = max(1, max_id // n)
+    ids = 1 + slots + rng.integers(0, width, n)
+    return ids[rng.permutation(n)]
+
+
 def _build_world(rng: np.random.Generator, n_items: int, n_categories: int, s: LogStructure):
     # Category sizes: every category gets one item, the rest go by a power law over a
-    # random ranking of the categories.
+    # random ranking of the categories. Items are laid out category after category.
     size_rank = rng.permutation(n_categories) + 1.0
     size_weight = size_rank**-s.category_size_zipf
-    extra = rng.choice(n_categories, n_items - n_categories, p=size_weight / size_weight.sum())
-    item_category = np.sort(
-        np.concatenate([np.arange(n_categories), extra]).astype(np.int32), kind="stable"
-    )
+    counts = 1 + rng.multinomial(n_items - n_categories, size_weight / size_weight.sum())
+    item_category = np.repeat(np.arange(n_categories, dtype=np.int32), counts)
     # Item popularity: Zipf over a random ranking, independent of the category.
     item_weight = (rng.permutation(n_items) + 1.0) ** -s.item_zipf
     item_cumulative_weight = np.cumsum(item_weight)
-    counts = np.bincount(item_category, minlength=n_categories)
     category_last_item = np.cumsum(counts) - 1
     category_first_item = category_last_item - counts + 1
-    category_weight = np.bincount(item_category, weights=item_weight, minlength=n_categories)
+    category_weight = np.add.reduceat(item_weight, category_first_item)
     category_weight_before = item_cumulative_weight[category_last_item] - category_weight
     # Related categories: neighbours on a hidden ring (random order of the categories), so
     # related categories form overlapping clusters unrelated to popularity.
@@ -237,15 +226,15 @@ def _build_world(rng: np.random.Generator, n_items: int, n_categories: int, s: L
     half = (s.n_related + 1) // 2
     steps = np.array([k for k in range(1, half + 1) for k in (k, -k)][: s.n_related])
     related = ring[(position[:, None] + steps[None, :]) % n_categories].astype(np.int32)
-    item_raw_id = 1 + rng.choice(max(_TAOBAO_MAX_ITEM_ID, 2 * n_items), n_items, replace=False)
-    category_raw_id = 1 + rng.choice(
-        max(_TAOBAO_MAX_CATEGORY_ID, 2 * n_categories), n_categories, replace=False
+    item_raw_id = _sparse_ids(rng, n_items, max(_TAOBAO_MAX_ITEM_ID, 2 * n_items))
+    category_raw_id = _sparse_ids(
+        rng, n_categories, max(_TAOBAO_MAX_CATEGORY_ID, 2 * n_categories)
     )
     return _World(
-        item_raw_id=item_raw_id.astype(np.int64),
+        item_raw_id=item_raw_id,
         item_category=item_category,
         item_cumulative_weight=item_cumulative_weight,
-        category_raw_id=category_raw_id.astype(np.int64),
+        category_raw_id=category_raw_id,
         category_first_item=category_first_item,
         category_last_item=category_last_item,
         category_weight_before=category_weight_before,
@@ -253,6 +242,20 @@ def _build_world(rng: np.random.Generator, n_items: int, n_categories: int, s: L
         category_cumulative_weight=np.cumsum(category_weight),
         related=related,
     )
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_world(
+    seed: int, n_items: int, n_categories: int, item_zipf: float, category_size_zipf: float,
+    n_related: int,
+) -> _World:
+    """The world of a seed (cached: building a 4.5 M-item catalogue takes about a second)."""
+    world_seed = np.random.SeedSequence(seed).spawn(4)[1]
+    structure = LogStructure(
+        n_items=n_items, n_categories=n_categories, item_zipf=item_zipf,
+        category_size_zipf=category_size_zipf, n_related=n_related,
+    )
+    return _build_world(np.random.default_rng(world_seed), n_items, n_categories, structure)
 
 
 def _user_lengths(
@@ -293,7 +296,17 @@ def _simulate_pv(
     categories = np.empty(total, dtype=np.int32)
     interests = world.draw_categories(rng, m * s.n_interests).reshape(m, s.n_interests)
     n_related = world.related.shape[1]
-    log_lookback = math.log(max(s.max_lookback, 2) / 2.0)
+    # Inverse CDF of the truncated power law P(d) ~ d**-gamma on [2, max_lookback + 1).
+    gamma = s.lookback_exponent
+    upper = float(max(s.max_lookback, 2) + 1)
+    if math.isclose(gamma, 1.0):
+        def lookback(u: np.ndarray) -> np.ndarray:
+            return 2.0 * np.exp(u * math.log(upper / 2.0))
+    else:
+        tail = 1.0 - (2.0 / upper) ** (gamma - 1.0)
+
+        def lookback(u: np.ndarray) -> np.ndarray:
+            return 2.0 * (1.0 - u * tail) ** (-1.0 / (gamma - 1.0))
     for t in range(max_len):
         a = int(n_active[t])
         pos = sorted_offsets[:a] + t
@@ -303,8 +316,8 @@ def _simulate_pv(
             revisit_item = np.full(a, -1, dtype=np.int32)
         else:
             fresh = rng.random(a) < s.p_fresh
-            # Distance to the copied event: 1 with p_last, else log-uniform in [2, lookback].
-            distance = np.floor(2.0 * np.exp(rng.random(a) * log_lookback)).astype(np.int64)
+            # Distance to the copied event: 1 with p_last, else a power law on [2, lookback].
+            distance = np.floor(lookback(rng.random(a))).astype(np.int64)
             distance[rng.random(a) < s.p_last] = 1
             source = pos - np.minimum(distance, t)
             new_category = categories[source]
@@ -459,19 +472,12 @@ def write_taobao_log(
     if not path.parent.is_dir():
         raise FileNotFoundError(f"output folder does not exist: {path.parent}")
 
-    lengths_seed, world_seed, user_seed, chunks_seed = np.random.SeedSequence(seed).spawn(4)
+    lengths_seed, _, user_seed, chunks_seed = np.random.SeedSequence(seed).spawn(4)
     rows = _user_lengths(np.random.default_rng(lengths_seed), n_users, target_rows, s)
     total_rows = int(rows.sum())
-    n_categories = s.n_categories or max(
-        10, round(_heaps(total_rows, _REAL_SAMPLE_CATEGORIES, _REAL_FULL_CATEGORIES))
+    world = _cached_world(
+        seed, s.n_items, s.n_categories, s.item_zipf, s.category_size_zipf, s.n_related
     )
-    n_items = s.n_items or max(
-        n_categories,
-        round(s.catalogue_oversize * _heaps(total_rows, _REAL_SAMPLE_ITEMS, _REAL_FULL_ITEMS)),
-    )
-    if n_items < n_categories:
-        raise ValueError(f"n_items={n_items} must be >= n_categories={n_categories}")
-    world = _build_world(np.random.default_rng(world_seed), n_items, n_categories, s)
     user_ids = 1 + np.random.default_rng(user_seed).choice(
         max(_TAOBAO_MAX_USER_ID, 2 * n_users), n_users, replace=False
     )
@@ -479,7 +485,7 @@ def write_taobao_log(
     chunk_seeds = chunks_seed.spawn(len(chunk_ranges))
     if progress is None:
         progress = total_rows > _CHUNK_ROWS
-    item_seen = np.zeros(n_items, dtype=bool)
+    item_seen = np.zeros(s.n_items, dtype=bool)
     pv_rows = 0
     options = pa_csv.WriteOptions(include_header=False, quoting_style="none")
     schema = pa.schema(
