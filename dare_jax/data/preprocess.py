@@ -53,11 +53,12 @@ def preprocess_log(
     # hashlib releases the GIL, so hashing overlaps with parsing and the protocol.
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         digest = pool.submit(storage.sha256_file, input_path)
-        log = raw_logs.READERS[kind](input_path, progress=progress)
-        result = protocol.build_samples(log, seed=seed, progress=progress)
+        # No local name for the log: build_samples holds the only reference and frees
+        # each raw column as soon as it is used (peak memory matters at 100 M rows).
+        result = protocol.build_samples(
+            raw_logs.READERS[kind](input_path, progress=progress), seed=seed, progress=progress
+        )
         sha = digest.result()
-    rows_read = log.rows_read
-    del log
     arrays = {
         "seq_iid": result.seq_iid, "seq_cid": result.seq_cid,
         "seq_offsets": result.seq_offsets, "seq_uid": result.seq_uid,
@@ -83,7 +84,7 @@ def preprocess_log(
         "train_target_offsets": list(protocol.TRAIN_TARGET_OFFSETS),
         "negatives_per_positive": protocol.NEGATIVES_PER_POSITIVE,
         "max_length": None,  # whole sequences stored: any history length can be gathered
-        "raw_rows": rows_read,
+        "raw_rows": result.raw_rows,
         "kept_events": result.events_kept_type,
         "source_files": [storage.source_entry(input_path, sha)],
         "created_by": "dare_jax.data.preprocess_log",

@@ -93,15 +93,21 @@ def _check_file(path: Path) -> None:
         raise RawLogError(path, None, "not a regular file")
 
 
+def _narrow(values: np.ndarray) -> np.ndarray:
+    """int64 -> int32 when every value fits (halves the memory of the kept rows)."""
+    info = np.iinfo(np.int32)
+    if values.size == 0 or (info.min <= int(values.min()) and int(values.max()) <= info.max):
+        return values.astype(np.int32)
+    return values
+
+
 def _compact(chunks: list[np.ndarray]) -> np.ndarray:
-    """Concatenate int64 chunks, as int32 when every value fits (halves memory)."""
+    """Concatenate per-batch chunks (int32, or int64 where needed), emptying the list."""
     if not chunks:
         return np.zeros(0, dtype=np.int32)
-    lo = min(int(c.min()) for c in chunks if c.size) if any(c.size for c in chunks) else 0
-    hi = max(int(c.max()) for c in chunks if c.size) if any(c.size for c in chunks) else 0
-    info = np.iinfo(np.int32)
-    dtype = np.int32 if info.min <= lo and hi <= info.max else np.int64
-    return np.concatenate([c.astype(dtype, copy=False) for c in chunks])
+    out = np.concatenate(chunks)  # int64 if any chunk had to stay int64
+    chunks.clear()
+    return out
 
 
 def _stream(
@@ -223,10 +229,10 @@ def read_taobao_log(path: str | Path, *, progress: bool = True) -> EventLog:
                 )
             pv_code = np.flatnonzero(np.asarray(beh.dictionary.to_pylist(), dtype=object) == "pv")
             keep = codes == pv_code[0] if pv_code.size else np.zeros(n, dtype=bool)
-            chunks["u"].append(cols["user_id"][keep])
-            chunks["i"].append(cols["item_id"][keep])
-            chunks["c"].append(cols["category_id"][keep])
-            chunks["t"].append(cols["timestamp"][keep])
+            chunks["u"].append(_narrow(cols["user_id"][keep]))
+            chunks["i"].append(_narrow(cols["item_id"][keep]))
+            chunks["c"].append(_narrow(cols["category_id"][keep]))
+            chunks["t"].append(_narrow(cols["timestamp"][keep]))
             rows += n
             bar.update(max(0, position - bar.n))
     finally:
@@ -315,10 +321,10 @@ def read_tmall_log(path: str | Path, *, progress: bool = True) -> EventLog:
                     path, first_line + idx,
                     f"field 'time_stamp' is not a 4-digit MMDD (value {words[codes[idx]]!r})",
                 )
-            chunks["u"].append(cols["user_id"][keep])
-            chunks["i"].append(cols["item_id"][keep])
-            chunks["c"].append(cols["cat_id"][keep])
-            chunks["t"].append(values[codes[keep]])
+            chunks["u"].append(_narrow(cols["user_id"][keep]))
+            chunks["i"].append(_narrow(cols["item_id"][keep]))
+            chunks["c"].append(_narrow(cols["cat_id"][keep]))
+            chunks["t"].append(_narrow(values[codes[keep]]))
             rows += batch.num_rows
             bar.update(max(0, position - bar.n))
     finally:
