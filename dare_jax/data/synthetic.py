@@ -92,17 +92,17 @@ class LogStructure:
     # a file of n users is a sample of users from it, like the real head sample.
     n_items: int = 4_500_000
     n_categories: int = 9_439
-    item_zipf: float = 0.45  # item popularity ~ rank**-item_zipf
+    item_zipf: float = 0.4  # item popularity ~ rank**-item_zipf
     category_size_zipf: float = 1.15  # items per category ~ rank**-category_size_zipf
-    n_related: int = 6  # neighbours of a category on the hidden ring
+    n_related: int = 16  # neighbours of a category on the hidden ring
     # pv sequence process.
-    p_fresh: float = 0.24
-    p_last: float = 0.42
+    p_fresh: float = 0.26
+    p_last: float = 0.44
     max_lookback: int = 400
     lookback_exponent: float = 1.3  # P(d) ~ d**-lookback_exponent for d in [2, max_lookback]
     p_revisit: float = 0.31
-    p_related: float = 0.35
-    p_interest: float = 0.2
+    p_related: float = 0.6
+    p_interest: float = 0.25
     n_interests: int = 4
     interest_drift: float = 0.01
     # Behaviour types (pv, cart, fav, buy): shares in the real sample.
