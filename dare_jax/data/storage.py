@@ -241,16 +241,15 @@ class Dataset:
             if idx.size and (int(idx.min()) < -n or int(idx.max()) >= n):
                 raise IndexError(f"sample index out of range for {split} split of {n} samples")
         row = np.asarray(a[f"{split}_row"][idx])
-        pos = np.asarray(a[f"{split}_pos"][idx]).astype(np.int64)
-        end = np.asarray(a["seq_offsets"][row]) + pos  # exclusive end of each history
-        steps = np.arange(-max_length, 0, dtype=np.int64)  # [L]: -L .. -1
-        flat = end[:, None] + steps[None, :]  # [B, L]
-        valid = steps[None, :] >= -pos[:, None]  # inside the row (not before its start)
-        flat = np.where(valid, flat, 0)
+        start = np.asarray(a["seq_offsets"][row])[:, None]  # [B, 1] first event of the row
+        end = start + np.asarray(a[f"{split}_pos"][idx])[:, None]  # exclusive end of history
+        flat = end + np.arange(-max_length, 0, dtype=np.int64)[None, :]  # [B, L]
+        valid = flat >= start  # False where the history is shorter than L: left padding
+        np.maximum(flat, start, out=flat)  # any in-bounds index; masked to 0 below
         hist_iid = np.take(a["seq_iid"], flat)
         hist_cid = np.take(a["seq_cid"], flat)
-        hist_iid[~valid] = 0
-        hist_cid[~valid] = 0
+        hist_iid *= valid
+        hist_cid *= valid
         return {
             "uid": np.asarray(a[f"{split}_uid"][idx]),
             "iid": np.asarray(a[f"{split}_iid"][idx]),
