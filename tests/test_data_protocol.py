@@ -3,7 +3,7 @@ the official preprocessed fixtures, and a popularity test of the negatives."""
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import numpy as np

@@ -188,6 +188,17 @@ def test_interrupted_overwrite_keeps_old_dataset(taobao_ds, tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
 
 
+def test_existing_empty_directory_is_reused(tmp_path):
+    out = tmp_path / "ds"
+    out.mkdir()
+    preprocess_log("taobao", shared_path(*TAOBAO), out, progress=False)
+    open_dataset(out)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError):
+        preprocess_log("taobao", shared_path(*TAOBAO), tmp_path / "other", progress=False)
+
+
 def test_overwrite_replaces(taobao_ds, tmp_path):
     out = copy_dataset(taobao_ds, tmp_path / "ds")
     preprocess_log("taobao", shared_path(*TAOBAO), out, seed=4, overwrite=True, progress=False)

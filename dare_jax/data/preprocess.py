@@ -43,7 +43,7 @@ def preprocess_log(
         raise ValueError(f"unknown dataset kind {kind!r}; expected one of {DATASET_KINDS}")
     input_path = Path(input_path)
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
+    if storage.is_occupied(output_dir) and not overwrite:
         # Checked up front too, so a long run does not fail only at the very end.
         raise FileExistsError(f"output directory already exists: {output_dir} "
                               "(use overwrite=True / --overwrite)")

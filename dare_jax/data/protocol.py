@@ -391,5 +391,6 @@ def build_samples(
     return ProtocolResult(
         seq_iid=seq_iid, seq_cid=seq_cid, seq_offsets=seq_offsets, seq_uid=seq_uid,
         splits=splits, raw_uid=users.raw, raw_iid=items.raw, raw_cid=cates.raw,
-        item_count=item_count, item_category=item_category, events_kept_type=n_kept, raw_rows=raw_rows,
+        item_count=item_count, item_category=item_category, events_kept_type=n_kept,
+        raw_rows=raw_rows,
     )

@@ -70,6 +70,11 @@ def source_entry(path: str | Path, sha256: str | None = None) -> dict[str, Any]:
             "sha256": sha256 if sha256 is not None else sha256_file(path)}
 
 
+def is_occupied(path: Path) -> bool:
+    """True if ``path`` exists and is not an empty directory (an empty one is reused)."""
+    return path.exists() and not (path.is_dir() and not any(path.iterdir()))
+
+
 def _expected_dtype(name: str) -> type:
     return _DTYPES.get(name, np.int32)
 
@@ -88,10 +93,11 @@ def write_dataset(
     ``protocol_version`` and ``arrays`` (name -> shape).
 
     Raises:
-        FileExistsError: ``output_dir`` exists and ``overwrite`` is False.
+        FileExistsError: ``output_dir`` exists (and is not an empty directory) and
+            ``overwrite`` is False.
     """
     out = Path(output_dir)
-    if out.exists() and not overwrite:
+    if is_occupied(out) and not overwrite:
         raise FileExistsError(f"output directory already exists: {out} (use overwrite=True)")
     missing = [n for n in array_names() if n not in arrays]
     if missing:
@@ -110,6 +116,8 @@ def write_dataset(
             json.dump(full, fh, indent=2, sort_keys=True)
             fh.flush()
             os.fsync(fh.fileno())
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
         if out.exists():
             # Move the old dataset aside first: os.replace cannot replace a non-empty dir.
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))

@@ -153,7 +153,7 @@ def import_official(
     out = Path(output_dir)
     if not src.is_dir():
         raise OfficialDataError(f"official data directory not found: {src}")
-    if out.exists() and not overwrite:
+    if storage.is_occupied(out) and not overwrite:
         raise FileExistsError(f"output directory already exists: {out} (use overwrite=True)")
     files: dict[str, list[tuple[Path, int | None]]] = {"train": _train_files(src)}
     for split in ("val", "test"):
