@@ -70,15 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output", required=True, type=Path, help="CSV file to write")
     parser.add_argument("--users", required=True, type=_positive_int, help="number of users")
     parser.add_argument(
-        "--rows", type=_positive_int, default=None,
+        "--rows",
+        type=_positive_int,
+        default=None,
         help="total rows (exact); default: log-normal lengths, median ~330 rows per user",
     )
     parser.add_argument("--seed", type=_seed, default=0, help="random seed (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing file")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.add_argument(
-        "--set", dest="settings", action="append", default=[], type=_parse_setting,
-        metavar="NAME=VALUE", help="override a LogStructure field (repeatable)",
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        type=_parse_setting,
+        metavar="NAME=VALUE",
+        help="override a LogStructure field (repeatable)",
     )
     return parser
 
@@ -93,14 +100,19 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"{PROG}: error: {output} exists; pass --overwrite to replace it\n")
     if args.rows is not None and args.rows < args.users:
         parser.exit(
-            2, f"{PROG}: error: --rows {args.rows} < --users {args.users} "
+            2,
+            f"{PROG}: error: --rows {args.rows} < --users {args.users} "
             "(every user needs at least one row)\n",
         )
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
         summary = write_taobao_log(
-            output, args.users, seed=args.seed, target_rows=args.rows,
-            progress=False if args.no_progress else None, **dict(args.settings),
+            output,
+            args.users,
+            seed=args.seed,
+            target_rows=args.rows,
+            progress=False if args.no_progress else None,
+            **dict(args.settings),
         )
     except (ValueError, TypeError, OSError) as exc:
         parser.exit(2, f"{PROG}: error: {exc}\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import itertools
 import math
 import os
 import statistics
@@ -19,7 +20,6 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from tests.conftest import shared_path
 from dare_jax.data import synthetic
 from dare_jax.data.log_stats import taobao_log_statistics
 from dare_jax.data.raw_logs import RawLogError
@@ -30,6 +30,7 @@ from dare_jax.data.synthetic import (
 )
 from preprocessing import log_stats as log_stats_cli
 from preprocessing import synthetic as synthetic_cli
+from tests.conftest import shared_path
 
 # A small world keeps the format tests fast; statistics tests use the default world.
 SMALL_WORLD = {"n_items": 20_000, "n_categories": 300}
@@ -81,9 +82,9 @@ def test_format_order_and_one_category_per_item(tmp_path):
     assert len(rows) == info["rows"]
     assert sum(r[3] == "pv" for r in rows) == info["pv_rows"]
     # Users form contiguous blocks, time-ordered inside.
-    blocks = [rows[0][0]] + [b[0] for a, b in zip(rows, rows[1:]) if a[0] != b[0]]
+    blocks = [rows[0][0]] + [b[0] for a, b in itertools.pairwise(rows) if a[0] != b[0]]
     assert len(blocks) == len(set(blocks)) == info["users"] == 120
-    for a, b in zip(rows, rows[1:]):
+    for a, b in itertools.pairwise(rows):
         if a[0] == b[0]:
             assert a[4] <= b[4]
     assert all(TAOBAO_START_TIMESTAMP <= r[4] < TAOBAO_END_TIMESTAMP for r in rows)
@@ -114,8 +115,9 @@ def test_target_rows_is_exact(tmp_path, users, rows):
     path = tmp_path / "t.csv"
     info = write_taobao_log(path, users, seed=2, target_rows=rows, **SMALL_WORLD)
     assert info["rows"] == rows
-    assert sum(1 for _ in open(path)) == rows
-    assert info["users"] == users and len({line.split(",")[0] for line in open(path)}) == users
+    lines = path.read_text().splitlines()
+    assert len(lines) == rows
+    assert info["users"] == users and len({line.split(",")[0] for line in lines}) == users
 
 
 def test_many_chunks_stay_valid_and_deterministic(tmp_path, monkeypatch):
@@ -127,7 +129,7 @@ def test_many_chunks_stay_valid_and_deterministic(tmp_path, monkeypatch):
     assert _digest(a) == _digest(b)
     rows = _read_rows(a)
     assert len(rows) == info["rows"] == 15_000
-    starts = [rows[0][0]] + [y[0] for x, y in zip(rows, rows[1:]) if x[0] != y[0]]
+    starts = [rows[0][0]] + [y[0] for x, y in itertools.pairwise(rows) if x[0] != y[0]]
     assert len(starts) == len(set(starts)) == 40
 
 
@@ -240,9 +242,10 @@ def test_statistics_follow_file_order_for_ties_and_unsorted_users(tmp_path):
     expected = _recount(path)
     for key, value in expected.items():
         assert got[key] == pytest.approx(value, rel=1e-12), key
-    assert got["long_users"] == 2 and got["target_category_is_last"] == expected[
-        "target_category_is_last"
-    ]
+    assert (
+        got["long_users"] == 2
+        and got["target_category_is_last"] == expected["target_category_is_last"]
+    )
 
 
 # The documented ranges around SPEC 5b's real figures (the generator's defaults are tuned to
@@ -337,8 +340,21 @@ def test_statistics_name_the_bad_line(tmp_path):
 
 def test_synthetic_cli_writes_and_refuses_to_overwrite(tmp_path, capsys):
     out = tmp_path / "sub" / "UserBehavior.csv"
-    argv = ["--output", str(out), "--users", "30", "--rows", "3000", "--seed", "1",
-            "--no-progress", "--set", "n_items=5000", "--set", "n_categories=50"]
+    argv = [
+        "--output",
+        str(out),
+        "--users",
+        "30",
+        "--rows",
+        "3000",
+        "--seed",
+        "1",
+        "--no-progress",
+        "--set",
+        "n_items=5000",
+        "--set",
+        "n_categories=50",
+    ]
     assert synthetic_cli.main(argv) == 0
     assert '"rows": 3000' in capsys.readouterr().out
     first = _digest(out)

@@ -129,13 +129,13 @@ def sequence_statistics(
         return n / n_t if n_t else float("nan")
 
     return {
-        "users": int(len(user_count)),
-        "pv_events": int(len(user)),
-        "items": int(len(item_count)),
+        "users": len(user_count),
+        "pv_events": len(user),
+        "items": len(item_count),
         "categories": int(category_code.max() + 1),
         "median_events_per_user": float(np.median(user_count)),
         "p90_events_per_user": float(np.percentile(user_count, 90)),
-        "long_users": int(len(long_users)),
+        "long_users": len(long_users),
         "targets": int(n_t),
         "target_category_is_last": share(hits["last"]),
         "target_category_in_last_10": share(hits["last_10"]),

@@ -150,10 +150,16 @@ class LogStructure:
 
     def validate(self) -> None:
         """Raise ValueError naming the first field with an impossible value."""
-        probabilities = (
-            "p_fresh p_last p_revisit p_related p_interest interest_drift "
-            "p_nonpv_same_item session_break"
-        ).split()
+        probabilities = [
+            "p_fresh",
+            "p_last",
+            "p_revisit",
+            "p_related",
+            "p_interest",
+            "interest_drift",
+            "p_nonpv_same_item",
+            "session_break",
+        ]
         for name in probabilities:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
@@ -162,10 +168,14 @@ class LogStructure:
             raise ValueError(
                 f"p_related + p_interest = {self.p_related + self.p_interest} must be <= 1"
             )
-        positive = (
-            "median_events item_zipf category_size_zipf lookback_exponent "
-            "session_gap_mean click_gap_mean"
-        ).split()
+        positive = [
+            "median_events",
+            "item_zipf",
+            "category_size_zipf",
+            "lookback_exponent",
+            "session_gap_mean",
+            "click_gap_mean",
+        ]
         for name in positive:
             value = getattr(self, name)
             if not value > 0:
@@ -262,9 +272,7 @@ def _build_world(rng: np.random.Generator, n_items: int, n_categories: int, s: L
     steps = np.array([k for k in range(1, half + 1) for k in (k, -k)][: s.n_related])
     related = ring[(position[:, None] + steps[None, :]) % n_categories].astype(np.int32)
     item_raw_id = _sparse_ids(rng, n_items, max(_TAOBAO_MAX_ITEM_ID, 2 * n_items))
-    category_raw_id = _sparse_ids(
-        rng, n_categories, max(_TAOBAO_MAX_CATEGORY_ID, 2 * n_categories)
-    )
+    category_raw_id = _sparse_ids(rng, n_categories, max(_TAOBAO_MAX_CATEGORY_ID, 2 * n_categories))
     return _World(
         item_raw_id=item_raw_id,
         item_category=item_category,
@@ -281,14 +289,21 @@ def _build_world(rng: np.random.Generator, n_items: int, n_categories: int, s: L
 
 @functools.lru_cache(maxsize=1)
 def _cached_world(
-    seed: int, n_items: int, n_categories: int, item_zipf: float, category_size_zipf: float,
+    seed: int,
+    n_items: int,
+    n_categories: int,
+    item_zipf: float,
+    category_size_zipf: float,
     n_related: int,
 ) -> _World:
     """The world of a seed (cached: building a 4.5 M-item catalogue takes about a second)."""
     world_seed = np.random.SeedSequence(seed).spawn(4)[1]
     structure = LogStructure(
-        n_items=n_items, n_categories=n_categories, item_zipf=item_zipf,
-        category_size_zipf=category_size_zipf, n_related=n_related,
+        n_items=n_items,
+        n_categories=n_categories,
+        item_zipf=item_zipf,
+        category_size_zipf=category_size_zipf,
+        n_related=n_related,
     )
     return _build_world(np.random.default_rng(world_seed), n_items, n_categories, structure)
 
@@ -335,6 +350,7 @@ def _simulate_pv(
     gamma = s.lookback_exponent
     upper = float(max(s.max_lookback, 2) + 1)
     if math.isclose(gamma, 1.0):
+
         def lookback(u: np.ndarray) -> np.ndarray:
             return 2.0 * np.exp(u * math.log(upper / 2.0))
     else:
@@ -342,6 +358,7 @@ def _simulate_pv(
 
         def lookback(u: np.ndarray) -> np.ndarray:
             return 2.0 * (1.0 - u * tail) ** (-1.0 / (gamma - 1.0))
+
     for t in range(max_len):
         a = int(n_active[t])
         pos = sorted_offsets[:a] + t
@@ -364,9 +381,7 @@ def _simulate_pv(
             if t > 0:
                 related = kind < s.p_related
                 previous = categories[pos[fresh_idx[related]] - 1]
-                chosen[related] = world.related[
-                    previous, rng.integers(0, n_related, len(previous))
-                ]
+                chosen[related] = world.related[previous, rng.integers(0, n_related, len(previous))]
             interest = (kind >= s.p_related) & (kind < s.p_related + s.p_interest)
             users = fresh_idx[interest]
             chosen[interest] = interests[users, rng.integers(0, s.n_interests, len(users))]
@@ -540,20 +555,26 @@ def write_taobao_log(
         with (
             os.fdopen(descriptor, "wb") as sink,
             pa_csv.CSVWriter(sink, schema, write_options=options) as writer,
-        ):
-            with tqdm(
-                total=total_rows, unit="row", unit_scale=True, disable=not progress,
+            tqdm(
+                total=total_rows,
+                unit="row",
+                unit_scale=True,
+                disable=not progress,
                 desc=f"writing {path.name}",
-            ) as bar:
-                for (first, end), chunk_seed in zip(chunk_ranges, chunk_seeds):
-                    table, items = _chunk_rows(
-                        np.random.default_rng(chunk_seed), world, user_ids[first:end],
-                        rows[first:end], s,
-                    )
-                    item_seen[items] = True
-                    pv_rows += int(np.count_nonzero(table["behavior_type"].to_numpy() == "pv"))
-                    writer.write_table(table)
-                    bar.update(table.num_rows)
+            ) as bar,
+        ):
+            for (first, end), chunk_seed in zip(chunk_ranges, chunk_seeds):
+                table, items = _chunk_rows(
+                    np.random.default_rng(chunk_seed),
+                    world,
+                    user_ids[first:end],
+                    rows[first:end],
+                    s,
+                )
+                item_seen[items] = True
+                pv_rows += int(np.count_nonzero(table["behavior_type"].to_numpy() == "pv"))
+                writer.write_table(table)
+                bar.update(table.num_rows)
         # mkstemp creates the file 0600; give it the permissions a plain open() would.
         umask = os.umask(0)
         os.umask(umask)
