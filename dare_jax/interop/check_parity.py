@@ -120,9 +120,9 @@ def check_fixture(path: str | Path, rtol: float = DEFAULT_RTOL,
         terms = loss_terms(outputs, label, params, weight_decay)
         return terms["total"], (outputs, terms)
 
-    (_, (out_train, terms)), grads = jax.value_and_grad(train_loss, has_aux=True)(
+    (_, (out_train, terms)), grads = jax.jit(jax.value_and_grad(train_loss, has_aux=True))(
         variables["params"])
-    out_eval = model.apply(variables, batch, train=False)
+    out_eval = jax.jit(lambda v: model.apply(v, batch, train=False))(variables)
     eval_terms = loss_terms(out_eval, label, variables["params"], weight_decay)
 
     margin_values = np.asarray(data.get("output/topk_margin", np.full(len(label), np.inf)))

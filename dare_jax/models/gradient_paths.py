@@ -39,15 +39,23 @@ def rescale_to_norm(gradient: jax.Array, reference: jax.Array) -> jax.Array:
     return gradient * factor
 
 
+# The official code records the category and time tables' path gradients (the item tables
+# are millions of rows; returning them every step would copy hundreds of MB).
+DEFAULT_OBSERVED_FIELDS: tuple[str, ...] = ("category", "time")
+
+
 def combine_path_gradients(
-    grads: Any, model_cfg: ml_collections.ConfigDict
+    grads: Any,
+    model_cfg: ml_collections.ConfigDict,
+    observed_fields: tuple[str, ...] | None = DEFAULT_OBSERVED_FIELDS,
 ) -> tuple[Any, dict[str, jax.Array]]:
     """(grads for the optimizer, observed path gradients).
 
     grads: the `params` gradient pytree (as from jax.grad of the loss w.r.t. params).
     Without the hooks: returned unchanged, observed = {}.
-    With them: for every field f, observed['attention/f'] and observed['representation/f']
-    are the raw path gradients `[rows, d]`; both copies receive
+    With them: for every field f in `observed_fields` (None: all fields),
+    observed['attention/f'] and observed['representation/f'] are the raw path gradients
+    `[rows, d]` (before any rescaling); for every field both copies receive
     g_attn' + g_repr, with g_attn' = g_attn (observe) or rescaled to ||g_repr|| (avoid
     domination).
     """
@@ -63,8 +71,9 @@ def combine_path_gradients(
     new_attention, new_representation = {}, {}
     for field, g_attn in embed[ATTENTION].items():
         g_repr = embed[REPRESENTATION][field]
-        observed[f"{ATTENTION}/{field}"] = g_attn
-        observed[f"{REPRESENTATION}/{field}"] = g_repr
+        if observed_fields is None or field in observed_fields:
+            observed[f"{ATTENTION}/{field}"] = g_attn
+            observed[f"{REPRESENTATION}/{field}"] = g_repr
         if model_cfg.avoid_domination:
             g_attn = rescale_to_norm(g_attn, g_repr)
         total = g_attn + g_repr
