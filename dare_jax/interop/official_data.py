@@ -17,6 +17,9 @@ polynomial hash and then compared element by element, so a hash collision can ne
 merge different histories (it raises instead). The manifest therefore says
 ``max_length = 200``: longer histories do not exist in these files. Sample order is
 kept: train in file order (already shuffled by the official script), then val, test.
+
+Memory: the importer holds every sample's two windows as int32 (1.6 kB per sample)
+while it groups them, plus one official file's Python objects at a time.
 """
 
 from __future__ import annotations
@@ -115,14 +118,20 @@ def _train_files(directory: Path) -> list[tuple[Path, int]]:
 def _window_hash(uid: np.ndarray, hist_iid: np.ndarray, hist_cid: np.ndarray) -> np.ndarray:
     """Two independent 64-bit polynomial hashes per window: uint64 [N, 2]."""
     rng = np.random.default_rng(20250127)
+    coeffs = [rng.integers(1, 2**63, size=2 * WINDOW + 1, dtype=np.uint64) | np.uint64(1)
+              for _ in range(2)]
     out = np.empty((uid.shape[0], 2), dtype=np.uint64)
+    block = 1 << 16  # rows per block: bounds the uint64 temporaries to ~200 MB
     with np.errstate(over="ignore"):
-        for k in range(2):
-            coeff = rng.integers(1, 2**63, size=2 * WINDOW + 1, dtype=np.uint64) | np.uint64(1)
-            h = uid.astype(np.uint64) * coeff[0]
-            h += hist_iid.astype(np.uint64) @ coeff[1:WINDOW + 1]
-            h += hist_cid.astype(np.uint64) @ coeff[WINDOW + 1:]
-            out[:, k] = h
+        for lo in range(0, uid.shape[0], block):
+            sl = slice(lo, lo + block)
+            hi_iid = hist_iid[sl].astype(np.uint64)
+            hi_cid = hist_cid[sl].astype(np.uint64)
+            for k, coeff in enumerate(coeffs):
+                h = uid[sl].astype(np.uint64) * coeff[0]
+                h += hi_iid @ coeff[1:WINDOW + 1]
+                h += hi_cid @ coeff[WINDOW + 1:]
+                out[sl, k] = h
     return out
 
 
