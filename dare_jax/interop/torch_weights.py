@@ -147,6 +147,20 @@ def import_state_dict(
     return new_variables, unused
 
 
+def export_state_dict(spec: VariantSpec, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """The official `state_dict` of our variables (every tied name filled; Linear weights
+    transposed to `(out, in)`; BatchNorm `num_batches_tracked` is not known and left out)."""
+    state: dict[str, np.ndarray] = {}
+    for collection in ("params", "batch_stats"):
+        for path, value in _flatten(variables.get(collection, {})):
+            value = np.asarray(value)
+            if path[-1] == "kernel":
+                value = value.T
+            for name in official_names(spec, path):
+                state[name] = value
+    return state
+
+
 def state_from_npz(path: str | Path) -> dict[str, np.ndarray]:
     """The `state/<name>` entries of a parity-fixture `.npz`, keyed by `<name>`."""
     with np.load(path, allow_pickle=False) as data:

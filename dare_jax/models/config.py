@@ -162,7 +162,8 @@ def validate_model_config(
         _fail("time_mode", cfg.time_mode, "must be 'concat' or 'add'")
     dims = embedding_dims(cfg)
     if cfg.use_time and cfg.time_mode == "add":
-        for kind, d in dims.items():
+        for kind in ("representation", "attention"):
+            d = dims[kind]
             if d["time"] != d["item"] + d["category"]:
                 prefix = "attention_" if kind == "attention" else ""
                 _fail(
