@@ -97,6 +97,8 @@ def test_format_order_and_one_category_per_item(tmp_path):
     # Raw ids are sparse and positive, as Taobao's.
     assert min(r[1] for r in rows) >= 1 and max(r[1] for r in rows) > 10 * info["items"]
     assert min(r[0] for r in rows) >= 1
+    assert max(r[1] for r in rows) <= 5_163_070 and max(r[2] for r in rows) <= 5_162_429
+    assert max(r[0] for r in rows) <= 1_018_011
     # About 90 % pv, like the real log (0.898).
     assert 0.88 < info["pv_rows"] / info["rows"] < 0.915
     # Written with ordinary permissions and no temporary file left behind.
