@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker  # noqa: F401  (analyses format axes through common.matplotlib.ticker)
 
 matplotlib.use("Agg")  # files only, never a window (headless machines, tests, CI)
 import matplotlib.pyplot as plt  # noqa: E402

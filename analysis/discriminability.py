@@ -125,7 +125,11 @@ def discriminability(
                 title="mutual information")
     axes[1].set(xscale="log", xlabel="clusters k", ylabel="NMI(cluster, label)",
                 title="normalised mutual information")
+    all_k = sorted({k for stats in report["runs"].values() for k in stats["k"]})
     for ax in axes:
+        ax.set_xticks(all_k)
+        ax.xaxis.set_major_formatter(common.matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(common.matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(f"representation discriminability ({split} split, mini-batch k-means)")

@@ -257,6 +257,7 @@ def draw_case(index: int, batch: dict[str, np.ndarray], truth_mi: np.ndarray,
         ax.plot(position[top[~hit]], shown[top[~hit]], "x", color="C1", ms=5,
                 label="top-k, miss")
         ax.set_ylabel(name, fontsize=8)
+        ax.margins(y=0.15)
         ax.legend(fontsize=7, loc="upper right")
     axes[-1].set_xlabel("relative position (1 = most recent)")
     axes[-1].invert_xaxis()
