@@ -34,6 +34,32 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
     return optax.adam(learning_rate=optim.lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
 
 
+def make_init_state(
+    model: Any, optimizer: optax.GradientTransformation
+) -> Callable[[jax.Array, Batch, jax.Array], State]:
+    """The jitted `init_state(init_rng, example_batch, step_rng) -> State`.
+
+    Parameters and BatchNorm statistics come from `model.init(init_rng, ...)`;
+    `step_rng` (a raw uint32 [2] key) is kept in the state: step s draws its
+    randomness from `fold_in(step_rng, s)`, so a resumed run draws the same
+    numbers as an uninterrupted one, and seeds share one compiled step.
+    Jitted because running `init` op by op costs a compilation per operation.
+    """
+
+    def init_state(init_rng: jax.Array, example_batch: Batch, step_rng: jax.Array) -> State:
+        variables = model.init(init_rng, example_batch, train=False)
+        params = variables["params"]
+        return {
+            "step": jnp.zeros((), jnp.int32),
+            "rng": step_rng,
+            "params": params,
+            "batch_stats": variables.get("batch_stats", {}),
+            "opt_state": optimizer.init(params),
+        }
+
+    return jax.jit(init_state)
+
+
 def create_train_state(
     model: Any,
     optimizer: optax.GradientTransformation,
@@ -41,21 +67,8 @@ def create_train_state(
     example_batch: Batch,
     step_rng: jax.Array,
 ) -> State:
-    """Initialise parameters (from `init_rng`), BatchNorm statistics and the optimiser state.
-
-    `step_rng` (a raw uint32 [2] key) is kept in the state: step s draws its
-    randomness from `fold_in(step_rng, s)`, so a resumed run draws the same
-    numbers as an uninterrupted one, and seeds share one compiled step.
-    """
-    variables = model.init(init_rng, example_batch, train=False)
-    params = variables["params"]
-    return {
-        "step": jnp.zeros((), jnp.int32),
-        "rng": jnp.asarray(step_rng),
-        "params": params,
-        "batch_stats": variables.get("batch_stats", {}),
-        "opt_state": optimizer.init(params),
-    }
+    """One-off `make_init_state(model, optimizer)(init_rng, example_batch, step_rng)`."""
+    return make_init_state(model, optimizer)(init_rng, example_batch, step_rng)
 
 
 def _observes_gradients(model_cfg: ml_collections.ConfigDict) -> bool:

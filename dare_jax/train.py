@@ -23,6 +23,7 @@ with exactly the metrics of an uninterrupted run.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -237,28 +238,68 @@ def export_gradients(observed, step: int, directory: Path) -> None:
 # ---------------------------------------------------------------------------- training
 
 
+@functools.lru_cache(maxsize=4)
+def _compiled_functions(model_json: str, optim_json: str, item_n: int, cate_n: int,
+                        max_length: int):
+    """(model, optimizer, init_state, train_step, eval_step) for one model setup.
+
+    Memoised so that several runs in one process (tests, sweeps, notebooks) with
+    the same model reuse the compiled steps instead of compiling them again.
+    """
+    model_cfg = ml_collections.ConfigDict(json.loads(model_json))
+    optim = ml_collections.ConfigDict(json.loads(optim_json))
+    from dare_jax.models import build_model
+
+    model = build_model(model_cfg, item_n, cate_n, max_length)
+    optimizer = steps.make_optimizer(optim)
+    return (
+        model,
+        optimizer,
+        steps.make_init_state(model, optimizer),
+        steps.make_train_step(model, optimizer, model_cfg, float(optim.weight_decay)),
+        steps.make_eval_step(model, model_cfg),
+    )
+
+
 class _Trainer:
     """What is built once per run and shared by its seeds (the step compiles once)."""
 
     def __init__(self, config: ml_collections.ConfigDict, dataset):
         self.config, self.dataset = config, dataset
-        self.model, self.optimizer = build(config, dataset.manifest)
-        self.train_step = steps.make_train_step(
-            self.model, self.optimizer, config.model, float(config.optim.weight_decay)
+        build(config, dataset.manifest)  # validates the model config against the data
+        (self.model, self.optimizer, self.init_state, self.train_step,
+         self.eval_step) = _compiled_functions(
+            json.dumps(run_logging.to_jsonable(config.model.to_dict()), sort_keys=True),
+            json.dumps(run_logging.to_jsonable(config.optim.to_dict()), sort_keys=True),
+            int(dataset.manifest["item_n"]), int(dataset.manifest["cate_n"]),
+            int(config.data.max_length),
         )
-        self.eval_step = steps.make_eval_step(self.model, config.model)
         self.steps_per_epoch = pipeline.steps_per_epoch(dataset, int(config.train.batch_size))
         total = self.steps_per_epoch * int(config.train.num_epochs)
         if int(config.train.max_steps) > 0:
             total = min(total, int(config.train.max_steps))
         self.total_steps = total
 
-    def initial_state(self, seed: int) -> dict:
+    def _init_args(self, seed: int) -> tuple:
         example = self.dataset.gather(
             "train", np.arange(int(self.config.train.batch_size)), int(self.config.data.max_length)
         )
         init_rng, step_rng = jax.random.split(jax.random.PRNGKey(seed))
-        return steps.create_train_state(self.model, self.optimizer, init_rng, example, step_rng)
+        return init_rng, example, step_rng
+
+    def initial_state(self, seed: int) -> dict:
+        # Placed explicitly, like restored checkpoints are: jit caches compiled code per
+        # placement, so a fresh and a restored state then share one executable.
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.device_put(self.init_state(*self._init_args(seed)), device)
+
+    def abstract_state(self, seed: int) -> dict:
+        """Shapes, dtypes and placement of the state, without computing (or compiling) it."""
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+            jax.eval_shape(self.init_state, *self._init_args(seed)),
+        )
 
 
 def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
@@ -268,8 +309,7 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
         return json.loads(result_path.read_text())
     config, dataset = trainer.config, trainer.dataset
     checkpoints = checkpointing.RunCheckpoints(seed_dir / "checkpoints")
-    state = trainer.initial_state(seed)
-    template = state
+    template = trainer.abstract_state(seed)
     progress: dict[str, Any] = {"data_iterator": None, "best_auc": None, "best_step": None,
                                 "best_val": None}
     resume_step = checkpoints.step(checkpointing.LATEST)
@@ -277,6 +317,8 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
         state, progress = checkpoints.restore(checkpointing.LATEST, template)
         checkpoints.discard_best_after(resume_step)
         print(f"seed {seed}: resuming from step {resume_step}", flush=True)
+    else:
+        state = trainer.initial_state(seed)
     step = int(state["step"])
     log = run_logging.MetricsLog(seed_dir / "metrics.jsonl", resume_step)
     board = run_logging.TensorBoard(seed_dir / "tensorboard", bool(config.log.tensorboard),
@@ -328,7 +370,7 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
                           f"(best {progress['best_auc']:.5f} at {progress['best_step']})")
     finally:
         bar.close()
-    best_state, best_progress = checkpoints.restore(checkpointing.BEST, state)
+    best_state, best_progress = checkpoints.restore(checkpointing.BEST, template)
     test = evaluate(trainer.eval_step, best_state, dataset, "test", config)
     log.write({"step": step, "split": "test", "best_step": best_progress["best_step"], **test})
     board.scalars("test", test, int(best_progress["best_step"]))

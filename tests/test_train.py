@@ -1,0 +1,300 @@
+"""End-to-end driver tests on a tiny synthetic dataset: train, evaluate, checkpoint,
+interrupt, resume, and the refusals on bad input."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import demo
+from dare_jax import steps, train
+from dare_jax.data import open_dataset, pipeline, preprocess_log
+from dare_jax.data.synthetic import write_taobao_log
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_data")
+    write_taobao_log(root / "log.csv", 300, seed=1)
+    preprocess_log("taobao", root / "log.csv", root / "pre", progress=False)
+    return root / "pre"
+
+
+def tiny_overrides(data_dir, workdir):
+    """Dotted config overrides of the tiny test setup (also usable as --config.* flags)."""
+    return {
+        "data.dir": str(data_dir),
+        "data.raw_path": str(Path(data_dir).parent / "missing.csv"),
+        "data.synthetic_users": 0,
+        "data.max_length": 20,
+        "model.item_embedding_dim": 4,
+        "model.category_embedding_dim": 4,
+        "model.time_embedding_dim": 4,
+        "model.top_k": 5,
+        "train.batch_size": 64,
+        "train.eval_batch_size": 512,
+        "train.eval_every_steps": 4,
+        "train.max_steps": 10,
+        "train.num_seeds": 1,
+        "log.every_steps": 2,
+        "log.progress_bar": False,
+        "log.tensorboard": False,
+        "workdir": str(workdir),
+    }
+
+
+def tiny_config(data_dir, workdir, arg="", **train_overrides):
+    config = demo.get_config(arg)
+    for dotted, value in tiny_overrides(data_dir, workdir).items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = value
+    for key, value in train_overrides.items():
+        config.train[key] = value
+    return config
+
+
+def cli_flags(overrides):
+    return [f"--config.{key}={value}" for key, value in overrides.items()]
+
+
+def _test_metrics(results):
+    return [r["test"] for r in results["seeds"]], results["mean"]
+
+
+class _Crash(Exception):
+    pass
+
+
+def _crashing_iterator(after: int):
+    """A train_iterator replacement that dies after `after` batches (a simulated kill)."""
+    original = pipeline.train_iterator
+
+    def make(dataset, state=None, prefetch=2):
+        inner = original(dataset, state, prefetch)
+
+        class Dying:
+            count = 0
+
+            def __next__(self):
+                if Dying.count == after:
+                    raise _Crash(f"killed after {after} batches")
+                Dying.count += 1
+                return next(inner)
+
+            def get_state(self):
+                return inner.get_state()
+
+        return Dying()
+
+    return make
+
+
+def test_interrupted_run_resumes_to_identical_results(tiny_data, tmp_path, monkeypatch):
+    reference = train.run(tiny_config(tiny_data, tmp_path / "straight", num_seeds=2))
+    seeds = [r["seed"] for r in reference["seeds"]]
+    assert seeds == [0, 1]
+    # Evaluations at 4, 8 and at the end (10); the best by validation AUC is tested.
+    for result in reference["seeds"]:
+        assert result["steps"] == 10 and result["best_step"] in (4, 8, 10)
+        assert 0.0 <= result["test"]["auc"] <= 1.0
+
+    workdir = tmp_path / "interrupted"
+    # Crash in seed 0 between checkpoints (after step 6; latest is step 4) ...
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "train_iterator", _crashing_iterator(6))
+        with pytest.raises(_Crash):
+            train.run(tiny_config(tiny_data, workdir, num_seeds=2))
+    assert (workdir / "seed_0/checkpoints/latest/4").is_dir()
+    # ... then again in the resumed run (seed 0 finishes, seed 1 dies after 9 batches) ...
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "train_iterator", _crashing_iterator(9))
+        with pytest.raises(_Crash):
+            train.run(tiny_config(tiny_data, workdir, num_seeds=2))
+    assert (workdir / "seed_0/result.json").exists()
+    assert not (workdir / "results.json").exists()
+    resumed = train.run(tiny_config(tiny_data, workdir, num_seeds=2))
+    assert _test_metrics(resumed) == _test_metrics(reference)
+    for seed in (0, 1):
+        straight = [json.loads(x) for x in open(tmp_path / f"straight/seed_{seed}/metrics.jsonl")]
+        again = [json.loads(x) for x in open(workdir / f"seed_{seed}/metrics.jsonl")]
+        assert again == straight  # the log holds each step once, with identical values
+    # Two seeds, a crash and two resumptions in this process: the step compiled once.
+    trainer = train._Trainer(tiny_config(tiny_data, workdir), open_dataset(tiny_data))
+    assert trainer.train_step._cache_size() == 1
+    assert trainer.eval_step._cache_size() == 1
+    results = json.loads((workdir / "results.json").read_text())
+    assert results["config"]["train"]["num_seeds"] == 2
+    test_aucs = [r["test"]["auc"] for r in reference["seeds"]]
+    assert results["mean"]["auc"] == pytest.approx(np.mean(test_aucs))
+    assert results["std"]["auc"] == pytest.approx(np.std(test_aucs, ddof=1))
+    # Every learned table is exported.
+    tables = sorted(p.name for p in (workdir / "seed_0/embeddings").iterdir())
+    assert any("attention" in t for t in tables) and any("representation" in t for t in tables)
+    np.testing.assert_equal(
+        np.load(workdir / "seed_0/embeddings" / tables[0]),
+        np.load(tmp_path / "straight/seed_0/embeddings" / tables[0]),
+    )
+
+
+@pytest.mark.slow  # two fresh processes, each compiling the model
+def test_kill_9_and_restart_with_the_same_command(tiny_data, tmp_path):
+    """A real `kill -9` of the command-line run, then the same command again."""
+    workdir = tmp_path / "killed"
+    flags = cli_flags({**tiny_overrides(tiny_data, workdir), "train.max_steps": 40})
+    command = [sys.executable, "-m", "dare_jax.main", "--config", "configs/demo.py", *flags]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    latest = workdir / "seed_0/checkpoints/latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if latest.is_dir() and any(p.name.isdigit() and int(p.name) >= 8 for p in latest.iterdir()):
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (workdir / "results.json").exists(), "the run finished before it was killed"
+    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    assert finished.returncode == 0, finished.stderr[-2000:]
+    assert "resuming from step" in finished.stdout
+    resumed = json.loads((workdir / "results.json").read_text())
+    straight = train.run(tiny_config(tiny_data, tmp_path / "straight", max_steps=40))
+    assert resumed["seeds"][0]["test"] == straight["seeds"][0]["test"]
+
+
+def test_train_step_compiles_once_and_is_pure(tiny_data):
+    config = tiny_config(tiny_data, "unused")
+    dataset = open_dataset(tiny_data)
+    trainer = train._Trainer(config, dataset)
+    data = pipeline.train_dataset(dataset, batch_size=64, seed=0, num_epochs=1, max_length=20)
+    batches = [data[i] for i in range(4)]
+    state = trainer.initial_state(0)
+    losses = []
+    for batch in batches:
+        state, out = trainer.train_step(state, batch)
+        losses.append(float(out["total"]))
+    assert trainer.train_step._cache_size() == 1  # no recompilation between steps
+    assert int(state["step"]) == 4 and all(math.isfinite(v) for v in losses)
+    assert losses[-1] < losses[0]
+    # Same state and batch -> same result (pure; randomness comes from the state).
+    one, _ = trainer.train_step(trainer.initial_state(0), batches[0])
+    two, _ = trainer.train_step(trainer.initial_state(0), batches[0])
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    other, _ = trainer.train_step(trainer.initial_state(1), batches[0])
+    assert not np.array_equal(np.asarray(jax.tree.leaves(one["params"])[0]),
+                              np.asarray(jax.tree.leaves(other["params"])[0]))
+    assert trainer.train_step._cache_size() == 1
+
+
+def test_nonfinite_loss_names_the_step(tiny_data, tmp_path, monkeypatch):
+    real = train._compiled_functions
+
+    def with_nan_at_step_3(*args):
+        model, optimizer, init_state, train_step, eval_step = real(*args)
+
+        def poisoned(state, batch):
+            new_state, out = train_step(state, batch)
+            if int(new_state["step"]) == 3:
+                out = {**out, "total": out["total"] * float("nan")}
+            return new_state, out
+
+        return model, optimizer, init_state, poisoned, eval_step
+
+    monkeypatch.setattr(train, "_compiled_functions", with_nan_at_step_3)
+    with pytest.raises(FloatingPointError, match="nan at step 3"):
+        train.run(tiny_config(tiny_data, tmp_path / "nan"))
+    assert not list((tmp_path / "nan/seed_0/checkpoints/latest").glob("[0-9]*"))
+    with pytest.raises(FloatingPointError, match="inf at step 12"):
+        steps.check_finite(float("inf"), 12)
+    steps.check_finite(0.5, 1)
+
+
+@pytest.mark.slow
+def test_divergent_learning_rate_stops_with_a_message(tiny_data, tmp_path):
+    config = tiny_config(tiny_data, tmp_path / "nan")
+    config.optim.lr = 1e30
+    with pytest.raises(FloatingPointError, match=r"at step \d+"):
+        train.run(config)
+
+
+def test_refuses_to_resume_with_another_config(tiny_data, tmp_path):
+    workdir = tmp_path / "run"
+    train.run(tiny_config(tiny_data, workdir, max_steps=4))
+    before = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+    changed = tiny_config(tiny_data, workdir, max_steps=4)
+    changed.optim.lr = 0.005
+    changed.model.top_k = 6
+    with pytest.raises(train.RunError) as error:
+        train.run(changed)
+    assert "optim.lr" in str(error.value) and "model.top_k" in str(error.value)
+    assert "train.batch_size" not in str(error.value)
+    after = {p: p.stat().st_mtime_ns for p in workdir.rglob("*") if p.is_file()}
+    assert after == before  # nothing in the run directory was touched
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("model.name", "transformer", "unknown model name 'transformer'"),
+        ("model.top_k", 50, "top_k"),
+        ("model.attention_item_embedding_dim", 3, "attention_item_embedding_dim"),
+        ("train.batch_size", 0, "train.batch_size"),
+        ("train.batch_size", 10**6, "batch_size=1000000"),
+    ],
+)
+def test_bad_config_is_named_and_writes_nothing(tiny_data, tmp_path, field, value, message):
+    config = tiny_config(tiny_data, tmp_path / "run", arg="model=twin")
+    section, name = field.split(".")
+    config[section][name] = value
+    with pytest.raises((train.RunError, ValueError), match=message):
+        train.run(config)
+    assert not (tmp_path / "run").exists()
+
+
+def _cli(*args, cwd=REPO):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "dare_jax.main", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_missing_data_explains_the_download(tmp_path):
+    result = _cli("--config", str(REPO / "configs/taobao.py"),
+                  f"--config.data.raw_path={tmp_path}/UserBehavior.csv",
+                  f"--config.data.dir={tmp_path}/pre", f"--config.workdir={tmp_path}/run",
+                  cwd=tmp_path)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "tianchi.aliyun.com/dataset/649" in result.stderr
+    assert "python -m preprocessing.taobao --input" in result.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "pre").exists()
+
+
+def test_cli_corrupt_checkpoint_is_named(tiny_data, tmp_path):
+    workdir = tmp_path / "run"
+    config = tiny_config(tiny_data, workdir)
+    # A half-trained run: stop it after the first checkpoint, then corrupt that checkpoint.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pipeline, "train_iterator", _crashing_iterator(5))
+        with pytest.raises(_Crash):
+            train.run(config)
+    for path in (workdir / "seed_0/checkpoints/latest/4/state").rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"not a checkpoint")
+    result = _cli("--config", "configs/demo.py", *cli_flags(tiny_overrides(tiny_data, workdir)))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert str(workdir / "seed_0/checkpoints/latest/4") in result.stderr
