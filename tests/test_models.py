@@ -3,6 +3,7 @@ recomputation of the features, BatchNorm, L2 selection, gradient hooks, weight i
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import jax
@@ -49,8 +50,9 @@ def make_batch(seed=0, batch=BATCH, length=LENGTH):
         "iid": rng.integers(1, ITEM_N, size=batch).astype(np.int32),
         "cid": rng.integers(1, CATE_N, size=batch).astype(np.int32),
         "hist_iid": hist_iid.astype(np.int32),
-        "hist_cid": np.where(hist_iid > 0, rng.integers(1, CATE_N, size=(batch, length)),
-                             0).astype(np.int32),
+        "hist_cid": np.where(hist_iid > 0, rng.integers(1, CATE_N, size=(batch, length)), 0).astype(
+            np.int32
+        ),
     }
 
 
@@ -80,10 +82,14 @@ def count(tree):
         ({"only_odot": True, "use_cross_feature": False}, "only_odot"),
         ({"name": "dare", "observe_attn_repr_grad": True}, "observe_attn_repr_grad"),
         ({"name": "projection_with_mlp", "mlp_hidden_layer": (8, 8, 8)}, "mlp_hidden_layer"),
-        ({"name": "projection_two_linear", "mlp_position_after_concat": False},
-         "mlp_position_after_concat"),
-        ({"name": "projection_only_item", "mlp_position_after_concat": True},
-         "mlp_position_after_concat"),
+        (
+            {"name": "projection_two_linear", "mlp_position_after_concat": False},
+            "mlp_position_after_concat",
+        ),
+        (
+            {"name": "projection_only_item", "mlp_position_after_concat": True},
+            "mlp_position_after_concat",
+        ),
         ({"item_embedding_dim": 0}, "item_embedding_dim"),
         ({"time_table_size": LENGTH}, "time_table_size"),
         ({"name": "projection_large_emb_small_output", "use_time": False}, "use_time"),
@@ -99,8 +105,12 @@ def test_validation_names_field_and_value(overrides, field):
 
 
 def test_official_names_are_accepted():
-    for official, ours in [("DARE", "dare"), ("DIN", "din"), ("four_embedding", "twin_4e"),
-                           ("twin", "twin")]:
+    for official, ours in [
+        ("DARE", "dare"),
+        ("DIN", "din"),
+        ("four_embedding", "twin_4e"),
+        ("twin", "twin"),
+    ]:
         cfg = make_cfg(official)
         assert resolve_variant(cfg).name == ours
 
@@ -112,10 +122,14 @@ def official_parameter_count(cfg, item_n, cate_n):
     """Trainable parameter count of the official `DIN(...)` constructor, from its rules."""
     name = resolve_variant(cfg).official_name
     rep = {f: int(cfg[f"{f}_embedding_dim"]) for f in ("item", "category", "time")}
-    att = {f: rep[f] if cfg[f"attention_{f}_embedding_dim"] == -1
-           else int(cfg[f"attention_{f}_embedding_dim"]) for f in rep}
+    att = {
+        f: rep[f]
+        if cfg[f"attention_{f}_embedding_dim"] == -1
+        else int(cfg[f"attention_{f}_embedding_dim"])
+        for f in rep
+    }
     rows = {"item": item_n, "category": cate_n, "time": 2000}
-    table = lambda dims: sum(rows[f] * dims[f] for f in rows)  # noqa: E731
+    table = lambda dims: sum(rows[f] * dims[f] for f in rows)
     observe = cfg.observe_attn_repr_grad or cfg.avoid_domination
     if name == "DARE" or observe:
         total = table(att) + table(rep)
@@ -125,7 +139,7 @@ def official_parameter_count(cfg, item_n, cate_n):
         total = 2 * table(att) + table(rep)
     else:
         total = table(rep)
-    linear = lambda i, o, bias: i * o + (o if bias else 0)  # noqa: E731
+    linear = lambda i, o, bias: i * o + (o if bias else 0)
     with_time = cfg.use_time and cfg.time_mode == "concat"
     if name == "projection_large_emb_small_output":
         emb_dim = att_dim = 48
@@ -134,12 +148,21 @@ def official_parameter_count(cfg, item_n, cate_n):
     else:
         emb_dim, att_dim = rep["item"] + rep["category"], att["item"] + att["category"]
     if not cfg.mlp_position_after_concat:
-        fields = {"projection": 3, "projection_with_mlp": 3, "projection_no_item": 2,
-                  "projection_only_time": 1, "projection_only_category": 1,
-                  "projection_only_item": 1, "projection_large_emb_small_output": 3}
-        chosen = {"projection_no_item": ("category", "time"),
-                  "projection_only_time": ("time",), "projection_only_category": ("category",),
-                  "projection_only_item": ("item",)}.get(name, ("item", "category", "time"))
+        fields = {
+            "projection": 3,
+            "projection_with_mlp": 3,
+            "projection_no_item": 2,
+            "projection_only_time": 1,
+            "projection_only_category": 1,
+            "projection_only_item": 1,
+            "projection_large_emb_small_output": 3,
+        }
+        chosen = {
+            "projection_no_item": ("category", "time"),
+            "projection_only_time": ("time",),
+            "projection_only_category": ("category",),
+            "projection_only_item": ("item",),
+        }.get(name, ("item", "category", "time"))
         if name in fields:
             for f in chosen:
                 for dims in (att, rep):
@@ -151,7 +174,7 @@ def official_parameter_count(cfg, item_n, cate_n):
                     elif name == "projection_with_mlp":
                         h = list(cfg.mlp_hidden_layer)
                         sizes = [d] + h + [d]
-                        total += sum(linear(a, b, True) for a, b in zip(sizes, sizes[1:]))
+                        total += sum(linear(a, b, True) for a, b in itertools.pairwise(sizes))
                         total += len(h)  # PReLU slopes
                     else:
                         total += linear(d, d, False)
@@ -177,8 +200,14 @@ def official_parameter_count(cfg, item_n, cate_n):
 
 STRUCTURE_CASES = [
     ("dare", {}),
-    ("dare", {"attention_item_embedding_dim": 8, "attention_category_embedding_dim": 4,
-              "attention_time_embedding_dim": 4}),
+    (
+        "dare",
+        {
+            "attention_item_embedding_dim": 8,
+            "attention_category_embedding_dim": 4,
+            "attention_time_embedding_dim": 4,
+        },
+    ),
     ("twin", {}),
     ("twin", {"use_cross_feature": False}),
     ("twin", {"use_time": False}),
@@ -200,8 +229,7 @@ STRUCTURE_CASES = [
     ("projection_only_time", {}),
     ("projection_only_category", {}),
     ("projection_only_item", {}),
-    ("projection_large_emb_small_output", {"item_embedding_dim": 32,
-                                           "category_embedding_dim": 24}),
+    ("projection_large_emb_small_output", {"item_embedding_dim": 32, "category_embedding_dim": 24}),
 ]
 
 
@@ -229,11 +257,18 @@ def test_official_state_dict_names_of_per_field_projection():
     cfg = make_cfg("projection")
     _, variables, _ = init(cfg)
     names = set(torch_weights.export_state_dict(resolve_variant(cfg), variables))
-    maps = {f"mlp_for_{f}_{k}_of_{w}.weight" for f in ("item", "category", "time")
-            for k in ("attention", "representation") for w in ("target", "behavior")}
-    tables = {f"{f}_id_embedding_layer_for_{k}_of_{w}.weight"
-              for f in ("item", "category", "time")
-              for k in ("attention", "representation") for w in ("target", "behavior")}
+    maps = {
+        f"mlp_for_{f}_{k}_of_{w}.weight"
+        for f in ("item", "category", "time")
+        for k in ("attention", "representation")
+        for w in ("target", "behavior")
+    }
+    tables = {
+        f"{f}_id_embedding_layer_for_{k}_of_{w}.weight"
+        for f in ("item", "category", "time")
+        for k in ("attention", "representation")
+        for w in ("target", "behavior")
+    }
     assert maps | tables <= names
     assert not any(n.startswith("mlp_for_") and n not in maps for n in names)
 
@@ -244,17 +279,29 @@ def test_import_rejects_untied_values():
     spec = resolve_variant(cfg)
     state = torch_weights.export_state_dict(spec, variables)
     state["item_id_embedding_layer_for_representation_of_behavior.weight"] = (
-        state["item_id_embedding_layer_for_representation_of_behavior.weight"] + 1.0)
+        state["item_id_embedding_layer_for_representation_of_behavior.weight"] + 1.0
+    )
     with pytest.raises(ValueError, match="tied"):
         torch_weights.import_state_dict(spec, variables, state)
 
 
-@pytest.mark.parametrize("name, groups", [
-    ("twin", {"shared"}), ("dare", {"attention", "representation"}),
-    ("twin_4e", {"attention_target", "attention_behavior", "representation_target",
-                 "representation_behavior"}),
-    ("three_embedding", {"attention_target", "attention_behavior", "representation"}),
-])
+@pytest.mark.parametrize(
+    "name, groups",
+    [
+        ("twin", {"shared"}),
+        ("dare", {"attention", "representation"}),
+        (
+            "twin_4e",
+            {
+                "attention_target",
+                "attention_behavior",
+                "representation_target",
+                "representation_behavior",
+            },
+        ),
+        ("three_embedding", {"attention_target", "attention_behavior", "representation"}),
+    ],
+)
 def test_table_groups(name, groups):
     _, variables, _ = init(make_cfg(name))
     assert set(variables["params"]["embed"]) == groups
@@ -284,12 +331,17 @@ def test_dare_attention_and_representation_tables_are_decoupled():
 def numpy_features(cfg, params, batch):
     """The main-MLP input recomputed in numpy from the tables (no projection variants)."""
     spec = resolve_variant(cfg)
-    embed = {g: {f: np.asarray(t, np.float64) for f, t in fields.items()}
-             for g, fields in params["embed"].items()}
+    embed = {
+        g: {f: np.asarray(t, np.float64) for f, t in fields.items()}
+        for g, fields in params["embed"].items()
+    }
     b, length = batch["hist_iid"].shape
     ids_t = {"item": batch["iid"], "category": batch["cid"], "time": np.zeros(b, int)}
-    ids_h = {"item": batch["hist_iid"], "category": batch["hist_cid"],
-             "time": np.broadcast_to(length - np.arange(length), (b, length))}
+    ids_h = {
+        "item": batch["hist_iid"],
+        "category": batch["hist_cid"],
+        "time": np.broadcast_to(length - np.arange(length), (b, length)),
+    }
     fields = ("item", "category", "time") if cfg.use_time else ("item", "category")
 
     def vec(role, ids):
@@ -305,8 +357,9 @@ def numpy_features(cfg, params, batch):
     else:
         t = spec.table_dims[spec.tables["attention_target"]]["time"]
         s = q.shape[-1] - t
-        scores = (np.einsum("bd,bld->bl", q[:, :s], k[:, :, :s]) / math.sqrt(s)
-                  + np.einsum("bd,bld->bl", q[:, s:], k[:, :, s:]) / math.sqrt(t))
+        scores = np.einsum("bd,bld->bl", q[:, :s], k[:, :, :s]) / math.sqrt(s) + np.einsum(
+            "bd,bld->bl", q[:, s:], k[:, :, s:]
+        ) / math.sqrt(t)
     mask = batch["hist_iid"] > 0
     masked = np.where(mask, scores, PADDING_SCORE)
     retrieved = np.zeros_like(rt)
@@ -315,8 +368,9 @@ def numpy_features(cfg, params, batch):
         w = np.exp(masked[i, order] - masked[i, order].max())
         retrieved[i] = (w / w.sum()) @ rb[i, order]
     average = (mask[..., None] * rb).sum(1) / (mask.sum(1, keepdims=True) + 1.0)
-    feats = [] if cfg.only_odot else [rt, retrieved] + ([average] if cfg.use_long_seq_average
-                                                         else [])
+    feats = (
+        [] if cfg.only_odot else [rt, retrieved] + ([average] if cfg.use_long_seq_average else [])
+    )
     if cfg.use_cross_feature:
         feats.append(rt * retrieved)
         if cfg.use_long_seq_average:
@@ -324,15 +378,25 @@ def numpy_features(cfg, params, batch):
     return np.concatenate(feats, -1), np.where(mask, scores, PADDING_SCORE)
 
 
-@pytest.mark.parametrize("name, overrides", [
-    ("dare", {"attention_item_embedding_dim": 8, "attention_category_embedding_dim": 4,
-              "attention_time_embedding_dim": 4, "use_long_seq_average": True}),
-    ("twin", {"use_time": False}),  # the official split at the last 16 entries
-    ("twin", {"time_mode": "add", "time_embedding_dim": 32}),
-    ("twin", {"only_odot": True}),
-    ("twin_4e", {"use_cross_feature": False}),
-    ("three_embedding", {"use_long_seq_average": True, "only_odot": True}),
-])
+@pytest.mark.parametrize(
+    "name, overrides",
+    [
+        (
+            "dare",
+            {
+                "attention_item_embedding_dim": 8,
+                "attention_category_embedding_dim": 4,
+                "attention_time_embedding_dim": 4,
+                "use_long_seq_average": True,
+            },
+        ),
+        ("twin", {"use_time": False}),  # the official split at the last 16 entries
+        ("twin", {"time_mode": "add", "time_embedding_dim": 32}),
+        ("twin", {"only_odot": True}),
+        ("twin_4e", {"use_cross_feature": False}),
+        ("three_embedding", {"use_long_seq_average": True, "only_odot": True}),
+    ],
+)
 def test_features_match_numpy_recomputation(name, overrides):
     cfg = make_cfg(name, **overrides)
     model, variables, batch = init(cfg)
@@ -369,8 +433,9 @@ def test_batchnorm_running_update_is_pytorch_style():
     np.testing.assert_allclose(stats["var"], 0.9 + 0.1 * x.var(0, ddof=1), rtol=1e-4)
     # The normalisation itself uses the biased batch variance, eps 1e-5.
     p = variables["params"]["head"]["main"]
-    normalised = ((x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5) * p["batch_norm"]["scale"]
-                  + p["batch_norm"]["bias"])
+    normalised = (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-5) * p["batch_norm"]["scale"] + p[
+        "batch_norm"
+    ]["bias"]
     hidden = normalised @ p["dense_0"]["kernel"] + p["dense_0"]["bias"]
     slope = float(p["prelu_0"]["slope"][0])
     hidden = np.where(hidden >= 0, hidden, slope * hidden) @ p["dense_1"]["kernel"]
@@ -436,15 +501,18 @@ def test_l2_selects_every_non_bias_non_embedding_leaf():
 def test_loss_terms_and_example_weight():
     prob = jnp.array([[0.9, 0.1], [0.2, 0.8], [0.5, 0.5]]) + 1e-8
     label = jnp.array([1, 0, 1])
-    params = {"embed": {"shared": {"item": jnp.ones((3, 2))}}, "head": {
-        "kernel": jnp.full((2, 2), 2.0), "bias": jnp.ones(2)}}
+    params = {
+        "embed": {"shared": {"item": jnp.ones((3, 2))}},
+        "head": {"kernel": jnp.full((2, 2), 2.0), "bias": jnp.ones(2)},
+    }
     terms = loss_terms({"prob": prob, "aux_prob": prob}, label, params, 0.5)
     nll = -np.log(np.array([0.9, 0.8, 0.5]) + 1e-8)
     np.testing.assert_allclose(terms["ctr"], nll.mean(), rtol=1e-6)
     np.testing.assert_allclose(terms["l2"], 16.0)
     np.testing.assert_allclose(terms["total"], 2 * nll.mean() + 8.0, rtol=1e-6)
-    masked = loss_terms({"prob": prob}, label, params, 0.0,
-                        example_weight=jnp.array([1.0, 1.0, 0.0]))
+    masked = loss_terms(
+        {"prob": prob}, label, params, 0.0, example_weight=jnp.array([1.0, 1.0, 0.0])
+    )
     np.testing.assert_allclose(masked["ctr"], nll[:2].mean(), rtol=1e-6)
     assert float(masked["aux"]) == 0.0
 
@@ -454,8 +522,9 @@ def test_loss_terms_and_example_weight():
 
 def _grads(model, variables, batch, label):
     def loss(params):
-        out, _ = model.apply({**variables, "params": params}, batch, train=True,
-                             mutable=["batch_stats"])
+        out, _ = model.apply(
+            {**variables, "params": params}, batch, train=True, mutable=["batch_stats"]
+        )
         return loss_terms(out, label, params, 1e-6)["total"]
 
     return jax.device_get(jax.grad(loss)(variables["params"]))
@@ -469,8 +538,9 @@ def test_gradient_path_hooks(avoid):
     model, variables, _ = init(cfg, batch=batch)
     params = jax.device_get(variables["params"])
     for f in ("item", "category", "time"):  # the copies start synchronised
-        np.testing.assert_array_equal(params["embed"]["attention"][f],
-                                      params["embed"]["representation"][f])
+        np.testing.assert_array_equal(
+            params["embed"]["attention"][f], params["embed"]["representation"][f]
+        )
     grads = _grads(model, variables, batch, label)
     combined, observed = combine_path_gradients(grads, cfg, observed_fields=None)
 
@@ -492,17 +562,24 @@ def test_gradient_path_hooks(avoid):
             expected = g_a * (np.linalg.norm(g_r) / np.linalg.norm(g_a)) + g_r
         else:
             expected = shared
-        np.testing.assert_allclose(combined["embed"]["attention"][f], expected, rtol=0,
-                                   atol=tol)
-        np.testing.assert_array_equal(combined["embed"]["attention"][f],
-                                      combined["embed"]["representation"][f])
-    np.testing.assert_allclose(combined["head"]["main"]["dense_0"]["kernel"],
-                               twin_grads["head"]["main"]["dense_0"]["kernel"], rtol=1e-4,
-                               atol=1e-9)
+        np.testing.assert_allclose(combined["embed"]["attention"][f], expected, rtol=0, atol=tol)
+        np.testing.assert_array_equal(
+            combined["embed"]["attention"][f], combined["embed"]["representation"][f]
+        )
+    np.testing.assert_allclose(
+        combined["head"]["main"]["dense_0"]["kernel"],
+        twin_grads["head"]["main"]["dense_0"]["kernel"],
+        rtol=1e-4,
+        atol=1e-9,
+    )
     # The default records only the small category and time tables.
     _, default_observed = combine_path_gradients(grads, cfg)
-    assert set(default_observed) == {"attention/category", "representation/category",
-                                     "attention/time", "representation/time"}
+    assert set(default_observed) == {
+        "attention/category",
+        "representation/category",
+        "attention/time",
+        "representation/time",
+    }
 
 
 def test_hooks_are_identity_without_the_switches():
@@ -525,18 +602,28 @@ def test_train_step_compiles_once_for_repeated_batches():
         traces.append(1)
 
         def loss(params):
-            out, upd = model.apply({"params": params, "batch_stats": state["batch_stats"]},
-                                   batch, train=True, mutable=["batch_stats"])
+            out, upd = model.apply(
+                {"params": params, "batch_stats": state["batch_stats"]},
+                batch,
+                train=True,
+                mutable=["batch_stats"],
+            )
             return loss_terms(out, label, params, 1e-6)["total"], upd["batch_stats"]
 
         (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(state["params"])
         updates, opt = optimizer.update(grads, state["opt"], state["params"])
-        return {"params": optax.apply_updates(state["params"], updates), "batch_stats": stats,
-                "opt": opt}, value
+        return {
+            "params": optax.apply_updates(state["params"], updates),
+            "batch_stats": stats,
+            "opt": opt,
+        }, value
 
     jitted = jax.jit(step, donate_argnums=(0,))
-    state = {"params": variables["params"], "batch_stats": variables["batch_stats"],
-             "opt": optimizer.init(variables["params"])}
+    state = {
+        "params": variables["params"],
+        "batch_stats": variables["batch_stats"],
+        "opt": optimizer.init(variables["params"]),
+    }
     losses = []
     for seed in range(4):
         state, value = jitted(state, make_batch(seed), (np.arange(BATCH) % 2).astype(np.int32))

@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import REPO_ROOT, shared_path
+
 from dare_jax.interop import check_parity
 
 FIXTURES = ("dare", "twin", "din", "twin_4e", "twin_proj")
@@ -23,7 +23,7 @@ def test_fixture_matches_official_outputs_and_gradients(variant):
     names = {e.name for e in result.entries}
     # Every output and every gradient of the fixture was compared.
     with np.load(path) as data:
-        expected = {k[len("output/"):] for k in data.files if k.startswith("output/")}
+        expected = {k[len("output/") :] for k in data.files if k.startswith("output/")}
         expected |= {k for k in data.files if k.startswith("grad/")}
     assert names == expected - {"topk_margin"}
 
@@ -43,12 +43,23 @@ def test_check_detects_a_wrong_weight(tmp_path):
 
 def test_command_line_exit_codes(tmp_path):
     fixture = shared_path("fixtures", "reference_parity", "dare.npz")
-    ok = subprocess.run([sys.executable, "-m", "dare_jax.interop.check_parity", str(fixture)],
-                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    ok = subprocess.run(
+        [sys.executable, "-m", "dare_jax.interop.check_parity", str(fixture)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "PASS" in ok.stdout and "max_rel" in ok.stdout
     missing = subprocess.run(
         [sys.executable, "-m", "dare_jax.interop.check_parity", str(tmp_path / "none.npz")],
-        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert missing.returncode == 2
     assert "Traceback" not in missing.stderr and "none.npz" in missing.stderr

@@ -76,12 +76,10 @@ def test_full_attention_is_softmax_over_valid_positions():
         if len(valid) == 0:
             continue
         w = np.exp(scores[b, valid] - scores[b, valid].max())
-        np.testing.assert_allclose(ours[b], (w / w.sum()) @ values[b, valid], rtol=1e-5,
-                                   atol=1e-6)
+        np.testing.assert_allclose(ours[b], (w / w.sum()) @ values[b, valid], rtol=1e-5, atol=1e-6)
 
 
 def test_search_is_one_batched_computation_under_jit():
-    scores, mask, values = _random_case(4)
     traces = []
 
     @jax.jit
@@ -101,12 +99,12 @@ def test_dot_product_scores_split_semantic_and_time():
     q = rng.normal(size=(2, 7)).astype(np.float32)
     keys = rng.normal(size=(2, 4, 7)).astype(np.float32)
     ours = np.asarray(search.dot_product_scores(q, keys, split=3))
-    expected = (np.einsum("bd,bld->bl", q[:, :4], keys[:, :, :4]) / 2.0
-                + np.einsum("bd,bld->bl", q[:, 4:], keys[:, :, 4:]) / math.sqrt(3))
+    expected = np.einsum("bd,bld->bl", q[:, :4], keys[:, :, :4]) / 2.0 + np.einsum(
+        "bd,bld->bl", q[:, 4:], keys[:, :, 4:]
+    ) / math.sqrt(3)
     np.testing.assert_allclose(ours, expected, rtol=1e-5)
     whole = np.asarray(search.dot_product_scores(q, keys, split=None))
-    np.testing.assert_allclose(whole, np.einsum("bd,bld->bl", q, keys) / math.sqrt(7),
-                               rtol=1e-5)
+    np.testing.assert_allclose(whole, np.einsum("bd,bld->bl", q, keys) / math.sqrt(7), rtol=1e-5)
 
 
 def _python_hard_selection(valid_row, same_row, k):

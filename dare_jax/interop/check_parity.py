@@ -65,8 +65,15 @@ class FixtureResult:
         return all(e.ok for e in self.entries)
 
 
-def _compare(name: str, ours: Any, ref: Any, rtol: float, rows: np.ndarray | None = None,
-             note: str = "", atol: float = 0.0) -> EntryResult:
+def _compare(
+    name: str,
+    ours: Any,
+    ref: Any,
+    rtol: float,
+    rows: np.ndarray | None = None,
+    note: str = "",
+    atol: float = 0.0,
+) -> EntryResult:
     ours = np.asarray(ours, np.float64)
     ref = np.asarray(ref, np.float64)
     if ours.shape != ref.shape:
@@ -85,16 +92,22 @@ def _compare(name: str, ours: Any, ref: Any, rtol: float, rows: np.ndarray | Non
 
 
 def _fixture_batch(data: Any) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    batch = {key: np.asarray(data[f"input/{key}"]).astype(np.int32)
-             for key in ("iid", "cid", "tid", "hist_iid", "hist_cid", "hist_tid")}
+    batch = {
+        key: np.asarray(data[f"input/{key}"]).astype(np.int32)
+        for key in ("iid", "cid", "tid", "hist_iid", "hist_cid", "hist_tid")
+    }
     batch["mask"] = np.asarray(data["input/mask"]) > 0
     target = np.asarray(data["input/target"])
     label = (target[:, 0] == 1).astype(np.int32)  # official one-hot: column 0 = click
     return batch, label
 
 
-def check_fixture(path: str | Path, rtol: float = DEFAULT_RTOL,
-                  margin: float = DEFAULT_MARGIN, atol: float = DEFAULT_ATOL) -> FixtureResult:
+def check_fixture(
+    path: str | Path,
+    rtol: float = DEFAULT_RTOL,
+    margin: float = DEFAULT_MARGIN,
+    atol: float = DEFAULT_ATOL,
+) -> FixtureResult:
     """Run every comparison for one fixture; raises ValueError/KeyError on unusable input."""
     path = Path(path)
     with np.load(path, allow_pickle=False) as npz:
@@ -103,25 +116,28 @@ def check_fixture(path: str | Path, rtol: float = DEFAULT_RTOL,
         raise ValueError(f"{path}: no meta_json entry; not a parity fixture")
     meta = json.loads(str(data["meta_json"]))
     cfg, item_n, cate_n, max_length = torch_weights.config_from_official_kwargs(
-        meta["constructor_kwargs"])
+        meta["constructor_kwargs"]
+    )
     weight_decay = float(meta.get("weight_decay", 1e-6))
     model = build_model(cfg, item_n, cate_n, max_length)
     spec = resolve_variant(cfg)
     batch, label = _fixture_batch(data)
     template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch, train=False))
-    state = {k[len("state/"):]: v for k, v in data.items() if k.startswith("state/")}
+    state = {k[len("state/") :]: v for k, v in data.items() if k.startswith("state/")}
     variables, _unused = torch_weights.import_state_dict(spec, template, state)
     variables = jax.tree.map(jnp.asarray, variables)
     notes: list[str] = []
 
     def train_loss(params):
-        outputs, _ = model.apply({**variables, "params": params}, batch, train=True,
-                                 mutable=["batch_stats"])
+        outputs, _ = model.apply(
+            {**variables, "params": params}, batch, train=True, mutable=["batch_stats"]
+        )
         terms = loss_terms(outputs, label, params, weight_decay)
         return terms["total"], (outputs, terms)
 
     (_, (out_train, terms)), grads = jax.jit(jax.value_and_grad(train_loss, has_aux=True))(
-        variables["params"])
+        variables["params"]
+    )
     out_eval = jax.jit(lambda v: model.apply(v, batch, train=False))(variables)
     eval_terms = loss_terms(out_eval, label, variables["params"], weight_decay)
 
@@ -130,9 +146,11 @@ def check_fixture(path: str | Path, rtol: float = DEFAULT_RTOL,
     ambiguous = (margin_values > 0) & (margin_values < margin)
     keep_rows = ~ambiguous
     if ambiguous.any():
-        notes.append(f"{int(ambiguous.sum())} of {len(label)} rows have 0 < topk_margin < "
-                     f"{margin:g}; they are masked in {', '.join(_SELECTION_DEPENDENT_ROWS)} only if "
-                     "those fail with all rows")
+        notes.append(
+            f"{int(ambiguous.sum())} of {len(label)} rows have 0 < topk_margin < "
+            f"{margin:g}; they are masked in {', '.join(_SELECTION_DEPENDENT_ROWS)} only if "
+            "those fail with all rows"
+        )
 
     ours_by_name: dict[str, Any] = {
         "prob_train_mode": out_train["prob"],
@@ -146,7 +164,7 @@ def check_fixture(path: str | Path, rtol: float = DEFAULT_RTOL,
     }
     entries: list[EntryResult] = []
     for key in sorted(k for k in data if k.startswith("output/")):
-        name = key[len("output/"):]
+        name = key[len("output/") :]
         ref = data[key]
         if name == "topk_margin":
             continue
@@ -154,8 +172,13 @@ def check_fixture(path: str | Path, rtol: float = DEFAULT_RTOL,
             ours = np.asarray(out_train["attention_scores"])
             padded = np.asarray(ref) == np.float32(PADDING_SCORE)
             same_padding = np.array_equal(padded, ours == np.float32(PADDING_SCORE))
-            result = _compare(name, np.where(padded, 0, ours), np.where(padded, 0, ref), rtol,
-                              note="masked positions compared for exact -2**32+1")
+            result = _compare(
+                name,
+                np.where(padded, 0, ours),
+                np.where(padded, 0, ref),
+                rtol,
+                note="masked positions compared for exact -2**32+1",
+            )
             result.ok = result.ok and same_padding
             entries.append(result)
             continue
@@ -165,20 +188,30 @@ def check_fixture(path: str | Path, rtol: float = DEFAULT_RTOL,
         result = _compare(name, ours_by_name[name], ref, rtol)
         if not result.ok and name in _SELECTION_DEPENDENT_ROWS and ambiguous.any():
             # Only when the full comparison fails: drop the ambiguous rows and say so.
-            result = _compare(name, ours_by_name[name], ref, rtol, keep_rows,
-                              f"{int(ambiguous.sum())} ambiguous rows masked; all rows: "
-                              f"max_rel {result.max_rel:.3e}")
+            result = _compare(
+                name,
+                ours_by_name[name],
+                ref,
+                rtol,
+                keep_rows,
+                f"{int(ambiguous.sum())} ambiguous rows masked; all rows: "
+                f"max_rel {result.max_rel:.3e}",
+            )
         entries.append(result)
 
     grads_by_official = _official_gradients(spec, jax.device_get(grads))
     for key in sorted(k for k in data if k.startswith("grad/")):
-        name = key[len("grad/"):]
+        name = key[len("grad/") :]
         if name not in grads_by_official:
-            entries.append(EntryResult(f"grad/{name}", np.nan, np.nan, False,
-                                       "no parameter of ours maps to it"))
+            entries.append(
+                EntryResult(
+                    f"grad/{name}", np.nan, np.nan, False, "no parameter of ours maps to it"
+                )
+            )
             continue
-        entries.append(_compare(f"grad/{name}", grads_by_official[name], data[key], rtol,
-                                atol=atol))
+        entries.append(
+            _compare(f"grad/{name}", grads_by_official[name], data[key], rtol, atol=atol)
+        )
     return FixtureResult(str(path), str(meta.get("variant", cfg.name)), entries, notes)
 
 
@@ -202,11 +235,15 @@ def format_result(result: FixtureResult, rtol: float) -> str:
     for e in result.entries:
         status = "ok  " if e.ok else "FAIL"
         extra = f"  ({e.note})" if e.note else ""
-        lines.append(f"   {status} {e.name:<{width}}  max_abs {e.max_abs:.3e}  "
-                     f"max_rel {e.max_rel:.3e}{extra}")
+        lines.append(
+            f"   {status} {e.name:<{width}}  max_abs {e.max_abs:.3e}  "
+            f"max_rel {e.max_rel:.3e}{extra}"
+        )
     failed = sum(not e.ok for e in result.entries)
-    lines.append(f"   -> {'PASS' if result.ok else 'FAIL'}: {len(result.entries) - failed}/"
-                 f"{len(result.entries)} entries within tolerance")
+    lines.append(
+        f"   -> {'PASS' if result.ok else 'FAIL'}: {len(result.entries) - failed}/"
+        f"{len(result.entries)} entries within tolerance"
+    )
     return "\n".join(lines)
 
 
@@ -214,12 +251,24 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: 0 when every fixture passes, 1 otherwise, 2 on bad input."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("fixtures", nargs="+", help="parity fixture .npz files")
-    parser.add_argument("--rtol", type=float, default=DEFAULT_RTOL,
-                        help="tolerance on max|ours-ref|/max|ref| per entry")
-    parser.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
-                        help="rows with 0 < topk_margin < this are masked in per-row outputs")
-    parser.add_argument("--atol", type=float, default=DEFAULT_ATOL,
-                        help="gradients: absolute error always accepted (float32 noise floor)")
+    parser.add_argument(
+        "--rtol",
+        type=float,
+        default=DEFAULT_RTOL,
+        help="tolerance on max|ours-ref|/max|ref| per entry",
+    )
+    parser.add_argument(
+        "--margin",
+        type=float,
+        default=DEFAULT_MARGIN,
+        help="rows with 0 < topk_margin < this are masked in per-row outputs",
+    )
+    parser.add_argument(
+        "--atol",
+        type=float,
+        default=DEFAULT_ATOL,
+        help="gradients: absolute error always accepted (float32 noise floor)",
+    )
     args = parser.parse_args(argv)
     all_ok = True
     for fixture in args.fixtures:

@@ -40,8 +40,14 @@ def _sequential_index(layer: str, has_leading_batchnorm: bool) -> int:
 
 
 def _leaf_suffix(leaf: str) -> str:
-    return {"kernel": "weight", "scale": "weight", "slope": "weight", "bias": "bias",
-            "mean": "running_mean", "var": "running_var"}[leaf]
+    return {
+        "kernel": "weight",
+        "scale": "weight",
+        "slope": "weight",
+        "bias": "bias",
+        "mean": "running_mean",
+        "var": "running_var",
+    }[leaf]
 
 
 def official_module_names(spec: VariantSpec, path: tuple[str, ...]) -> list[str]:
@@ -49,8 +55,11 @@ def official_module_names(spec: VariantSpec, path: tuple[str, ...]) -> list[str]
     root = path[0]
     if root == "embed":
         group, field = path[1], path[2]
-        return [f"{field}_id_embedding_layer_for_{'_of_'.join(_role_words(r))}"
-                for r in ROLES if spec.tables[r] == group]
+        return [
+            f"{field}_id_embedding_layer_for_{'_of_'.join(_role_words(r))}"
+            for r in ROLES
+            if spec.tables[r] == group
+        ]
     if root == "project":
         proj = spec.projection
         if proj is None:
@@ -129,17 +138,23 @@ def import_state_dict(
             names = official_names(spec, path)
             present = [n for n in names if n in state]
             if not present:
-                raise KeyError(f"{collection}/{'/'.join(path)}: none of the official names "
-                               f"{names} is in the state dict")
+                raise KeyError(
+                    f"{collection}/{'/'.join(path)}: none of the official names "
+                    f"{names} is in the state dict"
+                )
             first = np.asarray(state[present[0]])
             for other in present[1:]:
                 if not np.allclose(np.asarray(state[other]), first, rtol=0, atol=tie_atol):
-                    raise ValueError(f"{other} should be tied to {present[0]} in variant "
-                                     f"{spec.official_name!r} but holds different values")
+                    raise ValueError(
+                        f"{other} should be tied to {present[0]} in variant "
+                        f"{spec.official_name!r} but holds different values"
+                    )
             try:
                 value = _to_ours(path[-1], first, np.shape(leaf))
             except ValueError as err:
-                raise ValueError(f"{collection}/{'/'.join(path)} from {present[0]}: {err}") from None
+                raise ValueError(
+                    f"{collection}/{'/'.join(path)} from {present[0]}: {err}"
+                ) from None
             items.append((path, value))
             used.update(present)
         new_variables[collection] = _unflatten(items)
@@ -164,13 +179,13 @@ def export_state_dict(spec: VariantSpec, variables: Mapping[str, Any]) -> dict[s
 def state_from_npz(path: str | Path) -> dict[str, np.ndarray]:
     """The `state/<name>` entries of a parity-fixture `.npz`, keyed by `<name>`."""
     with np.load(path, allow_pickle=False) as data:
-        return {k[len("state/"):]: data[k] for k in data.files if k.startswith("state/")}
+        return {k[len("state/") :]: data[k] for k in data.files if k.startswith("state/")}
 
 
 def state_from_pth(path: str | Path) -> dict[str, np.ndarray]:
     """An official checkpoint `.pth` (a state_dict) as numpy arrays; needs torch installed."""
     try:
-        import torch  # noqa: PLC0415 - optional, imported only here
+        import torch
     except ImportError as err:
         raise ImportError(
             f"reading {path} needs PyTorch, which is not a dependency of dare-jax; install "
@@ -179,7 +194,7 @@ def state_from_pth(path: str | Path) -> dict[str, np.ndarray]:
         ) from err
     loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     if not isinstance(loaded, Mapping):
-        raise ValueError(f"{path}: expected a state_dict (mapping), got {type(loaded).__name__}")
+        raise TypeError(f"{path}: expected a state_dict (mapping), got {type(loaded).__name__}")
     return {str(k): v.detach().cpu().numpy() for k, v in loaded.items()}
 
 
@@ -200,7 +215,7 @@ def config_from_official_kwargs(kwargs: Mapping[str, Any]):
     options this project does not implement (short_seq_split, a long_seq_split other than the
     whole history, batch_size 1 heads without BatchNorm).
     """
-    from dare_jax.models.config import canonical_name, default_model_config  # noqa: PLC0415
+    from dare_jax.models.config import canonical_name, default_model_config
 
     def need(key: str) -> Any:
         if key not in kwargs:

@@ -1,9 +1,9 @@
 """The model zoo: DIN, TWIN and every variant, DARE (Flax Linen, pure functional).
 
-    model = build_model(model_cfg, item_n, cate_n, max_length)
-    variables = model.init(rng, batch, train=False)        # {'params', 'batch_stats'}
-    outputs, updates = model.apply(variables, batch, train=True, mutable=['batch_stats'])
-    outputs = model.apply(variables, batch, train=False)
+model = build_model(model_cfg, item_n, cate_n, max_length)
+variables = model.init(rng, batch, train=False)        # {'params', 'batch_stats'}
+outputs, updates = model.apply(variables, batch, train=True, mutable=['batch_stats'])
+outputs = model.apply(variables, batch, train=False)
 """
 
 from __future__ import annotations

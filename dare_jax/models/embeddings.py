@@ -18,6 +18,16 @@ from dare_jax.models.variants import ROLES, VariantSpec
 RoleFields = dict[str, dict[str, jax.Array]]
 
 
+def _constant_init(value: jax.Array):
+    """An initialiser returning `value` (the synchronised copy of another table)."""
+
+    def init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
+        del key, shape, dtype
+        return value
+
+    return init
+
+
 class TableGroup(nn.Module):
     """One embedding table per field: params `item [item_n, d]`, `category`, `time`."""
 
@@ -30,10 +40,10 @@ class TableGroup(nn.Module):
         """Return {field: table}. copy_of: initial values to copy (synchronised copies)."""
         rows, dims = dict(self.rows), dict(self.dims)
         tables = {}
-        for field in rows:
-            shape = (rows[field], dims[field])
+        for field, row_count in rows.items():
+            shape = (row_count, dims[field])
             if copy_of is not None:
-                init = (lambda value: lambda key, shape, dtype=jnp.float32: value)(copy_of[field])
+                init = _constant_init(copy_of[field])
             else:
                 init = normal_init(self.init_std)
             tables[field] = self.param(field, init, shape)
@@ -128,15 +138,22 @@ class Projections(nn.Module):
                 group = proj.groups[role]
                 if group not in submodules:
                     submodules[group] = _FieldMaps(
-                        proj.fields, proj.hidden, proj.use_bias, proj.output_dim,
-                        self.unused_time_width.get(role, 0), self.init_std, name=group)
+                        proj.fields,
+                        proj.hidden,
+                        proj.use_bias,
+                        proj.output_dim,
+                        self.unused_time_width.get(role, 0),
+                        self.init_std,
+                        name=group,
+                    )
                 parts = submodules[group](parts)
             vector = compose(parts, self.use_time, self.time_mode)
             if proj is not None and not proj.per_field:
                 group = proj.groups[role]
                 if group not in submodules:
-                    submodules[group] = ProjectionMLP(vector.shape[-1], (), proj.use_bias,
-                                                      self.init_std, name=group)
+                    submodules[group] = ProjectionMLP(
+                        vector.shape[-1], (), proj.use_bias, self.init_std, name=group
+                    )
                 vector = submodules[group](vector)
             out[role] = vector
         return out
@@ -162,9 +179,11 @@ class _FieldMaps(nn.Module):
                 if self.is_initializing() and self.unused_time_width:
                     width = self.output_dim or self.unused_time_width
                     ProjectionMLP(width, self.hidden, self.use_bias, self.init_std, name=field)(
-                        jnp.zeros((1, self.unused_time_width)))
+                        jnp.zeros((1, self.unused_time_width))
+                    )
                 continue
             width = self.output_dim or parts[field].shape[-1]
-            out[field] = ProjectionMLP(width, self.hidden, self.use_bias, self.init_std,
-                                       name=field)(parts[field])
+            out[field] = ProjectionMLP(
+                width, self.hidden, self.use_bias, self.init_std, name=field
+            )(parts[field])
         return out

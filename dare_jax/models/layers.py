@@ -133,5 +133,6 @@ class ProjectionMLP(nn.Module):
         for i, width in enumerate(self.hidden):
             x = Linear(width, self.use_bias, self.init_std, name=f"dense_{i}")(x)
             x = PReLU(self.init_std, name=f"prelu_{i}")(x)
-        return Linear(self.features, self.use_bias, self.init_std,
-                      name=f"dense_{len(self.hidden)}")(x)
+        return Linear(
+            self.features, self.use_bias, self.init_std, name=f"dense_{len(self.hidden)}"
+        )(x)

@@ -67,7 +67,10 @@ def loss_terms(
 ) -> dict[str, jax.Array]:
     """{'total', 'ctr', 'aux', 'l2'}: aux is 0 without an auxiliary head in `outputs`."""
     ctr = cross_entropy(outputs["prob"], label, example_weight)
-    aux = (cross_entropy(outputs["aux_prob"], label, example_weight)
-           if "aux_prob" in outputs else jnp.zeros((), ctr.dtype))
+    aux = (
+        cross_entropy(outputs["aux_prob"], label, example_weight)
+        if "aux_prob" in outputs
+        else jnp.zeros((), ctr.dtype)
+    )
     l2 = l2_penalty(params)
     return {"total": ctr + aux + weight_decay * l2, "ctr": ctr, "aux": aux, "l2": l2}

@@ -74,8 +74,11 @@ class TwoStageModel(nn.Module):
         tid = batch.get("tid")
         tid = jnp.zeros((batch_size,), jnp.int32) if tid is None else jnp.asarray(tid, jnp.int32)
         hist_tid = batch.get("hist_tid")
-        hist_tid = (history_time_ids(batch_size, length) if hist_tid is None
-                    else jnp.asarray(hist_tid, jnp.int32))
+        hist_tid = (
+            history_time_ids(batch_size, length)
+            if hist_tid is None
+            else jnp.asarray(hist_tid, jnp.int32)
+        )
         valid = batch.get("mask")
         valid = hist_iid > 0 if valid is None else jnp.asarray(valid).astype(bool)
 
@@ -92,11 +95,14 @@ class TwoStageModel(nn.Module):
         unused_time = {}
         if not cfg.use_time and cfg.official_parameters_always:
             unused_time = {r: spec.table_dims[spec.tables[r]]["time"] for r in role_fields}
-        vectors = Projections(spec, bool(cfg.use_time), str(cfg.time_mode), cfg.init_std,
-                              unused_time, name="project")(role_fields)
+        vectors = Projections(
+            spec, bool(cfg.use_time), str(cfg.time_mode), cfg.init_std, unused_time, name="project"
+        )(role_fields)
         query, keys = vectors["attention_target"], vectors["attention_behavior"]
-        target_repr, behavior_repr = vectors["representation_target"], vectors[
-            "representation_behavior"]
+        target_repr, behavior_repr = (
+            vectors["representation_target"],
+            vectors["representation_behavior"],
+        )
 
         # First stage: scores over the whole history.
         if spec.score == "din_mlp":
@@ -123,7 +129,8 @@ class TwoStageModel(nn.Module):
         if cfg.use_long_seq_average:
             weights = kept.astype(behavior_repr.dtype)
             average = jnp.einsum("bl,bld->bd", weights, behavior_repr) / (
-                jnp.sum(weights, axis=1, keepdims=True) + 1.0)
+                jnp.sum(weights, axis=1, keepdims=True) + 1.0
+            )
             if not cfg.only_odot:
                 features.append(average)
         if cfg.use_cross_feature:
@@ -132,20 +139,25 @@ class TwoStageModel(nn.Module):
                 features.append(target_repr * average)
         representation = jnp.concatenate(features, axis=-1)
 
-        head_kwargs = dict(init_std=cfg.init_std,
-                           use_batch_stats_at_eval=bool(cfg.eval_batchnorm_uses_batch_stats))
         outputs = {
             "attention_scores": masked,
             "representation": representation,
             "topk_indices": indices,
         }
-        heads = _Heads(MAIN_HEAD_HIDDEN, AUX_HEAD_HIDDEN, **head_kwargs, name="head")
+        heads = _Heads(
+            MAIN_HEAD_HIDDEN,
+            AUX_HEAD_HIDDEN,
+            init_std=cfg.init_std,
+            use_batch_stats_at_eval=bool(cfg.eval_batchnorm_uses_batch_stats),
+            name="head",
+        )
         if cfg.use_aux_loss or (self.is_initializing() and cfg.official_parameters_always):
             if cfg.only_odot:
                 aux_input = target_repr * full_aggregate
             elif cfg.use_cross_feature:
                 aux_input = jnp.concatenate(
-                    [target_repr, full_aggregate, target_repr * full_aggregate], axis=-1)
+                    [target_repr, full_aggregate, target_repr * full_aggregate], axis=-1
+                )
             else:
                 aux_input = jnp.concatenate([target_repr, full_aggregate], axis=-1)
             main_logits, aux_logits = heads(representation, aux_input, train)
@@ -169,12 +181,14 @@ class _Heads(nn.Module):
 
     @nn.compact
     def __call__(self, main_input: jax.Array, aux_input: jax.Array | None, train: bool):
-        main = MLPHead(self.main_hidden, self.init_std, self.use_batch_stats_at_eval,
-                       name="main")(main_input, train)
+        main = MLPHead(self.main_hidden, self.init_std, self.use_batch_stats_at_eval, name="main")(
+            main_input, train
+        )
         aux = None
         if aux_input is not None:
-            aux = MLPHead(self.aux_hidden, self.init_std, self.use_batch_stats_at_eval,
-                          name="aux")(aux_input, train)
+            aux = MLPHead(self.aux_hidden, self.init_std, self.use_batch_stats_at_eval, name="aux")(
+                aux_input, train
+            )
         return main, aux
 
 
@@ -183,5 +197,6 @@ def build_two_stage_model(
 ) -> TwoStageModel:
     """A TwoStageModel for a validated config (see dare_jax.models.build_model)."""
     spec = resolve_variant(cfg)
-    return TwoStageModel(ml_collections.FrozenConfigDict(cfg), spec, int(item_n), int(cate_n),
-                         int(max_length))
+    return TwoStageModel(
+        ml_collections.FrozenConfigDict(cfg), spec, int(item_n), int(cate_n), int(max_length)
+    )

@@ -21,9 +21,7 @@ from dare_jax.models.layers import Linear, PReLU
 PADDING_SCORE = float(-(2**32) + 1)
 
 
-def dot_product_scores(
-    query: jax.Array, keys: jax.Array, split: int | None
-) -> jax.Array:
+def dot_product_scores(query: jax.Array, keys: jax.Array, split: int | None) -> jax.Array:
     """Scaled dot-product scores `[B, L]` of query `[B, D]` against keys `[B, L, D]`.
 
     split=None: `<q, k> / sqrt(D)` (time mode "add").
@@ -70,8 +68,9 @@ def full_attention(masked_scores: jax.Array, values: jax.Array) -> jax.Array:
 
 def gather_rows(values: jax.Array, indices: jax.Array) -> jax.Array:
     """values `[B, L, ...]`, indices `[B, k]` -> `[B, k, ...]` (one batched gather)."""
-    return jnp.take_along_axis(values, indices.reshape(indices.shape + (1,) * (values.ndim - 2)),
-                               axis=1)
+    return jnp.take_along_axis(
+        values, indices.reshape(indices.shape + (1,) * (values.ndim - 2)), axis=1
+    )
 
 
 def aggregate_selected(
@@ -108,8 +107,9 @@ def hard_search_indices(
     position = jnp.arange(length, dtype=jnp.int32)[None, :]
     same = valid & same_category
     # Priority tiers: same category above other valid above padding; recency inside a tier.
-    priority = jnp.where(same, 2 * length + position,
-                         jnp.where(valid, length + position, position - length))
+    priority = jnp.where(
+        same, 2 * length + position, jnp.where(valid, length + position, position - length)
+    )
     _, indices = jax.lax.top_k(priority, k)
     chosen = jnp.zeros(valid.shape, dtype=bool)
     chosen = chosen.at[jnp.arange(valid.shape[0])[:, None], indices].set(True)

@@ -138,8 +138,9 @@ def resolve_variant(cfg: ml_collections.ConfigDict) -> VariantSpec:
     table_dims = {}
     for role in ROLES:
         group = tables[role]
-        table_dims[group] = dict(dims["attention" if role.startswith("attention") else
-                                      "representation"])
+        table_dims[group] = dict(
+            dims["attention" if role.startswith("attention") else "representation"]
+        )
     return VariantSpec(
         name=name,
         official_name=config_lib.CANONICAL_TO_OFFICIAL[name],
