@@ -55,8 +55,32 @@ def main(argv: list[str]) -> None:
     _print_summary(results)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with config-file and override errors as one message (exit 2)."""
+    try:
+        remaining = flags.FLAGS(argv)
+        if _CONFIG.value is not None:
+            _CONFIG.value.get("workdir")  # config files load lazily: fail here, not later
+        return remaining
+    except OSError as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        print(f"error: cannot load the --config file: {' '.join(lines[-2:])}", file=sys.stderr)
+    except flags.Error as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        if any(line.startswith("Traceback") for line in lines):
+            # config_flags embeds the config file's traceback; its last line is the reason.
+            print(f"error: {lines[0]}\n  {lines[-1]}", file=sys.stderr)
+        else:
+            print(f"error: {error}", file=sys.stderr)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        reason = str(error.args[0] if error.args else error).strip("'\"")
+        reason = reason.replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+        print(f"error: bad --config.* override: {reason}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run() -> None:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

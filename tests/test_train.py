@@ -283,6 +283,20 @@ def test_cli_missing_data_explains_the_download(tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "pre").exists()
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config", "configs/demo.py:model=transformer"], "unknown variant"),
+        (["--config", "configs/demo.py", "--config.optim.lrr=1"], "'lrr'"),
+        (["--config", "configs/missing.py"], "cannot load the --config file"),
+    ],
+)
+def test_cli_bad_flags_are_one_message(args, message):
+    result = _cli(*args)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and message in result.stderr
+
+
 def test_cli_corrupt_checkpoint_is_named(tiny_data, tmp_path):
     workdir = tmp_path / "run"
     config = tiny_config(tiny_data, workdir)
