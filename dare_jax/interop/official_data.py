@@ -12,21 +12,39 @@ arbitrary code from the file. Only import files you produced yourself or trust.
 Storage choice: the official samples only carry 200-long windows, so each distinct
 window ``(uid, hist_iid, hist_cid)`` becomes its own sequence row of exactly 200 ids
 (padding zeros included) and every sample - a positive and the negatives that share
-its history - points at that row with position 200. Windows are grouped by a 128-bit
-polynomial hash and then compared element by element, so a hash collision can never
-merge different histories (it raises instead). The manifest therefore says
-``max_length = 200``: longer histories do not exist in these files. Sample order is
-kept: train in file order (already shuffled by the official script), then val, test.
+its history - points at that row with position 200. Rows are numbered in order of
+first use. The manifest therefore says ``max_length = 200``: longer histories do not
+exist in these files. Sample order is kept: train in file order (already shuffled by
+the official script), then val, test.
 
-Memory: the importer holds every sample's two windows as int32 (1.6 kB per sample)
-while it groups them, plus one official file's Python objects at a time.
+Streaming: the files are read one at a time (train files in number order, then val,
+test). Each one is converted to int32 arrays, its new windows and its samples are
+appended to the output ``.npy`` files (written in pieces, header fixed at the end),
+and its Python objects are freed before the next file is read. Windows are looked up
+across files in a table of 128-bit window hashes (two independent 64-bit polynomial
+hashes) -> row, and every sample's window is then compared element by element with
+its row (rows of earlier files are read back from the output written so far), so a
+hash collision can never merge different histories (it raises instead).
+
+Memory: one official file's Python objects (about 1.5 GB for a 102,400-row file of
+the full Taobao data) and its int32 arrays, the largest ``*_mapping.npy`` dict while
+it is converted (before any sample file), plus 24 bytes per distinct window (hash
+table and row uid) - independent of the number of files.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import pickle
 import re
+import shutil
+import struct
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -36,6 +54,10 @@ from dare_jax.data import storage
 WINDOW = 200
 _TRAIN_RE = re.compile(r"train_(\d{4})_(\d+)\.npy")
 _MAPPINGS = {"uid": "uid_mapping.npy", "iid": "iid_mapping.npy", "cid": "cid_mapping.npy"}
+_INT32_MAX = int(np.iinfo(np.int32).max)
+# Rows of stored windows read back per memory map while verifying: bounds the mapped
+# pages (counted as resident memory) to 2 x 8192 x 800 bytes.
+_READBACK_ROWS = 8192
 
 
 class OfficialDataError(ValueError):
@@ -45,8 +67,13 @@ class OfficialDataError(ValueError):
 def _load_pickled(path: Path) -> Any:
     try:
         return np.load(path, allow_pickle=True)  # trusted input only, see module doc
-    except (OSError, ValueError, EOFError) as exc:
+    except MemoryError:
+        raise
+    except (OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         raise OfficialDataError(f"{path}: cannot be read as a .npy file: {exc}") from exc
+    except Exception as exc:  # a corrupt pickle can fail with almost any exception type
+        raise OfficialDataError(f"{path}: corrupt pickled .npy file: "
+                                f"{type(exc).__name__}: {exc}") from exc
 
 
 def _mapping_to_raw(path: Path) -> np.ndarray:
@@ -64,8 +91,41 @@ def _mapping_to_raw(path: Path) -> np.ndarray:
     return out
 
 
-def _rows_to_arrays(path: Path, expected_rows: int | None) -> dict[str, np.ndarray]:
-    """One official sample file -> uid, iid, cid, label [N] and hist_iid, hist_cid [N, 200]."""
+def _int_matrix(path: Path, column: np.ndarray, name: str, width: int | None) -> np.ndarray:
+    """Object column of ints or int lists -> int64 [N] (``width`` None) or [N, width]."""
+    n = column.shape[0]
+    try:
+        values = np.asarray(column.tolist(), dtype=np.int64)
+    except (ValueError, TypeError, OverflowError) as exc:
+        bad = _first_bad_row(column, width)
+        where = f"row {bad}: " if bad is not None else ""
+        kind = "an integer" if width is None else f"a list of {width} integers"
+        raise OfficialDataError(f"{path}: {where}{name} is not {kind}: {exc}") from exc
+    want = (n,) if width is None else (n, width)
+    if n == 0:
+        values = values.reshape(want)
+    if values.shape != want:
+        raise OfficialDataError(f"{path}: {name} has shape {values.shape}, expected {want}")
+    return values
+
+
+def _first_bad_row(column: np.ndarray, width: int | None) -> int | None:
+    """Index of the first entry that is not an int (width None) or not ``width`` ints."""
+    for i, value in enumerate(column):
+        if width is None:
+            if not isinstance(value, (int, np.integer)):
+                return i
+        elif not isinstance(value, (list, tuple, np.ndarray)) or len(value) != width:
+            return i
+    return None
+
+
+def _rows_to_arrays(path: Path, expected_rows: int | None,
+                    limits: dict[str, int]) -> dict[str, np.ndarray]:
+    """One official sample file -> int32 uid, iid, cid, label [N], hist_iid, hist_cid [N, 200].
+
+    ``limits`` gives the largest valid dense id of 'uid', 'iid' and 'cid' (mapping sizes).
+    """
     data = _load_pickled(path)
     if not (isinstance(data, np.ndarray) and data.ndim == 2 and data.shape[1] == 6):
         shape = getattr(data, "shape", None)
@@ -74,29 +134,29 @@ def _rows_to_arrays(path: Path, expected_rows: int | None) -> dict[str, np.ndarr
     if expected_rows is not None and n != expected_rows:
         raise OfficialDataError(f"{path}: file name says {expected_rows} rows, found {n}")
     out: dict[str, np.ndarray] = {}
-    try:
-        for col, name in enumerate(("uid", "iid", "cid")):
-            out[name] = np.asarray(data[:, col].tolist(), dtype=np.int64)
-        onehot = np.asarray(data[:, 3].tolist(), dtype=np.int64).reshape(n, -1)
-        hist_iid = np.asarray(data[:, 4].tolist(), dtype=np.int64)
-        hist_cid = np.asarray(data[:, 5].tolist(), dtype=np.int64)
-    except (ValueError, TypeError) as exc:
-        raise OfficialDataError(f"{path}: rows are not [int, int, int, [2], [200], [200]]: "
-                                f"{exc}") from exc
-    if onehot.shape != (n, 2) or not np.all((onehot == [1, 0]).all(1) | (onehot == [0, 1]).all(1)):
-        bad = 0 if onehot.shape != (n, 2) else int(np.flatnonzero(onehot.sum(1) != 1)[0])
-        raise OfficialDataError(f"{path}: row {bad}: label is not one-hot [1, 0] / [0, 1]")
-    for name, hist in (("hist_iid", hist_iid), ("hist_cid", hist_cid)):
-        if hist.shape != (n, WINDOW):
-            raise OfficialDataError(f"{path}: {name} has shape {hist.shape}, expected "
-                                    f"({n}, {WINDOW})")
-    out["label"] = onehot[:, 0]
-    out["hist_iid"] = hist_iid
-    out["hist_cid"] = hist_cid
-    for name, arr in out.items():
-        if arr.size and (arr.min() < 0 or arr.max() > np.iinfo(np.int32).max):
-            raise OfficialDataError(f"{path}: {name} has values outside int32 ids")
-    return {k: v.astype(np.int32) for k, v in out.items()}
+    specs = (("uid", 0, None), ("iid", 1, None), ("cid", 2, None), ("label", 3, 2),
+             ("hist_iid", 4, WINDOW), ("hist_cid", 5, WINDOW))
+    for name, col, width in specs:
+        values = _int_matrix(path, data[:, col], name, width)
+        if name == "label":
+            ok = ((values == [1, 0]).all(1) | (values == [0, 1]).all(1))
+            if not ok.all():
+                bad = int(np.flatnonzero(~ok)[0])
+                raise OfficialDataError(f"{path}: row {bad}: label {values[bad].tolist()} is "
+                                        "not one-hot [1, 0] / [0, 1]")
+            values = values[:, 0]
+        else:
+            limit = limits[name.removeprefix("hist_")]
+            if values.size and (values.min() < 0 or values.max() > limit):
+                bad = int(np.flatnonzero(((values < 0) | (values > limit)).reshape(n, -1)
+                                         .any(1))[0])
+                key = name.removeprefix("hist_")
+                raise OfficialDataError(
+                    f"{path}: row {bad}: {name} has ids outside 0..{limit} "
+                    f"(the ids of {_MAPPINGS[key]})")
+        out[name] = values.astype(np.int32)
+        del values
+    return out
 
 
 def _train_files(directory: Path) -> list[tuple[Path, int]]:
@@ -115,11 +175,17 @@ def _train_files(directory: Path) -> list[tuple[Path, int]]:
     return [(p, n) for _, p, n in found]
 
 
+@cache
+def _hash_coefficients() -> tuple[np.ndarray, np.ndarray]:
+    """Two fixed odd uint64 [2 * WINDOW + 1] coefficient vectors (uid, iids, cids)."""
+    rng = np.random.default_rng(20250127)
+    a, b = (rng.integers(1, 2**63, size=2 * WINDOW + 1, dtype=np.uint64) | np.uint64(1)
+            for _ in range(2))
+    return a, b
+
+
 def _window_hash(uid: np.ndarray, hist_iid: np.ndarray, hist_cid: np.ndarray) -> np.ndarray:
     """Two independent 64-bit polynomial hashes per window: uint64 [N, 2]."""
-    rng = np.random.default_rng(20250127)
-    coeffs = [rng.integers(1, 2**63, size=2 * WINDOW + 1, dtype=np.uint64) | np.uint64(1)
-              for _ in range(2)]
     out = np.empty((uid.shape[0], 2), dtype=np.uint64)
     block = 1 << 16  # rows per block: bounds the uint64 temporaries to ~200 MB
     with np.errstate(over="ignore"):
@@ -127,12 +193,213 @@ def _window_hash(uid: np.ndarray, hist_iid: np.ndarray, hist_cid: np.ndarray) ->
             sl = slice(lo, lo + block)
             hi_iid = hist_iid[sl].astype(np.uint64)
             hi_cid = hist_cid[sl].astype(np.uint64)
-            for k, coeff in enumerate(coeffs):
+            for k, coeff in enumerate(_hash_coefficients()):
                 h = uid[sl].astype(np.uint64) * coeff[0]
                 h += hi_iid @ coeff[1:WINDOW + 1]
                 h += hi_cid @ coeff[WINDOW + 1:]
                 out[sl, k] = h
     return out
+
+
+class WindowTable:
+    """Map 128-bit window hashes to row numbers, rows numbered in order of insertion.
+
+    Kept as three parallel arrays sorted by the first 64-bit half (8 + 8 + 8 bytes per
+    window); equal first halves (a 64-bit collision) are told apart by the second half.
+    """
+
+    def __init__(self) -> None:
+        self._h1 = np.empty(0, dtype=np.uint64)
+        self._h2 = np.empty(0, dtype=np.uint64)
+        self._row = np.empty(0, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return int(self._row.shape[0])
+
+    def lookup(self, keys: np.ndarray) -> np.ndarray:
+        """Row of each key (uint64 [K, 2]) or -1 if absent: int64 [K]."""
+        q1, q2 = keys[:, 0], keys[:, 1]
+        lo = np.searchsorted(self._h1, q1, side="left")
+        hi = np.searchsorted(self._h1, q1, side="right")
+        found = np.full(keys.shape[0], -1, dtype=np.int64)
+        single = (hi - lo) == 1
+        at = lo[single]
+        match = self._h2[at] == q2[single]
+        found[np.flatnonzero(single)[match]] = self._row[at[match]]
+        for k in np.flatnonzero((hi - lo) > 1):  # 64-bit collisions: practically never
+            same = np.flatnonzero(self._h2[lo[k]:hi[k]] == q2[k])
+            if same.size:
+                found[k] = self._row[lo[k] + same[0]]
+        return found
+
+    def add(self, keys: np.ndarray) -> np.ndarray:
+        """Insert keys (uint64 [K, 2], absent and distinct); returns their new rows int64 [K]."""
+        rows = np.arange(len(self), len(self) + keys.shape[0], dtype=np.int64)
+        order = np.argsort(keys[:, 0], kind="stable")  # np.insert keeps ties in this order
+        pos = np.searchsorted(self._h1, keys[order, 0])
+        self._h1 = np.insert(self._h1, pos, keys[order, 0])
+        self._h2 = np.insert(self._h2, pos, keys[order, 1])
+        self._row = np.insert(self._row, pos, rows[order])
+        return rows
+
+
+def _npy_header(dtype: np.dtype, n: int) -> bytes:
+    """A .npy version 1.0 header for a 1-D C-order array of ``n`` elements.
+
+    Always ``_HEADER_BYTES`` long (the dict is padded with spaces, which the format
+    allows), so it can be written first as a placeholder and rewritten in place.
+    """
+    text = f"{{'descr': '{np.dtype(dtype).str}', 'fortran_order': False, 'shape': ({n},), }}"
+    body = text.ljust(_HEADER_BYTES - 10 - 1) + "\n"
+    header = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body.encode("latin1")
+    assert len(header) == _HEADER_BYTES, text
+    return header
+
+
+_HEADER_BYTES = 128  # multiple of 64: the array data stays aligned for memory maps
+
+
+class _NpyAppender:
+    """A 1-D ``.npy`` file written in pieces; the header gets the final length on close."""
+
+    def __init__(self, path: Path, dtype: type) -> None:
+        self.path = path
+        self.dtype = np.dtype(dtype)
+        self.size = 0
+        self._fh: BinaryIO = open(path, "wb")  # noqa: SIM115 (closed in close())
+        self._fh.write(_npy_header(self.dtype, 0))
+
+    def append(self, values: np.ndarray) -> None:
+        arr = np.ascontiguousarray(values, dtype=self.dtype).ravel()
+        self._fh.write(memoryview(arr).cast("B"))
+        self.size += arr.size
+
+    def read_rows(self, rows: np.ndarray, width: int) -> np.ndarray:
+        """Rows ``rows`` (int [K]) of the data written so far seen as [size / width, width]."""
+        self._fh.flush()
+        out = np.empty((rows.shape[0], width), dtype=self.dtype)
+        if self.size == 0:
+            return out
+        # A fresh map per block: pages touched through a map count as resident memory.
+        for lo in range(0, rows.shape[0], _READBACK_ROWS):
+            stored = np.memmap(self.path, dtype=self.dtype, mode="r", offset=_HEADER_BYTES,
+                               shape=(self.size // width, width))
+            out[lo:lo + _READBACK_ROWS] = stored[rows[lo:lo + _READBACK_ROWS]]
+            del stored
+        return out
+
+    def close(self) -> tuple[int, ...]:
+        self._fh.seek(0)
+        self._fh.write(_npy_header(self.dtype, self.size))
+        self._fh.close()
+        return (self.size,)
+
+    def discard(self) -> None:
+        self._fh.close()
+
+
+def _array_dtype(name: str) -> type:
+    return np.int64 if name == "seq_offsets" or name.startswith("raw_") else np.int32
+
+
+class _StreamingImport:
+    """State of one import: output writers, the window table and the row uids."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.writers: dict[str, _NpyAppender] = {}
+        for name in ["seq_iid", "seq_cid"] + [f"{s}_{f}" for s in storage.SPLITS
+                                              for f in storage.SAMPLE_FIELDS]:
+            self.writers[name] = _NpyAppender(tmp / f"{name}.npy", _array_dtype(name))
+        self.table = WindowTable()
+        self._row_uid: list[np.ndarray] = []  # int32 uid of each row, one chunk per file
+        self._row_uid_flat = np.empty(0, dtype=np.int32)
+
+    def row_uid(self) -> np.ndarray:
+        if self._row_uid:
+            self._row_uid_flat = np.concatenate([self._row_uid_flat, *self._row_uid])
+            self._row_uid = []
+        return self._row_uid_flat
+
+    def add_file(self, path: Path, split: str, cols: dict[str, np.ndarray]) -> None:
+        """Append one file's samples (int32 arrays from ``_rows_to_arrays``)."""
+        uid, hist_iid, hist_cid = cols["uid"], cols["hist_iid"], cols["hist_cid"]
+        hashes = _window_hash(uid, hist_iid, hist_cid)
+        _, first, local = np.unique(hashes, axis=0, return_index=True, return_inverse=True)
+        local = local.ravel()
+        # Local windows renumbered in order of first use in the file.
+        order = np.argsort(first)
+        rank = np.empty_like(order)
+        rank[order] = np.arange(order.shape[0])
+        local = rank[local]
+        first = first[order]
+        del order, rank
+        # Exact check inside the file: each sample equals its window's first sample.
+        same = ((hist_iid == hist_iid[first[local]]).all(1)
+                & (hist_cid == hist_cid[first[local]]).all(1)
+                & (uid == uid[first[local]]))
+        if not same.all():
+            raise OfficialDataError(f"{path}: row {int(np.flatnonzero(~same)[0])}: window hash "
+                                    "collision; cannot import safely")
+        keys = hashes[first]
+        row = self.table.lookup(keys)
+        old = np.flatnonzero(row >= 0)
+        if old.size:  # exact check against the rows stored from earlier files
+            old_rows = row[old]
+            at = first[old]
+            same = ((self.writers["seq_iid"].read_rows(old_rows, WINDOW) == hist_iid[at]).all(1)
+                    & (self.writers["seq_cid"].read_rows(old_rows, WINDOW) == hist_cid[at]).all(1)
+                    & (self.row_uid()[old_rows] == uid[at]))
+            if not same.all():
+                bad = int(at[np.flatnonzero(~same)[0]])
+                raise OfficialDataError(f"{path}: row {bad}: window hash collision with an "
+                                        "earlier file; cannot import safely")
+        new = np.flatnonzero(row < 0)  # ascending: first-use order
+        row[new] = self.table.add(keys[new])
+        at = first[new]
+        self.writers["seq_iid"].append(hist_iid[at])
+        self.writers["seq_cid"].append(hist_cid[at])
+        self._row_uid.append(uid[at].astype(np.int32))
+        sample_row = row[local]
+        if sample_row.size and int(sample_row.max()) > _INT32_MAX:
+            raise OfficialDataError(f"{path}: more than {_INT32_MAX} distinct windows")
+        fields = {"row": sample_row, "pos": np.full(uid.shape[0], WINDOW, dtype=np.int32),
+                  "iid": cols["iid"], "cid": cols["cid"], "label": cols["label"], "uid": uid}
+        for field, values in fields.items():
+            self.writers[f"{split}_{field}"].append(values)
+
+    def finish(self, raw: dict[str, np.ndarray]) -> dict[str, list[int]]:
+        """Close the streamed files, write the small arrays; name -> shape."""
+        shapes = {name: list(w.close()) for name, w in self.writers.items()}
+        n_rows = len(self.table)
+        small = {
+            "seq_uid": self.row_uid(),
+            "seq_offsets": np.arange(n_rows + 1, dtype=np.int64) * WINDOW,
+            "raw_uid": raw["uid"], "raw_iid": raw["iid"], "raw_cid": raw["cid"],
+        }
+        for name, arr in small.items():
+            arr = np.ascontiguousarray(arr, dtype=_array_dtype(name))
+            np.save(self.tmp / f"{name}.npy", arr, allow_pickle=False)
+            shapes[name] = list(arr.shape)
+        return shapes
+
+    def discard(self) -> None:
+        for w in self.writers.values():
+            w.discard()
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """``os.replace`` the finished ``tmp`` onto ``out`` (moving an existing ``out`` aside)."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if out.exists():
+        # os.replace cannot replace a non-empty directory: move the old one aside first.
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "d")
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def import_official(
@@ -143,19 +410,23 @@ def import_official(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Convert an official preprocessed directory into a dataset directory.
+    """Convert an official preprocessed directory into a dataset directory, file by file.
 
     ``load_split(output_dir, split)`` then returns exactly the official rows (uid,
-    target, label 1 = click, both 200-long histories) in the official order.
+    target, label 1 = click, both 200-long histories) in the official order. Memory
+    does not grow with the number of train files (see the module docstring).
 
     Args:
         input_dir: directory with train_XXXX_N.npy, val.npy, test.npy, *_mapping.npy.
-        output_dir: dataset directory to create (atomically).
+        output_dir: dataset directory to create (atomically: written to a temporary
+            sibling directory, moved into place only when complete).
         dataset: name recorded in the manifest (default: the input directory's name).
         overwrite: replace an existing ``output_dir``.
+        progress: show a progress bar over the input files.
 
     Raises:
-        OfficialDataError: missing or malformed input files.
+        OfficialDataError: missing or malformed input files (the message names the file,
+            and the row where one is at fault).
         FileExistsError: ``output_dir`` exists and not ``overwrite``.
     """
     src = Path(input_dir)
@@ -170,82 +441,74 @@ def import_official(
         if not path.is_file():
             raise OfficialDataError(f"{path} is missing")
         files[split] = [(path, None)]
-    raw = {}
-    for key, name in _MAPPINGS.items():
-        path = src / name
-        if not path.is_file():
-            raise OfficialDataError(f"{path} is missing")
-        raw[key] = _mapping_to_raw(path)
-
+    for name in _MAPPINGS.values():
+        if not (src / name).is_file():
+            raise OfficialDataError(f"{src / name} is missing")
     all_files = [(s, p, n) for s in storage.SPLITS for p, n in files[s]]
-    parts: dict[str, list[dict[str, np.ndarray]]] = {s: [] for s in storage.SPLITS}
-    for split, path, n in tqdm(all_files, desc="read official files", disable=not progress,
-                               leave=False):
-        parts[split].append(_rows_to_arrays(path, n))
-    counts = {s: sum(p["uid"].shape[0] for p in parts[s]) for s in storage.SPLITS}
-    cat = {
-        k: np.concatenate([p[k] for s in storage.SPLITS for p in parts[s]])
-        for k in ("uid", "iid", "cid", "label", "hist_iid", "hist_cid")
-    }
-    del parts
-    for key, name in (("uid", "uid"), ("iid", "iid"), ("cid", "cid")):
-        limit = raw[key].shape[0] - 1
-        ids = np.concatenate([cat[name].ravel()] + ([cat["hist_" + name].ravel()]
-                                                     if name != "uid" else []))
-        if ids.size and int(ids.max()) > limit:
-            raise OfficialDataError(f"{src}: {name} ids exceed the {limit} ids of "
-                                    f"{_MAPPINGS[key]}")
+    mapping_files = [src / name for name in _MAPPINGS.values()]
 
-    hashes = _window_hash(cat["uid"], cat["hist_iid"], cat["hist_cid"])
-    _, first, row_of_sample = np.unique(hashes, axis=0, return_index=True, return_inverse=True)
-    row_of_sample = row_of_sample.ravel()
-    # Rows in order of first use, so that the layout follows the sample order.
-    order = np.argsort(first)
-    new_row = np.empty_like(order)
-    new_row[order] = np.arange(order.shape[0])
-    row_of_sample = new_row[row_of_sample]
-    first = first[order]
-    seq_iid = cat["hist_iid"][first]
-    seq_cid = cat["hist_cid"][first]
-    seq_uid = cat["uid"][first]
-    # Exact check: every sample's window equals its row's (guards against hash collisions).
-    same = ((seq_iid[row_of_sample] == cat["hist_iid"]).all(1)
-            & (seq_cid[row_of_sample] == cat["hist_cid"]).all(1)
-            & (seq_uid[row_of_sample] == cat["uid"]))
-    if not same.all():
-        raise OfficialDataError("window hash collision; cannot import safely")
-    n_rows = first.shape[0]
-    arrays: dict[str, np.ndarray] = {
-        "seq_iid": seq_iid.ravel(), "seq_cid": seq_cid.ravel(), "seq_uid": seq_uid,
-        "seq_offsets": np.arange(n_rows + 1, dtype=np.int64) * WINDOW,
-        "raw_uid": raw["uid"], "raw_iid": raw["iid"], "raw_cid": raw["cid"],
-    }
-    start = 0
-    for split in storage.SPLITS:
-        sl = slice(start, start + counts[split])
-        start += counts[split]
-        arrays[f"{split}_row"] = row_of_sample[sl]
-        arrays[f"{split}_pos"] = np.full(counts[split], WINDOW, dtype=np.int32)
-        for field in ("iid", "cid", "label", "uid"):
-            arrays[f"{split}_{field}"] = cat[field][sl]
-    n_items, n_cates = raw["iid"].shape[0] - 1, raw["cid"].shape[0] - 1
-    manifest = {
-        "dataset": dataset if dataset is not None else src.name,
-        "seed": None,
-        "counts": counts,
-        "user_count": int(raw["uid"].shape[0] - 1),
-        "item_count": int(n_items),
-        "category_count": int(n_cates),
-        "item_n": int(n_items + 1),
-        "cate_n": int(n_cates + 1),
-        "sequence_rows": int(n_rows),
-        "sequence_events": int(n_rows * WINDOW),
-        "min_events": 210,
-        "train_target_offsets": list(range(3, 94, 5)),
-        "negatives_per_positive": 2,
-        "max_length": WINDOW,
-        "source_files": [storage.source_entry(p) for _, p, _ in all_files]
-        + [storage.source_entry(src / name) for name in _MAPPINGS.values()],
-        "created_by": "dare_jax.interop.official_data.import_official",
-    }
-    return storage.write_dataset(out, arrays, manifest, overwrite=overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # sha256 of the inputs for the manifest, in a thread (hashlib releases the GIL) while
+    # the main thread unpickles; each file is hashed just before it is read, so both
+    # reads share the page cache.
+    hasher = ThreadPoolExecutor(max_workers=1)
+    digests: dict[Path, Future[str]] = {}
+    state: _StreamingImport | None = None
+    try:
+        raw = {}
+        for (key, name), path in zip(_MAPPINGS.items(), mapping_files, strict=True):
+            digests[path] = hasher.submit(storage.sha256_file, path)
+            raw[key] = _mapping_to_raw(path)
+        limits = {key: int(arr.shape[0] - 1) for key, arr in raw.items()}
+        state = _StreamingImport(tmp)
+        counts = dict.fromkeys(storage.SPLITS, 0)
+        for split, path, n in tqdm(all_files, desc="import official files", unit="file",
+                                   disable=not progress, leave=False):
+            digests[path] = hasher.submit(storage.sha256_file, path)
+            cols = _rows_to_arrays(path, n, limits)
+            state.add_file(path, split, cols)
+            counts[split] += int(cols["uid"].shape[0])
+            del cols
+        shapes = state.finish(raw)
+        n_rows = shapes["seq_uid"][0]
+        n_items, n_cates = limits["iid"], limits["cid"]
+        manifest = {
+            "dataset": dataset if dataset is not None else src.name,
+            "seed": None,
+            "counts": counts,
+            "user_count": limits["uid"],
+            "item_count": n_items,
+            "category_count": n_cates,
+            "item_n": n_items + 1,
+            "cate_n": n_cates + 1,
+            "sequence_rows": int(n_rows),
+            "sequence_events": int(n_rows * WINDOW),
+            "min_events": 210,
+            "train_target_offsets": list(range(3, 94, 5)),
+            "negatives_per_positive": 2,
+            "max_length": WINDOW,
+            "source_files": [storage.source_entry(p, digests[p].result())
+                             for p in [p for _, p, _ in all_files] + mapping_files],
+            "created_by": "dare_jax.interop.official_data.import_official",
+            "format": storage.FORMAT_NAME,
+            "protocol_version": storage.PROTOCOL_VERSION,
+            "arrays": {name: shapes[name] for name in storage.array_names()},
+        }
+        # The manifest is written last: a directory without it is never a complete dataset.
+        with open(tmp / storage.MANIFEST, "w") as fh:
+            json.dump(manifest, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if storage.is_occupied(out) and not overwrite:  # appeared while we were importing
+            raise FileExistsError(f"output directory already exists: {out} "
+                                  "(use overwrite=True)")
+        _move_into_place(tmp, out)
+    except BaseException:
+        if state is not None:
+            state.discard()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        hasher.shutdown(wait=True, cancel_futures=True)
+    return out
