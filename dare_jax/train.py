@@ -229,7 +229,7 @@ def export_embeddings(params, directory: Path) -> list[str]:
 def export_gradients(observed, step: int, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     arrays = {
-        _path_name(path): np.asarray(leaf)
+        _path_name(path).replace("/", "."): np.asarray(leaf)
         for path, leaf in jax.tree_util.tree_flatten_with_path(observed)[0]
     }
     np.savez(directory / f"step_{step:08d}.npz", **arrays)

@@ -175,6 +175,27 @@ def test_kill_9_and_restart_with_the_same_command(tiny_data, tmp_path):
     assert resumed["seeds"][0]["test"] == straight["seeds"][0]["test"]
 
 
+def test_gradient_observation_exports_both_paths(tiny_data, tmp_path):
+    workdir = tmp_path / "observe"
+    config = tiny_config(tiny_data, workdir, arg="model=twin_observe_grad", max_steps=4)
+    config.export.gradients_every_steps = 2
+    train.run(config)
+    files = sorted(p.name for p in (workdir / "seed_0/gradients").iterdir())
+    assert files == ["step_00000002.npz", "step_00000004.npz"]
+    cate_n = open_dataset(tiny_data).manifest["cate_n"]
+    with np.load(workdir / "seed_0/gradients/step_00000004.npz") as grads:
+        assert sorted(grads.files) == ["attention.category", "attention.time",
+                                       "representation.category", "representation.time"]
+        attention, representation = grads["attention.category"], grads["representation.category"]
+    assert attention.shape == representation.shape == (cate_n, 4)
+    assert np.abs(attention).sum() > 0 and np.abs(representation).sum() > 0
+    assert not np.allclose(attention, representation)
+    # Both copies of the shared table receive the summed gradient, so they stay equal.
+    tables = workdir / "seed_0/embeddings"
+    np.testing.assert_array_equal(np.load(tables / "embed.attention.category.npy"),
+                                  np.load(tables / "embed.representation.category.npy"))
+
+
 def test_train_step_compiles_once_and_is_pure(tiny_data):
     config = tiny_config(tiny_data, "unused")
     dataset = open_dataset(tiny_data)
