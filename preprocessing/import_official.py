@@ -26,15 +26,24 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--input", required=True, type=Path, help="official output directory")
     parser.add_argument("--output", required=True, type=Path, help="dataset directory to create")
-    parser.add_argument("--dataset", default=None,
-                        help="dataset name for the manifest (default: input directory name)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace an existing output directory")
+    parser.add_argument(
+        "--dataset",
+        default=None,
+        help="dataset name for the manifest (default: input directory name)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace an existing output directory"
+    )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = parser.parse_args(argv)
     return run_or_exit(
-        lambda: import_official(args.input, args.output, dataset=args.dataset,
-                                overwrite=args.overwrite, progress=not args.no_progress),
+        lambda: import_official(
+            args.input,
+            args.output,
+            dataset=args.dataset,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+        ),
         prog,
     )
 

@@ -13,21 +13,28 @@ from dare_jax.data import load_split, open_dataset, preprocess_log
 from dare_jax.interop.official_data import OfficialDataError, import_official
 from tests.conftest import shared_path
 
-RAW = {"taobao": ("data", "taobao", "UserBehavior_head_84k.csv"),
-       "tmall": ("data", "tmall", "user_log_format1_head_75k.csv")}
+RAW = {
+    "taobao": ("data", "taobao", "UserBehavior_head_84k.csv"),
+    "tmall": ("data", "tmall", "user_log_format1_head_75k.csv"),
+}
 SPLITS = ("train", "val", "test")
 
 
 def official_arrays(directory: Path, split: str) -> dict[str, np.ndarray]:
     """The official rows of a split as plain arrays, read independently of the importer."""
-    files = sorted(directory.glob("train_*_*.npy")) if split == "train" else [
-        directory / f"{split}.npy"]
+    files = (
+        sorted(directory.glob("train_*_*.npy"))
+        if split == "train"
+        else [directory / f"{split}.npy"]
+    )
     rows = [r for f in files for r in np.load(f, allow_pickle=True)]  # trusted fixture
     return {
-        "uid": np.array([r[0] for r in rows]), "iid": np.array([r[1] for r in rows]),
+        "uid": np.array([r[0] for r in rows]),
+        "iid": np.array([r[1] for r in rows]),
         "cid": np.array([r[2] for r in rows]),
         "label": np.array([1 if list(r[3]) == [1, 0] else 0 for r in rows]),
-        "hist_iid": np.array([r[4] for r in rows]), "hist_cid": np.array([r[5] for r in rows]),
+        "hist_iid": np.array([r[4] for r in rows]),
+        "hist_cid": np.array([r[5] for r in rows]),
     }
 
 
@@ -35,8 +42,7 @@ def official_arrays(directory: Path, split: str) -> dict[str, np.ndarray]:
 def imported(request, tmp_path_factory):
     kind = request.param
     src = shared_path("fixtures", "official_preprocessed", kind)
-    out = import_official(src, tmp_path_factory.mktemp(kind) / "imp", dataset=kind,
-                          progress=False)
+    out = import_official(src, tmp_path_factory.mktemp(kind) / "imp", dataset=kind, progress=False)
     return kind, src, out
 
 
@@ -89,8 +95,16 @@ def test_import_equals_own_preprocessing_apart_from_negatives(imported, tmp_path
 
             def rows(d):
                 m = d["label"] == 1
-                flat = np.concatenate([d["uid"][m, None], d["iid"][m, None], d["cid"][m, None],
-                                       d["hist_iid"][m], d["hist_cid"][m]], axis=1)
+                flat = np.concatenate(
+                    [
+                        d["uid"][m, None],
+                        d["iid"][m, None],
+                        d["cid"][m, None],
+                        d["hist_iid"][m],
+                        d["hist_cid"][m],
+                    ],
+                    axis=1,
+                )
                 return flat[np.lexsort(flat.T[::-1])]
 
             np.testing.assert_array_equal(rows(a), rows(b))
@@ -157,7 +171,7 @@ def write_official_dir(ds_dir: Path, out: Path, file_rows: int) -> dict[str, dic
         rows = official_object_rows(got)
         if split == "train":
             for k, lo in enumerate(range(0, rows.shape[0], file_rows), start=1):
-                part = rows[lo:lo + file_rows]
+                part = rows[lo : lo + file_rows]
                 np.save(out / f"train_{k:04d}_{part.shape[0]}.npy", part, allow_pickle=True)
         else:
             np.save(out / f"{split}.npy", rows, allow_pickle=True)
@@ -207,8 +221,9 @@ def test_several_train_files_import_to_the_rows_written(multi_file, tmp_path):
     for split in SPLITS:
         w = written[split]
         for i in range(w["uid"].shape[0]):
-            expected.append(windows[(int(w["uid"][i]), w["hist_iid"][i].tobytes(),
-                                     w["hist_cid"][i].tobytes())])
+            expected.append(
+                windows[(int(w["uid"][i]), w["hist_iid"][i].tobytes(), w["hist_cid"][i].tobytes())]
+            )
     np.testing.assert_array_equal(rows, expected)
     train_rows = rows[:n_train]
     file_of = np.arange(n_train) // FILE_ROWS
@@ -224,8 +239,9 @@ def test_several_files_equal_one_file(multi_file, tmp_path):
     from dare_jax.data.storage import array_names
 
     for name in array_names():
-        np.testing.assert_array_equal(np.load(a / f"{name}.npy"), np.load(b / f"{name}.npy"),
-                                      err_msg=name)
+        np.testing.assert_array_equal(
+            np.load(a / f"{name}.npy"), np.load(b / f"{name}.npy"), err_msg=name
+        )
 
 
 def test_corrupt_or_truncated_train_file_is_named(multi_file, tmp_path):
@@ -287,15 +303,18 @@ def test_hash_collisions_never_merge_windows(multi_file, tmp_path, monkeypatch):
 
     src, _, _, _ = multi_file
     # Same key for every window of a file: caught inside the file.
-    monkeypatch.setattr(official_data, "_window_hash",
-                        lambda uid, *_: np.zeros((uid.shape[0], 2), dtype=np.uint64))
+    monkeypatch.setattr(
+        official_data, "_window_hash", lambda uid, *_: np.zeros((uid.shape[0], 2), dtype=np.uint64)
+    )
     with pytest.raises(OfficialDataError, match="train_0001_.*collision"):
         import_official(src, tmp_path / "o", progress=False)
     # Keys distinct inside a file but repeated by the next file: caught against the rows
     # stored from the earlier file.
-    monkeypatch.setattr(official_data, "_window_hash",
-                        lambda uid, *_: np.repeat(np.arange(uid.shape[0], dtype=np.uint64)[:, None],
-                                                  2, axis=1))
+    monkeypatch.setattr(
+        official_data,
+        "_window_hash",
+        lambda uid, *_: np.repeat(np.arange(uid.shape[0], dtype=np.uint64)[:, None], 2, axis=1),
+    )
     with pytest.raises(OfficialDataError, match="train_0002_.*collision with an earlier file"):
         import_official(src, tmp_path / "o", progress=False)
     assert not (tmp_path / "o").exists()

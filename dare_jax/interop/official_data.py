@@ -72,8 +72,9 @@ def _load_pickled(path: Path) -> Any:
     except (OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         raise OfficialDataError(f"{path}: cannot be read as a .npy file: {exc}") from exc
     except Exception as exc:  # a corrupt pickle can fail with almost any exception type
-        raise OfficialDataError(f"{path}: corrupt pickled .npy file: "
-                                f"{type(exc).__name__}: {exc}") from exc
+        raise OfficialDataError(
+            f"{path}: corrupt pickled .npy file: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 def _mapping_to_raw(path: Path) -> np.ndarray:
@@ -120,8 +121,9 @@ def _first_bad_row(column: np.ndarray, width: int | None) -> int | None:
     return None
 
 
-def _rows_to_arrays(path: Path, expected_rows: int | None,
-                    limits: dict[str, int]) -> dict[str, np.ndarray]:
+def _rows_to_arrays(
+    path: Path, expected_rows: int | None, limits: dict[str, int]
+) -> dict[str, np.ndarray]:
     """One official sample file -> int32 uid, iid, cid, label [N], hist_iid, hist_cid [N, 200].
 
     ``limits`` gives the largest valid dense id of 'uid', 'iid' and 'cid' (mapping sizes).
@@ -134,26 +136,36 @@ def _rows_to_arrays(path: Path, expected_rows: int | None,
     if expected_rows is not None and n != expected_rows:
         raise OfficialDataError(f"{path}: file name says {expected_rows} rows, found {n}")
     out: dict[str, np.ndarray] = {}
-    specs = (("uid", 0, None), ("iid", 1, None), ("cid", 2, None), ("label", 3, 2),
-             ("hist_iid", 4, WINDOW), ("hist_cid", 5, WINDOW))
+    specs = (
+        ("uid", 0, None),
+        ("iid", 1, None),
+        ("cid", 2, None),
+        ("label", 3, 2),
+        ("hist_iid", 4, WINDOW),
+        ("hist_cid", 5, WINDOW),
+    )
     for name, col, width in specs:
         values = _int_matrix(path, data[:, col], name, width)
         if name == "label":
-            ok = ((values == [1, 0]).all(1) | (values == [0, 1]).all(1))
+            ok = (values == [1, 0]).all(1) | (values == [0, 1]).all(1)
             if not ok.all():
                 bad = int(np.flatnonzero(~ok)[0])
-                raise OfficialDataError(f"{path}: row {bad}: label {values[bad].tolist()} is "
-                                        "not one-hot [1, 0] / [0, 1]")
+                raise OfficialDataError(
+                    f"{path}: row {bad}: label {values[bad].tolist()} is "
+                    "not one-hot [1, 0] / [0, 1]"
+                )
             values = values[:, 0]
         else:
             limit = limits[name.removeprefix("hist_")]
             if values.size and (values.min() < 0 or values.max() > limit):
-                bad = int(np.flatnonzero(((values < 0) | (values > limit)).reshape(n, -1)
-                                         .any(1))[0])
+                bad = int(
+                    np.flatnonzero(((values < 0) | (values > limit)).reshape(n, -1).any(1))[0]
+                )
                 key = name.removeprefix("hist_")
                 raise OfficialDataError(
                     f"{path}: row {bad}: {name} has ids outside 0..{limit} "
-                    f"(the ids of {_MAPPINGS[key]})")
+                    f"(the ids of {_MAPPINGS[key]})"
+                )
         out[name] = values.astype(np.int32)
         del values
     return out
@@ -170,8 +182,10 @@ def _train_files(directory: Path) -> list[tuple[Path, int]]:
     found.sort()
     numbers = [f[0] for f in found]
     if numbers != list(range(1, len(found) + 1)):
-        raise OfficialDataError(f"{directory}: train files are not numbered 0001..{len(found):04d}"
-                                f" without gaps (found {numbers})")
+        raise OfficialDataError(
+            f"{directory}: train files are not numbered 0001..{len(found):04d}"
+            f" without gaps (found {numbers})"
+        )
     return [(p, n) for _, p, n in found]
 
 
@@ -179,8 +193,10 @@ def _train_files(directory: Path) -> list[tuple[Path, int]]:
 def _hash_coefficients() -> tuple[np.ndarray, np.ndarray]:
     """Two fixed odd uint64 [2 * WINDOW + 1] coefficient vectors (uid, iids, cids)."""
     rng = np.random.default_rng(20250127)
-    a, b = (rng.integers(1, 2**63, size=2 * WINDOW + 1, dtype=np.uint64) | np.uint64(1)
-            for _ in range(2))
+    a, b = (
+        rng.integers(1, 2**63, size=2 * WINDOW + 1, dtype=np.uint64) | np.uint64(1)
+        for _ in range(2)
+    )
     return a, b
 
 
@@ -195,8 +211,8 @@ def _window_hash(uid: np.ndarray, hist_iid: np.ndarray, hist_cid: np.ndarray) ->
             hi_cid = hist_cid[sl].astype(np.uint64)
             for k, coeff in enumerate(_hash_coefficients()):
                 h = uid[sl].astype(np.uint64) * coeff[0]
-                h += hi_iid @ coeff[1:WINDOW + 1]
-                h += hi_cid @ coeff[WINDOW + 1:]
+                h += hi_iid @ coeff[1 : WINDOW + 1]
+                h += hi_cid @ coeff[WINDOW + 1 :]
                 out[sl, k] = h
     return out
 
@@ -227,7 +243,7 @@ class WindowTable:
         match = self._h2[at] == q2[single]
         found[np.flatnonzero(single)[match]] = self._row[at[match]]
         for k in np.flatnonzero((hi - lo) > 1):  # 64-bit collisions: practically never
-            same = np.flatnonzero(self._h2[lo[k]:hi[k]] == q2[k])
+            same = np.flatnonzero(self._h2[lo[k] : hi[k]] == q2[k])
             if same.size:
                 found[k] = self._row[lo[k] + same[0]]
         return found
@@ -282,9 +298,14 @@ class _NpyAppender:
             return out
         # A fresh map per block: pages touched through a map count as resident memory.
         for lo in range(0, rows.shape[0], _READBACK_ROWS):
-            stored = np.memmap(self.path, dtype=self.dtype, mode="r", offset=_HEADER_BYTES,
-                               shape=(self.size // width, width))
-            out[lo:lo + _READBACK_ROWS] = stored[rows[lo:lo + _READBACK_ROWS]]
+            stored = np.memmap(
+                self.path,
+                dtype=self.dtype,
+                mode="r",
+                offset=_HEADER_BYTES,
+                shape=(self.size // width, width),
+            )
+            out[lo : lo + _READBACK_ROWS] = stored[rows[lo : lo + _READBACK_ROWS]]
             del stored
         return out
 
@@ -308,8 +329,9 @@ class _StreamingImport:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
         self.writers: dict[str, _NpyAppender] = {}
-        for name in ["seq_iid", "seq_cid"] + [f"{s}_{f}" for s in storage.SPLITS
-                                              for f in storage.SAMPLE_FIELDS]:
+        for name in ["seq_iid", "seq_cid"] + [
+            f"{s}_{f}" for s in storage.SPLITS for f in storage.SAMPLE_FIELDS
+        ]:
             self.writers[name] = _NpyAppender(tmp / f"{name}.npy", _array_dtype(name))
         self.table = WindowTable()
         self._row_uid: list[np.ndarray] = []  # int32 uid of each row, one chunk per file
@@ -335,25 +357,33 @@ class _StreamingImport:
         first = first[order]
         del order, rank
         # Exact check inside the file: each sample equals its window's first sample.
-        same = ((hist_iid == hist_iid[first[local]]).all(1)
-                & (hist_cid == hist_cid[first[local]]).all(1)
-                & (uid == uid[first[local]]))
+        same = (
+            (hist_iid == hist_iid[first[local]]).all(1)
+            & (hist_cid == hist_cid[first[local]]).all(1)
+            & (uid == uid[first[local]])
+        )
         if not same.all():
-            raise OfficialDataError(f"{path}: row {int(np.flatnonzero(~same)[0])}: window hash "
-                                    "collision; cannot import safely")
+            raise OfficialDataError(
+                f"{path}: row {int(np.flatnonzero(~same)[0])}: window hash "
+                "collision; cannot import safely"
+            )
         keys = hashes[first]
         row = self.table.lookup(keys)
         old = np.flatnonzero(row >= 0)
         if old.size:  # exact check against the rows stored from earlier files
             old_rows = row[old]
             at = first[old]
-            same = ((self.writers["seq_iid"].read_rows(old_rows, WINDOW) == hist_iid[at]).all(1)
-                    & (self.writers["seq_cid"].read_rows(old_rows, WINDOW) == hist_cid[at]).all(1)
-                    & (self.row_uid()[old_rows] == uid[at]))
+            same = (
+                (self.writers["seq_iid"].read_rows(old_rows, WINDOW) == hist_iid[at]).all(1)
+                & (self.writers["seq_cid"].read_rows(old_rows, WINDOW) == hist_cid[at]).all(1)
+                & (self.row_uid()[old_rows] == uid[at])
+            )
             if not same.all():
                 bad = int(at[np.flatnonzero(~same)[0]])
-                raise OfficialDataError(f"{path}: row {bad}: window hash collision with an "
-                                        "earlier file; cannot import safely")
+                raise OfficialDataError(
+                    f"{path}: row {bad}: window hash collision with an "
+                    "earlier file; cannot import safely"
+                )
         new = np.flatnonzero(row < 0)  # ascending: first-use order
         row[new] = self.table.add(keys[new])
         at = first[new]
@@ -363,8 +393,14 @@ class _StreamingImport:
         sample_row = row[local]
         if sample_row.size and int(sample_row.max()) > _INT32_MAX:
             raise OfficialDataError(f"{path}: more than {_INT32_MAX} distinct windows")
-        fields = {"row": sample_row, "pos": np.full(uid.shape[0], WINDOW, dtype=np.int32),
-                  "iid": cols["iid"], "cid": cols["cid"], "label": cols["label"], "uid": uid}
+        fields = {
+            "row": sample_row,
+            "pos": np.full(uid.shape[0], WINDOW, dtype=np.int32),
+            "iid": cols["iid"],
+            "cid": cols["cid"],
+            "label": cols["label"],
+            "uid": uid,
+        }
         for field, values in fields.items():
             self.writers[f"{split}_{field}"].append(values)
 
@@ -375,7 +411,9 @@ class _StreamingImport:
         small = {
             "seq_uid": self.row_uid(),
             "seq_offsets": np.arange(n_rows + 1, dtype=np.int64) * WINDOW,
-            "raw_uid": raw["uid"], "raw_iid": raw["iid"], "raw_cid": raw["cid"],
+            "raw_uid": raw["uid"],
+            "raw_iid": raw["iid"],
+            "raw_cid": raw["cid"],
         }
         for name, arr in small.items():
             arr = np.ascontiguousarray(arr, dtype=_array_dtype(name))
@@ -463,8 +501,9 @@ def import_official(
         limits = {key: int(arr.shape[0] - 1) for key, arr in raw.items()}
         state = _StreamingImport(tmp)
         counts = dict.fromkeys(storage.SPLITS, 0)
-        for split, path, n in tqdm(all_files, desc="import official files", unit="file",
-                                   disable=not progress, leave=False):
+        for split, path, n in tqdm(
+            all_files, desc="import official files", unit="file", disable=not progress, leave=False
+        ):
             digests[path] = hasher.submit(storage.sha256_file, path)
             cols = _rows_to_arrays(path, n, limits)
             state.add_file(path, split, cols)
@@ -488,8 +527,10 @@ def import_official(
             "train_target_offsets": list(range(3, 94, 5)),
             "negatives_per_positive": 2,
             "max_length": WINDOW,
-            "source_files": [storage.source_entry(p, digests[p].result())
-                             for p in [p for _, p, _ in all_files] + mapping_files],
+            "source_files": [
+                storage.source_entry(p, digests[p].result())
+                for p in [p for _, p, _ in all_files] + mapping_files
+            ],
             "created_by": "dare_jax.interop.official_data.import_official",
             "format": storage.FORMAT_NAME,
             "protocol_version": storage.PROTOCOL_VERSION,
@@ -501,8 +542,7 @@ def import_official(
             fh.flush()
             os.fsync(fh.fileno())
         if storage.is_occupied(out) and not overwrite:  # appeared while we were importing
-            raise FileExistsError(f"output directory already exists: {out} "
-                                  "(use overwrite=True)")
+            raise FileExistsError(f"output directory already exists: {out} (use overwrite=True)")
         _move_into_place(tmp, out)
     except BaseException:
         if state is not None:
