@@ -31,9 +31,9 @@ class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be read (corrupt, truncated, wrong shapes)."""
 
 
-def _manager(directory: Path) -> ocp.CheckpointManager:
+def _manager(directory: Path, max_to_keep: int | None) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=1,
+        max_to_keep=max_to_keep,
         create=True,
         cleanup_tmp_directories=True,
         enable_async_checkpointing=False,
@@ -71,10 +71,16 @@ class RunCheckpoints:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory).resolve()
-        self._managers = {name: _manager(self.directory / name) for name in (LATEST, BEST)}
+        # `latest` drops its previous checkpoint once a new one is complete. `best` keeps
+        # everything until `keep_only` prunes it, which the loop calls only after the
+        # matching `latest` checkpoint is saved: until then a resume may need the older best.
+        self._managers = {
+            LATEST: _manager(self.directory / LATEST, max_to_keep=1),
+            BEST: _manager(self.directory / BEST, max_to_keep=None),
+        }
 
     def step(self, which: str = LATEST) -> int | None:
-        """Step of the latest or best checkpoint, or None when there is none."""
+        """Step of the newest latest or best checkpoint, or None when there is none."""
         return self._managers[which].latest_step()
 
     def save(self, which: str, step: int, state: Any, progress: dict) -> None:
@@ -139,6 +145,14 @@ class RunCheckpoints:
         manager = self._managers[BEST]
         for saved in manager.all_steps():
             if saved > step:
+                manager.delete(saved)
+        manager.reload()
+
+    def keep_only(self, which: str, step: int) -> None:
+        """Delete every checkpoint of `which` except step `step`."""
+        manager = self._managers[which]
+        for saved in manager.all_steps():
+            if saved != step:
                 manager.delete(saved)
         manager.reload()
 

@@ -68,14 +68,17 @@ class MetricsLog:
 
     Args:
       path: the .jsonl file.
-      resume_step: keep only the records with step <= resume_step (None: keep all).
+      resume_step: keep only the records with step <= resume_step, test records excepted
+        (None: start a new file).
     """
 
     def __init__(self, path: str | Path, resume_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            kept = [r for r in read_jsonl(self.path) if int(r.get("step", 0)) <= resume_step]
+            # Test records are written once, at the very end: a resumed run writes them again.
+            kept = [r for r in read_jsonl(self.path)
+                    if int(r.get("step", 0)) <= resume_step and r.get("split") != "test"]
             text = "".join(json.dumps(r) + "\n" for r in kept)
             write_text_atomic(self.path, text)
         elif resume_step is None and self.path.exists():

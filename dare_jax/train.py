@@ -313,9 +313,10 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
     progress: dict[str, Any] = {"data_iterator": None, "best_auc": None, "best_step": None,
                                 "best_val": None}
     resume_step = checkpoints.step(checkpointing.LATEST)
+    # Bests newer than the latest checkpoint (a kill between the two saves) are stale.
+    checkpoints.discard_best_after(-1 if resume_step is None else resume_step)
     if resume_step is not None:
         state, progress = checkpoints.restore(checkpointing.LATEST, template)
-        checkpoints.discard_best_after(resume_step)
         print(f"seed {seed}: resuming from step {resume_step}", flush=True)
     else:
         state = trainer.initial_state(seed)
@@ -359,18 +360,23 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
                 if improved:
                     progress.update(best_auc=val["auc"], best_step=step, best_val=val)
                 progress["data_iterator"] = iterator.get_state()
-                # Best first: a kill between the two saves resumes from the older latest,
-                # which discards this best and recomputes it.
+                # Order matters for a kill at any point: a new best is saved first, then
+                # latest (which records it), and only then is the previous best deleted. A
+                # resume from an older latest discards bests newer than it (they are
+                # recomputed identically) and still finds the best that latest records.
                 if improved:
                     checkpoints.save(checkpointing.BEST, step, state,
                                      run_logging.to_jsonable(progress))
                 checkpoints.save(checkpointing.LATEST, step, state,
                                  run_logging.to_jsonable(progress))
+                checkpoints.keep_only(checkpointing.BEST, int(progress["best_step"]))
                 bar.write(f"seed {seed} step {step}: val auc {val['auc']:.5f} "
                           f"(best {progress['best_auc']:.5f} at {progress['best_step']})")
     finally:
         bar.close()
-    best_state, best_progress = checkpoints.restore(checkpointing.BEST, template)
+    best_state, best_progress = checkpoints.restore(
+        checkpointing.BEST, template, step=int(progress["best_step"])
+    )
     test = evaluate(trainer.eval_step, best_state, dataset, "test", config)
     log.write({"step": step, "split": "test", "best_step": best_progress["best_step"], **test})
     board.scalars("test", test, int(best_progress["best_step"]))

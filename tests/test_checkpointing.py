@@ -43,14 +43,20 @@ def test_keeps_only_newest_and_resaves_same_step(tmp_path):
     np.testing.assert_array_equal(restored["params"]["embed"], np.arange(6.0) * 3.0)
 
 
-def test_discard_best_after(tmp_path):
+def test_best_is_kept_until_pruned_and_stale_bests_are_discarded(tmp_path):
     checkpoints = RunCheckpoints(tmp_path)
-    checkpoints.save(BEST, 300, _state(), {})
-    checkpoints.discard_best_after(150)
-    assert checkpoints.step(BEST) is None
-    checkpoints.save(BEST, 150, _state(), {})
+    checkpoints.save(BEST, 150, _state(1.0), {"best_step": 150})
+    checkpoints.save(BEST, 300, _state(2.0), {"best_step": 300})
+    # A kill before `latest` recorded step 300: resume at 150 drops the stale best only.
+    checkpoints = RunCheckpoints(tmp_path)
     checkpoints.discard_best_after(150)
     assert checkpoints.step(BEST) == 150
+    restored, progress = checkpoints.restore(BEST, _state(0.0), step=150)
+    assert progress == {"best_step": 150}
+    np.testing.assert_array_equal(restored["params"]["embed"], np.arange(6.0))
+    checkpoints.save(BEST, 450, _state(3.0), {"best_step": 450})
+    checkpoints.keep_only(BEST, 450)
+    assert sorted(int(p.name) for p in (tmp_path / BEST).iterdir() if p.name.isdigit()) == [450]
 
 
 def test_corrupt_checkpoint_names_the_path(tmp_path):

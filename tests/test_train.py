@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import demo
-from dare_jax import steps, train
+from dare_jax import checkpointing, steps, train
 from dare_jax.data import open_dataset, pipeline, preprocess_log
 from dare_jax.data.synthetic import write_taobao_log
 
@@ -102,8 +102,17 @@ def _crashing_iterator(after: int):
     return make
 
 
-def test_interrupted_run_resumes_to_identical_results(tiny_data, tmp_path, monkeypatch):
-    reference = train.run(tiny_config(tiny_data, tmp_path / "straight", num_seeds=2))
+@pytest.fixture(scope="module")
+def reference(tiny_data, tmp_path_factory):
+    """An uninterrupted two-seed run of the tiny setup."""
+    workdir = tmp_path_factory.mktemp("straight")
+    results = train.run(tiny_config(tiny_data, workdir, num_seeds=2))
+    return workdir, results
+
+
+def test_interrupted_run_resumes_to_identical_results(tiny_data, tmp_path, monkeypatch,
+                                                      reference):
+    straight_dir, reference = reference
     seeds = [r["seed"] for r in reference["seeds"]]
     assert seeds == [0, 1]
     # Evaluations at 4, 8 and at the end (10); the best by validation AUC is tested.
@@ -128,7 +137,7 @@ def test_interrupted_run_resumes_to_identical_results(tiny_data, tmp_path, monke
     resumed = train.run(tiny_config(tiny_data, workdir, num_seeds=2))
     assert _test_metrics(resumed) == _test_metrics(reference)
     for seed in (0, 1):
-        straight = [json.loads(x) for x in open(tmp_path / f"straight/seed_{seed}/metrics.jsonl")]
+        straight = [json.loads(x) for x in open(straight_dir / f"seed_{seed}/metrics.jsonl")]
         again = [json.loads(x) for x in open(workdir / f"seed_{seed}/metrics.jsonl")]
         assert again == straight  # the log holds each step once, with identical values
     # Two seeds, a crash and two resumptions in this process: the step compiled once.
@@ -145,8 +154,33 @@ def test_interrupted_run_resumes_to_identical_results(tiny_data, tmp_path, monke
     assert any("attention" in t for t in tables) and any("representation" in t for t in tables)
     np.testing.assert_equal(
         np.load(workdir / "seed_0/embeddings" / tables[0]),
-        np.load(tmp_path / "straight/seed_0/embeddings" / tables[0]),
+        np.load(straight_dir / "seed_0/embeddings" / tables[0]),
     )
+
+
+def test_kill_between_best_and_latest_saves(tiny_data, tmp_path, monkeypatch, reference):
+    """The narrowest window: a new best is on disk, the latest checkpoint not yet."""
+    _, reference = reference
+    best_step = reference["seeds"][0]["best_step"]
+    real_save = checkpointing.RunCheckpoints.save
+    saved_best = []
+
+    def dying_save(self, which, step, state, progress):
+        if which == checkpointing.LATEST and step == best_step and saved_best == [best_step]:
+            raise _Crash(f"killed after saving best {step}, before latest")
+        if which == checkpointing.BEST and step == best_step:
+            saved_best.append(step)
+        return real_save(self, which, step, state, progress)
+
+    workdir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpointing.RunCheckpoints, "save", dying_save)
+        with pytest.raises(_Crash):
+            train.run(tiny_config(tiny_data, workdir, num_seeds=2))
+    assert (workdir / f"seed_0/checkpoints/best/{best_step}").is_dir()
+    resumed = train.run(tiny_config(tiny_data, workdir, num_seeds=2))
+    assert _test_metrics(resumed) == _test_metrics(reference)
+    assert resumed["seeds"][0]["best_step"] == best_step
 
 
 @pytest.mark.slow  # two fresh processes, each compiling the model
