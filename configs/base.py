@@ -145,9 +145,7 @@ def _set_path(config: ml_collections.ConfigDict, dotted: str, value) -> None:
     node[leaf] = value
 
 
-def apply_variant(
-    config: ml_collections.ConfigDict, arg: str | None
-) -> ml_collections.ConfigDict:
+def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
     """Apply the `key=value` variant string to `config` (in place) and return it."""
     parsed = parse_variant_arg(arg)
     variant = parsed.get("model", config.variant)

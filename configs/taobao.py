@@ -8,9 +8,11 @@ Run (DARE, 5 seeds, 2 epochs, batch 2048):
 
 Data: download `UserBehavior.csv` from https://tianchi.aliyun.com/dataset/649
 into `data/taobao/UserBehavior.csv` (or point `--config.data.raw_path` at it).
-The first run preprocesses it into `data/taobao/preprocessed` (once; or run
-`python -m preprocessing.taobao --input data/taobao/UserBehavior.csv --output data/taobao/preprocessed`
-beforehand).
+The first run preprocesses it into
+`data/taobao/preprocessed` (once). To preprocess beforehand instead:
+
+    python -m preprocessing.taobao --input data/taobao/UserBehavior.csv \\
+        --output data/taobao/preprocessed
 
 What it should give: the paper's Table 1 reports, as the mean test AUC of 5
 seeds at d=16, DARE 0.92568, TWIN 0.91688, DIN 0.90442, TWIN-4E 0.90414,

@@ -8,9 +8,10 @@ Run (DARE, 5 seeds, 2 epochs, batch 2048):
 Data: download the "data_format1" archive of https://tianchi.aliyun.com/dataset/42
 and put `user_log_format1.csv` into `data/tmall/user_log_format1.csv` (or point
 `--config.data.raw_path` at it). The first run preprocesses it into
-`data/tmall/preprocessed` (once; or run
-`python -m preprocessing.tmall --input data/tmall/user_log_format1.csv --output data/tmall/preprocessed`
-beforehand).
+`data/tmall/preprocessed` (once). To preprocess beforehand instead:
+
+    python -m preprocessing.tmall --input data/tmall/user_log_format1.csv \\
+        --output data/tmall/preprocessed
 
 What it should give: the paper's Table 1 reports, as the mean test AUC of 5
 seeds at d=16, DARE 0.96800, TWIN 0.95812, DIN 0.95894, TWIN-4E 0.96124,

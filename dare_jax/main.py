@@ -17,7 +17,9 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "config file, optionally with a variant: configs/taobao.py:model=twin",
+    "config",
+    None,
+    "config file, optionally with a variant: configs/taobao.py:model=twin",
     lock_config=True,
 )
 
@@ -49,8 +51,10 @@ def main(argv: list[str]) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume from the latest checkpoint",
-              file=sys.stderr)
+        print(
+            "interrupted; rerun the same command to resume from the latest checkpoint",
+            file=sys.stderr,
+        )
         sys.exit(130)
     _print_summary(results)
 

@@ -77,13 +77,16 @@ class MetricsLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             # Test records are written once, at the very end: a resumed run writes them again.
-            kept = [r for r in read_jsonl(self.path)
-                    if int(r.get("step", 0)) <= resume_step and r.get("split") != "test"]
+            kept = [
+                r
+                for r in read_jsonl(self.path)
+                if int(r.get("step", 0)) <= resume_step and r.get("split") != "test"
+            ]
             text = "".join(json.dumps(r) + "\n" for r in kept)
             write_text_atomic(self.path, text)
         elif resume_step is None and self.path.exists():
             self.path.unlink()
-        self._file = open(self.path, "a")
+        self._file = open(self.path, "a")  # noqa: SIM115 (open for the whole run; see close)
 
     def write(self, record: dict) -> None:
         self._file.write(json.dumps(to_jsonable(record)) + "\n")

@@ -85,8 +85,10 @@ def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[s
         if key in RESUMABLE_FIELDS:
             continue
         if saved.get(key, "<absent>") != current.get(key, "<absent>"):
-            out.append(f"{key}: run has {saved.get(key, '<absent>')!r}, "
-                       f"command has {current.get(key, '<absent>')!r}")
+            out.append(
+                f"{key}: run has {saved.get(key, '<absent>')!r}, "
+                f"command has {current.get(key, '<absent>')!r}"
+            )
     return out
 
 
@@ -105,8 +107,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     if int(config.data.max_length) < 1:
         raise RunError(f"config field data.max_length = {config.data.max_length!r}: must be >= 1")
     if config.data.kind not in DOWNLOADS:
-        raise RunError(f"config field data.kind = {config.data.kind!r}: expected "
-                       f"one of {sorted(DOWNLOADS)}")
+        raise RunError(
+            f"config field data.kind = {config.data.kind!r}: expected one of {sorted(DOWNLOADS)}"
+        )
     if not config.data.dir:
         raise RunError("config field data.dir is empty: where is the preprocessed dataset?")
     if not config.workdir:
@@ -119,8 +122,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise RunError(str(error)) from error
     observe = config.model.observe_attn_repr_grad or config.model.avoid_domination
     if config.export.gradients and not observe:
-        raise RunError("config field export.gradients = True needs "
-                       "model.observe_attn_repr_grad = True (a twin-family model)")
+        raise RunError(
+            "config field export.gradients = True needs "
+            "model.observe_attn_repr_grad = True (a twin-family model)"
+        )
     if int(config.export.gradients_every_steps) < 1:
         raise RunError("config field export.gradients_every_steps must be >= 1")
     if not math.isfinite(config.optim.lr) or config.optim.lr <= 0:
@@ -139,15 +144,20 @@ def prepare_dataset(config: ml_collections.ConfigDict):
     data_dir, raw_path = Path(config.data.dir), Path(config.data.raw_path)
     if not (data_dir / "manifest.json").exists():
         if data_dir.exists() and any(data_dir.iterdir()):
-            raise RunError(f"{data_dir} exists but holds no manifest.json: not a dataset "
-                           "directory (remove it, or point --config.data.dir elsewhere)")
+            raise RunError(
+                f"{data_dir} exists but holds no manifest.json: not a dataset "
+                "directory (remove it, or point --config.data.dir elsewhere)"
+            )
         if int(config.data.synthetic_users) > 0 and not raw_path.exists():
             from dare_jax.data.synthetic import write_taobao_log
 
             raw_path.parent.mkdir(parents=True, exist_ok=True)
             rows = int(config.data.synthetic_rows) or None
-            print(f"generating a synthetic Taobao log ({config.data.synthetic_users} users) "
-                  f"at {raw_path}", flush=True)
+            print(
+                f"generating a synthetic Taobao log ({config.data.synthetic_users} users) "
+                f"at {raw_path}",
+                flush=True,
+            )
             write_taobao_log(raw_path, int(config.data.synthetic_users), seed=0, target_rows=rows)
         if not raw_path.is_file():
             name, url, command = DOWNLOADS[config.data.kind]
@@ -160,8 +170,9 @@ def prepare_dataset(config: ml_collections.ConfigDict):
             )
         print(f"preprocessing {raw_path} into {data_dir} (once)", flush=True)
         try:
-            preprocess_log(config.data.kind, raw_path, data_dir,
-                           seed=int(config.data.preprocess_seed))
+            preprocess_log(
+                config.data.kind, raw_path, data_dir, seed=int(config.data.preprocess_seed)
+            )
         except (ValueError, OSError) as error:
             raise RunError(f"preprocessing {raw_path} failed: {error}") from error
     try:
@@ -194,7 +205,10 @@ def evaluate(eval_step, state, dataset, split: str, config: ml_collections.Confi
     batch_size = min(int(config.train.eval_batch_size), dataset.num_samples(split))
     probs, labels, users, categories = [], [], [], []
     for batch, valid in pipeline.eval_batches(
-        dataset, split, batch_size=batch_size, max_length=int(config.data.max_length),
+        dataset,
+        split,
+        batch_size=batch_size,
+        max_length=int(config.data.max_length),
         blind_history=bool(config.data.blind_history),
     ):
         probs.append((eval_step(state, batch), valid))  # dispatch now, fetch later
@@ -239,8 +253,9 @@ def export_gradients(observed, step: int, directory: Path) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _compiled_functions(model_json: str, optim_json: str, item_n: int, cate_n: int,
-                        max_length: int):
+def _compiled_functions(
+    model_json: str, optim_json: str, item_n: int, cate_n: int, max_length: int
+):
     """(model, optimizer, init_state, train_step, eval_step) for one model setup.
 
     Memoised so that several runs in one process (tests, sweeps, notebooks) with
@@ -267,12 +282,14 @@ class _Trainer:
     def __init__(self, config: ml_collections.ConfigDict, dataset):
         self.config, self.dataset = config, dataset
         build(config, dataset.manifest)  # validates the model config against the data
-        (self.model, self.optimizer, self.init_state, self.train_step,
-         self.eval_step) = _compiled_functions(
-            json.dumps(run_logging.to_jsonable(config.model.to_dict()), sort_keys=True),
-            json.dumps(run_logging.to_jsonable(config.optim.to_dict()), sort_keys=True),
-            int(dataset.manifest["item_n"]), int(dataset.manifest["cate_n"]),
-            int(config.data.max_length),
+        (self.model, self.optimizer, self.init_state, self.train_step, self.eval_step) = (
+            _compiled_functions(
+                json.dumps(run_logging.to_jsonable(config.model.to_dict()), sort_keys=True),
+                json.dumps(run_logging.to_jsonable(config.optim.to_dict()), sort_keys=True),
+                int(dataset.manifest["item_n"]),
+                int(dataset.manifest["cate_n"]),
+                int(config.data.max_length),
+            )
         )
         self.steps_per_epoch = pipeline.steps_per_epoch(dataset, int(config.train.batch_size))
         total = self.steps_per_epoch * int(config.train.num_epochs)
@@ -310,8 +327,12 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
     config, dataset = trainer.config, trainer.dataset
     checkpoints = checkpointing.RunCheckpoints(seed_dir / "checkpoints")
     template = trainer.abstract_state(seed)
-    progress: dict[str, Any] = {"data_iterator": None, "best_auc": None, "best_step": None,
-                                "best_val": None}
+    progress: dict[str, Any] = {
+        "data_iterator": None,
+        "best_auc": None,
+        "best_step": None,
+        "best_val": None,
+    }
     resume_step = checkpoints.step(checkpointing.LATEST)
     # Bests newer than the latest checkpoint (a kill between the two saves) are stale.
     checkpoints.discard_best_after(-1 if resume_step is None else resume_step)
@@ -322,18 +343,28 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
         state = trainer.initial_state(seed)
     step = int(state["step"])
     log = run_logging.MetricsLog(seed_dir / "metrics.jsonl", resume_step)
-    board = run_logging.TensorBoard(seed_dir / "tensorboard", bool(config.log.tensorboard),
-                                    resume_step)
+    board = run_logging.TensorBoard(
+        seed_dir / "tensorboard", bool(config.log.tensorboard), resume_step
+    )
     train_data = pipeline.train_dataset(
-        dataset, batch_size=int(config.train.batch_size), seed=seed,
-        num_epochs=int(config.train.num_epochs), max_length=int(config.data.max_length),
+        dataset,
+        batch_size=int(config.train.batch_size),
+        seed=seed,
+        num_epochs=int(config.train.num_epochs),
+        max_length=int(config.data.max_length),
         blind_history=bool(config.data.blind_history),
     )
     iterator = pipeline.train_iterator(train_data, progress["data_iterator"])
     batch_size = int(config.train.batch_size)
-    bar = tqdm(total=trainer.total_steps * batch_size, initial=step * batch_size, unit="sample",
-               unit_scale=True, desc=f"seed {seed}", disable=not config.log.progress_bar,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=trainer.total_steps * batch_size,
+        initial=step * batch_size,
+        unit="sample",
+        unit_scale=True,
+        desc=f"seed {seed}",
+        disable=not config.log.progress_bar,
+        dynamic_ncols=True,
+    )
     pending = None  # (step, loss array) checked one step late so the host never stalls
     try:
         while step < trainer.total_steps:
@@ -365,13 +396,17 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
                 # resume from an older latest discards bests newer than it (they are
                 # recomputed identically) and still finds the best that latest records.
                 if improved:
-                    checkpoints.save(checkpointing.BEST, step, state,
-                                     run_logging.to_jsonable(progress))
-                checkpoints.save(checkpointing.LATEST, step, state,
-                                 run_logging.to_jsonable(progress))
+                    checkpoints.save(
+                        checkpointing.BEST, step, state, run_logging.to_jsonable(progress)
+                    )
+                checkpoints.save(
+                    checkpointing.LATEST, step, state, run_logging.to_jsonable(progress)
+                )
                 checkpoints.keep_only(checkpointing.BEST, int(progress["best_step"]))
-                bar.write(f"seed {seed} step {step}: val auc {val['auc']:.5f} "
-                          f"(best {progress['best_auc']:.5f} at {progress['best_step']})")
+                bar.write(
+                    f"seed {seed} step {step}: val auc {val['auc']:.5f} "
+                    f"(best {progress['best_auc']:.5f} at {progress['best_step']})"
+                )
     finally:
         bar.close()
     best_state, best_progress = checkpoints.restore(
@@ -385,8 +420,13 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
     log.close()
     board.close()
     checkpoints.close()
-    result = {"seed": seed, "steps": step, "best_step": best_progress["best_step"],
-              "val": best_progress["best_val"], "test": test}
+    result = {
+        "seed": seed,
+        "steps": step,
+        "best_step": best_progress["best_step"],
+        "val": best_progress["best_val"],
+        "test": test,
+    }
     run_logging.write_json_atomic(result_path, result)
     return result
 
@@ -412,7 +452,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
         if differences:
             raise RunError(
                 f"{workdir} holds a run with a different config; refusing to resume into it. "
-                "Differences:\n  " + "\n  ".join(differences)
+                "Differences:\n  "
+                + "\n  ".join(differences)
                 + "\nUse another --config.workdir, or delete the directory to start over."
             )
     dataset = prepare_dataset(config)

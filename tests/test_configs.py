@@ -82,12 +82,17 @@ def test_bad_variant_arguments(arg, message):
 
 
 def test_config_flags_load_variants_and_overrides():
-    argv = ["prog", f"--config={REPO}/configs/tmall.py:model=twin_hard,seeds=1",
-            "--config.optim.lr=0.005", "--config.model.top_k=10",
-            "--config.data.dir=/tmp/elsewhere"]
+    argv = [
+        "prog",
+        f"--config={REPO}/configs/tmall.py:model=twin_hard,seeds=1",
+        "--config.optim.lr=0.005",
+        "--config.model.top_k=10",
+        "--config.data.dir=/tmp/elsewhere",
+    ]
     flag_values = flags.FlagValues()
-    holder = config_flags.DEFINE_config_file("config", None, "test", flag_values=flag_values,
-                                             lock_config=True, sys_argv=argv)
+    holder = config_flags.DEFINE_config_file(
+        "config", None, "test", flag_values=flag_values, lock_config=True, sys_argv=argv
+    )
     flag_values(argv)
     config = holder.value
     assert config.model.name == "twin" and not config.model.soft_search

@@ -84,12 +84,14 @@ def test_blind_history_zeroes_histories_only():
     batch = next(pipeline.train_iterator(dataset))
     assert not batch["hist_iid"].any() and not batch["hist_cid"].any()
     assert batch["iid"].any()
-    batch, _ = next(pipeline.eval_batches(source, "val", batch_size=4, max_length=6,
-                                          blind_history=True))
+    batch, _ = next(
+        pipeline.eval_batches(source, "val", batch_size=4, max_length=6, blind_history=True)
+    )
     assert not batch["hist_iid"].any()
 
 
 def test_batch_larger_than_split_is_an_error():
     with pytest.raises(ValueError, match="batch_size=64"):
-        pipeline.train_dataset(FakeSource({"train": 10}), batch_size=64, seed=0, num_epochs=1,
-                               max_length=3)
+        pipeline.train_dataset(
+            FakeSource({"train": 10}), batch_size=64, seed=0, num_epochs=1, max_length=3
+        )

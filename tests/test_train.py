@@ -18,6 +18,7 @@ from configs import demo
 from dare_jax import checkpointing, steps, train
 from dare_jax.data import open_dataset, pipeline, preprocess_log
 from dare_jax.data.synthetic import write_taobao_log
+from dare_jax.run_logging import read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -110,8 +111,7 @@ def reference(tiny_data, tmp_path_factory):
     return workdir, results
 
 
-def test_interrupted_run_resumes_to_identical_results(tiny_data, tmp_path, monkeypatch,
-                                                      reference):
+def test_interrupted_run_resumes_to_identical_results(tiny_data, tmp_path, monkeypatch, reference):
     straight_dir, reference = reference
     seeds = [r["seed"] for r in reference["seeds"]]
     assert seeds == [0, 1]
@@ -137,8 +137,8 @@ def test_interrupted_run_resumes_to_identical_results(tiny_data, tmp_path, monke
     resumed = train.run(tiny_config(tiny_data, workdir, num_seeds=2))
     assert _test_metrics(resumed) == _test_metrics(reference)
     for seed in (0, 1):
-        straight = [json.loads(x) for x in open(straight_dir / f"seed_{seed}/metrics.jsonl")]
-        again = [json.loads(x) for x in open(workdir / f"seed_{seed}/metrics.jsonl")]
+        straight = read_jsonl(straight_dir / f"seed_{seed}/metrics.jsonl")
+        again = read_jsonl(workdir / f"seed_{seed}/metrics.jsonl")
         assert again == straight  # the log holds each step once, with identical values
     # Two seeds, a crash and two resumptions in this process: the step compiled once.
     trainer = train._Trainer(tiny_config(tiny_data, workdir), open_dataset(tiny_data))
@@ -190,8 +190,9 @@ def test_kill_9_and_restart_with_the_same_command(tiny_data, tmp_path):
     flags = cli_flags({**tiny_overrides(tiny_data, workdir), "train.max_steps": 40})
     command = [sys.executable, "-m", "dare_jax.main", "--config", "configs/demo.py", *flags]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     latest = workdir / "seed_0/checkpoints/latest"
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
@@ -201,7 +202,9 @@ def test_kill_9_and_restart_with_the_same_command(tiny_data, tmp_path):
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert not (workdir / "results.json").exists(), "the run finished before it was killed"
-    finished = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    finished = subprocess.run(
+        command, check=False, cwd=REPO, env=env, capture_output=True, text=True
+    )
     assert finished.returncode == 0, finished.stderr[-2000:]
     assert "resuming from step" in finished.stdout
     resumed = json.loads((workdir / "results.json").read_text())
@@ -218,16 +221,22 @@ def test_gradient_observation_exports_both_paths(tiny_data, tmp_path):
     assert files == ["step_00000002.npz", "step_00000004.npz"]
     cate_n = open_dataset(tiny_data).manifest["cate_n"]
     with np.load(workdir / "seed_0/gradients/step_00000004.npz") as grads:
-        assert sorted(grads.files) == ["attention.category", "attention.time",
-                                       "representation.category", "representation.time"]
+        assert sorted(grads.files) == [
+            "attention.category",
+            "attention.time",
+            "representation.category",
+            "representation.time",
+        ]
         attention, representation = grads["attention.category"], grads["representation.category"]
     assert attention.shape == representation.shape == (cate_n, 4)
     assert np.abs(attention).sum() > 0 and np.abs(representation).sum() > 0
     assert not np.allclose(attention, representation)
     # Both copies of the shared table receive the summed gradient, so they stay equal.
     tables = workdir / "seed_0/embeddings"
-    np.testing.assert_array_equal(np.load(tables / "embed.attention.category.npy"),
-                                  np.load(tables / "embed.representation.category.npy"))
+    np.testing.assert_array_equal(
+        np.load(tables / "embed.attention.category.npy"),
+        np.load(tables / "embed.representation.category.npy"),
+    )
 
 
 def test_train_step_compiles_once_and_is_pure(tiny_data):
@@ -250,8 +259,10 @@ def test_train_step_compiles_once_and_is_pure(tiny_data):
     for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(two)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     other, _ = trainer.train_step(trainer.initial_state(1), batches[0])
-    assert not np.array_equal(np.asarray(jax.tree.leaves(one["params"])[0]),
-                              np.asarray(jax.tree.leaves(other["params"])[0]))
+    assert not np.array_equal(
+        np.asarray(jax.tree.leaves(one["params"])[0]),
+        np.asarray(jax.tree.leaves(other["params"])[0]),
+    )
     assert trainer.train_step._cache_size() == 1
 
 
@@ -322,15 +333,26 @@ def test_bad_config_is_named_and_writes_nothing(tiny_data, tmp_path, field, valu
 
 def _cli(*args, cwd=REPO):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "dare_jax.main", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "dare_jax.main", *args],
+        check=False,
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_missing_data_explains_the_download(tmp_path):
-    result = _cli("--config", str(REPO / "configs/taobao.py"),
-                  f"--config.data.raw_path={tmp_path}/UserBehavior.csv",
-                  f"--config.data.dir={tmp_path}/pre", f"--config.workdir={tmp_path}/run",
-                  cwd=tmp_path)
+    result = _cli(
+        "--config",
+        str(REPO / "configs/taobao.py"),
+        f"--config.data.raw_path={tmp_path}/UserBehavior.csv",
+        f"--config.data.dir={tmp_path}/pre",
+        f"--config.workdir={tmp_path}/run",
+        cwd=tmp_path,
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "tianchi.aliyun.com/dataset/649" in result.stderr

@@ -11,6 +11,7 @@ import json
 import pytest
 
 from dare_jax import train
+from dare_jax.run_logging import read_jsonl
 from tests.conftest import shared_path
 
 SAMPLES = {
@@ -37,7 +38,7 @@ def test_paper_config_runs_on_the_real_sample(name, tmp_path):
     assert test["num_samples"] == manifest["counts"]["test"] == 3 * test["gauc_users"]
     assert 0.0 <= test["auc"] <= 1.0 and test["log_loss"] > 0
     assert results["seeds"][0]["best_step"] in (3, 6)
-    records = [json.loads(line) for line in open(tmp_path / "run/seed_0/metrics.jsonl")]
+    records = read_jsonl(tmp_path / "run/seed_0/metrics.jsonl")
     assert [r["step"] for r in records if r["split"] == "val"] == [3, 6]
     assert (tmp_path / "run/results.json").exists()
     assert list((tmp_path / "run/seed_0/tensorboard").glob("events.out.tfevents.*"))
