@@ -280,6 +280,31 @@ def test_train_step_compiles_once_and_is_pure(tiny_data):
     assert trainer.train_step._cache_size() == 1
 
 
+def test_eval_batchnorm_modes(tiny_data):
+    """Default: running statistics; official option: the batch's own statistics."""
+    from dare_jax.models import build_model
+
+    config = tiny_config(tiny_data, "unused")
+    dataset = open_dataset(tiny_data)
+    trainer = train._Trainer(config, dataset)
+    state = trainer.initial_state(0)
+    data = pipeline.train_dataset(dataset, batch_size=64, seed=0, num_epochs=1, max_length=20)
+    for index in range(3):
+        state, _ = trainer.train_step(state, data[index])
+    batch = dataset.gather("val", np.arange(64), 20)
+    shifted = {**state, "batch_stats": jax.tree.map(lambda x: x + 3.0, state["batch_stats"])}
+    running = np.asarray(trainer.eval_step(state, batch))
+    assert running.shape == (64,)
+    assert not np.allclose(running, np.asarray(trainer.eval_step(shifted, batch)))
+    official_cfg = config.model.copy_and_resolve_references()
+    official_cfg.eval_batchnorm_uses_batch_stats = True
+    model = build_model(official_cfg, dataset.manifest["item_n"], dataset.manifest["cate_n"], 20)
+    official_eval = steps.make_eval_step(model, official_cfg)
+    official = np.asarray(official_eval(state, batch))
+    np.testing.assert_allclose(official, np.asarray(official_eval(shifted, batch)), rtol=1e-6)
+    assert not np.allclose(official, running)
+
+
 def test_nonfinite_loss_names_the_step(tiny_data, tmp_path, monkeypatch):
     real = train._compiled_functions
 
