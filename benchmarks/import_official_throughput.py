@@ -17,7 +17,7 @@ history; train samples are shuffled once, globally. ``iid_mapping.npy`` holds al
 4,068,790 items, as the full Taobao one does.
 
     python benchmarks/import_official_throughput.py                  # ~1 M train samples
-    python benchmarks/import_official_throughput.py --train-samples 300000
+    python benchmarks/import_official_throughput.py --files 3      # the first 3 files only
 
 Generated files are large (~2 kB per sample): keep them under data/ (git-ignored)
 or /tmp, never in the repository.
@@ -137,6 +137,18 @@ def cached_official(train_samples: int, file_rows: int, seed: int, cache_dir: Pa
     return out
 
 
+def first_files_view(src: Path, n_files: int) -> Path:
+    """A directory of links to ``src`` with only its first ``n_files`` train files."""
+    view = src.parent / f"{src.name}_first{n_files}"
+    if view.exists():
+        shutil.rmtree(view)
+    view.mkdir()
+    for path in src.glob("*.npy"):
+        if not path.name.startswith("train_") or int(path.name.split("_")[1]) <= n_files:
+            (view / path.name).symlink_to(path.resolve())
+    return view
+
+
 def run_child(src: Path, out_dir: Path) -> dict:
     """Import ``src`` in a child process; wall time and peak RSS of that child."""
     cmd = [
@@ -189,9 +201,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep-output", action="store_true", help="keep the imported dataset (deleted by default)"
     )
+    parser.add_argument(
+        "--files",
+        type=int,
+        default=None,
+        help="import only the first FILES train files (to compare memory)",
+    )
     args = parser.parse_args(argv)
     src = cached_official(args.train_samples, args.file_rows, args.seed, args.cache_dir)
     info = json.loads((src / "complete.json").read_text())
+    if args.files is not None:
+        src = first_files_view(src, args.files)
+        info["train_files"] = min(args.files, info["train_files"])
     out_dir = args.cache_dir / f"imported_{src.name}"
     load_before = os.getloadavg()
     result = run_child(src, out_dir)
@@ -199,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     manifest = json.loads((out_dir / "manifest.json").read_text())
     if not args.keep_output:
         shutil.rmtree(out_dir)
+    if args.files is not None:
+        shutil.rmtree(src)  # the links only
     counts = manifest["counts"]
     total = sum(counts.values())
     size = sum(p.stat().st_size for p in src.glob("*.npy"))

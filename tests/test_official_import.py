@@ -272,6 +272,7 @@ def test_bad_rows_are_named(multi_file, tmp_path):
         ("item", 1, 10**7, "row 7: iid has ids outside"),
         ("hist", 5, [0] * 199 + [-1], "row 7: hist_cid has ids outside"),
         ("short", 4, [1] * 150, "row 7: hist_iid is not a list of 200"),
+        ("uid list", 0, [3], "row 7: uid is not an integer"),
     ):
         bad = tmp_path / field
         shutil.copytree(src, bad)

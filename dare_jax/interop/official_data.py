@@ -41,6 +41,7 @@ import re
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
@@ -58,6 +59,7 @@ _INT32_MAX = int(np.iinfo(np.int32).max)
 # Rows of stored windows read back per memory map while verifying: bounds the mapped
 # pages (counted as resident memory) to 2 x 8192 x 800 bytes.
 _READBACK_ROWS = 8192
+_CONVERT_ROWS = 8192  # rows of an official file converted to int64 at a time
 
 
 class OfficialDataError(ValueError):
@@ -83,6 +85,8 @@ def _mapping_to_raw(path: Path) -> np.ndarray:
     mapping = obj.item() if isinstance(obj, np.ndarray) and obj.shape == () else obj
     if not isinstance(mapping, dict):
         raise OfficialDataError(f"{path}: expected a pickled dict, found {type(mapping).__name__}")
+    if len(mapping) > _INT32_MAX:
+        raise OfficialDataError(f"{path}: {len(mapping)} ids do not fit int32 dense ids")
     raw = np.fromiter(mapping.keys(), dtype=np.int64, count=len(mapping))
     dense = np.fromiter(mapping.values(), dtype=np.int64, count=len(mapping))
     if len(mapping) and not np.array_equal(np.sort(dense), np.arange(1, len(mapping) + 1)):
@@ -92,22 +96,31 @@ def _mapping_to_raw(path: Path) -> np.ndarray:
     return out
 
 
-def _int_matrix(path: Path, column: np.ndarray, name: str, width: int | None) -> np.ndarray:
-    """Object column of ints or int lists -> int64 [N] (``width`` None) or [N, width]."""
+def _int_chunks(
+    path: Path, column: np.ndarray, name: str, width: int | None
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Object column of ints or int lists -> (first row, int64 [rows] or [rows, width]).
+
+    Converted ``_CONVERT_ROWS`` rows at a time so that the int64 temporaries stay small
+    next to the file's Python objects.
+    """
     n = column.shape[0]
-    try:
-        values = np.asarray(column.tolist(), dtype=np.int64)
-    except (ValueError, TypeError, OverflowError) as exc:
-        bad = _first_bad_row(column, width)
-        where = f"row {bad}: " if bad is not None else ""
-        kind = "an integer" if width is None else f"a list of {width} integers"
-        raise OfficialDataError(f"{path}: {where}{name} is not {kind}: {exc}") from exc
-    want = (n,) if width is None else (n, width)
-    if n == 0:
-        values = values.reshape(want)
-    if values.shape != want:
-        raise OfficialDataError(f"{path}: {name} has shape {values.shape}, expected {want}")
-    return values
+    for lo in range(0, n, _CONVERT_ROWS):
+        part = column[lo : lo + _CONVERT_ROWS]
+        want = (part.shape[0],) if width is None else (part.shape[0], width)
+        problem = None
+        try:
+            values = np.asarray(part.tolist(), dtype=np.int64)
+            if values.shape != want:
+                problem = f"shape {values.shape}, expected {want}"
+        except (ValueError, TypeError, OverflowError) as exc:
+            problem = str(exc)
+        if problem is not None:
+            bad = _first_bad_row(part, width)
+            where = f"row {lo + bad}: " if bad is not None else f"rows {lo}..: "
+            kind = "an integer" if width is None else f"a list of {width} integers"
+            raise OfficialDataError(f"{path}: {where}{name} is not {kind} ({problem})")
+        yield lo, values
 
 
 def _first_bad_row(column: np.ndarray, width: int | None) -> int | None:
@@ -127,6 +140,8 @@ def _rows_to_arrays(
     """One official sample file -> int32 uid, iid, cid, label [N], hist_iid, hist_cid [N, 200].
 
     ``limits`` gives the largest valid dense id of 'uid', 'iid' and 'cid' (mapping sizes).
+    Each column's Python objects are released as soon as it is converted, so the peak
+    is the unpickled file plus small int64 chunks.
     """
     data = _load_pickled(path)
     if not (isinstance(data, np.ndarray) and data.ndim == 2 and data.shape[1] == 6):
@@ -145,29 +160,28 @@ def _rows_to_arrays(
         ("hist_cid", 5, WINDOW),
     )
     for name, col, width in specs:
-        values = _int_matrix(path, data[:, col], name, width)
-        if name == "label":
-            ok = (values == [1, 0]).all(1) | (values == [0, 1]).all(1)
-            if not ok.all():
-                bad = int(np.flatnonzero(~ok)[0])
+        key = name.removeprefix("hist_")
+        values = np.empty((n, WINDOW) if width == WINDOW else (n,), dtype=np.int32)
+        for lo, part in _int_chunks(path, data[:, col], name, width):
+            if name == "label":
+                ok = (part == [1, 0]).all(1) | (part == [0, 1]).all(1)
+                if not ok.all():
+                    bad = int(np.flatnonzero(~ok)[0])
+                    raise OfficialDataError(
+                        f"{path}: row {lo + bad}: label {part[bad].tolist()} is "
+                        "not one-hot [1, 0] / [0, 1]"
+                    )
+                part = part[:, 0]
+            elif part.size and (part.min() < 0 or part.max() > limits[key]):
+                wrong = ((part < 0) | (part > limits[key])).reshape(part.shape[0], -1)
+                bad = lo + int(np.flatnonzero(wrong.any(1))[0])
                 raise OfficialDataError(
-                    f"{path}: row {bad}: label {values[bad].tolist()} is "
-                    "not one-hot [1, 0] / [0, 1]"
-                )
-            values = values[:, 0]
-        else:
-            limit = limits[name.removeprefix("hist_")]
-            if values.size and (values.min() < 0 or values.max() > limit):
-                bad = int(
-                    np.flatnonzero(((values < 0) | (values > limit)).reshape(n, -1).any(1))[0]
-                )
-                key = name.removeprefix("hist_")
-                raise OfficialDataError(
-                    f"{path}: row {bad}: {name} has ids outside 0..{limit} "
+                    f"{path}: row {bad}: {name} has ids outside 0..{limits[key]} "
                     f"(the ids of {_MAPPINGS[key]})"
                 )
-        out[name] = values.astype(np.int32)
-        del values
+            values[lo : lo + part.shape[0]] = part
+        data[:, col] = None  # frees this column's lists and ints before the next one
+        out[name] = values
     return out
 
 
