@@ -387,9 +387,14 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
                 val = evaluate(trainer.eval_step, state, dataset, "val", config)
                 log.write({"step": step, "split": "val", **val})
                 board.scalars("val", val, step)
-                improved = progress["best_auc"] is None or val["auc"] > progress["best_auc"]
+                # A NaN AUC (one class only) never beats a number; kept as None, as in JSON.
+                auc = val["auc"] if math.isfinite(val["auc"]) else None
+                best = progress["best_auc"]
+                improved = progress["best_step"] is None or (
+                    auc is not None and (best is None or auc > best)
+                )
                 if improved:
-                    progress.update(best_auc=val["auc"], best_step=step, best_val=val)
+                    progress.update(best_auc=auc, best_step=step, best_val=val)
                 progress["data_iterator"] = iterator.get_state()
                 # Order matters for a kill at any point: a new best is saved first, then
                 # latest (which records it), and only then is the previous best deleted. A
@@ -403,9 +408,11 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
                     checkpointing.LATEST, step, state, run_logging.to_jsonable(progress)
                 )
                 checkpoints.keep_only(checkpointing.BEST, int(progress["best_step"]))
+                best = progress["best_auc"]
+                best_text = "nan" if best is None else f"{best:.5f}"
                 bar.write(
                     f"seed {seed} step {step}: val auc {val['auc']:.5f} "
-                    f"(best {progress['best_auc']:.5f} at {progress['best_step']})"
+                    f"(best {best_text} at step {progress['best_step']})"
                 )
     finally:
         bar.close()
