@@ -2,7 +2,8 @@
 
 A run with `model=twin_observe_grad` (TWIN whose shared tables are split into two synchronised
 copies) records, every `export.gradients_every_steps` steps, `seed_<s>/gradients/
-step_<n>.npz` holding `attention/<field>` and `representation/<field>`: the gradients `[rows, d]`
+step_<n>.npz` holding `attention.<field>` and `representation.<field>` (older runs:
+`attention/<field>`): the gradients `[rows, d]`
 of the field's table through the search (attention) path and through the aggregation
 (representation) path. From them, for one field (default `category`):
 
@@ -49,6 +50,17 @@ def gradient_files(directory: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def path_keys(names: list[str], field: str, path: Path) -> tuple[str, str]:
+    """The (attention, representation) array names of `field` in a gradient file; the driver
+    writes `attention.<field>`, earlier versions `attention/<field>`."""
+    for separator in (".", "/"):
+        keys = (f"attention{separator}{field}", f"representation{separator}{field}")
+        if all(key in names for key in keys):
+            return keys
+    raise common.AnalysisError(
+        f"{path} lacks attention.{field} / representation.{field}; it has {sorted(names)}")
+
+
 def row_cosines(attention: np.ndarray, representation: np.ndarray,
                 eps: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(row ids, cosines) of the rows `[R, d]` where both gradients have norm > eps."""
@@ -80,7 +92,6 @@ def gradient_statistics(
     from tqdm import tqdm
 
     files = gradient_files(directory)
-    keys = (f"attention/{field}", f"representation/{field}")
     edges = np.linspace(-1.0, 1.0, bins + 1)
     counts = np.zeros(bins, np.int64)
     per_row_total = per_row_negative = None
@@ -91,10 +102,7 @@ def gradient_statistics(
                            disable=not progress, leave=False):
         try:
             with np.load(path) as data:
-                missing = [k for k in keys if k not in data.files]
-                if missing:
-                    raise common.AnalysisError(
-                        f"{path} lacks {missing}; it has {sorted(data.files)}")
+                keys = path_keys(data.files, field, path)
                 attention, representation = data[keys[0]], data[keys[1]]
         except (OSError, ValueError) as error:
             if isinstance(error, common.AnalysisError):

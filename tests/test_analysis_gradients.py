@@ -24,8 +24,8 @@ def numpy_reference(directory, field):
     norms_a, norms_r, cosines, per_row = [], [], [], {}
     for path in sorted(directory.glob("step_*.npz")):
         with np.load(path) as data:
-            a = data[f"attention/{field}"].astype(np.float64)
-            r = data[f"representation/{field}"].astype(np.float64)
+            a = data[f"attention.{field}"].astype(np.float64)
+            r = data[f"representation.{field}"].astype(np.float64)
         norms_a.append(np.sqrt((a ** 2).sum()))
         norms_r.append(np.sqrt((r ** 2).sum()))
         for row in range(a.shape[0]):
@@ -79,9 +79,10 @@ def test_refuses_missing_or_mismatched_gradients(tmp_path):
         gradient_statistics(tmp_path / "gradients")
     folder = tmp_path / "gradients"
     folder.mkdir()
-    np.savez(folder / "step_00000001.npz", **{"attention/category": np.ones((3, 2))})
-    with pytest.raises(common.AnalysisError, match="representation/category"):
+    np.savez(folder / "step_00000001.npz", **{"attention.category": np.ones((3, 2))})
+    with pytest.raises(common.AnalysisError, match="representation.category"):
         gradient_statistics(folder, progress=False)
+    # Files of older runs name the arrays attention/<field>: still read.
     np.savez(folder / "step_00000001.npz", **{"attention/category": np.ones((3, 2)),
                                               "representation/category": np.ones((4, 2))})
     with pytest.raises(common.AnalysisError, match="one shape"):
