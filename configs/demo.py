@@ -10,7 +10,8 @@ The first run writes a synthetic `UserBehavior.csv`-format log
 (`dare_jax.data.synthetic.write_taobao_log`, 1,500 users) to
 `data/demo/UserBehavior_synthetic.csv` and preprocesses it into
 `data/demo/preprocessed` (a few seconds). Then one seed trains DARE (d=16,
-top-20) with a small setup (batch 256, 1 epoch, histories of 100) and tests its best-validation checkpoint.
+top-20) with a small setup (batch 256, 1 epoch, histories of 100) and tests
+its best-validation checkpoint.
 
 What it should give (measured 2026-11-27 on the shared 2-core machine, load
 average 5-8 from other jobs; `--config configs/demo.py:model=M,seeds=2`, test AUC
