@@ -55,9 +55,11 @@ def learned_cell_scores(
     indices = np.concatenate(chosen) if chosen else np.zeros(0, np.int64)
     if indices.size == 0:
         raise common.AnalysisError(
-            f"no {split} sample has one of the target categories {list(target_categories)}")
-    out = common.collect_outputs(run, split, ("attention_scores",), indices=indices,
-                                 batch_size=batch_size, progress=progress)
+            f"no {split} sample has one of the target categories {list(target_categories)}"
+        )
+    out = common.collect_outputs(
+        run, split, ("attention_scores",), indices=indices, batch_size=batch_size, progress=progress
+    )
     cate_n = int(run.dataset.manifest["cate_n"])
     keys = cell_keys(out["cid"], out["hist_cid"].astype(np.int64), cate_n)
     scores = out["attention_scores"].astype(np.float64)
@@ -66,8 +68,14 @@ def learned_cell_scores(
     return unique, total / count, count.astype(np.int64)
 
 
-def cell_matrix(keys: np.ndarray, values: np.ndarray, target: int, categories: Sequence[int],
-                length: int, cate_n: int) -> np.ndarray:
+def cell_matrix(
+    keys: np.ndarray,
+    values: np.ndarray,
+    target: int,
+    categories: Sequence[int],
+    length: int,
+    cate_n: int,
+) -> np.ndarray:
     """Dense `[len(categories), L]` of sparse per-cell values for one target; NaN if unseen."""
     out = np.full((len(categories), length), np.nan)
     base = (np.int64(target) * cate_n + np.asarray(categories, np.int64)) * length  # [C]
@@ -82,8 +90,11 @@ def cell_matrix(keys: np.ndarray, values: np.ndarray, target: int, categories: S
 
 def correlations(learned: np.ndarray, truth: np.ndarray) -> dict[str, float | int | None]:
     """Pearson and Spearman correlation of two equally long vectors (None if undefined)."""
-    result: dict[str, float | int | None] = {"cells": int(len(learned)), "pearson": None,
-                                             "spearman": None}
+    result: dict[str, float | int | None] = {
+        "cells": len(learned),
+        "pearson": None,
+        "spearman": None,
+    }
     if len(learned) >= 3 and np.ptp(learned) > 0 and np.ptp(truth) > 0:
         result["pearson"] = float(stats.pearsonr(learned, truth).statistic)
         result["spearman"] = float(stats.spearmanr(learned, truth).statistic)
@@ -97,13 +108,15 @@ def check_same_data(runs: Sequence[common.LoadedRun]) -> None:
         if run.max_length != first.max_length:
             raise common.AnalysisError(
                 f"runs {first.name} and {run.name} differ in data.max_length "
-                f"({first.max_length} vs {run.max_length}); compare runs of one history length")
+                f"({first.max_length} vs {run.max_length}); compare runs of one history length"
+            )
         for key in ("item_n", "cate_n", "counts"):
             if run.dataset.manifest.get(key) != first.dataset.manifest.get(key):
                 raise common.AnalysisError(
                     f"runs {first.name} and {run.name} use different datasets (manifest field "
                     f"{key}: {first.dataset.manifest.get(key)} vs "
-                    f"{run.dataset.manifest.get(key)})")
+                    f"{run.dataset.manifest.get(key)})"
+                )
 
 
 def attention_accuracy(
@@ -135,31 +148,53 @@ def attention_accuracy(
         target_categories = frequent_target_categories(dataset, split, num_targets)
     target_categories = [int(t) for t in target_categories]
     if ground_truth is None:
-        ground_truth = count_ground_truth(dataset, split="train", max_length=length,
-                                          target_categories=target_categories,
-                                          progress=progress)
+        ground_truth = count_ground_truth(
+            dataset,
+            split="train",
+            max_length=length,
+            target_categories=target_categories,
+            progress=progress,
+        )
     elif ground_truth.length != length or ground_truth.cate_n != cate_n:
         raise common.AnalysisError(
             f"ground truth has length {ground_truth.length} / cate_n {ground_truth.cate_n}, the "
-            f"runs {length} / {cate_n}")
-    learned = {name: learned_cell_scores(run, target_categories, split=split,
-                                         max_samples_per_target=max_samples_per_target,
-                                         progress=progress)
-               for name, run in runs.items()}
+            f"runs {length} / {cate_n}"
+        )
+    learned = {
+        name: learned_cell_scores(
+            run,
+            target_categories,
+            split=split,
+            max_samples_per_target=max_samples_per_target,
+            progress=progress,
+        )
+        for name, run in runs.items()
+    }
     truth_mi = ground_truth.mi
     out_dir = Path(out_dir)
-    report: dict = {"split": split, "ground_truth_split": ground_truth.split,
-                    "max_length": length, "mi_unit": "nats",
-                    "position": "column j = relative position j + 1 (1 = most recent)",
-                    "min_count": min_count, "runs": {n: str(r.run_dir) for n, r in runs.items()},
-                    "targets": [], "mean_spearman": {}}
+    report: dict = {
+        "split": split,
+        "ground_truth_split": ground_truth.split,
+        "max_length": length,
+        "mi_unit": "nats",
+        "position": "column j = relative position j + 1 (1 = most recent)",
+        "min_count": min_count,
+        "runs": {n: str(r.run_dir) for n, r in runs.items()},
+        "targets": [],
+        "mean_spearman": {},
+    }
     for target in target_categories:
         rows = ground_truth.top_categories(target, top_categories)
         if not rows:
             continue
-        entry: dict = {"target_category": target, "samples": int(ground_truth.samples[target]),
-                       "categories": rows, "ground_truth": ground_truth.matrix(target, rows),
-                       "learned": {}, "correlation": {}}
+        entry: dict = {
+            "target_category": target,
+            "samples": int(ground_truth.samples[target]),
+            "categories": rows,
+            "ground_truth": ground_truth.matrix(target, rows),
+            "learned": {},
+            "correlation": {},
+        }
         for name, (keys, mean, count) in learned.items():
             entry["learned"][name] = cell_matrix(keys, mean, target, rows, length, cate_n)
             # Correlation over every well-observed cell of this target, not only those shown.
@@ -174,10 +209,14 @@ def attention_accuracy(
         _draw_target(entry, out_dir / f"attention_heatmaps_target_{target}.png")
     if not report["targets"]:
         raise common.AnalysisError(
-            f"no ground-truth cells for the target categories {target_categories}")
+            f"no ground-truth cells for the target categories {target_categories}"
+        )
     for name in runs:
-        values = [t["correlation"][name]["spearman"] for t in report["targets"]
-                  if t["correlation"][name]["spearman"] is not None]
+        values = [
+            t["correlation"][name]["spearman"]
+            for t in report["targets"]
+            if t["correlation"][name]["spearman"] is not None
+        ]
         report["mean_spearman"][name] = float(np.mean(values)) if values else None
     common.write_json(out_dir / "attention_accuracy.json", report)
     return report
@@ -189,28 +228,43 @@ def _draw_target(entry: dict, path: Path) -> None:
         rho = entry["correlation"][name]["spearman"]
         note = "" if rho is None else f", Spearman {rho:.2f}"
         panels.append((f"{name}: mean search score{note}", matrix, "viridis"))
-    fig, axes = common.plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2),
-                                    squeeze=False)
+    fig, axes = common.plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     for index, (ax, (title, matrix, cmap)) in enumerate(zip(axes[0], panels)):
-        common.heatmap(ax, np.asarray(matrix, np.float64), title, cmap=cmap,
-                       row_labels=entry["categories"],
-                       xlabel="relative position (1 = most recent)",
-                       ylabel="behaviour category" if index == 0 else "")
+        common.heatmap(
+            ax,
+            np.asarray(matrix, np.float64),
+            title,
+            cmap=cmap,
+            row_labels=entry["categories"],
+            xlabel="relative position (1 = most recent)",
+            ylabel="behaviour category" if index == 0 else "",
+        )
     fig.suptitle(f"target category {entry['target_category']} ({entry['samples']} samples)")
     fig.tight_layout()
     common.save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m analysis.attention_accuracy",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", action="append", default=[], required=True,
-                        help="NAME=RUN_DIR (repeat for each model)")
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.attention_accuracy", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        required=True,
+        help="NAME=RUN_DIR (repeat for each model)",
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=None, help="seed folder (default lowest)")
     parser.add_argument("--data-dir", default=None, help="dataset (default: the runs' data.dir)")
-    parser.add_argument("--targets", type=int, nargs="*", default=None,
-                        help="target category ids (default: the most frequent)")
+    parser.add_argument(
+        "--targets",
+        type=int,
+        nargs="*",
+        default=None,
+        help="target category ids (default: the most frequent)",
+    )
     parser.add_argument("--num-targets", type=int, default=3)
     parser.add_argument("--top-categories", type=int, default=15)
     parser.add_argument("--split", default="train", choices=("train", "val", "test"))
@@ -219,13 +273,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     named = common.parse_named_runs(args.run)
-    runs = {name: common.load_run(path, name=name, seed=args.seed, data_dir=args.data_dir)
-            for name, path in named.items()}
+    runs = {
+        name: common.load_run(path, name=name, seed=args.seed, data_dir=args.data_dir)
+        for name, path in named.items()
+    }
     report = attention_accuracy(
-        runs, args.out, target_categories=args.targets, num_targets=args.num_targets,
-        top_categories=args.top_categories, split=args.split,
-        max_samples_per_target=args.max_samples_per_target, min_count=args.min_count,
-        progress=not args.no_progress)
+        runs,
+        args.out,
+        target_categories=args.targets,
+        num_targets=args.num_targets,
+        top_categories=args.top_categories,
+        split=args.split,
+        max_samples_per_target=args.max_samples_per_target,
+        min_count=args.min_count,
+        progress=not args.no_progress,
+    )
     for name, rho in report["mean_spearman"].items():
         print(f"{name}: mean Spearman(learned score, ground-truth MI) = {rho}")
     print(f"written to {args.out}")

@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
-import matplotlib.ticker  # noqa: F401  (analyses format axes through common.matplotlib.ticker)
+import matplotlib.ticker
 
 matplotlib.use("Agg")  # files only, never a window (headless machines, tests, CI)
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 PADDING_SCORE_LIMIT = -1e9  # model scores at or below this are masked positions (-2**32 + 1)
 
@@ -262,20 +262,25 @@ def load_run(
     max_length = int(flat.get("data.max_length", 200))
     manifest = dataset.manifest
     try:
-        model = build_model(model_cfg, int(manifest["item_n"]), int(manifest["cate_n"]),
-                            max_length)
+        model = build_model(model_cfg, int(manifest["item_n"]), int(manifest["cate_n"]), max_length)
     except ValueError as error:
         raise AnalysisError(f"run {run_dir} does not fit dataset {dataset.directory}: {error}")
     optim = unflatten(flat).get("optim", {})
     import ml_collections
 
     optim_cfg = ml_collections.ConfigDict(
-        {"lr": float(optim.get("lr", 0.01)), "b1": float(optim.get("b1", 0.9)),
-         "b2": float(optim.get("b2", 0.999)), "eps": float(optim.get("eps", 1e-8))})
+        {
+            "lr": float(optim.get("lr", 0.01)),
+            "b1": float(optim.get("b1", 0.9)),
+            "b2": float(optim.get("b2", 0.999)),
+            "eps": float(optim.get("eps", 1e-8)),
+        }
+    )
     example = dataset.gather("train", np.arange(min(2, dataset.num_samples("train"))), max_length)
     init_rng, step_rng = jax.random.split(jax.random.PRNGKey(0))
-    template = steps.create_train_state(model, steps.make_optimizer(optim_cfg), init_rng,
-                                        example, step_rng)
+    template = steps.create_train_state(
+        model, steps.make_optimizer(optim_cfg), init_rng, example, step_rng
+    )
     if which not in (checkpointing.BEST, checkpointing.LATEST):
         raise AnalysisError(f"checkpoint kind {which!r}: expected 'best' or 'latest'")
     checkpoints = checkpointing.RunCheckpoints(sdir / "checkpoints")
@@ -287,8 +292,18 @@ def load_run(
         raise AnalysisError(str(error)) from error
     finally:
         checkpoints.close()
-    return LoadedRun(name or run_dir.name, run_dir, sdir, flat, model_cfg, model, state,
-                     dataset, max_length, int(state["step"]))
+    return LoadedRun(
+        name or run_dir.name,
+        run_dir,
+        sdir,
+        flat,
+        model_cfg,
+        model,
+        state,
+        dataset,
+        max_length,
+        int(state["step"]),
+    )
 
 
 OUTPUT_KEYS = ("attention_scores", "representation", "prob", "topk_indices")
@@ -336,10 +351,15 @@ def collect_outputs(
 
     batch_size = int(min(batch_size, indices.size))
     gathered: dict[str, list[np.ndarray]] = {}
-    bar = tqdm(total=indices.size, desc=f"{run.name}: {split} outputs", unit="sample",
-               disable=not progress, leave=False)
+    bar = tqdm(
+        total=indices.size,
+        desc=f"{run.name}: {split} outputs",
+        unit="sample",
+        disable=not progress,
+        leave=False,
+    )
     for start in range(0, indices.size, batch_size):
-        chunk = indices[start:start + batch_size]
+        chunk = indices[start : start + batch_size]
         real = chunk.size
         padded = np.resize(chunk, batch_size)  # static shape: one compilation
         batch = run.dataset.gather(split, padded, run.max_length)
@@ -354,13 +374,26 @@ def collect_outputs(
 # ------------------------------------------------------------------------ plotting
 
 
-def heatmap(ax: plt.Axes, matrix: np.ndarray, title: str, *, cmap: str = "viridis",
-            row_labels: Iterable | None = None, xlabel: str = "", ylabel: str = "") -> None:
+def heatmap(
+    ax: plt.Axes,
+    matrix: np.ndarray,
+    title: str,
+    *,
+    cmap: str = "viridis",
+    row_labels: Iterable | None = None,
+    xlabel: str = "",
+    ylabel: str = "",
+) -> None:
     """Draw `matrix [rows, cols]` (NaN cells blank) with a colour bar; column j sits at x = j + 1
     (the relative position, 1 = most recent, when columns are positions)."""
     rows, cols = matrix.shape
-    image = ax.imshow(np.ma.masked_invalid(matrix), aspect="auto", cmap=cmap,
-                      interpolation="nearest", extent=(0.5, cols + 0.5, rows - 0.5, -0.5))
+    image = ax.imshow(
+        np.ma.masked_invalid(matrix),
+        aspect="auto",
+        cmap=cmap,
+        interpolation="nearest",
+        extent=(0.5, cols + 0.5, rows - 0.5, -0.5),
+    )
     ax.set_title(title, fontsize=9)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -67,27 +67,39 @@ def quantised_information(
     representation = np.asarray(representation, np.float64)
     labels = np.asarray(labels)
     if representation.ndim != 2 or len(representation) != len(labels):
-        raise common.AnalysisError(f"representation {representation.shape} and labels "
-                                   f"{labels.shape} do not describe the same samples")
+        raise common.AnalysisError(
+            f"representation {representation.shape} and labels "
+            f"{labels.shape} do not describe the same samples"
+        )
     usable = [int(k) for k in clusters if 2 <= int(k) < len(representation)]
     if not usable:
-        raise common.AnalysisError(f"no usable cluster count in {list(clusters)} for "
-                                   f"{len(representation)} samples")
+        raise common.AnalysisError(
+            f"no usable cluster count in {list(clusters)} for {len(representation)} samples"
+        )
     mi = np.zeros((len(usable), len(seeds)))
     nmi = np.zeros_like(mi)
     bar = tqdm(total=mi.size, desc="k-means", disable=not progress, leave=False)
     for i, k in enumerate(usable):
         for j, seed in enumerate(seeds):
-            kmeans = MiniBatchKMeans(n_clusters=k, random_state=int(seed), n_init=1,
-                                     batch_size=max(batch_size, k))
+            kmeans = MiniBatchKMeans(
+                n_clusters=k, random_state=int(seed), n_init=1, batch_size=max(batch_size, k)
+            )
             assignment = kmeans.fit_predict(representation)
             mi[i, j], nmi[i, j] = discrete_mutual_information(assignment, labels)
             bar.update(1)
     bar.close()
-    return {"k": usable, "seeds": list(seeds), "mi": mi, "nmi": nmi,
-            "mi_mean": mi.mean(axis=1), "mi_std": mi.std(axis=1),
-            "nmi_mean": nmi.mean(axis=1), "nmi_std": nmi.std(axis=1),
-            "samples": int(len(labels)), "features": int(representation.shape[1])}
+    return {
+        "k": usable,
+        "seeds": list(seeds),
+        "mi": mi,
+        "nmi": nmi,
+        "mi_mean": mi.mean(axis=1),
+        "mi_std": mi.std(axis=1),
+        "nmi_mean": nmi.mean(axis=1),
+        "nmi_std": nmi.std(axis=1),
+        "samples": len(labels),
+        "features": int(representation.shape[1]),
+    }
 
 
 def discriminability(
@@ -107,12 +119,17 @@ def discriminability(
     for name, run in runs.items():
         total = run.dataset.num_samples(split)
         indices = np.arange(total if max_samples is None else min(total, max_samples))
-        out = common.collect_outputs(run, split, ("representation",), indices=indices,
-                                     progress=progress)
-        stats = quantised_information(out["representation"], out["label"], clusters=clusters,
-                                      seeds=seeds, progress=progress)
-        stats.update(run_dir=str(run.run_dir), cross_feature=bool(
-            run.model_config.use_cross_feature), variant=run.variant)
+        out = common.collect_outputs(
+            run, split, ("representation",), indices=indices, progress=progress
+        )
+        stats = quantised_information(
+            out["representation"], out["label"], clusters=clusters, seeds=seeds, progress=progress
+        )
+        stats.update(
+            run_dir=str(run.run_dir),
+            cross_feature=bool(run.model_config.use_cross_feature),
+            variant=run.variant,
+        )
         report["runs"][name] = stats
     out_dir = Path(out_dir)
     fig, axes = common.plt.subplots(1, 2, figsize=(10, 4))
@@ -121,10 +138,18 @@ def discriminability(
             mean, std = stats[f"{key}_mean"], stats[f"{key}_std"]
             ax.plot(stats["k"], mean, marker="o", ms=3, label=name)
             ax.fill_between(stats["k"], mean - std, mean + std, alpha=0.2)
-    axes[0].set(xscale="log", xlabel="clusters k", ylabel="MI(cluster, label) (nats)",
-                title="mutual information")
-    axes[1].set(xscale="log", xlabel="clusters k", ylabel="NMI(cluster, label)",
-                title="normalised mutual information")
+    axes[0].set(
+        xscale="log",
+        xlabel="clusters k",
+        ylabel="MI(cluster, label) (nats)",
+        title="mutual information",
+    )
+    axes[1].set(
+        xscale="log",
+        xlabel="clusters k",
+        ylabel="NMI(cluster, label)",
+        title="normalised mutual information",
+    )
     all_k = sorted({k for stats in report["runs"].values() for k in stats["k"]})
     for ax in axes:
         ax.set_xticks(all_k)
@@ -140,10 +165,16 @@ def discriminability(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m analysis.discriminability",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", action="append", default=[], required=True,
-                        help="NAME=RUN_DIR (repeat, e.g. with and without TR)")
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.discriminability", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        required=True,
+        help="NAME=RUN_DIR (repeat, e.g. with and without TR)",
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=None, help="the runs' seed folder")
     parser.add_argument("--data-dir", default=None)
@@ -154,11 +185,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     named = common.parse_named_runs(args.run)
-    runs = {name: common.load_run(path, name=name, seed=args.seed, data_dir=args.data_dir)
-            for name, path in named.items()}
-    report = discriminability(runs, args.out, split=args.split, clusters=args.clusters,
-                              seeds=args.kmeans_seeds, max_samples=args.max_samples,
-                              progress=not args.no_progress)
+    runs = {
+        name: common.load_run(path, name=name, seed=args.seed, data_dir=args.data_dir)
+        for name, path in named.items()
+    }
+    report = discriminability(
+        runs,
+        args.out,
+        split=args.split,
+        clusters=args.clusters,
+        seeds=args.kmeans_seeds,
+        max_samples=args.max_samples,
+        progress=not args.no_progress,
+    )
     for name, stats in report["runs"].items():
         print(f"{name}: MI at k={stats['k'][-1]}: {stats['mi_mean'][-1]:.4f} nats")
     print(f"written to {args.out}")

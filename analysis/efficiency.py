@@ -86,20 +86,26 @@ def run_summary(run_dir: str | Path) -> dict:
     """Family (model name), attention dims and test AUC (mean, std, seeds) of a finished run."""
     run_dir = Path(run_dir)
     flat = common.run_config(run_dir)
-    results = common.read_json(run_dir / "results.json", "results file (results.json, written "
-                               "when every seed has finished)")
+    results = common.read_json(
+        run_dir / "results.json",
+        "results file (results.json, written when every seed has finished)",
+    )
     try:
         auc_mean, auc_std = float(results["mean"]["auc"]), float(results["std"]["auc"])
     except (KeyError, TypeError) as error:
         raise common.AnalysisError(f"{run_dir / 'results.json'} lacks mean/std auc") from error
     dims = attention_dims(flat, str(run_dir / "config.json"))
-    return {"run_dir": str(run_dir), "family": str(flat.get("model.name", "?")),
-            "variant": flat.get("variant"), "attention_dims": dims,
-            "attention_width": int(sum(dims.values())),
-            "representation_width": int(sum(int(flat[f"model.{f}_embedding_dim"])
-                                            for f in FIELDS)),
-            "test_auc_mean": auc_mean, "test_auc_std": auc_std,
-            "seeds": len(results.get("seeds", []))}
+    return {
+        "run_dir": str(run_dir),
+        "family": str(flat.get("model.name", "?")),
+        "variant": flat.get("variant"),
+        "attention_dims": dims,
+        "attention_width": int(sum(dims.values())),
+        "representation_width": int(sum(int(flat[f"model.{f}_embedding_dim"]) for f in FIELDS)),
+        "test_auc_mean": auc_mean,
+        "test_auc_std": auc_std,
+        "seeds": len(results.get("seeds", [])),
+    }
 
 
 def efficiency(
@@ -127,42 +133,84 @@ def efficiency(
     first = common.run_config(next(iter(runs.values())))
     length = int(length or first.get("data.max_length", 200))
     top_k = int(top_k or first.get("model.top_k", 20))
-    shapes = {(s["attention_dims"]["item"] + s["attention_dims"]["category"],
-               s["attention_dims"]["time"]) for s in summaries.values()}
+    shapes = {
+        (s["attention_dims"]["item"] + s["attention_dims"]["category"], s["attention_dims"]["time"])
+        for s in summaries.values()
+    }
     for width in extra_widths:
         time_dim = max(1, int(width) // 3)
         shapes.add((int(width) - time_dim, time_dim))
     timings = []
-    for semantic, time_dim in tqdm(sorted(shapes, key=sum), desc="timing search",
-                                   disable=not progress, leave=False):
-        ms = measure_search_time(semantic, time_dim, batch_size=batch_size, length=length,
-                                 top_k=min(top_k, length), repeats=repeats)
-        timings.append({"attention_width": semantic + time_dim, "semantic_dim": semantic,
-                        "time_dim": time_dim, "milliseconds": ms})
+    for semantic, time_dim in tqdm(
+        sorted(shapes, key=sum), desc="timing search", disable=not progress, leave=False
+    ):
+        ms = measure_search_time(
+            semantic,
+            time_dim,
+            batch_size=batch_size,
+            length=length,
+            top_k=min(top_k, length),
+            repeats=repeats,
+        )
+        timings.append(
+            {
+                "attention_width": semantic + time_dim,
+                "semantic_dim": semantic,
+                "time_dim": time_dim,
+                "milliseconds": ms,
+            }
+        )
     device = jax.devices()[0]
-    report = {"runs": summaries, "search_time": timings,
-              "timing": {"batch_size": batch_size, "length": length, "top_k": top_k,
-                         "repeats": repeats, "statistic": "median",
-                         "device": f"{device.platform}:{device.device_kind}"}}
+    report = {
+        "runs": summaries,
+        "search_time": timings,
+        "timing": {
+            "batch_size": batch_size,
+            "length": length,
+            "top_k": top_k,
+            "repeats": repeats,
+            "statistic": "median",
+            "device": f"{device.platform}:{device.device_kind}",
+        },
+    }
     fig, (left, right) = common.plt.subplots(1, 2, figsize=(10, 4))
     families = sorted({s["family"] for s in summaries.values()})
     for index, family in enumerate(families):
-        members = sorted((s for s in summaries.values() if s["family"] == family),
-                         key=lambda s: s["attention_width"])
+        members = sorted(
+            (s for s in summaries.values() if s["family"] == family),
+            key=lambda s: s["attention_width"],
+        )
         widths = [s["attention_width"] for s in members]
-        left.errorbar(widths, [s["test_auc_mean"] for s in members],
-                      yerr=[s["test_auc_std"] for s in members], marker="o", capsize=3,
-                      color=f"C{index}", label=family)
+        left.errorbar(
+            widths,
+            [s["test_auc_mean"] for s in members],
+            yerr=[s["test_auc_std"] for s in members],
+            marker="o",
+            capsize=3,
+            color=f"C{index}",
+            label=family,
+        )
     for name, s in summaries.items():
-        left.annotate(name, (s["attention_width"], s["test_auc_mean"]), fontsize=7,
-                      xytext=(3, 3), textcoords="offset points")
-    left.set(xlabel="attention vector width (item + category + time)", ylabel="test AUC",
-             title="AUC vs attention width")
-    right.plot([t["attention_width"] for t in timings], [t["milliseconds"] for t in timings],
-               marker="o")
-    right.set(xlabel="attention vector width", ylabel="ms per batch (median)",
-              title=f"search time, B={batch_size}, L={length}, top-{top_k}, "
-                    f"{report['timing']['device']}")
+        left.annotate(
+            name,
+            (s["attention_width"], s["test_auc_mean"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+    left.set(
+        xlabel="attention vector width (item + category + time)",
+        ylabel="test AUC",
+        title="AUC vs attention width",
+    )
+    right.plot(
+        [t["attention_width"] for t in timings], [t["milliseconds"] for t in timings], marker="o"
+    )
+    right.set(
+        xlabel="attention vector width",
+        ylabel="ms per batch (median)",
+        title=f"search time, B={batch_size}, L={length}, top-{top_k}, {report['timing']['device']}",
+    )
     for ax in (left, right):
         ax.grid(alpha=0.3)
     left.legend(fontsize=8)
@@ -174,10 +222,16 @@ def efficiency(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m analysis.efficiency",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", action="append", default=[], required=True,
-                        help="NAME=RUN_DIR of a finished run (repeat)")
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.efficiency", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        required=True,
+        help="NAME=RUN_DIR of a finished run (repeat)",
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--length", type=int, default=None)
@@ -186,13 +240,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--extra-widths", type=int, nargs="*", default=[])
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    report = efficiency(common.parse_named_runs(args.run), args.out,
-                        batch_size=args.batch_size, length=args.length, top_k=args.top_k,
-                        repeats=args.repeats, extra_widths=args.extra_widths,
-                        progress=not args.no_progress)
+    report = efficiency(
+        common.parse_named_runs(args.run),
+        args.out,
+        batch_size=args.batch_size,
+        length=args.length,
+        top_k=args.top_k,
+        repeats=args.repeats,
+        extra_widths=args.extra_widths,
+        progress=not args.no_progress,
+    )
     for name, s in report["runs"].items():
-        print(f"{name}: attention width {s['attention_width']}, test AUC "
-              f"{s['test_auc_mean']:.5f} +- {s['test_auc_std']:.5f}")
+        print(
+            f"{name}: attention width {s['attention_width']}, test AUC "
+            f"{s['test_auc_mean']:.5f} +- {s['test_auc_std']:.5f}"
+        )
     for t in report["search_time"]:
         print(f"width {t['attention_width']}: {t['milliseconds']:.3f} ms per batch")
     print(f"written to {args.out}")

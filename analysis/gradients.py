@@ -42,9 +42,13 @@ def gradient_files(directory: str | Path) -> list[tuple[int, Path]]:
     if not directory.is_dir():
         raise common.AnalysisError(
             f"no recorded gradients folder {directory} (train with model=twin_observe_grad, "
-            "i.e. model.observe_attn_repr_grad=True and export.gradients=True)")
-    found = [(int(m.group(1)), directory / name) for name in
-             (p.name for p in directory.iterdir()) if (m := STEP_FILE.match(name))]
+            "i.e. model.observe_attn_repr_grad=True and export.gradients=True)"
+        )
+    found = [
+        (int(m.group(1)), directory / name)
+        for name in (p.name for p in directory.iterdir())
+        if (m := STEP_FILE.match(name))
+    ]
     if not found:
         raise common.AnalysisError(f"{directory} holds no step_<n>.npz gradient files")
     return sorted(found)
@@ -58,11 +62,13 @@ def path_keys(names: list[str], field: str, path: Path) -> tuple[str, str]:
         if all(key in names for key in keys):
             return keys
     raise common.AnalysisError(
-        f"{path} lacks attention.{field} / representation.{field}; it has {sorted(names)}")
+        f"{path} lacks attention.{field} / representation.{field}; it has {sorted(names)}"
+    )
 
 
-def row_cosines(attention: np.ndarray, representation: np.ndarray,
-                eps: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+def row_cosines(
+    attention: np.ndarray, representation: np.ndarray, eps: float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
     """(row ids, cosines) of the rows `[R, d]` where both gradients have norm > eps."""
     attention = np.asarray(attention, np.float64)
     representation = np.asarray(representation, np.float64)
@@ -98,8 +104,9 @@ def gradient_statistics(
     steps, norm_a, norm_r, table_cos, neg_share = [], [], [], [], []
     cos_sum, cos_count, cos_negative = 0.0, 0, 0
     shape = None
-    for step, path in tqdm(files, desc=f"gradients ({field})", unit="step",
-                           disable=not progress, leave=False):
+    for step, path in tqdm(
+        files, desc=f"gradients ({field})", unit="step", disable=not progress, leave=False
+    ):
         try:
             with np.load(path) as data:
                 keys = path_keys(data.files, field, path)
@@ -111,14 +118,16 @@ def gradient_statistics(
         if attention.shape != representation.shape or attention.ndim != 2:
             raise common.AnalysisError(
                 f"{path}: {keys[0]} {attention.shape} and {keys[1]} {representation.shape} "
-                "must be tables of one shape [rows, d]")
+                "must be tables of one shape [rows, d]"
+            )
         if shape is None:
             shape = attention.shape
             per_row_total = np.zeros(shape[0], np.int64)
             per_row_negative = np.zeros(shape[0], np.int64)
         elif attention.shape != shape:
-            raise common.AnalysisError(f"{path}: table shape {attention.shape} differs from the "
-                                       f"first step's {shape}")
+            raise common.AnalysisError(
+                f"{path}: table shape {attention.shape} differs from the first step's {shape}"
+            )
         a64, r64 = attention.astype(np.float64), representation.astype(np.float64)
         steps.append(step)
         norm_a.append(float(np.linalg.norm(a64)))
@@ -139,18 +148,24 @@ def gradient_statistics(
     categories = np.flatnonzero(per_row_total >= min_steps_per_category)
     ratios = per_row_negative[categories] / np.maximum(per_row_total[categories], 1)
     return {
-        "field": field, "directory": str(directory), "steps": np.asarray(steps),
+        "field": field,
+        "directory": str(directory),
+        "steps": np.asarray(steps),
         "table_shape": list(shape),
-        "attention_norm": norm_a_arr, "representation_norm": norm_r_arr,
-        "mean_attention_norm": mean_a, "mean_representation_norm": float(norm_r_arr.mean()),
+        "attention_norm": norm_a_arr,
+        "representation_norm": norm_r_arr,
+        "mean_attention_norm": mean_a,
+        "mean_representation_norm": float(norm_r_arr.mean()),
         "domination_ratio": float(norm_r_arr.mean() / mean_a) if mean_a > 0 else None,
-        "table_cosine": np.asarray(table_cos), "negative_share_per_step": np.asarray(neg_share),
+        "table_cosine": np.asarray(table_cos),
+        "negative_share_per_step": np.asarray(neg_share),
         "cosine_histogram": {"edges": edges, "counts": counts},
         "cosine_count": cos_count,
         "negative_share": cos_negative / cos_count if cos_count else None,
         "mean_cosine": cos_sum / cos_count if cos_count else None,
         "min_steps_per_category": min_steps_per_category,
-        "category_ids": categories, "category_observations": per_row_total[categories],
+        "category_ids": categories,
+        "category_observations": per_row_total[categories],
         "category_conflict_ratio": ratios,
     }
 
@@ -171,11 +186,19 @@ def gradient_analysis(
     ({field: statistics}).
     """
     run_dir = Path(run_dir)
-    directory = run_dir if run_dir.name == "gradients" else common.seed_dir(run_dir, seed) / \
-        "gradients"
-    report = {field: gradient_statistics(directory, field=field, bins=bins,
-                                         min_steps_per_category=min_steps_per_category,
-                                         progress=progress) for field in fields}
+    directory = (
+        run_dir if run_dir.name == "gradients" else common.seed_dir(run_dir, seed) / "gradients"
+    )
+    report = {
+        field: gradient_statistics(
+            directory,
+            field=field,
+            bins=bins,
+            min_steps_per_category=min_steps_per_category,
+            progress=progress,
+        )
+        for field in fields
+    }
     out_dir = Path(out_dir)
     _draw(report, out_dir)
     common.write_json(out_dir / "gradients.json", report)
@@ -189,9 +212,12 @@ def _draw(report: dict, out_dir: Path) -> None:
         ax.plot(stats["steps"], stats["attention_norm"], label="attention path")
         ax.set_yscale("log")
         ratio = stats["domination_ratio"]
-        ax.set(xlabel="step", ylabel="gradient norm (Frobenius)",
-               title=f"{field} table: repr / attn mean norm = "
-                     f"{'n/a' if ratio is None else f'{ratio:.2f}'}")
+        ax.set(
+            xlabel="step",
+            ylabel="gradient norm (Frobenius)",
+            title=f"{field} table: repr / attn mean norm = "
+            f"{'n/a' if ratio is None else f'{ratio:.2f}'}",
+        )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
@@ -205,9 +231,12 @@ def _draw(report: dict, out_dir: Path) -> None:
         ax.bar(edges[:-1], share, width=np.diff(edges), align="edge", color=colours)
         ax.axvline(0, color="k", lw=0.8)
         negative = stats["negative_share"]
-        ax.set(xlabel="cosine(attention gradient, representation gradient) per row and step",
-               ylabel="share", title=f"{field}: {stats['cosine_count']} cosines, "
-               f"{'n/a' if negative is None else f'{100 * negative:.1f}%'} below 0")
+        ax.set(
+            xlabel="cosine(attention gradient, representation gradient) per row and step",
+            ylabel="share",
+            title=f"{field}: {stats['cosine_count']} cosines, "
+            f"{'n/a' if negative is None else f'{100 * negative:.1f}%'} below 0",
+        )
     fig.tight_layout()
     common.save_figure(fig, out_dir / "gradient_cosine_hist.png")
 
@@ -216,18 +245,24 @@ def _draw(report: dict, out_dir: Path) -> None:
         ratios = stats["category_conflict_ratio"]
         ax.hist(ratios, bins=np.linspace(0, 1, 21), color="C1")
         ax.axvline(0.5, color="k", lw=0.8, ls=":")
-        ax.set(xlabel=f"conflict ratio (share of steps with cosine < 0) per {field} row",
-               ylabel="rows", title=f"{len(ratios)} rows with >= "
-               f"{stats['min_steps_per_category']} observed steps")
+        ax.set(
+            xlabel=f"conflict ratio (share of steps with cosine < 0) per {field} row",
+            ylabel="rows",
+            title=f"{len(ratios)} rows with >= {stats['min_steps_per_category']} observed steps",
+        )
     fig.tight_layout()
     common.save_figure(fig, out_dir / "gradient_conflict_per_category.png")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m analysis.gradients",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True,
-                        help="run directory of a twin_observe_grad run (or a gradients folder)")
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.gradients", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--run",
+        required=True,
+        help="run directory of a twin_observe_grad run (or a gradients folder)",
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--fields", nargs="+", default=["category"])
@@ -235,12 +270,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-steps-per-category", type=int, default=5)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    report = gradient_analysis(args.run, args.out, seed=args.seed, fields=tuple(args.fields),
-                               bins=args.bins, min_steps_per_category=args.min_steps_per_category,
-                               progress=not args.no_progress)
+    report = gradient_analysis(
+        args.run,
+        args.out,
+        seed=args.seed,
+        fields=tuple(args.fields),
+        bins=args.bins,
+        min_steps_per_category=args.min_steps_per_category,
+        progress=not args.no_progress,
+    )
     for field, stats in report.items():
-        print(f"{field}: domination ratio {stats['domination_ratio']}, share of negative "
-              f"cosines {stats['negative_share']} over {stats['cosine_count']}")
+        print(
+            f"{field}: domination ratio {stats['domination_ratio']}, share of negative "
+            f"cosines {stats['negative_share']} over {stats['cosine_count']}"
+        )
     print(f"written to {args.out}")
 
 

@@ -28,8 +28,9 @@ import numpy as np
 from analysis import common
 
 
-def binary_mutual_information(n: np.ndarray, n1: np.ndarray, total: np.ndarray,
-                              total1: np.ndarray) -> np.ndarray:
+def binary_mutual_information(
+    n: np.ndarray, n1: np.ndarray, total: np.ndarray, total1: np.ndarray
+) -> np.ndarray:
     """MI (nats) between binary X and Y from counts, elementwise over arrays of any shape.
 
     n: #(X=1); n1: #(X=1, Y=1); total: #samples; total1: #(Y=1). Empty cells contribute 0.
@@ -84,8 +85,9 @@ class GroundTruthMI:
     @property
     def mi(self) -> np.ndarray:
         target = self.keys // (self.cate_n * self.length)
-        return binary_mutual_information(self.count, self.clicks, self.samples[target],
-                                         self.clicks_total[target])
+        return binary_mutual_information(
+            self.count, self.clicks, self.samples[target], self.clicks_total[target]
+        )
 
     def decode(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(target category, behaviour category, relative position 1..L) of every key."""
@@ -99,9 +101,9 @@ class GroundTruthMI:
         if hist_cid.shape[1] != self.length:
             raise common.AnalysisError(
                 f"histories of length {hist_cid.shape[1]} but the ground truth was counted "
-                f"with length {self.length}")
-        keys = cell_keys(np.asarray(target_category), np.asarray(hist_cid, np.int64),
-                         self.cate_n)
+                f"with length {self.length}"
+            )
+        keys = cell_keys(np.asarray(target_category), np.asarray(hist_cid, np.int64), self.cate_n)
         mi = self.mi
         where = np.clip(np.searchsorted(self.keys, keys), 0, max(len(self.keys) - 1, 0))
         found = (keys >= 0) & (len(self.keys) > 0)
@@ -135,9 +137,17 @@ class GroundTruthMI:
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path, keys=self.keys, count=self.count, clicks=self.clicks,
-                            samples=self.samples, clicks_total=self.clicks_total,
-                            length=self.length, cate_n=self.cate_n, split=self.split)
+        np.savez_compressed(
+            path,
+            keys=self.keys,
+            count=self.count,
+            clicks=self.clicks,
+            samples=self.samples,
+            clicks_total=self.clicks_total,
+            length=self.length,
+            cate_n=self.cate_n,
+            split=self.split,
+        )
         return path
 
     @classmethod
@@ -146,13 +156,27 @@ class GroundTruthMI:
         if not path.is_file():
             raise common.AnalysisError(f"ground-truth file not found: {path}")
         with np.load(path) as z:
-            missing = {"keys", "count", "clicks", "samples", "clicks_total", "length",
-                       "cate_n"} - set(z.files)
+            missing = {
+                "keys",
+                "count",
+                "clicks",
+                "samples",
+                "clicks_total",
+                "length",
+                "cate_n",
+            } - set(z.files)
             if missing:
                 raise common.AnalysisError(f"{path} lacks the arrays {sorted(missing)}")
-            return cls(z["keys"], z["count"], z["clicks"], z["samples"], z["clicks_total"],
-                       int(z["length"]), int(z["cate_n"]), str(z["split"]) if "split" in z.files
-                       else "train")
+            return cls(
+                z["keys"],
+                z["count"],
+                z["clicks"],
+                z["samples"],
+                z["clicks_total"],
+                int(z["length"]),
+                int(z["cate_n"]),
+                str(z["split"]) if "split" in z.files else "train",
+            )
 
 
 def count_ground_truth(
@@ -181,15 +205,21 @@ def count_ground_truth(
         if wanted.size and (wanted.min() < 1 or wanted.max() >= cate_n):
             raise common.AnalysisError(
                 f"target categories must be in 1..{cate_n - 1} (dataset {dataset.directory}); "
-                f"got {wanted.min()}..{wanted.max()}")
+                f"got {wanted.min()}..{wanted.max()}"
+            )
         selected = selected[np.isin(target_all, wanted)]
     samples = np.bincount(target_all[selected], minlength=cate_n).astype(np.int64)
     clicks_total = np.bincount(target_all[selected], label_all[selected], cate_n).astype(np.int64)
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    bar = tqdm(total=selected.size, desc=f"counting {split} cells", unit="sample",
-               disable=not progress, leave=False)
+    bar = tqdm(
+        total=selected.size,
+        desc=f"counting {split} cells",
+        unit="sample",
+        disable=not progress,
+        leave=False,
+    )
     for start in range(0, selected.size, chunk_size):
-        batch = dataset.gather(split, selected[start:start + chunk_size], max_length)
+        batch = dataset.gather(split, selected[start : start + chunk_size], max_length)
         keys = cell_keys(batch["cid"], batch["hist_cid"].astype(np.int64), cate_n)
         label = np.broadcast_to(batch["label"].astype(np.float64)[:, None], keys.shape)
         valid = keys >= 0
@@ -197,20 +227,30 @@ def count_ground_truth(
         bar.update(len(batch["cid"]))
     bar.close()
     if parts:
-        keys, count, clicks = _sum_by_key(np.concatenate([p[0] for p in parts]),
-                                          np.concatenate([p[1] for p in parts]),
-                                          np.concatenate([p[2] for p in parts]))
+        keys, count, clicks = _sum_by_key(
+            np.concatenate([p[0] for p in parts]),
+            np.concatenate([p[1] for p in parts]),
+            np.concatenate([p[2] for p in parts]),
+        )
     else:
         keys, count, clicks = np.zeros(0, np.int64), np.zeros(0), np.zeros(0)
-    return GroundTruthMI(keys.astype(np.int64), np.rint(count).astype(np.int64),
-                         np.rint(clicks).astype(np.int64), samples, clicks_total,
-                         int(max_length), cate_n, split)
+    return GroundTruthMI(
+        keys.astype(np.int64),
+        np.rint(count).astype(np.int64),
+        np.rint(clicks).astype(np.int64),
+        samples,
+        clicks_total,
+        int(max_length),
+        cate_n,
+        split,
+    )
 
 
 def frequent_target_categories(dataset, split: str, how_many: int) -> list[int]:
     """The `how_many` most frequent target categories of `split` (ties: smaller id first)."""
-    counts = np.bincount(np.asarray(dataset.array(f"{split}_cid")),
-                         minlength=int(dataset.manifest["cate_n"]))
+    counts = np.bincount(
+        np.asarray(dataset.array(f"{split}_cid")), minlength=int(dataset.manifest["cate_n"])
+    )
     counts[0] = 0
     order = np.argsort(-counts, kind="stable")
     return [int(c) for c in order[:how_many] if counts[c] > 0]
@@ -241,19 +281,38 @@ def ground_truth_report(
     targets = frequent_target_categories(dataset, split, num_targets)
     truth = count_ground_truth(dataset, split=split, max_length=max_length, progress=progress)
     truth.save(out_dir / "ground_truth_mi.npz")
-    report = {"data_dir": str(data_dir), "split": split, "max_length": max_length,
-              "mi_unit": "nats", "position": "1 = most recent behaviour", "targets": []}
-    fig, axes = common.plt.subplots(len(targets), 1, figsize=(8, 3 * max(len(targets), 1)),
-                                    squeeze=False)
+    report = {
+        "data_dir": str(data_dir),
+        "split": split,
+        "max_length": max_length,
+        "mi_unit": "nats",
+        "position": "1 = most recent behaviour",
+        "targets": [],
+    }
+    fig, axes = common.plt.subplots(
+        len(targets), 1, figsize=(8, 3 * max(len(targets), 1)), squeeze=False
+    )
     for ax, target in zip(axes[:, 0], targets):
         rows = truth.top_categories(target, top_categories)
         matrix = truth.matrix(target, rows)
-        report["targets"].append({
-            "target_category": target, "samples": int(truth.samples[target]),
-            "clicks": int(truth.clicks_total[target]), "categories": rows, "mi": matrix})
-        common.heatmap(ax, matrix, f"ground-truth MI, target category {target}",
-                       row_labels=rows, xlabel="relative position (1 = most recent)",
-                       ylabel="behaviour category", cmap="magma")
+        report["targets"].append(
+            {
+                "target_category": target,
+                "samples": int(truth.samples[target]),
+                "clicks": int(truth.clicks_total[target]),
+                "categories": rows,
+                "mi": matrix,
+            }
+        )
+        common.heatmap(
+            ax,
+            matrix,
+            f"ground-truth MI, target category {target}",
+            row_labels=rows,
+            xlabel="relative position (1 = most recent)",
+            ylabel="behaviour category",
+            cmap="magma",
+        )
     fig.tight_layout()
     common.save_figure(fig, out_dir / "ground_truth_mi.png")
     common.write_json(out_dir / "ground_truth_mi.json", report)
@@ -261,8 +320,9 @@ def ground_truth_report(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m analysis.mutual_information",
-                                     description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.mutual_information", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--data-dir", required=True, help="preprocessed dataset directory")
     parser.add_argument("--out", required=True, help="output directory (JSON, NPZ, PNG)")
     parser.add_argument("--split", default="train", choices=("train", "val", "test"))
@@ -271,10 +331,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-categories", type=int, default=20)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    report = ground_truth_report(args.data_dir, args.out, split=args.split,
-                                 max_length=args.max_length, num_targets=args.targets,
-                                 top_categories=args.top_categories,
-                                 progress=not args.no_progress)
+    report = ground_truth_report(
+        args.data_dir,
+        args.out,
+        split=args.split,
+        max_length=args.max_length,
+        num_targets=args.targets,
+        top_categories=args.top_categories,
+        progress=not args.no_progress,
+    )
     print(f"ground truth of {len(report['targets'])} target categories written to {args.out}")
 
 

@@ -88,8 +88,10 @@ def retrieval_metrics(
     scores, valid = np.asarray(scores, np.float64), np.asarray(valid, bool)
     truth_mi = np.where(valid, np.nan_to_num(np.asarray(truth_mi, np.float64)), 0.0)
     if scores.shape != truth_mi.shape or scores.shape != valid.shape:
-        raise common.AnalysisError(f"shapes differ: scores {scores.shape}, ground truth "
-                                   f"{truth_mi.shape}, valid {valid.shape}")
+        raise common.AnalysisError(
+            f"shapes differ: scores {scores.shape}, ground truth "
+            f"{truth_mi.shape}, valid {valid.shape}"
+        )
     rows, length = scores.shape
     k_max = min(k_max, length)
     truth_order = _rank(truth_mi, valid)[:, :gt_k]
@@ -109,8 +111,9 @@ def retrieval_metrics(
     return hits.astype(np.float64), ndcg
 
 
-def sample_filter(batch: dict[str, np.ndarray], truth_mi: np.ndarray, filters: RetrievalFilters,
-                  gt_k: int = 20) -> np.ndarray:
+def sample_filter(
+    batch: dict[str, np.ndarray], truth_mi: np.ndarray, filters: RetrievalFilters, gt_k: int = 20
+) -> np.ndarray:
     """Boolean `[N]`: the samples that pass `filters`."""
     valid = batch["hist_iid"] > 0
     keep = valid.sum(axis=1) >= filters.min_history
@@ -148,10 +151,13 @@ def summarise(hits: np.ndarray, ndcg: np.ndarray) -> dict:
     """Means over samples (NDCG ignores NaN) of hits@k and NDCG@k, k = 1..k_max."""
     with np.errstate(invalid="ignore"):
         ndcg_mean = np.nanmean(ndcg, axis=0) if len(ndcg) else np.full(ndcg.shape[1], np.nan)
-    return {"k": list(range(1, hits.shape[1] + 1)),
-            "hits": hits.mean(axis=0) if len(hits) else [], "ndcg": ndcg_mean,
-            "samples": int(len(hits)),
-            f"ndcg@{hits.shape[1]}": float(ndcg_mean[-1]) if len(hits) else None}
+    return {
+        "k": list(range(1, hits.shape[1] + 1)),
+        "hits": hits.mean(axis=0) if len(hits) else [],
+        "ndcg": ndcg_mean,
+        "samples": len(hits),
+        f"ndcg@{hits.shape[1]}": float(ndcg_mean[-1]) if len(hits) else None,
+    }
 
 
 def retrieval_quality(
@@ -177,19 +183,30 @@ def retrieval_quality(
     if not keep.any():
         raise common.AnalysisError(
             f"no sample of {len(keep)} passes the filters {dataclasses.asdict(filters)}; "
-            "relax them (e.g. --min-history, --all-labels)")
+            "relax them (e.g. --min-history, --all-labels)"
+        )
     valid = batch["hist_iid"] > 0
-    report: dict = {"filters": dataclasses.asdict(filters), "k_max": k_max, "gt_k": gt_k,
-                    "relevance": relevance, "ground_truth_split": truth.split,
-                    "samples_total": int(len(keep)), "samples_kept": int(keep.sum()),
-                    "models": {}, **(extra or {})}
+    report: dict = {
+        "filters": dataclasses.asdict(filters),
+        "k_max": k_max,
+        "gt_k": gt_k,
+        "relevance": relevance,
+        "ground_truth_split": truth.split,
+        "samples_total": len(keep),
+        "samples_kept": int(keep.sum()),
+        "models": {},
+        **(extra or {}),
+    }
     per_sample: dict[str, np.ndarray] = {"sample_index": np.flatnonzero(keep)}
     for name, scores in scorers.items():
         if scores.shape != batch["hist_iid"].shape:
-            raise common.AnalysisError(f"scores of {name} have shape {scores.shape}, the "
-                                       f"histories {batch['hist_iid'].shape}")
-        hits, ndcg = retrieval_metrics(scores[keep], truth_mi[keep], valid[keep], k_max=k_max,
-                                       gt_k=gt_k, relevance=relevance)
+            raise common.AnalysisError(
+                f"scores of {name} have shape {scores.shape}, the "
+                f"histories {batch['hist_iid'].shape}"
+            )
+        hits, ndcg = retrieval_metrics(
+            scores[keep], truth_mi[keep], valid[keep], k_max=k_max, gt_k=gt_k, relevance=relevance
+        )
         report["models"][name] = summarise(hits, ndcg)
         per_sample[f"{name}/hits"], per_sample[f"{name}/ndcg"] = hits, ndcg
     out_dir = Path(out_dir)
@@ -202,8 +219,9 @@ def retrieval_quality(
     cases = kept_index[np.argsort(-relevant[kept_index], kind="stable")[:case_samples]]
     report["case_samples"] = [int(i) for i in cases]
     for number, index in enumerate(cases):
-        draw_case(index, batch, truth_mi, scorers, k_max, gt_k,
-                  out_dir / f"retrieval_case_{number}.png")
+        draw_case(
+            index, batch, truth_mi, scorers, k_max, gt_k, out_dir / f"retrieval_case_{number}.png"
+        )
     common.write_json(out_dir / "retrieval.json", report)
     return report
 
@@ -212,15 +230,27 @@ def _draw_curves(report: dict, path: Path) -> None:
     fig, (left, right) = common.plt.subplots(1, 2, figsize=(10, 4))
     for name, entry in report["models"].items():
         left.plot(entry["k"], entry["hits"], marker="o", ms=3, label=name)
-        right.plot(entry["k"], entry["ndcg"], marker="o", ms=3,
-                   label=f"{name} ({entry['ndcg'][-1]:.3f})")
-    left.plot(report["models"][next(iter(report["models"]))]["k"],
-              [min(k, report["gt_k"]) for k in range(1, report["k_max"] + 1)],
-              "k:", lw=1, label="ideal")
-    left.set(xlabel="k (model's top-k searched behaviours)",
-             ylabel=f"hits in ground-truth top-{report['gt_k']}", title="hits@k")
-    right.set(xlabel="k", ylabel="NDCG@k", title=f"NDCG@k ({report['relevance']} relevance)",
-              ylim=(0, 1.02))
+        right.plot(
+            entry["k"], entry["ndcg"], marker="o", ms=3, label=f"{name} ({entry['ndcg'][-1]:.3f})"
+        )
+    left.plot(
+        report["models"][next(iter(report["models"]))]["k"],
+        [min(k, report["gt_k"]) for k in range(1, report["k_max"] + 1)],
+        "k:",
+        lw=1,
+        label="ideal",
+    )
+    left.set(
+        xlabel="k (model's top-k searched behaviours)",
+        ylabel=f"hits in ground-truth top-{report['gt_k']}",
+        title="hits@k",
+    )
+    right.set(
+        xlabel="k",
+        ylabel="NDCG@k",
+        title=f"NDCG@k ({report['relevance']} relevance)",
+        ylim=(0, 1.02),
+    )
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -229,23 +259,34 @@ def _draw_curves(report: dict, path: Path) -> None:
     common.save_figure(fig, path)
 
 
-def draw_case(index: int, batch: dict[str, np.ndarray], truth_mi: np.ndarray,
-              scorers: dict[str, np.ndarray], k: int, gt_k: int, path: Path) -> None:
+def draw_case(
+    index: int,
+    batch: dict[str, np.ndarray],
+    truth_mi: np.ndarray,
+    scorers: dict[str, np.ndarray],
+    k: int,
+    gt_k: int,
+    path: Path,
+) -> None:
     """One sample: ground-truth MI per relative position and each model's scores, with the
     ground-truth top-gt_k and each model's top-k marked."""
     valid = batch["hist_iid"][index] > 0
     length = valid.size
     position = length - np.arange(length)  # relative position of history index j
     mi = np.where(valid, np.nan_to_num(truth_mi[index]), 0.0)
-    fig, axes = common.plt.subplots(len(scorers) + 1, 1, sharex=True,
-                                    figsize=(10, 1.8 * (len(scorers) + 1)))
+    fig, axes = common.plt.subplots(
+        len(scorers) + 1, 1, sharex=True, figsize=(10, 1.8 * (len(scorers) + 1))
+    )
     truth_top = _rank(mi[None], valid[None])[0, :gt_k]
     axes[0].bar(position, mi, color="0.6")
     axes[0].bar(position[truth_top], mi[truth_top], color="C3", label=f"top-{gt_k}")
     axes[0].set_ylabel("MI (nats)")
     axes[0].legend(fontsize=7)
-    axes[0].set_title(f"sample {index}: target category {int(batch['cid'][index])}, "
-                      f"label {int(batch['label'][index])}", fontsize=9)
+    axes[0].set_title(
+        f"sample {index}: target category {int(batch['cid'][index])}, "
+        f"label {int(batch['label'][index])}",
+        fontsize=9,
+    )
     for ax, (name, scores) in zip(axes[1:], scorers.items()):
         row = np.asarray(scores[index], np.float64)
         usable = valid & (row > common.PADDING_SCORE_LIMIT)
@@ -254,8 +295,7 @@ def draw_case(index: int, batch: dict[str, np.ndarray], truth_mi: np.ndarray,
         ax.plot(position, shown, ".", color="0.5", ms=4)
         hit = np.isin(top, truth_top)
         ax.plot(position[top[hit]], shown[top[hit]], "o", color="C2", ms=5, label="top-k, hit")
-        ax.plot(position[top[~hit]], shown[top[~hit]], "x", color="C1", ms=5,
-                label="top-k, miss")
+        ax.plot(position[top[~hit]], shown[top[~hit]], "x", color="C1", ms=5, label="top-k, miss")
         ax.set_ylabel(name, fontsize=8)
         ax.margins(y=0.15)
         ax.legend(fontsize=7, loc="upper right")
@@ -294,28 +334,45 @@ def retrieval_analysis(
     indices = np.arange(total if max_samples is None else min(total, max_samples))
     if ground_truth is None:
         targets = np.unique(np.asarray(dataset.array(f"{split}_cid"))[indices])
-        ground_truth = count_ground_truth(dataset, split="train", max_length=length,
-                                          target_categories=targets, progress=progress)
+        ground_truth = count_ground_truth(
+            dataset, split="train", max_length=length, target_categories=targets, progress=progress
+        )
     scorers: dict[str, np.ndarray] = {}
     batch = None
     for name, run in runs.items():
-        out = common.collect_outputs(run, split, ("attention_scores",), indices=indices,
-                                     progress=progress)
+        out = common.collect_outputs(
+            run, split, ("attention_scores",), indices=indices, progress=progress
+        )
         scorers[name] = out.pop("attention_scores")
         batch = out
     for kind in baselines:
         scorers[kind] = baseline_scores(kind, batch)
     extra = {"split": split, "runs": {n: str(r.run_dir) for n, r in runs.items()}}
-    return retrieval_quality(scorers, batch, ground_truth, out_dir, filters=filters,
-                             k_max=k_max, gt_k=gt_k, relevance=relevance,
-                             case_samples=case_samples, extra=extra)
+    return retrieval_quality(
+        scorers,
+        batch,
+        ground_truth,
+        out_dir,
+        filters=filters,
+        k_max=k_max,
+        gt_k=gt_k,
+        relevance=relevance,
+        case_samples=case_samples,
+        extra=extra,
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m analysis.retrieval",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", action="append", default=[], required=True,
-                        help="NAME=RUN_DIR (repeat for each model)")
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.retrieval", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--run",
+        action="append",
+        default=[],
+        required=True,
+        help="NAME=RUN_DIR (repeat for each model)",
+    )
     parser.add_argument("--baseline", action="append", default=[], choices=BASELINES)
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=None)
@@ -333,19 +390,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--case-samples", type=int, default=2)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    filters = RetrievalFilters(not args.all_labels, args.min_history, args.min_relevant,
-                               args.min_mi, args.target_category_in_history)
+    filters = RetrievalFilters(
+        not args.all_labels,
+        args.min_history,
+        args.min_relevant,
+        args.min_mi,
+        args.target_category_in_history,
+    )
     named = common.parse_named_runs(args.run)
-    runs = {name: common.load_run(path, name=name, seed=args.seed, data_dir=args.data_dir)
-            for name, path in named.items()}
+    runs = {
+        name: common.load_run(path, name=name, seed=args.seed, data_dir=args.data_dir)
+        for name, path in named.items()
+    }
     report = retrieval_analysis(
-        runs, args.out, baselines=args.baseline, filters=filters, split=args.split,
-        max_samples=args.max_samples, k_max=args.k_max, gt_k=args.gt_k,
-        relevance=args.relevance, case_samples=args.case_samples,
-        progress=not args.no_progress)
+        runs,
+        args.out,
+        baselines=args.baseline,
+        filters=filters,
+        split=args.split,
+        max_samples=args.max_samples,
+        k_max=args.k_max,
+        gt_k=args.gt_k,
+        relevance=args.relevance,
+        case_samples=args.case_samples,
+        progress=not args.no_progress,
+    )
     for name, entry in report["models"].items():
-        print(f"{name}: NDCG@{args.k_max} = {entry[f'ndcg@{args.k_max}']:.4f} "
-              f"over {entry['samples']} samples")
+        print(
+            f"{name}: NDCG@{args.k_max} = {entry[f'ndcg@{args.k_max}']:.4f} "
+            f"over {entry['samples']} samples"
+        )
     print(f"written to {args.out}")
 
 

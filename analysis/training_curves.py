@@ -88,9 +88,10 @@ def training_curves(
                 **curves,
                 "best_auc": float(curves["auc"].max()),
                 "best_auc_step": int(curves["step"][np.argmax(curves["auc"])]),
-                "steps_to_accuracy": {str(t): first_step_reaching(curves["step"],
-                                                                  curves["accuracy"], t)
-                                      for t in accuracy_thresholds},
+                "steps_to_accuracy": {
+                    str(t): first_step_reaching(curves["step"], curves["accuracy"], t)
+                    for t in accuracy_thresholds
+                },
             }
         report["runs"][name] = {"run_dir": str(run_dir), "seeds": per_seed}
     fig, axes = common.plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 3.8))
@@ -102,11 +103,16 @@ def training_curves(
             common_steps = np.intersect1d(common_steps, seed_data["step"])
         for ax, metric in zip(axes, METRICS):
             stacked = np.stack([s[metric][np.isin(s["step"], common_steps)] for s in seeds_data])
-            ax.plot(common_steps, stacked.mean(axis=0), color=colour,
-                    label=f"{name} ({len(seeds_data)} seed{'s' * (len(seeds_data) > 1)})")
+            ax.plot(
+                common_steps,
+                stacked.mean(axis=0),
+                color=colour,
+                label=f"{name} ({len(seeds_data)} seed{'s' * (len(seeds_data) > 1)})",
+            )
             if len(seeds_data) > 1:
-                ax.fill_between(common_steps, stacked.min(axis=0), stacked.max(axis=0),
-                                color=colour, alpha=0.2)
+                ax.fill_between(
+                    common_steps, stacked.min(axis=0), stacked.max(axis=0), color=colour, alpha=0.2
+                )
     for ax, metric in zip(axes, METRICS):
         ax.set(xlabel="training step", ylabel=f"validation {metric}", title=metric)
         ax.grid(alpha=0.3)
@@ -121,20 +127,28 @@ def training_curves(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m analysis.training_curves",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", action="append", default=[], required=True,
-                        help="NAME=RUN_DIR (repeat)")
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.training_curves", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--run", action="append", default=[], required=True, help="NAME=RUN_DIR (repeat)"
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: all")
     parser.add_argument("--accuracy-thresholds", type=float, nargs="+", default=[0.9])
     args = parser.parse_args(argv)
-    report = training_curves(common.parse_named_runs(args.run), args.out, seeds=args.seeds,
-                             accuracy_thresholds=args.accuracy_thresholds)
+    report = training_curves(
+        common.parse_named_runs(args.run),
+        args.out,
+        seeds=args.seeds,
+        accuracy_thresholds=args.accuracy_thresholds,
+    )
     for name, entry in report["runs"].items():
         for seed, data in entry["seeds"].items():
-            print(f"{name} {seed}: best val AUC {data['best_auc']:.5f} at step "
-                  f"{data['best_auc_step']}; steps to accuracy {data['steps_to_accuracy']}")
+            print(
+                f"{name} {seed}: best val AUC {data['best_auc']:.5f} at step "
+                f"{data['best_auc_step']}; steps to accuracy {data['steps_to_accuracy']}"
+            )
     print(f"written to {args.out}")
 
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import numpy as np
-
 MAX_LENGTH = 30
 TRAIN_STEPS = 24
 
@@ -22,13 +20,23 @@ def tiny_config(data_dir: Path, workdir: Path, variant: str):
 
     config = demo.get_config(f"model={variant}")
     overrides = {
-        "data.dir": str(data_dir), "data.raw_path": str(data_dir.parent / "missing.csv"),
-        "data.synthetic_users": 0, "data.max_length": MAX_LENGTH,
-        "model.item_embedding_dim": 4, "model.category_embedding_dim": 4,
-        "model.time_embedding_dim": 4, "model.top_k": 5,
-        "train.batch_size": 128, "train.eval_batch_size": 1024, "train.eval_every_steps": 8,
-        "train.max_steps": TRAIN_STEPS, "train.num_seeds": 1, "log.every_steps": 4,
-        "log.progress_bar": False, "log.tensorboard": False, "workdir": str(workdir),
+        "data.dir": str(data_dir),
+        "data.raw_path": str(data_dir.parent / "missing.csv"),
+        "data.synthetic_users": 0,
+        "data.max_length": MAX_LENGTH,
+        "model.item_embedding_dim": 4,
+        "model.category_embedding_dim": 4,
+        "model.time_embedding_dim": 4,
+        "model.top_k": 5,
+        "train.batch_size": 128,
+        "train.eval_batch_size": 1024,
+        "train.eval_every_steps": 8,
+        "train.max_steps": TRAIN_STEPS,
+        "train.num_seeds": 1,
+        "log.every_steps": 4,
+        "log.progress_bar": False,
+        "log.tensorboard": False,
+        "workdir": str(workdir),
     }
     for dotted, value in overrides.items():
         node = config
@@ -72,29 +80,15 @@ def loaded_runs(root: Path):
     return {name: common.load_run(path, name=name) for name, path in tiny_runs(root).items()}
 
 
-def record_gradients(data_dir: Path, out_dir: Path, steps: int = 6) -> Path:
-    """Train a TWIN with observe_attn_repr_grad for `steps` steps and export every step's path
-    gradients with the driver's exporter (`dare_jax.train.export_gradients`)."""
-    import jax
-    import jax.numpy as jnp
-
-    from dare_jax import steps as steps_lib
+def record_gradients(data_dir: Path, workdir: Path, steps: int = 6) -> Path:
+    """Train `model=twin_observe_grad` (TWIN with synchronised attention/representation copies)
+    for `steps` steps with the driver, which records every step's path gradients; returns the
+    run's `seed_0/gradients` folder."""
     from dare_jax import train
-    from dare_jax.data import open_dataset
 
-    config = tiny_config(data_dir, out_dir, "twin_observe_grad")
-    dataset = open_dataset(data_dir)
-    model, optimizer = train.build(config, dataset.manifest)
-    step_fn = steps_lib.make_train_step(model, optimizer, config.model, 1e-6)
-    example = dataset.gather("train", np.arange(128), MAX_LENGTH)
-    init_rng, step_rng = jax.random.split(jax.random.PRNGKey(0))
-    state = steps_lib.create_train_state(model, optimizer, init_rng, example, step_rng)
-    # The synchronised copies start as one buffer; give each leaf its own before donation.
-    state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
-    rng = np.random.default_rng(0)
-    for step in range(1, steps + 1):
-        batch = dataset.gather("train", rng.choice(dataset.num_samples("train"), 128, False),
-                               MAX_LENGTH)
-        state, out = step_fn(state, batch)
-        train.export_gradients(out["observed"], step, out_dir / "gradients")
-    return out_dir / "gradients"
+    config = tiny_config(data_dir, workdir, "twin_observe_grad")
+    config.train.max_steps = steps
+    config.train.eval_every_steps = steps
+    config.export.gradients_every_steps = 1
+    train.run(config)
+    return workdir / "seed_0" / "gradients"

@@ -19,11 +19,13 @@ def runs(tmp_path_factory):
 def test_learned_cell_scores_equal_plain_average(runs):
     run = runs["DARE"]
     target = int(np.bincount(np.asarray(run.dataset.array("train_cid"))).argmax())
-    keys, mean, count = learned_cell_scores(run, [target], max_samples_per_target=200,
-                                            progress=False)
+    keys, mean, count = learned_cell_scores(
+        run, [target], max_samples_per_target=200, progress=False
+    )
     indices = np.flatnonzero(np.asarray(run.dataset.array("train_cid")) == target)[:200]
-    out = common.collect_outputs(run, "train", ("attention_scores",), indices=indices,
-                                 batch_size=64, progress=False)
+    out = common.collect_outputs(
+        run, "train", ("attention_scores",), indices=indices, batch_size=64, progress=False
+    )
     sums, counts = {}, {}
     length = run.max_length
     for i in range(len(indices)):
@@ -35,8 +37,9 @@ def test_learned_cell_scores_equal_plain_average(runs):
             sums[cell] = sums.get(cell, 0.0) + float(out["attention_scores"][i, j])
             counts[cell] = counts.get(cell, 0) + 1
     categories = sorted({c for c, _ in counts})[:12]
-    matrix = cell_matrix(keys, mean, target, categories, length,
-                         int(run.dataset.manifest["cate_n"]))
+    matrix = cell_matrix(
+        keys, mean, target, categories, length, int(run.dataset.manifest["cate_n"])
+    )
     for row, category in enumerate(categories):
         for position in range(1, length + 1):
             if (category, position) in counts:
@@ -48,8 +51,9 @@ def test_learned_cell_scores_equal_plain_average(runs):
 
 
 def test_attention_accuracy_writes_heatmaps_and_json(runs, tmp_path):
-    report = attention_accuracy(runs, tmp_path, num_targets=2, top_categories=8,
-                                max_samples_per_target=300, progress=False)
+    report = attention_accuracy(
+        runs, tmp_path, num_targets=2, top_categories=8, max_samples_per_target=300, progress=False
+    )
     assert len(report["targets"]) == 2
     saved = json.loads((tmp_path / "attention_accuracy.json").read_text())
     for entry in saved["targets"]:

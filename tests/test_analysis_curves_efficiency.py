@@ -20,15 +20,18 @@ def runs(tmp_path_factory):
 def test_training_curves_follow_metrics_files(runs, tmp_path):
     report = training_curves(runs, tmp_path, accuracy_thresholds=(0.5, 0.99))
     for name, run_dir in runs.items():
-        records = [json.loads(line) for line in
-                   (run_dir / "seed_0" / "metrics.jsonl").read_text().splitlines()]
+        records = [
+            json.loads(line)
+            for line in (run_dir / "seed_0" / "metrics.jsonl").read_text().splitlines()
+        ]
         val = [r for r in records if r["split"] == "val"]
         seed = report["runs"][name]["seeds"]["seed_0"]
         assert seed["step"].tolist() == [r["step"] for r in val]
         assert seed["auc"].tolist() == [r["auc"] for r in val]
         assert seed["best_auc"] == max(r["auc"] for r in val)
-        assert seed["steps_to_accuracy"]["0.5"] == next(r["step"] for r in val
-                                                        if r["accuracy"] >= 0.5)
+        assert seed["steps_to_accuracy"]["0.5"] == next(
+            r["step"] for r in val if r["accuracy"] >= 0.5
+        )
     assert (tmp_path / "training_curves.png").stat().st_size > 0
     assert (tmp_path / "training_curves.json").stat().st_size > 0
 
@@ -51,18 +54,24 @@ def test_read_validation_refusals(tmp_path):
 
 
 def test_attention_dims_from_config():
-    flat = {"model.item_embedding_dim": 16, "model.category_embedding_dim": 16,
-            "model.time_embedding_dim": 16, "model.attention_item_embedding_dim": 8,
-            "model.attention_category_embedding_dim": -1,
-            "model.attention_time_embedding_dim": 4, "model.use_time": True}
+    flat = {
+        "model.item_embedding_dim": 16,
+        "model.category_embedding_dim": 16,
+        "model.time_embedding_dim": 16,
+        "model.attention_item_embedding_dim": 8,
+        "model.attention_category_embedding_dim": -1,
+        "model.attention_time_embedding_dim": 4,
+        "model.use_time": True,
+    }
     assert attention_dims(flat) == {"item": 8, "category": 16, "time": 4}
     with pytest.raises(common.AnalysisError, match="model.item_embedding_dim"):
         attention_dims({})
 
 
 def test_efficiency_report(runs, tmp_path):
-    report = efficiency(runs, tmp_path, batch_size=64, repeats=2, extra_widths=(24,),
-                        progress=False)
+    report = efficiency(
+        runs, tmp_path, batch_size=64, repeats=2, extra_widths=(24,), progress=False
+    )
     for name, run_dir in runs.items():
         results = json.loads((run_dir / "results.json").read_text())
         assert report["runs"][name]["test_auc_mean"] == results["mean"]["auc"]

@@ -1,5 +1,5 @@
-"""Gradient domination and conflict statistics against numpy, on gradients recorded from a real
-TWIN model with observe_attn_repr_grad, in the driver's file format."""
+"""Gradient domination and conflict statistics against numpy, on the gradients the driver records
+for a real `model=twin_observe_grad` run."""
 
 import json
 import subprocess
@@ -17,7 +17,7 @@ from analysis.gradients import gradient_analysis, gradient_statistics
 @pytest.fixture(scope="module")
 def recorded(tmp_path_factory):
     data_dir = tiny_data(tmp_path_factory.getbasetemp() / "analysis_runs")
-    return record_gradients(data_dir, tmp_path_factory.mktemp("grad_run") / "seed_0", steps=6)
+    return record_gradients(data_dir, tmp_path_factory.mktemp("grad_run") / "twin_observe_grad")
 
 
 def numpy_reference(directory, field):
@@ -26,8 +26,8 @@ def numpy_reference(directory, field):
         with np.load(path) as data:
             a = data[f"attention.{field}"].astype(np.float64)
             r = data[f"representation.{field}"].astype(np.float64)
-        norms_a.append(np.sqrt((a ** 2).sum()))
-        norms_r.append(np.sqrt((r ** 2).sum()))
+        norms_a.append(np.sqrt((a**2).sum()))
+        norms_r.append(np.sqrt((r**2).sum()))
         for row in range(a.shape[0]):
             na, nr = np.linalg.norm(a[row]), np.linalg.norm(r[row])
             if na > 0 and nr > 0:
@@ -39,8 +39,9 @@ def numpy_reference(directory, field):
 
 @pytest.mark.parametrize("field", ["category", "time"])
 def test_statistics_equal_numpy(recorded, field):
-    stats = gradient_statistics(recorded, field=field, bins=10, min_steps_per_category=2,
-                                progress=False)
+    stats = gradient_statistics(
+        recorded, field=field, bins=10, min_steps_per_category=2, progress=False
+    )
     norms_a, norms_r, cosines, per_row = numpy_reference(recorded, field)
     assert len(stats["steps"]) == 6 and len(cosines) > 0
     np.testing.assert_allclose(stats["attention_norm"], norms_a, rtol=1e-10)
@@ -55,7 +56,8 @@ def test_statistics_equal_numpy(recorded, field):
     expected_rows = sorted(r for r, flags in per_row.items() if len(flags) >= 2)
     assert stats["category_ids"].tolist() == expected_rows
     assert stats["category_conflict_ratio"] == pytest.approx(
-        [np.mean(per_row[r]) for r in expected_rows])
+        [np.mean(per_row[r]) for r in expected_rows]
+    )
 
 
 def test_figures_json_and_cli(recorded, tmp_path):
@@ -63,13 +65,30 @@ def test_figures_json_and_cli(recorded, tmp_path):
     report = gradient_analysis(run_dir, tmp_path, fields=("category", "time"), progress=False)
     saved = json.loads((tmp_path / "gradients.json").read_text())
     assert saved["category"]["domination_ratio"] == pytest.approx(
-        report["category"]["domination_ratio"])
-    for name in ("gradient_norms.png", "gradient_cosine_hist.png",
-                 "gradient_conflict_per_category.png"):
+        report["category"]["domination_ratio"]
+    )
+    for name in (
+        "gradient_norms.png",
+        "gradient_cosine_hist.png",
+        "gradient_conflict_per_category.png",
+    ):
         assert (tmp_path / name).stat().st_size > 0
-    done = subprocess.run([sys.executable, "-m", "analysis.gradients", "--run", str(run_dir),
-                           "--out", str(tmp_path / "cli"), "--no-progress"], cwd=REPO_ROOT,
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "analysis.gradients",
+            "--run",
+            str(run_dir),
+            "--out",
+            str(tmp_path / "cli"),
+            "--no-progress",
+        ],
+        cwd=REPO_ROOT,
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "cli" / "gradients.json").stat().st_size > 0
 
@@ -83,7 +102,9 @@ def test_refuses_missing_or_mismatched_gradients(tmp_path):
     with pytest.raises(common.AnalysisError, match="representation.category"):
         gradient_statistics(folder, progress=False)
     # Files of older runs name the arrays attention/<field>: still read.
-    np.savez(folder / "step_00000001.npz", **{"attention/category": np.ones((3, 2)),
-                                              "representation/category": np.ones((4, 2))})
+    np.savez(
+        folder / "step_00000001.npz",
+        **{"attention/category": np.ones((3, 2)), "representation/category": np.ones((4, 2))},
+    )
     with pytest.raises(common.AnalysisError, match="one shape"):
         gradient_statistics(folder, progress=False)

@@ -42,9 +42,12 @@ def plain_python_recount(dataset, split, length, targets=None):
 
 def plain_mi(n, n1, total, total1):
     mi = 0.0
-    for joint, x, y in ((n1, n, total1), (n - n1, n, total - total1),
-                        (total1 - n1, total - n, total1),
-                        (total - total1 - n + n1, total - n, total - total1)):
+    for joint, x, y in (
+        (n1, n, total1),
+        (n - n1, n, total - total1),
+        (total1 - n1, total - n, total1),
+        (total - total1 - n + n1, total - n, total - total1),
+    ):
         if joint > 0:
             mi += joint / total * math.log(joint * total / (x * y))
     return mi
@@ -53,16 +56,19 @@ def plain_mi(n, n1, total, total1):
 def assert_matches_recount(truth, dataset, split, length, targets=None):
     samples, clicks, count, positive = plain_python_recount(dataset, split, length, targets)
     target, category, position = truth.decode()
-    got = {(int(t), int(c), int(p)): (int(n), int(n1)) for t, c, p, n, n1 in
-           zip(target, category, position, truth.count, truth.clicks)}
+    got = {
+        (int(t), int(c), int(p)): (int(n), int(n1))
+        for t, c, p, n, n1 in zip(target, category, position, truth.count, truth.clicks)
+    }
     assert got == {cell: (count[cell], positive[cell]) for cell in count}
     for t, n in samples.items():
         assert truth.samples[t] == n and truth.clicks_total[t] == clicks[t]
     mi = dict(zip(got, truth.mi))
     for cell in list(count)[:2000]:
         t = cell[0]
-        assert mi[cell] == pytest.approx(plain_mi(count[cell], positive[cell], samples[t],
-                                                  clicks[t]), abs=1e-12)
+        assert mi[cell] == pytest.approx(
+            plain_mi(count[cell], positive[cell], samples[t], clicks[t]), abs=1e-12
+        )
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +77,21 @@ def small_dataset(tmp_path_factory):
 
 
 def test_vectorised_counts_equal_plain_python_recount(small_dataset):
-    truth = count_ground_truth(small_dataset, split="val", max_length=25, chunk_size=97,
-                               progress=False)
+    truth = count_ground_truth(
+        small_dataset, split="val", max_length=25, chunk_size=97, progress=False
+    )
     assert_matches_recount(truth, small_dataset, "val", 25)
 
 
 def test_target_category_restriction(small_dataset):
     targets = {int(c) for c in np.asarray(small_dataset.array("test_cid"))[:40]}
-    truth = count_ground_truth(small_dataset, split="test", max_length=12,
-                               target_categories=sorted(targets), progress=False)
+    truth = count_ground_truth(
+        small_dataset,
+        split="test",
+        max_length=12,
+        target_categories=sorted(targets),
+        progress=False,
+    )
     assert_matches_recount(truth, small_dataset, "test", 12, targets)
 
 
@@ -105,8 +117,15 @@ def test_lookup_padding_and_unseen_cells():
     length, cate_n = 3, 5
     # One observed cell: target 2, category 4, relative position 1 (the most recent).
     keys = np.array([(2 * cate_n + 4) * length + 0])
-    truth = GroundTruthMI(keys, np.array([3]), np.array([3]), np.array([0, 0, 6, 0, 0]),
-                          np.array([0, 0, 3, 0, 0]), length, cate_n)
+    truth = GroundTruthMI(
+        keys,
+        np.array([3]),
+        np.array([3]),
+        np.array([0, 0, 6, 0, 0]),
+        np.array([0, 0, 3, 0, 0]),
+        length,
+        cate_n,
+    )
     got = truth.lookup(np.array([2, 2]), np.array([[0, 1, 4], [4, 4, 1]]))
     expected_mi = plain_mi(3, 3, 6, 3)
     assert np.isnan(got[0, 0])
@@ -118,18 +137,45 @@ def test_lookup_padding_and_unseen_cells():
 def test_cli_writes_files_and_refuses_missing_data(small_dataset, tmp_path):
     out = tmp_path / "mi"
     done = subprocess.run(
-        [sys.executable, "-m", "analysis.mutual_information", "--data-dir",
-         str(small_dataset.directory), "--out", str(out), "--max-length", "20", "--targets",
-         "2", "--no-progress"], cwd=REPO_ROOT, capture_output=True, text=True)
+        [
+            sys.executable,
+            "-m",
+            "analysis.mutual_information",
+            "--data-dir",
+            str(small_dataset.directory),
+            "--out",
+            str(out),
+            "--max-length",
+            "20",
+            "--targets",
+            "2",
+            "--no-progress",
+        ],
+        cwd=REPO_ROOT,
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     for name in ("ground_truth_mi.json", "ground_truth_mi.npz", "ground_truth_mi.png"):
         assert (out / name).stat().st_size > 0
     loaded = GroundTruthMI.load(out / "ground_truth_mi.npz")
     assert loaded.length == 20
     bad = subprocess.run(
-        [sys.executable, "-m", "analysis.mutual_information", "--data-dir",
-         str(tmp_path / "nowhere"), "--out", str(out)], cwd=REPO_ROOT, capture_output=True,
-        text=True)
+        [
+            sys.executable,
+            "-m",
+            "analysis.mutual_information",
+            "--data-dir",
+            str(tmp_path / "nowhere"),
+            "--out",
+            str(out),
+        ],
+        cwd=REPO_ROOT,
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2
     assert "nowhere" in bad.stderr and "Traceback" not in bad.stderr
     assert Path(out / "ground_truth_mi.npz").exists()

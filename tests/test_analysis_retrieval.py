@@ -40,8 +40,9 @@ def test_ndcg_and_hits_hand_worked_example():
     assert ndcg[0] == pytest.approx(expected)
     # Binary relevance: gains 1 for the two relevant ones.
     _, binary = retrieval_metrics(scores, mi, valid, k_max=3, gt_k=2, relevance="binary")
-    assert binary[0] == pytest.approx([1.0, 1.0 / (1 + 1 / math.log2(3)),
-                                       (1 + 0.5) / (1 + 1 / math.log2(3))])
+    assert binary[0] == pytest.approx(
+        [1.0, 1.0 / (1 + 1 / math.log2(3)), (1 + 0.5) / (1 + 1 / math.log2(3))]
+    )
     # A perfect ranking scores 1 at every k; no relevant behaviour gives NaN, not 0.
     _, perfect = retrieval_metrics(np.nan_to_num(mi, nan=PAD), mi, valid, k_max=4, gt_k=2)
     assert perfect[0] == pytest.approx([1, 1, 1, 1])
@@ -60,14 +61,20 @@ def synthetic(tmp_path_factory):
 def test_planted_rule_ranks_above_random_search(synthetic, tmp_path):
     _, truth, batch = synthetic
     scorers = {rule: baseline_scores(rule, batch) for rule in ("category_recency", "random")}
-    report = retrieval_quality(scorers, batch, truth, tmp_path, k_max=10, gt_k=10,
-                               filters=RetrievalFilters(min_history=30))
+    report = retrieval_quality(
+        scorers, batch, truth, tmp_path, k_max=10, gt_k=10, filters=RetrievalFilters(min_history=30)
+    )
     planted, random = report["models"]["category_recency"], report["models"]["random"]
     assert planted["samples"] == random["samples"] > 30
     assert planted["ndcg@10"] > random["ndcg@10"] + 0.2
     assert np.all(np.asarray(planted["hits"]) >= np.asarray(random["hits"]))
-    for name in ("retrieval.json", "retrieval_curves.png", "retrieval_case_0.png",
-                 "retrieval_case_1.png", "retrieval_per_sample.npz"):
+    for name in (
+        "retrieval.json",
+        "retrieval_curves.png",
+        "retrieval_case_0.png",
+        "retrieval_case_1.png",
+        "retrieval_per_sample.npz",
+    ):
         assert (tmp_path / name).stat().st_size > 0
 
 
@@ -78,21 +85,35 @@ def test_filters(synthetic):
     assert sample_filter(batch, mi, everything).all()
     clicked = sample_filter(batch, mi, dataclasses.replace(everything, positives_only=True))
     assert np.array_equal(clicked, batch["label"] == 1)
-    in_history = sample_filter(batch, mi, dataclasses.replace(
-        everything, target_category_in_history=True))
-    expected = [(batch["cid"][i] == batch["hist_cid"][i][batch["hist_iid"][i] > 0]).any()
-                for i in range(len(batch["cid"]))]
+    in_history = sample_filter(
+        batch, mi, dataclasses.replace(everything, target_category_in_history=True)
+    )
+    expected = [
+        (batch["cid"][i] == batch["hist_cid"][i][batch["hist_iid"][i] > 0]).any()
+        for i in range(len(batch["cid"]))
+    ]
     assert in_history.tolist() == expected
     with pytest.raises(common.AnalysisError, match="passes the filters"):
-        retrieval_quality({"r": baseline_scores("random", batch)}, batch, truth, "/tmp/unused",
-                          filters=RetrievalFilters(min_history=10**6))
+        retrieval_quality(
+            {"r": baseline_scores("random", batch)},
+            batch,
+            truth,
+            "/tmp/unused",
+            filters=RetrievalFilters(min_history=10**6),
+        )
 
 
 def test_retrieval_on_trained_runs(tmp_path_factory, tmp_path):
     runs = loaded_runs(tmp_path_factory.getbasetemp() / "analysis_runs")
-    report = retrieval_analysis(runs, tmp_path, baselines=("category_recency", "random"),
-                                k_max=10, gt_k=10, filters=RetrievalFilters(min_history=30),
-                                progress=False)
+    report = retrieval_analysis(
+        runs,
+        tmp_path,
+        baselines=("category_recency", "random"),
+        k_max=10,
+        gt_k=10,
+        filters=RetrievalFilters(min_history=30),
+        progress=False,
+    )
     assert set(report["models"]) == {"DARE", "TWIN", "category_recency", "random"}
     saved = json.loads((tmp_path / "retrieval.json").read_text())
     assert saved["models"]["DARE"]["samples"] == report["samples_kept"] > 0

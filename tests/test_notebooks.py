@@ -14,8 +14,12 @@ def execute(name: str, env: dict[str, str]) -> nbformat.NotebookNode:
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)  # the kernel inherits this process's environment
     try:
-        NotebookClient(notebook, timeout=600, kernel_name="python3",
-                       resources={"metadata": {"path": str(REPO_ROOT)}}).execute()
+        NotebookClient(
+            notebook,
+            timeout=600,
+            kernel_name="python3",
+            resources={"metadata": {"path": str(REPO_ROOT)}},
+        ).execute()
     finally:
         for key, value in saved.items():
             if value is None:
@@ -35,13 +39,17 @@ def outputs_of(notebook) -> str:
 
 
 def images_of(notebook) -> int:
-    return sum("image/png" in output.get("data", {})
-               for cell in notebook.cells for output in cell.get("outputs", []))
+    return sum(
+        "image/png" in output.get("data", {})
+        for cell in notebook.cells
+        for output in cell.get("outputs", [])
+    )
 
 
 def test_quickstart_notebook(tmp_path):
-    notebook = execute("quickstart", {"DARE_NOTEBOOK_TINY": "1",
-                                      "DARE_NOTEBOOK_WORKDIR": str(tmp_path / "quick")})
+    notebook = execute(
+        "quickstart", {"DARE_NOTEBOOK_TINY": "1", "DARE_NOTEBOOK_WORKDIR": str(tmp_path / "quick")}
+    )
     text = outputs_of(notebook)
     assert "dare " in text and "twin " in text  # the comparison table
     assert images_of(notebook) == 1
@@ -52,9 +60,14 @@ def test_quickstart_notebook(tmp_path):
 
 def test_analysis_notebook(tmp_path_factory, tmp_path):
     runs = tiny_runs(tmp_path_factory.getbasetemp() / "analysis_runs")
-    notebook = execute("analysis", {
-        "DARE_NOTEBOOK_TINY": "1", "DARE_NOTEBOOK_OUT": str(tmp_path / "out"),
-        "DARE_NOTEBOOK_RUNS": ",".join(f"{name}={path}" for name, path in runs.items())})
+    notebook = execute(
+        "analysis",
+        {
+            "DARE_NOTEBOOK_TINY": "1",
+            "DARE_NOTEBOOK_OUT": str(tmp_path / "out"),
+            "DARE_NOTEBOOK_RUNS": ",".join(f"{name}={path}" for name, path in runs.items()),
+        },
+    )
     text = outputs_of(notebook)
     assert "checkpoint step" in text and "NDCG@" in text
     assert images_of(notebook) == 3  # one heat map, the retrieval curve, one case study
