@@ -16,7 +16,6 @@ would pick up; leftover temporary directories are removed on the next start.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -159,8 +158,3 @@ class RunCheckpoints:
     def close(self) -> None:
         for manager in self._managers.values():
             manager.close()
-
-
-def remove_checkpoints(directory: str | Path) -> None:
-    """Delete a run's checkpoint folder (used only by explicit user request)."""
-    shutil.rmtree(Path(directory), ignore_errors=True)
