@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dare_jax.models.layers import Linear, PReLU
+from dare_jax.models.layers import Linear, PReLU, normal_init, torch_linear_bias_init
 
 # The official masking value; exp(PADDING_SCORE - max) underflows to exactly 0 in float32.
 PADDING_SCORE = float(-(2**32) + 1)
@@ -47,12 +47,33 @@ class DinAttentionScores(nn.Module):
 
     @nn.compact
     def __call__(self, query: jax.Array, keys: jax.Array) -> jax.Array:
-        q = jnp.broadcast_to(query[:, None, :], keys.shape)
-        x = jnp.concatenate([q, keys, q - keys, q * keys], axis=-1)
-        x = Linear(self.hidden, init_std=self.init_std, name="dense_0")(x)
+        x = _DinFirstLayer(self.hidden, self.init_std, name="dense_0")(query, keys)
         x = PReLU(self.init_std, name="prelu_0")(x)
         x = Linear(1, init_std=self.init_std, name="dense_1")(x)
         return x[..., 0] / query.shape[-1]
+
+
+class _DinFirstLayer(nn.Module):
+    """Linear(4D, H) on [q, k, q - k, q * k] (params `kernel [4D, H]`, `bias [H]`), regrouped.
+
+    q W_q + k W_k + (q - k) W_d + (q * k) W_p + b = q (W_q + W_d) + b + k (W_k - W_d + diag(q) W_p)
+    is the same function; per position it costs one [D] x [D, H] product instead of
+    [4D] x [4D, H], and the [B, L, 4D] concatenation is never built (4x fewer FLOPs, which
+    dominate DIN's step). query `[B, D]`, keys `[B, L, D]` -> `[B, L, H]`.
+    """
+
+    features: int
+    init_std: float = 0.01
+
+    @nn.compact
+    def __call__(self, query: jax.Array, keys: jax.Array) -> jax.Array:
+        d = query.shape[-1]
+        kernel = self.param("kernel", normal_init(self.init_std), (4 * d, self.features))
+        bias = self.param("bias", torch_linear_bias_init(4 * d), (self.features,))
+        w_q, w_k, w_d, w_p = (kernel[i * d : (i + 1) * d] for i in range(4))
+        per_example = w_k - w_d + query[:, :, None] * w_p[None]  # [B, D, H]
+        per_position = jnp.einsum("bld,bdh->blh", keys, per_example)
+        return per_position + (jnp.dot(query, w_q + w_d) + bias)[:, None, :]
 
 
 def mask_scores(scores: jax.Array, mask: jax.Array) -> jax.Array:

@@ -1,0 +1,264 @@
+"""Training and forward throughput (samples/s) of DIN, TWIN and DARE at Taobao scale.
+
+    python benchmarks/step_throughput.py [--models din twin dare] [--steps 5] [--warmup 2]
+        [--batch 2048] [--length 200] [--item-n 4068791] [--cate-n 9408] [--dim 16]
+        [--variants full,frozen_embeddings,forward] [--breakdown]
+
+Random int batches (ids drawn uniformly, about 10% left padding). A training step is
+forward + backward + a dense Adam update of ALL parameters (every table row, as the official
+PyTorch training with dense embedding gradients), jit-compiled with the state donated; the
+`frozen_embeddings` variant differentiates and updates everything except the embedding tables,
+to measure what the embedding gradients (scatter-add) and their dense Adam update cost.
+`forward` is the jit-compiled evaluation forward pass (BatchNorm with running statistics).
+`--breakdown` also times the pieces of one item table's update: the gradient as autodiff forms
+it (scatter-add into a zero table) and exact alternatives (segment_sum, sorted ids), the
+scatter alone, and scatter + dense Adam.
+Compilation and warm-up steps are excluded from the timings; each figure is the median over
+`--steps` timed steps of samples per second. The machine load (1-minute load average) is
+printed before and after, since shared machines skew the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dare_jax.models import build_model, default_model_config, loss_terms
+
+WEIGHT_DECAY = 1e-6
+LEARNING_RATE = 0.01
+
+
+def random_batch(
+    rng: np.random.Generator, batch: int, length: int, item_n: int, cate_n: int
+) -> dict[str, jax.Array]:
+    """Uniform random ids; each row left-padded with 0 over up to 10% of its length."""
+    hist_iid = rng.integers(1, item_n, size=(batch, length), dtype=np.int32)
+    pad = rng.integers(0, max(1, length // 10), size=batch)
+    hist_iid[np.arange(length)[None, :] < pad[:, None]] = 0
+    hist_cid = np.where(hist_iid > 0, rng.integers(1, cate_n, size=(batch, length)), 0)
+    return {
+        "iid": jnp.asarray(rng.integers(1, item_n, size=batch, dtype=np.int32)),
+        "cid": jnp.asarray(rng.integers(1, cate_n, size=batch, dtype=np.int32)),
+        "hist_iid": jnp.asarray(hist_iid),
+        "hist_cid": jnp.asarray(hist_cid.astype(np.int32)),
+        "label": jnp.asarray(rng.integers(0, 2, size=batch, dtype=np.int32)),
+    }
+
+
+def model_config(name: str, dim: int):
+    cfg = default_model_config()
+    cfg.name = name
+    cfg.item_embedding_dim = cfg.category_embedding_dim = cfg.time_embedding_dim = dim
+    if name == "din":
+        cfg.use_time = False
+    return cfg
+
+
+def make_train_step(model, optimizer):
+    """Jitted (state, batch) -> (state, loss); state donated."""
+
+    def loss_fn(trainable, frozen, batch_stats, batch):
+        params = {**trainable, **frozen}
+        outputs, updates = model.apply(
+            {"params": params, "batch_stats": batch_stats},
+            batch,
+            train=True,
+            mutable=["batch_stats"],
+        )
+        terms = loss_terms(outputs, batch["label"], params, WEIGHT_DECAY)
+        return terms["total"], updates["batch_stats"]
+
+    def step(state, batch):
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["trainable"], state["frozen"], state["batch_stats"], batch
+        )
+        updates, opt_state = optimizer.update(grads, state["opt"], state["trainable"])
+        return {
+            "trainable": optax.apply_updates(state["trainable"], updates),
+            "frozen": state["frozen"],
+            "batch_stats": batch_stats,
+            "opt": opt_state,
+        }, loss
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def time_calls(fn, n_warmup: int, n_steps: int) -> list[float]:
+    for _ in range(n_warmup):
+        jax.block_until_ready(fn())
+    durations = []
+    for _ in range(n_steps):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        durations.append(time.perf_counter() - start)
+    return durations
+
+
+def _variant_callable(model, variant: str, init_batch, batches):
+    """A no-argument callable running one timed unit (a train step or a forward pass)."""
+    variables = jax.jit(lambda key: model.init(key, init_batch, train=False))(jax.random.PRNGKey(0))
+    counter = itertools.count()
+
+    def next_batch():
+        return batches[next(counter) % len(batches)]
+
+    if variant == "forward":
+        forward = jax.jit(lambda v, b: model.apply(v, b, train=False)["prob"])
+        return lambda: forward(variables, next_batch())
+    params = variables["params"]
+    frozen_keys = ("embed",) if variant == "frozen_embeddings" else ()
+    trainable = {k: v for k, v in params.items() if k not in frozen_keys}
+    frozen = {k: v for k, v in params.items() if k in frozen_keys}
+    optimizer = optax.adam(LEARNING_RATE)
+    box = {
+        "state": {
+            "trainable": trainable,
+            "frozen": frozen,
+            "batch_stats": variables["batch_stats"],
+            "opt": optimizer.init(trainable),
+        }
+    }
+    step = make_train_step(model, optimizer)
+
+    def run():
+        box["state"], loss = step(box["state"], next_batch())
+        return loss
+
+    return run
+
+
+def embedding_update_breakdown(args: argparse.Namespace) -> None:
+    """Time the pieces of one item table's update: gradient formation and dense Adam.
+
+    Cotangent rows `[B * (L + 1), dim]` (target + history lookups) with random ids, table
+    `[item_n, dim]`. All variants compute the same gradient (float sums in another order).
+    """
+    rng = np.random.default_rng(1)
+    n_rows = args.batch * (args.length + 1)
+    ids = jnp.asarray(rng.integers(0, args.item_n, size=n_rows, dtype=np.int32))
+    rows = jnp.asarray(rng.normal(size=(n_rows, args.dim)).astype(np.float32))
+    shape = (args.item_n, args.dim)
+
+    def sorted_segment_sum(r, i):
+        order = jnp.argsort(i)
+        return jax.ops.segment_sum(r[order], i[order], shape[0], indices_are_sorted=True)
+
+    gradient_forms = {
+        "scatter-add into zeros (autodiff of the gather)": lambda r, i: (
+            jnp.zeros(shape).at[i].add(r)
+        ),
+        "segment_sum, unsorted ids": lambda r, i: jax.ops.segment_sum(r, i, shape[0]),
+        "segment_sum after sorting ids": sorted_segment_sum,
+    }
+    for label, form in gradient_forms.items():
+        fn = jax.jit(form)
+        ms = 1000 * statistics.median(time_calls(lambda fn=fn: fn(rows, ids), 1, args.steps))
+        print(f"  gradient: {label:50s} {ms:8.1f} ms", flush=True)
+
+    in_place = jax.jit(lambda t, r, i: t.at[i].add(r), donate_argnums=0)
+    box = {"table": jnp.zeros(shape)}
+
+    def scatter_in_place():
+        box["table"] = in_place(box["table"], rows, ids)
+        return box["table"]
+
+    ms = 1000 * statistics.median(time_calls(scatter_in_place, 1, args.steps))
+    print(f"  gradient: {'scatter-add into an existing table (scatter alone)':50s} {ms:8.1f} ms")
+
+    optimizer = optax.adam(LEARNING_RATE)
+
+    def adam_step(state, r, i):
+        table, opt_state = state
+        grad = jnp.zeros(shape).at[i].add(r)
+        updates, opt_state = optimizer.update(grad, opt_state, table)
+        return optax.apply_updates(table, updates), opt_state
+
+    adam = jax.jit(adam_step, donate_argnums=0)
+    table = jnp.zeros(shape)
+    box = {"state": (table, optimizer.init(table))}
+
+    def run_adam():
+        box["state"] = adam(box["state"], rows, ids)
+        return box["state"]
+
+    ms = 1000 * statistics.median(time_calls(run_adam, 1, args.steps))
+    print(f"  {'scatter-add + dense Adam of the whole table (donated)':60s} {ms:8.1f} ms")
+
+
+def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, float]:
+    cfg = model_config(name, args.dim)
+    model = build_model(cfg, args.item_n, args.cate_n, args.length)
+    rng = np.random.default_rng(0)
+    batches = [
+        random_batch(rng, args.batch, args.length, args.item_n, args.cate_n) for _ in range(2)
+    ]
+    init_batch = {k: v[:8] for k, v in batches[0].items()}
+    results: dict[str, float] = {}
+    for variant in args.variants:
+        fn = _variant_callable(model, variant, init_batch, batches)
+        durations = time_calls(fn, args.warmup, args.steps)
+        median = statistics.median(durations)
+        results[variant] = args.batch / median
+        print(
+            f"  {name:5s} {variant:18s} {args.batch / median:10.0f} samples/s  "
+            f"(median step {1000 * median:8.1f} ms over {len(durations)} steps; "
+            f"min {1000 * min(durations):.1f} ms)",
+            flush=True,
+        )
+        del fn
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["din", "twin", "dare"])
+    parser.add_argument(
+        "--variants",
+        default="full,frozen_embeddings,forward",
+        help="comma-separated: full, frozen_embeddings, forward",
+    )
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also time the item-table update pieces"
+    )
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2048)
+    parser.add_argument("--length", type=int, default=200)
+    parser.add_argument("--item-n", type=int, default=4_068_791)
+    parser.add_argument("--cate-n", type=int, default=9_408)
+    parser.add_argument("--dim", type=int, default=16)
+    args = parser.parse_args(argv)
+    args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = set(args.variants) - {"full", "frozen_embeddings", "forward"}
+    if unknown:
+        print(f"unknown --variants entries: {sorted(unknown)}", file=sys.stderr)
+        return 2
+    print(
+        f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cpus); "
+        f"batch {args.batch}, L {args.length}, item_n {args.item_n}, cate_n {args.cate_n}, "
+        f"dim {args.dim}; load average before: {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    for name in args.models:
+        benchmark_model(name, args)
+    if args.breakdown:
+        print(f"item-table update pieces ({args.item_n} x {args.dim}):", flush=True)
+        embedding_update_breakdown(args)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
