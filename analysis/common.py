@@ -219,6 +219,7 @@ class LoadedRun:
     dataset: Any
     max_length: int
     step: int
+    compiled: dict = dataclasses.field(default_factory=dict, repr=False)  # jitted appliers
 
     @property
     def variant(self) -> str:
@@ -309,6 +310,28 @@ def load_run(
 OUTPUT_KEYS = ("attention_scores", "representation", "prob", "topk_indices")
 
 
+def _jitted_apply(run: LoadedRun, keys: tuple[str, ...]):
+    """`apply(state, batch) -> {key: array}`, jit-compiled once per run and key set."""
+    import jax
+
+    cached = run.compiled.get(keys)
+    if cached is not None:
+        return cached
+    model, batch_stats_mode = run.model, bool(run.model_config.eval_batchnorm_uses_batch_stats)
+
+    @jax.jit
+    def apply(state, batch):
+        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        if batch_stats_mode:
+            out, _ = model.apply(variables, batch, train=False, mutable=["batch_stats"])
+        else:
+            out = model.apply(variables, batch, train=False)
+        return {k: (out["prob"][:, 0] if k == "prob" else out[k]) for k in keys}
+
+    run.compiled[keys] = apply
+    return apply
+
+
 def collect_outputs(
     run: LoadedRun,
     split: str,
@@ -326,7 +349,6 @@ def collect_outputs(
     topk_indices `[N, k]`. BatchNorm uses running statistics (train=False), unless the run's
     config asks for the official batch-statistics evaluation.
     """
-    import jax
     from tqdm import tqdm
 
     for key in keys:
@@ -338,17 +360,7 @@ def collect_outputs(
     indices = np.asarray(indices, np.int64)
     if indices.size == 0:
         raise AnalysisError(f"no {split} samples selected from {run.dataset.directory}")
-    model, batch_stats_mode = run.model, bool(run.model_config.eval_batchnorm_uses_batch_stats)
-
-    @jax.jit
-    def apply(state, batch):
-        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-        if batch_stats_mode:
-            out, _ = model.apply(variables, batch, train=False, mutable=["batch_stats"])
-        else:
-            out = model.apply(variables, batch, train=False)
-        return {k: (out["prob"][:, 0] if k == "prob" else out[k]) for k in keys}
-
+    apply = _jitted_apply(run, tuple(keys))
     batch_size = int(min(batch_size, indices.size))
     gathered: dict[str, list[np.ndarray]] = {}
     bar = tqdm(

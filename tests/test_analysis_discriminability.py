@@ -33,13 +33,13 @@ def test_informative_representation_keeps_more_information():
     labels = rng.integers(0, 2, 600)
     informative = np.column_stack([labels * 3.0 + rng.normal(0, 0.5, 600), rng.normal(size=600)])
     noise = rng.normal(size=(600, 2))
-    kwargs = {"clusters": (2, 8, 10_000), "seeds": (0, 1), "progress": False}
+    kwargs = {"clusters": (2, 8, 10_000), "seeds": (0,), "progress": False}
     good, bad = (
         quantised_information(informative, labels, **kwargs),
         quantised_information(noise, labels, **kwargs),
     )
     assert good["k"] == [2, 8]  # 10,000 clusters > samples: dropped
-    assert good["mi"].shape == (2, 2)
+    assert good["mi"].shape == (2, 1)
     assert np.all(good["mi_mean"] > 0.4) and np.all(bad["mi_mean"] < 0.05)
     with pytest.raises(common.AnalysisError, match="same samples"):
         quantised_information(noise, labels[:10], progress=False)

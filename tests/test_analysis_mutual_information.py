@@ -95,9 +95,16 @@ def test_target_category_restriction(small_dataset):
     assert_matches_recount(truth, small_dataset, "test", 12, targets)
 
 
-def test_counts_on_the_real_taobao_sample(tmp_path):
-    raw = shared_path("data", "taobao", "UserBehavior_head_84k.csv")
-    preprocess_log("taobao", raw, tmp_path / "pre", progress=False)
+@pytest.mark.parametrize(
+    ("kind", "parts"),
+    [
+        ("taobao", ("data", "taobao", "UserBehavior_head_84k.csv")),
+        ("tmall", ("data", "tmall", "user_log_format1_head_75k.csv")),
+    ],
+)
+def test_counts_on_the_real_samples(kind, parts, tmp_path):
+    raw = shared_path(*parts)
+    preprocess_log(kind, raw, tmp_path / "pre", progress=False)
     dataset = open_dataset(tmp_path / "pre")
     truth = count_ground_truth(dataset, split="val", max_length=50, progress=False)
     assert_matches_recount(truth, dataset, "val", 50)
