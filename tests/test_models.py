@@ -630,3 +630,47 @@ def test_train_step_compiles_once_for_repeated_batches():
         losses.append(float(value))
     assert len(traces) == 1
     assert all(np.isfinite(losses))
+
+
+@pytest.mark.parametrize(
+    "name, overrides, expected",
+    [
+        (
+            "projection_with_mlp",
+            {"mlp_hidden_layer": (8, 12)},
+            {
+                f"mlp_for_time_representation_of_behavior.{suffix}"
+                for suffix in (
+                    "0.weight",
+                    "0.bias",
+                    "1.weight",
+                    "2.weight",
+                    "2.bias",
+                    "3.weight",
+                    "4.weight",
+                    "4.bias",
+                )
+            },
+        ),
+        (
+            "projection",
+            {"mlp_position_after_concat": True},
+            {
+                f"mlp_for_{k}_of_{w}.{p}"
+                for k in ("attention", "representation")
+                for w in ("target", "behavior")
+                for p in ("weight", "bias")
+            },
+        ),
+    ],
+)
+def test_official_names_of_projection_modules(name, overrides, expected):
+    cfg = make_cfg(name, **overrides)
+    _, variables, _ = init(cfg)
+    names = set(torch_weights.export_state_dict(resolve_variant(cfg), variables))
+    prefix = next(iter(expected)).split(".")[0]
+    assert expected <= names
+    if name == "projection":  # after concatenation: exactly the 4 maps, no per-field ones
+        assert {n for n in names if n.startswith("mlp_for_")} == expected
+    else:
+        assert {n for n in names if n.startswith(prefix + ".")} == expected
