@@ -220,11 +220,11 @@ def main(argv: list[str] | None = None) -> int:
     manifest = json.loads((out_dir / "manifest.json").read_text())
     if not args.keep_output:
         shutil.rmtree(out_dir)
-    if args.files is not None:
-        shutil.rmtree(src)  # the links only
     counts = manifest["counts"]
     total = sum(counts.values())
     size = sum(p.stat().st_size for p in src.glob("*.npy"))
+    if args.files is not None:
+        shutil.rmtree(src)  # the links only
     print(
         f"input: {src} ({size / 1e9:.2f} GB, {info['train_files']} train files of "
         f"<= {args.file_rows:,} rows)"
