@@ -3,11 +3,16 @@ the ground-truth mutual information between (behaviour category, relative positi
 label?
 
 Ground truth: `analysis.mutual_information` over the training split. Learned attention of a
-model: for each target category t, the mean first-stage score the model gives a behaviour of
-category c at relative position p, averaged over the samples of `split` whose target has
-category t (masked positions excluded). Measuring it through the model's own scores works the
-same way for every variant (dot-product TWIN/DARE/TWIN-4E, projections, DIN's MLP); for the
-dot-product models the item part of the score only adds noise that the averaging removes.
+model, two ways (`method`, default "auto": the first where the model allows it):
+
+- "embeddings" (the paper's heat maps; dot-product models on plain tables: TWIN, DARE,
+  TWIN-4E): the category and time terms of the search score read off the checkpoint's
+  attention tables, <q_cat(t), k_cat(c)> / sqrt(d_item + d_cat) + <q_time(0), k_time(p)> /
+  sqrt(d_time);
+- "scores" (every variant, including projections and DIN's MLP): for each target category t,
+  the mean first-stage score the model gives a behaviour of category c at relative position
+  p, averaged over the samples of `split` whose target has category t (masked positions
+  excluded); for dot-product models this adds the item term, averaged over the items seen.
 
 Outputs (in --out): `attention_accuracy.json` (per target category: the categories shown,
 ground-truth and learned matrices `[categories, L]`, and per model the Pearson and Spearman
@@ -66,6 +71,57 @@ def learned_cell_scores(
     valid = (keys >= 0) & (scores > common.PADDING_SCORE_LIMIT)
     unique, total, count = _sum_by_key(keys[valid], scores[valid], np.ones(int(valid.sum())))
     return unique, total / count, count.astype(np.int64)
+
+
+def embedding_attention_available(run: common.LoadedRun) -> str | None:
+    """None if the run's category-and-position attention can be read off its embedding tables
+    (dot-product score on plain tables, time concatenated); otherwise the reason it cannot."""
+    from dare_jax.models import resolve_variant
+
+    cfg = run.model_config
+    spec = resolve_variant(cfg)
+    if spec.score != "dot":
+        return f"variant {spec.name} scores with an MLP"
+    if spec.projection is not None:
+        return f"variant {spec.name} projects its embeddings"
+    if cfg.use_time and cfg.time_mode != "concat":
+        return f"time mode {cfg.time_mode!r}"
+    return None
+
+
+def embedding_attention(
+    run: common.LoadedRun, target: int, categories: Sequence[int]
+) -> np.ndarray:
+    """The category-and-position part of the search score, `[len(categories), L]`, from the
+    attention tables of the checkpoint (the paper's learned-attention heat map):
+
+        <q_cat(t), k_cat(c)> / sqrt(d_item + d_cat) + <q_time(0), k_time(p)> / sqrt(d_time)
+
+    q_* are rows of the tables that the target reads for attention, k_* those the behaviours
+    read (the same tables for TWIN and DARE, different ones for TWIN-4E); time id 0 is the
+    target's, p the behaviour's relative position. The item term is left out: it depends on
+    the items, not on (category, position).
+    """
+    from dare_jax.models import resolve_variant
+
+    reason = embedding_attention_available(run)
+    if reason is not None:
+        raise common.AnalysisError(f"run {run.name}: no embedding-table attention ({reason})")
+    spec = resolve_variant(run.model_config)
+    embed = run.state["params"]["embed"]
+    query_tables = embed[spec.tables["attention_target"]]
+    key_tables = embed[spec.tables["attention_behavior"]]
+    dims = spec.table_dims[spec.tables["attention_target"]]
+    query_cat = np.asarray(query_tables["category"][target], np.float64)
+    keys_cat = np.asarray(key_tables["category"], np.float64)[np.asarray(categories)]
+    scores = (keys_cat @ query_cat / np.sqrt(dims["item"] + dims["category"]))[:, None]
+    if run.model_config.use_time:
+        query_time = np.asarray(query_tables["time"][0], np.float64)
+        keys_time = np.asarray(key_tables["time"], np.float64)[1 : run.max_length + 1]
+        scores = scores + (keys_time @ query_time / np.sqrt(dims["time"]))[None, :]
+    else:
+        scores = np.repeat(scores, run.max_length, axis=1)
+    return scores
 
 
 def cell_matrix(
@@ -130,9 +186,14 @@ def attention_accuracy(
     max_samples_per_target: int = 2000,
     min_count: int = 5,
     ground_truth: GroundTruthMI | None = None,
+    method: str = "auto",
     progress: bool = True,
 ) -> dict:
     """Ground-truth MI vs each run's learned category-position attention; JSON + PNGs.
+
+    method: "scores" (every model: the mean search score per cell), "embeddings" (the
+    category and time terms of the score from the attention tables, `embedding_attention`;
+    dot-product table models only) or "auto" (embeddings where possible, else scores).
 
     runs: name -> restored run (`common.load_run`), all on one dataset and history length.
     target_categories: which target categories to analyse (default: the `num_targets` most
@@ -160,6 +221,15 @@ def attention_accuracy(
             f"ground truth has length {ground_truth.length} / cate_n {ground_truth.cate_n}, the "
             f"runs {length} / {cate_n}"
         )
+    if method not in ("auto", "scores", "embeddings"):
+        raise common.AnalysisError(f"method {method!r}: expected auto, scores or embeddings")
+    methods = {}
+    for name, run in runs.items():
+        reason = embedding_attention_available(run)
+        if method == "embeddings" and reason is not None:
+            raise common.AnalysisError(f"run {name}: method 'embeddings' impossible ({reason})")
+        methods[name] = "embeddings" if method != "scores" and reason is None else "scores"
+    # The per-cell counts (which cells are well observed) come from the scores either way.
     learned = {
         name: learned_cell_scores(
             run,
@@ -173,6 +243,7 @@ def attention_accuracy(
     truth_mi = ground_truth.mi
     out_dir = Path(out_dir)
     report: dict = {
+        "methods": methods,
         "split": split,
         "ground_truth_split": ground_truth.split,
         "max_length": length,
@@ -196,17 +267,27 @@ def attention_accuracy(
             "correlation": {},
         }
         for name, (keys, mean, count) in learned.items():
-            entry["learned"][name] = cell_matrix(keys, mean, target, rows, length, cate_n)
-            # Correlation over every well-observed cell of this target, not only those shown.
+            if methods[name] == "embeddings":
+                entry["learned"][name] = embedding_attention(runs[name], target, rows)
+            else:
+                entry["learned"][name] = cell_matrix(keys, mean, target, rows, length, cate_n)
+            # Correlation over every well-observed cell of this target, not only those shown
+            # (for the embedding method: its value at those cells).
             lo, hi = (np.int64(target) * cate_n) * length, (np.int64(target + 1) * cate_n) * length
             cells = (keys >= lo) & (keys < hi) & (count >= min_count)
             where = np.searchsorted(ground_truth.keys, keys[cells])
             where = np.clip(where, 0, max(len(ground_truth.keys) - 1, 0))
             matched = ground_truth.keys[where] == keys[cells]
             truth_values = np.where(matched, truth_mi[where], 0.0)
-            entry["correlation"][name] = correlations(mean[cells], truth_values)
+            learned_values = mean[cells]
+            if methods[name] == "embeddings":
+                cell_category = keys[cells] // length % cate_n
+                cell_position = keys[cells] % length  # p - 1
+                full = embedding_attention(runs[name], target, cell_category)
+                learned_values = full[np.arange(len(cell_category)), cell_position]
+            entry["correlation"][name] = correlations(learned_values, truth_values)
         report["targets"].append(entry)
-        _draw_target(entry, out_dir / f"attention_heatmaps_target_{target}.png")
+        _draw_target(entry, methods, out_dir / f"attention_heatmaps_target_{target}.png")
     if not report["targets"]:
         raise common.AnalysisError(
             f"no ground-truth cells for the target categories {target_categories}"
@@ -222,12 +303,13 @@ def attention_accuracy(
     return report
 
 
-def _draw_target(entry: dict, path: Path) -> None:
+def _draw_target(entry: dict, methods: dict[str, str], path: Path) -> None:
     panels = [("ground-truth MI (nats)", entry["ground_truth"], "magma")]
     for name, matrix in entry["learned"].items():
         rho = entry["correlation"][name]["spearman"]
         note = "" if rho is None else f", Spearman {rho:.2f}"
-        panels.append((f"{name}: mean search score{note}", matrix, "viridis"))
+        what = "category+time score" if methods[name] == "embeddings" else "mean search score"
+        panels.append((f"{name}: {what}{note}", matrix, "viridis"))
     fig, axes = common.plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
     for index, (ax, (title, matrix, cmap)) in enumerate(zip(axes[0], panels)):
         common.heatmap(
@@ -270,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--split", default="train", choices=("train", "val", "test"))
     parser.add_argument("--max-samples-per-target", type=int, default=2000)
     parser.add_argument("--min-count", type=int, default=5)
+    parser.add_argument("--method", default="auto", choices=("auto", "scores", "embeddings"))
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     named = common.parse_named_runs(args.run)
@@ -286,6 +369,7 @@ def main(argv: list[str] | None = None) -> None:
         split=args.split,
         max_samples_per_target=args.max_samples_per_target,
         min_count=args.min_count,
+        method=args.method,
         progress=not args.no_progress,
     )
     for name, rho in report["mean_spearman"].items():

@@ -8,7 +8,12 @@ import pytest
 from analysis_support import loaded_runs
 
 from analysis import common
-from analysis.attention_accuracy import attention_accuracy, cell_matrix, learned_cell_scores
+from analysis.attention_accuracy import (
+    attention_accuracy,
+    cell_matrix,
+    embedding_attention,
+    learned_cell_scores,
+)
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +71,29 @@ def test_attention_accuracy_writes_heatmaps_and_json(runs, tmp_path):
             assert rho is None or -1 <= rho <= 1
     with pytest.raises(common.AnalysisError, match="target categories"):
         attention_accuracy(runs, tmp_path, target_categories=[10**6], progress=False)
+
+
+def test_embedding_attention_equals_exported_tables(runs):
+    """The checkpoint's category+time score against the driver's exported .npy tables."""
+    for name, run in runs.items():
+        directory = run.seed_dir / "embeddings"
+        group = "attention" if name == "DARE" else "shared"
+        category = np.load(directory / f"embed.{group}.category.npy").astype(np.float64)
+        time = np.load(directory / f"embed.{group}.time.npy").astype(np.float64)
+        target, rows = 7, [3, 7, 11]
+        got = embedding_attention(run, target, rows)
+        for i, c in enumerate(rows):
+            for p in range(1, run.max_length + 1):
+                expected = category[target] @ category[c] / np.sqrt(8) + time[0] @ time[p] / 2
+                assert got[i, p - 1] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+
+
+def test_method_choice(runs, tmp_path):
+    report = attention_accuracy(
+        runs, tmp_path, num_targets=1, top_categories=5, method="scores", progress=False
+    )
+    assert report["methods"] == {"DARE": "scores", "TWIN": "scores"}
+    auto = attention_accuracy(runs, tmp_path, num_targets=1, top_categories=5, progress=False)
+    assert auto["methods"] == {"DARE": "embeddings", "TWIN": "embeddings"}
+    with pytest.raises(common.AnalysisError, match="method"):
+        attention_accuracy(runs, tmp_path, method="guess", progress=False)
