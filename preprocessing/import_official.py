@@ -1,7 +1,9 @@
 """``python -m preprocessing.import_official --input DIR --output DIR``.
 
 Converts the files written by the official DARE preprocessing (pickled .npy) into
-this project's format. Reading them needs pickle: only import files you trust.
+this project's format, one file at a time (peak memory about one unpickled input
+file, whatever the number of train files). Reading them needs pickle: only import
+files you trust.
 """
 
 import argparse
