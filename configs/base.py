@@ -95,6 +95,18 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.first_seed = 0
     config.train.num_seeds = 5
 
+    # Devices (dare_jax.sharding): a (data, model) mesh over every device of every process.
+    # The batch is split on `data`; parameters whose path matches `row_sharded` (a regex,
+    # e.g. "embed/.*/item$" or "embed/.*/(item|category)$"), and their Adam moments, are
+    # split by rows on `model`; everything else is replicated. Row-split tables get their
+    # row count padded to a multiple of `table_rows_multiple` (a multiple of `model`), so
+    # the same config gives the same numbers on every mesh.
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # -1: every device not used by `model`
+    config.mesh.model = 1
+    config.mesh.row_sharded = ""  # empty: every parameter replicated
+    config.mesh.table_rows_multiple = 64
+
     config.log = ml_collections.ConfigDict()
     config.log.every_steps = 50  # training loss to metrics.jsonl / TensorBoard
     config.log.progress_bar = True

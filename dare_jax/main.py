@@ -4,7 +4,19 @@
     python -m dare_jax.main --config configs/taobao.py:model=twin,dim=64 --config.optim.lr=0.005
     python -m dare_jax.main --config configs/demo.py
 
-Any config field can be overridden with `--config.<path>=<value>`. Bad input
+Any config field can be overridden with `--config.<path>=<value>`.
+
+Devices: `--config.mesh.data` / `--config.mesh.model` shape the device mesh
+(default: data parallel over every device), `--config.mesh.row_sharded`
+splits embedding tables by rows over `model` (see `dare_jax.sharding`).
+Several processes (hosts): start the same command on each with
+
+    --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
+
+or with the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+JAX_PROCESS_ID (or `--distributed_auto` under SLURM / Open MPI / Kubernetes).
+
+Bad input
 (config, data, run directory, checkpoint) ends with a one-paragraph message on
 stderr and exit code 2, without a traceback.
 """
@@ -21,6 +33,22 @@ _CONFIG = config_flags.DEFINE_config_file(
     None,
     "config file, optionally with a variant: configs/taobao.py:model=twin",
     lock_config=True,
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    "host:port of process 0 for a multi-process run (default: $JAX_COORDINATOR_ADDRESS)",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None, "processes of a multi-process run (default: $JAX_NUM_PROCESSES)"
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None, "this process's index, 0..num_processes-1 (default: $JAX_PROCESS_ID)"
+)
+_DISTRIBUTED_AUTO = flags.DEFINE_bool(
+    "distributed_auto",
+    False,
+    "join a multi-process run whose settings JAX detects (SLURM, Open MPI, Kubernetes, TPU)",
 )
 
 
@@ -42,6 +70,19 @@ def main(argv: list[str]) -> None:
         # Orbax logs every save at INFO through absl; keep the console to our own lines.
         logging.set_verbosity(logging.WARNING)
     # Imported here so that `--help` and flag errors do not pay for JAX start-up.
+    from dare_jax import sharding
+
+    try:
+        # Before anything else touches JAX: the device list becomes global.
+        sharding.initialize_distributed(
+            _COORDINATOR.value,
+            _NUM_PROCESSES.value,
+            _PROCESS_ID.value,
+            auto=_DISTRIBUTED_AUTO.value,
+        )
+    except (sharding.ShardingError, ValueError, RuntimeError) as error:
+        print(f"error: cannot join the multi-process run: {error}", file=sys.stderr)
+        sys.exit(2)
     from dare_jax import train
     from dare_jax.checkpointing import CheckpointError
 
@@ -56,7 +97,8 @@ def main(argv: list[str]) -> None:
             file=sys.stderr,
         )
         sys.exit(130)
-    _print_summary(results)
+    if sharding.is_main_process():
+        _print_summary(results)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

@@ -5,8 +5,9 @@ The training state is a plain pytree (a dict):
     {"step": int32 [], "rng": uint32 [2], "params": ..., "batch_stats": ...,
      "opt_state": ...}
 
-so that a later multi-device version only has to attach `NamedSharding`s to
-its leaves and to the batch. `make_train_step` returns one function,
+whose leaves carry `NamedSharding`s (`dare_jax.sharding.Partitioner`): the
+same functions run on one device or on a mesh, the shardings being passed to
+`jax.jit` as in/out shardings. `make_train_step` returns one function,
 `jax.jit`-compiled once: the state is donated, every batch has the same static
 shapes, and the step number is traced data (not a Python int), so nothing
 recompiles between steps.
@@ -34,16 +35,15 @@ def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransforma
     return optax.adam(learning_rate=optim.lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
 
 
-def make_init_state(
+def init_state_fn(
     model: Any, optimizer: optax.GradientTransformation
 ) -> Callable[[jax.Array, Batch, jax.Array], State]:
-    """The jitted `init_state(init_rng, example_batch, step_rng) -> State`.
+    """The pure (unjitted) `init_state(init_rng, example_batch, step_rng) -> State`.
 
     Parameters and BatchNorm statistics come from `model.init(init_rng, ...)`;
     `step_rng` (a raw uint32 [2] key) is kept in the state: step s draws its
     randomness from `fold_in(step_rng, s)`, so a resumed run draws the same
     numbers as an uninterrupted one, and seeds share one compiled step.
-    Jitted because running `init` op by op costs a compilation per operation.
     """
 
     def init_state(init_rng: jax.Array, example_batch: Batch, step_rng: jax.Array) -> State:
@@ -57,7 +57,32 @@ def make_init_state(
             "opt_state": optimizer.init(params),
         }
 
-    return jax.jit(init_state)
+    return init_state
+
+
+def abstract_state(
+    model: Any, optimizer: optax.GradientTransformation, example_batch: Batch
+) -> State:
+    """The state's shapes and dtypes (ShapeDtypeStructs), computed without any FLOP.
+
+    `example_batch` may hold arrays or ShapeDtypeStructs.
+    """
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    return jax.eval_shape(init_state_fn(model, optimizer), key, example_batch, key)
+
+
+def make_init_state(
+    model: Any, optimizer: optax.GradientTransformation, state_shardings: Any = None
+) -> Callable[[jax.Array, Batch, jax.Array], State]:
+    """The jitted `init_state(init_rng, example_batch, step_rng) -> State`.
+
+    With `state_shardings` (a `NamedSharding` per state leaf, from
+    `Partitioner.state_shardings(abstract_state(...))`) every leaf is created
+    directly in its sharding: a row-split table and its Adam moments are never
+    materialised whole on one device. Jitted because running `init` op by op
+    costs a compilation per operation.
+    """
+    return jax.jit(init_state_fn(model, optimizer), out_shardings=state_shardings)
 
 
 def create_train_state(
@@ -80,6 +105,9 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     model_cfg: ml_collections.ConfigDict,
     weight_decay: float,
+    state_shardings: Any = None,
+    batch_sharding: Any = None,
+    replicated: Any = None,
 ) -> Callable[[State, Batch], tuple[State, dict[str, jax.Array]]]:
     """The jitted `train_step(state, batch) -> (new_state, metrics)`.
 
@@ -88,6 +116,11 @@ def make_train_step(
       optimizer: from `make_optimizer`.
       model_cfg: the model config (decides whether path gradients are observed).
       weight_decay: the L2 coefficient (SPEC: 1e-6).
+      state_shardings, batch_sharding, replicated: from a `Partitioner` (all
+        three or none). The state keeps its shardings through the step (a
+        row-split table's gradient and Adam moments stay row-split: the
+        out_shardings pin them), the batch is split on `data`, the metrics
+        come back replicated so that every process can read them.
 
     `batch` holds uid, iid, cid, label `[B]` and hist_iid, hist_cid `[B, L]`.
     `metrics` holds the scalar loss terms (total, ctr, aux, l2) and, when the
@@ -125,18 +158,31 @@ def make_train_step(
         }
         return new_state, metrics
 
-    return jax.jit(train_step, donate_argnums=(0,))
+    if state_shardings is None:
+        return jax.jit(train_step, donate_argnums=(0,))
+    return jax.jit(
+        train_step,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+    )
 
 
 def make_eval_step(
-    model: Any, model_cfg: ml_collections.ConfigDict
+    model: Any,
+    model_cfg: ml_collections.ConfigDict,
+    state_shardings: Any = None,
+    batch_sharding: Any = None,
+    replicated: Any = None,
 ) -> Callable[[State, Batch], jax.Array]:
     """The jitted `eval_step(state, batch) -> click probability [B]`.
 
     By default BatchNorm uses its running statistics; with
     `model_cfg.eval_batchnorm_uses_batch_stats` (the official code's behaviour)
     the model normalises with the batch's own statistics, and the statistics
-    it would update are thrown away.
+    it would update are thrown away. With shardings (from a `Partitioner`) the
+    probabilities come back replicated: every process holds the whole `[B]`,
+    which the exact (rank-based) AUC needs.
     """
     batch_stats_mode = bool(model_cfg.eval_batchnorm_uses_batch_stats)
 
@@ -148,7 +194,11 @@ def make_eval_step(
             outputs = model.apply(variables, batch, train=False)
         return outputs["prob"][:, 0]
 
-    return jax.jit(eval_step)
+    if state_shardings is None:
+        return jax.jit(eval_step)
+    return jax.jit(
+        eval_step, in_shardings=(state_shardings, batch_sharding), out_shardings=replicated
+    )
 
 
 def check_finite(loss: float, step: int) -> None:

@@ -19,6 +19,14 @@ Run directory layout (`config.workdir`):
 A seed killed at any point and restarted with the same command resumes from
 its latest checkpoint (state + data iterator position + best-so-far) and ends
 with exactly the metrics of an uninterrupted run.
+
+Devices: the same loop runs on one device, on a mesh of many, and across
+processes (`dare_jax.sharding`): the state is created and kept in its
+shardings, each process feeds its rows of every batch, evaluation outputs are
+gathered on every process for the exact metrics, checkpoints are written by all
+processes together (Orbax), and only process 0 writes logs, exports and JSON.
+A run may resume on another mesh (`mesh.data`, `mesh.model` are resumable);
+its numbers then agree to float tolerance (the reduction order changes).
 """
 
 from __future__ import annotations
@@ -35,12 +43,12 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from dare_jax import checkpointing, metrics, run_logging, steps
+from dare_jax import checkpointing, metrics, run_logging, sharding, steps
 from dare_jax.data import pipeline
 
 # Config fields that may change between a run and its resumption: they do not
 # change any number the run computes.
-RESUMABLE_FIELDS = ("workdir", "log.progress_bar")
+RESUMABLE_FIELDS = ("workdir", "log.progress_bar", "mesh.data", "mesh.model")
 METRIC_NAMES = ("auc", "gauc", "category_auc", "log_loss", "accuracy")
 DOWNLOADS = {
     "taobao": (
@@ -130,6 +138,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise RunError("config field export.gradients_every_steps must be >= 1")
     if not math.isfinite(config.optim.lr) or config.optim.lr <= 0:
         raise RunError(f"config field optim.lr = {config.optim.lr!r}: must be positive")
+    multiple = int(config.mesh.table_rows_multiple)
+    if multiple < 1:
+        raise RunError(f"config field mesh.table_rows_multiple = {multiple!r}: must be >= 1")
 
 
 # ------------------------------------------------------------------------------- data
@@ -184,11 +195,22 @@ def prepare_dataset(config: ml_collections.ConfigDict):
 # ------------------------------------------------------------------------------ model
 
 
+def table_rows(config: ml_collections.ConfigDict, manifest: dict) -> tuple[int, int]:
+    """(item rows, category rows) of the model's tables: the dataset's item_n and
+    cate_n, padded up to a multiple of `mesh.table_rows_multiple` when some table is
+    row-sharded (`mesh.row_sharded` set), so the rows split evenly over `model`."""
+    item_n, cate_n = int(manifest["item_n"]), int(manifest["cate_n"])
+    if not config.mesh.row_sharded:
+        return item_n, cate_n
+    multiple = int(config.mesh.table_rows_multiple)
+    return sharding.padded_rows(item_n, multiple), sharding.padded_rows(cate_n, multiple)
+
+
 def build(config: ml_collections.ConfigDict, manifest: dict):
     """(model, optimizer) for this dataset; RunError naming the bad model field."""
     from dare_jax.models import build_model, validate_model_config
 
-    item_n, cate_n = int(manifest["item_n"]), int(manifest["cate_n"])
+    item_n, cate_n = table_rows(config, manifest)
     try:
         validate_model_config(config.model, item_n, cate_n, int(config.data.max_length))
     except ValueError as error:
@@ -200,25 +222,53 @@ def build(config: ml_collections.ConfigDict, manifest: dict):
 # ------------------------------------------------------------------------- evaluation
 
 
-def evaluate(eval_step, state, dataset, split: str, config: ml_collections.ConfigDict) -> dict:
-    """Metrics of `state` over every sample of `split` (the last batch padded and masked)."""
+def evaluate(
+    eval_step,
+    state,
+    dataset,
+    split: str,
+    config: ml_collections.ConfigDict,
+    partitioner: sharding.Partitioner | None = None,
+) -> dict:
+    """Metrics of `state` over every sample of `split` (the last batch padded and masked).
+
+    With a `partitioner`, the eval batch is rounded up to a multiple of the data
+    axis (and process count), each process gathers its rows, and the step's
+    probabilities, with the label, user and category columns, come back
+    replicated: every process computes the same exact metrics over all samples.
+    """
     batch_size = min(int(config.train.eval_batch_size), dataset.num_samples(split))
-    probs, labels, users, categories = [], [], [], []
+    rows, replicate = None, None
+    if partitioner is not None:
+        quantum = math.lcm(partitioner.data_size, jax.process_count())
+        batch_size = int(math.ceil(batch_size / quantum) * quantum)
+        rows = partitioner.local_rows(batch_size)
+        replicate = _replicate_fn(partitioner)
+    outputs = []
     for batch, valid in pipeline.eval_batches(
         dataset,
         split,
         batch_size=batch_size,
         max_length=int(config.data.max_length),
         blind_history=bool(config.data.blind_history),
+        rows=rows,
     ):
-        probs.append((eval_step(state, batch), valid))  # dispatch now, fetch later
-        labels.append(batch["label"][valid])
-        users.append(batch["uid"][valid])
-        categories.append(batch["cid"][valid])
-    prob = np.concatenate([np.asarray(p, np.float64)[v] for p, v in probs])
-    return metrics.ctr_metrics(
-        np.concatenate(labels), prob, np.concatenate(users), np.concatenate(categories)
+        columns = {key: batch[key] for key in ("label", "uid", "cid")}
+        if partitioner is not None:
+            batch = partitioner.shard_batch(batch, batch_size)
+            columns = replicate({key: batch[key] for key in columns})
+        outputs.append((eval_step(state, batch), columns, valid))  # dispatch now, fetch later
+    prob = np.concatenate([np.asarray(p, np.float64)[v] for p, _, v in outputs])
+    label, user, category = (
+        np.concatenate([np.asarray(c[key])[v] for _, c, v in outputs])
+        for key in ("label", "uid", "cid")
     )
+    return metrics.ctr_metrics(label, prob, user, category)
+
+
+@functools.lru_cache(maxsize=8)
+def _replicate_fn(partitioner: sharding.Partitioner):
+    return partitioner.replicate_fn()
 
 
 # --------------------------------------------------------------------------- exports
@@ -228,38 +278,83 @@ def _path_name(path) -> str:
     return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def export_embeddings(params, directory: Path) -> list[str]:
-    """Every embedding table (a 2-D leaf whose path mentions 'embed') as <path>.npy."""
-    directory.mkdir(parents=True, exist_ok=True)
-    written = []
+def _real_rows(name: str, array: np.ndarray, rows: dict[str, int] | None) -> np.ndarray:
+    """`array` without the padding rows a row-sharded item/category table carries."""
+    field = name.rsplit(".", 1)[-1]
+    if rows and field in rows and array.ndim == 2:
+        return array[: rows[field]]
+    return array
+
+
+def export_embeddings(
+    params, directory: Path, rows: dict[str, int] | None = None, replicate=None
+) -> list[str]:
+    """Every embedding table (a 2-D leaf whose path mentions 'embed') as <path>.npy.
+
+    `rows` ({"item": item_n, "category": cate_n}) trims padding rows of
+    row-sharded tables; `replicate` (a `Partitioner.replicate_fn()`) gathers
+    row-sharded tables onto every process first. Every process must call this
+    (the gather is collective); only process 0 writes.
+    """
+    tables = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         name = _path_name(path)
         if "embed" in name.lower() and np.ndim(leaf) == 2:
-            np.save(directory / f"{name}.npy", np.asarray(leaf))
-            written.append(name)
-    return written
-
-
-def export_gradients(observed, step: int, directory: Path) -> None:
+            tables[name] = leaf
+    if replicate is not None:
+        tables = replicate(tables)
+    if not sharding.is_main_process():
+        return list(tables)
     directory.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        _path_name(path).replace("/", "."): np.asarray(leaf)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(observed)[0]
-    }
+    for name, table in tables.items():
+        np.save(directory / f"{name}.npy", _real_rows(name, np.asarray(table), rows))
+    return list(tables)
+
+
+def export_gradients(observed, step: int, directory: Path, rows: dict | None = None) -> None:
+    """The observed per-path table gradients of one step as step_<n>.npz (process 0)."""
+    if not sharding.is_main_process():
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(observed)[0]:
+        name = _path_name(path).replace("/", ".")
+        arrays[name] = _real_rows(name, np.asarray(leaf), rows)
     np.savez(directory / f"step_{step:08d}.npz", **arrays)
 
 
 # ---------------------------------------------------------------------------- training
 
 
+@functools.lru_cache(maxsize=8)
+def _partitioner(mesh_json: str) -> sharding.Partitioner:
+    """One Partitioner (mesh) per mesh config, shared by the compiled functions."""
+    mesh = json.loads(mesh_json)
+    return sharding.Partitioner(mesh["data"], mesh["model"], mesh["row_sharded"])
+
+
+def _abstract_batch(batch_spec: tuple) -> dict:
+    return {key: jax.ShapeDtypeStruct(shape, np.dtype(dtype)) for key, shape, dtype in batch_spec}
+
+
 @functools.lru_cache(maxsize=4)
 def _compiled_functions(
-    model_json: str, optim_json: str, item_n: int, cate_n: int, max_length: int
+    model_json: str,
+    optim_json: str,
+    item_n: int,
+    cate_n: int,
+    max_length: int,
+    mesh_json: str,
+    batch_spec: tuple,
 ):
     """(model, optimizer, init_state, train_step, eval_step) for one model setup.
 
-    Memoised so that several runs in one process (tests, sweeps, notebooks) with
-    the same model reuse the compiled steps instead of compiling them again.
+    `item_n`/`cate_n` are the table row counts (padded when row-sharded),
+    `batch_spec` the ((key, shape, dtype), ...) of a global training batch. The
+    state's shardings come from its abstract shapes (`jax.eval_shape`), so
+    parameters are created directly in their shardings. Memoised so that several
+    runs in one process (tests, sweeps, notebooks) with the same model reuse the
+    compiled steps instead of compiling them again.
     """
     model_cfg = ml_collections.ConfigDict(json.loads(model_json))
     optim = ml_collections.ConfigDict(json.loads(optim_json))
@@ -267,12 +362,17 @@ def _compiled_functions(
 
     model = build_model(model_cfg, item_n, cate_n, max_length)
     optimizer = steps.make_optimizer(optim)
+    partitioner = _partitioner(mesh_json)
+    shardings = partitioner.state_shardings(
+        steps.abstract_state(model, optimizer, _abstract_batch(batch_spec))
+    )
+    placement = (shardings, partitioner.batch_sharding, partitioner.replicated)
     return (
         model,
         optimizer,
-        steps.make_init_state(model, optimizer),
-        steps.make_train_step(model, optimizer, model_cfg, float(optim.weight_decay)),
-        steps.make_eval_step(model, model_cfg),
+        steps.make_init_state(model, optimizer, shardings),
+        steps.make_train_step(model, optimizer, model_cfg, float(optim.weight_decay), *placement),
+        steps.make_eval_step(model, model_cfg, *placement),
     )
 
 
@@ -282,41 +382,70 @@ class _Trainer:
     def __init__(self, config: ml_collections.ConfigDict, dataset):
         self.config, self.dataset = config, dataset
         build(config, dataset.manifest)  # validates the model config against the data
-        (self.model, self.optimizer, self.init_state, self.train_step, self.eval_step) = (
-            _compiled_functions(
-                json.dumps(run_logging.to_jsonable(config.model.to_dict()), sort_keys=True),
-                json.dumps(run_logging.to_jsonable(config.optim.to_dict()), sort_keys=True),
-                int(dataset.manifest["item_n"]),
-                int(dataset.manifest["cate_n"]),
-                int(config.data.max_length),
-            )
+        mesh_json = json.dumps(
+            {key: config.mesh[key] for key in ("data", "model", "row_sharded")}, sort_keys=True
         )
+        try:
+            self.partitioner = _partitioner(mesh_json)
+            self.partitioner.check_batch_size(int(config.train.batch_size))
+        except sharding.ShardingError as error:
+            raise RunError(str(error)) from error
+        self.batch_size = int(config.train.batch_size)
+        self.rows = self.partitioner.local_rows(self.batch_size)  # this process's slice
+        self.item_n, self.cate_n = table_rows(config, dataset.manifest)
+        self.real_rows = {
+            "item": int(dataset.manifest["item_n"]),
+            "category": int(dataset.manifest["cate_n"]),
+        }
+        example = self._example_batch()
+        batch_spec = tuple(
+            (key, tuple(np.shape(value)), np.asarray(value).dtype.str)
+            for key, value in sorted(example.items())
+        )
+        try:
+            (self.model, self.optimizer, self.init_state, self.train_step, self.eval_step) = (
+                _compiled_functions(
+                    json.dumps(run_logging.to_jsonable(config.model.to_dict()), sort_keys=True),
+                    json.dumps(run_logging.to_jsonable(config.optim.to_dict()), sort_keys=True),
+                    self.item_n,
+                    self.cate_n,
+                    int(config.data.max_length),
+                    mesh_json,
+                    batch_spec,
+                )
+            )
+        except sharding.ShardingError as error:
+            raise RunError(str(error)) from error
         self.steps_per_epoch = pipeline.steps_per_epoch(dataset, int(config.train.batch_size))
         total = self.steps_per_epoch * int(config.train.num_epochs)
         if int(config.train.max_steps) > 0:
             total = min(total, int(config.train.max_steps))
         self.total_steps = total
 
-    def _init_args(self, seed: int) -> tuple:
-        example = self.dataset.gather(
-            "train", np.arange(int(self.config.train.batch_size)), int(self.config.data.max_length)
+    def _example_batch(self) -> dict:
+        # The same first training samples on every process: numpy inputs of a jitted
+        # function are replicated, so they must agree across processes.
+        return self.dataset.gather(
+            "train", np.arange(self.batch_size), int(self.config.data.max_length)
         )
-        init_rng, step_rng = jax.random.split(jax.random.PRNGKey(seed))
-        return init_rng, example, step_rng
+
+    def _init_args(self, seed: int) -> tuple:
+        init_rng, step_rng = np.asarray(jax.random.split(jax.random.PRNGKey(seed)))
+        return init_rng, self._example_batch(), step_rng
 
     def initial_state(self, seed: int) -> dict:
-        # Placed explicitly, like restored checkpoints are: jit caches compiled code per
-        # placement, so a fresh and a restored state then share one executable.
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.device_put(self.init_state(*self._init_args(seed)), device)
+        """The seed's fresh state, created directly in its shardings (jit out_shardings)."""
+        return self.init_state(*self._init_args(seed))
 
     def abstract_state(self, seed: int) -> dict:
-        """Shapes, dtypes and placement of the state, without computing (or compiling) it."""
-        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-            jax.eval_shape(self.init_state, *self._init_args(seed)),
-        )
+        """Shapes, dtypes and shardings of the state, without computing (or compiling) it."""
+        del seed  # the shapes do not depend on it
+        abstract = steps.abstract_state(self.model, self.optimizer, self._example_batch())
+        return self.partitioner.abstract(abstract)
+
+    def shard_batch(self, local_batch: dict) -> dict:
+        """This process's rows of a training batch -> the global batch split on `data`."""
+        return self.partitioner.shard_batch(local_batch, self.batch_size)
 
 
 def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
@@ -325,6 +454,7 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
     if result_path.exists():
         return json.loads(result_path.read_text())
     config, dataset = trainer.config, trainer.dataset
+    main_process = sharding.is_main_process()
     checkpoints = checkpointing.RunCheckpoints(seed_dir / "checkpoints")
     template = trainer.abstract_state(seed)
     progress: dict[str, Any] = {
@@ -338,14 +468,18 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
     checkpoints.discard_best_after(-1 if resume_step is None else resume_step)
     if resume_step is not None:
         state, progress = checkpoints.restore(checkpointing.LATEST, template)
-        print(f"seed {seed}: resuming from step {resume_step}", flush=True)
+        if main_process:
+            print(f"seed {seed}: resuming from step {resume_step}", flush=True)
     else:
         state = trainer.initial_state(seed)
     step = int(state["step"])
-    log = run_logging.MetricsLog(seed_dir / "metrics.jsonl", resume_step)
-    board = run_logging.TensorBoard(
-        seed_dir / "tensorboard", bool(config.log.tensorboard), resume_step
-    )
+    if main_process:
+        log = run_logging.MetricsLog(seed_dir / "metrics.jsonl", resume_step)
+        board = run_logging.TensorBoard(
+            seed_dir / "tensorboard", bool(config.log.tensorboard), resume_step
+        )
+    else:  # other processes compute the same numbers and write nothing
+        log, board = _Silent(), _Silent()
     train_data = pipeline.train_dataset(
         dataset,
         batch_size=int(config.train.batch_size),
@@ -353,6 +487,7 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
         num_epochs=int(config.train.num_epochs),
         max_length=int(config.data.max_length),
         blind_history=bool(config.data.blind_history),
+        rows=trainer.rows,
     )
     iterator = pipeline.train_iterator(train_data, progress["data_iterator"])
     batch_size = int(config.train.batch_size)
@@ -362,13 +497,13 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
         unit="sample",
         unit_scale=True,
         desc=f"seed {seed}",
-        disable=not config.log.progress_bar,
+        disable=not (config.log.progress_bar and main_process),
         dynamic_ncols=True,
     )
     pending = None  # (step, loss array) checked one step late so the host never stalls
     try:
         while step < trainer.total_steps:
-            batch = next(iterator)
+            batch = trainer.shard_batch(next(iterator))
             state, out = trainer.train_step(state, batch)
             step += 1
             if pending is not None:
@@ -376,7 +511,7 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
             pending = (step, out["total"])
             bar.update(batch_size)
             if config.export.gradients and step % int(config.export.gradients_every_steps) == 0:
-                export_gradients(out["observed"], step, seed_dir / "gradients")
+                export_gradients(out["observed"], step, seed_dir / "gradients", trainer.real_rows)
             if step % int(config.log.every_steps) == 0:
                 losses = {k: float(v) for k, v in out.items() if k != "observed"}
                 log.write({"step": step, "split": "train", **losses})
@@ -384,7 +519,7 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
                 bar.set_postfix(step=step, loss=f"{losses['total']:.4f}")
             if step % int(config.train.eval_every_steps) == 0 or step == trainer.total_steps:
                 steps.check_finite(float(pending[1]), pending[0])
-                val = evaluate(trainer.eval_step, state, dataset, "val", config)
+                val = evaluate(trainer.eval_step, state, dataset, "val", config, trainer.partitioner)
                 log.write({"step": step, "split": "val", **val})
                 board.scalars("val", val, step)
                 # A NaN AUC (one class only) never beats a number; kept as None, as in JSON.
@@ -410,20 +545,26 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
                 checkpoints.keep_only(checkpointing.BEST, int(progress["best_step"]))
                 best = progress["best_auc"]
                 best_text = "nan" if best is None else f"{best:.5f}"
-                bar.write(
-                    f"seed {seed} step {step}: val auc {val['auc']:.5f} "
-                    f"(best {best_text} at step {progress['best_step']})"
-                )
+                if main_process:
+                    bar.write(
+                        f"seed {seed} step {step}: val auc {val['auc']:.5f} "
+                        f"(best {best_text} at step {progress['best_step']})"
+                    )
     finally:
         bar.close()
     best_state, best_progress = checkpoints.restore(
         checkpointing.BEST, template, step=int(progress["best_step"])
     )
-    test = evaluate(trainer.eval_step, best_state, dataset, "test", config)
+    test = evaluate(trainer.eval_step, best_state, dataset, "test", config, trainer.partitioner)
     log.write({"step": step, "split": "test", "best_step": best_progress["best_step"], **test})
     board.scalars("test", test, int(best_progress["best_step"]))
     if config.export.embeddings:
-        export_embeddings(best_state["params"], seed_dir / "embeddings")
+        export_embeddings(
+            best_state["params"],
+            seed_dir / "embeddings",
+            trainer.real_rows,
+            _replicate_fn(trainer.partitioner),
+        )
     log.close()
     board.close()
     checkpoints.close()
@@ -434,8 +575,22 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
         "val": best_progress["best_val"],
         "test": test,
     }
-    run_logging.write_json_atomic(result_path, result)
+    if main_process:
+        run_logging.write_json_atomic(result_path, result)
     return result
+
+
+class _Silent:
+    """Stands in for the metrics log and TensorBoard writer on processes other than 0."""
+
+    def write(self, *args, **kwargs) -> None:
+        pass
+
+    def scalars(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def summarize(results: list[dict]) -> dict:
@@ -463,11 +618,20 @@ def run(config: ml_collections.ConfigDict) -> dict:
                 + "\n  ".join(differences)
                 + "\nUse another --config.workdir, or delete the directory to start over."
             )
+    if jax.process_count() > 1:
+        # Process 0 generates/preprocesses the data (once); the others open it after.
+        from jax.experimental import multihost_utils
+
+        if sharding.is_main_process():
+            prepare_dataset(config)
+        multihost_utils.sync_global_devices("dare_jax.prepare_dataset")
     dataset = prepare_dataset(config)
     trainer = _Trainer(config, dataset)  # validates the model config against the data
-    workdir.mkdir(parents=True, exist_ok=True)
-    if not saved_config.exists():
-        run_logging.write_json_atomic(saved_config, flat)
+    main_process = sharding.is_main_process()
+    if main_process:
+        workdir.mkdir(parents=True, exist_ok=True)
+        if not saved_config.exists():
+            run_logging.write_json_atomic(saved_config, flat)
     seeds = [int(config.train.first_seed) + i for i in range(int(config.train.num_seeds))]
     started = time.time()
     results = [train_seed(trainer, seed, workdir / f"seed_{seed}") for seed in seeds]
@@ -482,5 +646,6 @@ def run(config: ml_collections.ConfigDict) -> dict:
         "seconds_this_invocation": round(time.time() - started, 1),
         "config": config.to_dict(),
     }
-    run_logging.write_json_atomic(workdir / "results.json", out)
+    if main_process:
+        run_logging.write_json_atomic(workdir / "results.json", out)
     return out

@@ -16,6 +16,12 @@ per sample).
   filled up to the static batch size by repeating its own samples and comes
   with a `valid` mask `[B]` that is False on the filler rows.
 
+Several processes (multi-host training): every process builds the same
+global batches of sample indices and gathers only the rows its own devices
+hold (`rows=(start, stop)`, from `Partitioner.local_rows`), so each host reads
+its own slice of the data, and the global batch is the one a single process
+would have read.
+
 The source is anything with `num_samples(split) -> int` and
 `gather(split, indices, max_length) -> dict[str, np.ndarray]` (see
 `dare_jax.data.open_dataset`).
@@ -50,14 +56,26 @@ def shuffle_seed(seed: int) -> int:
 
 
 class _GatherBatch:
-    """grain map function: index batch `[B]` -> feature batch (history zeroed if blind)."""
+    """grain map function: index batch `[B]` -> feature batch of rows `rows` of it
+    (`[stop - start]`; all rows when None), history zeroed if blind."""
 
-    def __init__(self, source: SampleSource, split: str, max_length: int, blind_history: bool):
+    def __init__(
+        self,
+        source: SampleSource,
+        split: str,
+        max_length: int,
+        blind_history: bool,
+        rows: tuple[int, int] | None = None,
+    ):
         self.source, self.split = source, split
         self.max_length, self.blind_history = max_length, blind_history
+        self.rows = rows
 
     def __call__(self, indices: np.ndarray) -> Batch:
-        batch = self.source.gather(self.split, np.asarray(indices, np.int64), self.max_length)
+        indices = np.asarray(indices, np.int64)
+        if self.rows is not None:
+            indices = indices[self.rows[0] : self.rows[1]]
+        batch = self.source.gather(self.split, indices, self.max_length)
         if self.blind_history:
             # The history-blind baseline: every history position is padding.
             batch = dict(batch)
@@ -84,12 +102,18 @@ def train_dataset(
     num_epochs: int,
     max_length: int,
     blind_history: bool = False,
+    rows: tuple[int, int] | None = None,
 ) -> grain.MapDataset:
-    """All training batches of `num_epochs` epochs, `steps_per_epoch * num_epochs` elements."""
+    """All training batches of `num_epochs` epochs, `steps_per_epoch * num_epochs` elements.
+
+    Each element holds `batch_size` samples, or only rows `[start, stop)` of
+    that global batch with `rows` (this process's slice).
+    """
     steps_per_epoch(source, batch_size)  # validates the batch size
+    _check_rows(rows, batch_size)
     indices = grain.MapDataset.range(source.num_samples("train")).shuffle(seed=shuffle_seed(seed))
     batches = indices.batch(batch_size, drop_remainder=True).repeat(num_epochs)
-    return batches.map(_GatherBatch(source, "train", max_length, blind_history))
+    return batches.map(_GatherBatch(source, "train", max_length, blind_history, rows))
 
 
 def train_iterator(
@@ -113,17 +137,23 @@ def eval_batches(
     batch_size: int,
     max_length: int,
     blind_history: bool = False,
+    rows: tuple[int, int] | None = None,
 ) -> Iterator[tuple[Batch, np.ndarray]]:
-    """(batch, valid `[B]` bool) over every sample of `split`, in order."""
+    """(batch, valid `[B]` bool) over every sample of `split`, in order.
+
+    With `rows`, the batch holds only rows `[start, stop)` of each global
+    batch (this process's slice); `valid` always covers the global batch.
+    """
     num = source.num_samples(split)
     if num == 0:
         raise ValueError(f"split {split!r} has no samples")
+    _check_rows(rows, batch_size)
 
     def indices_of(batch_index: int) -> np.ndarray:
         real = np.arange(batch_index * batch_size, min(num, (batch_index + 1) * batch_size))
         return np.resize(real, batch_size)  # repeats the batch's own samples as filler
 
-    gather = _GatherBatch(source, split, max_length, blind_history)
+    gather = _GatherBatch(source, split, max_length, blind_history, rows)
     dataset = grain.MapDataset.range(math.ceil(num / batch_size))
     dataset = dataset.map(lambda b: (gather(indices_of(b)), _valid(b, batch_size, num)))
     options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
@@ -132,3 +162,8 @@ def eval_batches(
 
 def _valid(batch_index: int, batch_size: int, num: int) -> np.ndarray:
     return np.arange(batch_index * batch_size, (batch_index + 1) * batch_size) < num
+
+
+def _check_rows(rows: tuple[int, int] | None, batch_size: int) -> None:
+    if rows is not None and not 0 <= rows[0] < rows[1] <= batch_size:
+        raise ValueError(f"rows={rows}: expected 0 <= start < stop <= batch_size={batch_size}")
