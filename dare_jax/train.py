@@ -382,6 +382,7 @@ class _Trainer:
     def __init__(self, config: ml_collections.ConfigDict, dataset):
         self.config, self.dataset = config, dataset
         build(config, dataset.manifest)  # validates the model config against the data
+        self.steps_per_epoch = pipeline.steps_per_epoch(dataset, int(config.train.batch_size))
         mesh_json = json.dumps(
             {key: config.mesh[key] for key in ("data", "model", "row_sharded")}, sort_keys=True
         )
@@ -416,7 +417,6 @@ class _Trainer:
             )
         except sharding.ShardingError as error:
             raise RunError(str(error)) from error
-        self.steps_per_epoch = pipeline.steps_per_epoch(dataset, int(config.train.batch_size))
         total = self.steps_per_epoch * int(config.train.num_epochs)
         if int(config.train.max_steps) > 0:
             total = min(total, int(config.train.max_steps))
