@@ -13,6 +13,9 @@ to measure what the embedding gradients (scatter-add) and their dense Adam updat
 `--breakdown` also times the pieces of one item table's update: the gradient as autodiff forms
 it (scatter-add into a zero table) and exact alternatives (segment_sum, sorted ids), the
 scatter alone, and scatter + dense Adam.
+`--host-devices 2 --mesh 1,2` splits the CPU into two XLA host devices and the item tables
+(with their Adam moments) by rows over them (`dare_jax.sharding.Partitioner`; the same maths):
+XLA:CPU runs each device on its own thread, so the dense table update uses both cores.
 Compilation and warm-up steps are excluded from the timings; each figure is the median over
 `--steps` timed steps of samples per second. The machine load (1-minute load average) is
 printed before and after, since shared machines skew the figures.
@@ -27,6 +30,23 @@ import statistics
 import sys
 import time
 
+
+def _host_devices_from_argv(argv: list[str]) -> int:
+    """`--host-devices N` must act before jax is imported (it sets XLA_FLAGS)."""
+    for i, arg in enumerate(argv):
+        if arg == "--host-devices" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if arg.startswith("--host-devices="):
+            return int(arg.split("=", 1)[1])
+    return 1
+
+
+if _host_devices_from_argv(sys.argv) > 1:
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + f" --xla_force_host_platform_device_count={_host_devices_from_argv(sys.argv)}"
+    )
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,6 +55,10 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dare_jax.models import build_model, default_model_config, loss_terms
+from dare_jax.sharding import Partitioner, padded_rows
+
+# With a mesh, the item tables (and their Adam moments) are split by rows over `model`.
+ROW_SHARDED = r"embed/.*/item"
 
 WEIGHT_DECAY = 1e-6
 LEARNING_RATE = 0.01
@@ -66,8 +90,8 @@ def model_config(name: str, dim: int):
     return cfg
 
 
-def make_train_step(model, optimizer):
-    """Jitted (state, batch) -> (state, loss); state donated."""
+def make_train_step(model, optimizer, state_shardings=None):
+    """Jitted (state, batch) -> (state, loss); state donated (and kept on its shardings)."""
 
     def loss_fn(trainable, frozen, batch_stats, batch):
         params = {**trainable, **frozen}
@@ -92,23 +116,35 @@ def make_train_step(model, optimizer):
             "opt": opt_state,
         }, loss
 
-    return jax.jit(step, donate_argnums=(0,))
+    if state_shardings is None:
+        return jax.jit(step, donate_argnums=(0,))
+    return jax.jit(step, donate_argnums=(0,), out_shardings=(state_shardings, None))
 
 
-def time_calls(fn, n_warmup: int, n_steps: int) -> list[float]:
+def time_calls(fn, n_warmup: int, n_steps: int, cpu: list[float] | None = None) -> list[float]:
+    """Wall seconds of each of `n_steps` calls after `n_warmup` untimed ones.
+
+    cpu: if given, receives this process's CPU seconds (user + sys, all threads) per call,
+    which the other processes on a shared machine inflate much less than the wall time.
+    """
     for _ in range(n_warmup):
         jax.block_until_ready(fn())
     durations = []
     for _ in range(n_steps):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn())
         durations.append(time.perf_counter() - start)
+        if cpu is not None:
+            cpu.append(time.process_time() - start_cpu)
     return durations
 
 
-def _variant_callable(model, variant: str, init_batch, batches):
+def _variant_callable(model, variant: str, init_batch, batches, partitioner=None):
     """A no-argument callable running one timed unit (a train step or a forward pass)."""
     variables = jax.jit(lambda key: model.init(key, init_batch, train=False))(jax.random.PRNGKey(0))
+    if partitioner is not None:
+        variables = jax.device_put(variables, partitioner.state_shardings(variables))
+        batches = [jax.device_put(b, partitioner.batch_sharding) for b in batches]
     counter = itertools.count()
 
     def next_batch():
@@ -122,15 +158,18 @@ def _variant_callable(model, variant: str, init_batch, batches):
     trainable = {k: v for k, v in params.items() if k not in frozen_keys}
     frozen = {k: v for k, v in params.items() if k in frozen_keys}
     optimizer = optax.adam(LEARNING_RATE)
-    box = {
-        "state": {
-            "trainable": trainable,
-            "frozen": frozen,
-            "batch_stats": variables["batch_stats"],
-            "opt": optimizer.init(trainable),
-        }
+    state = {
+        "trainable": trainable,
+        "frozen": frozen,
+        "batch_stats": variables["batch_stats"],
+        "opt": optimizer.init(trainable),
     }
-    step = make_train_step(model, optimizer)
+    shardings = None
+    if partitioner is not None:
+        shardings = partitioner.state_shardings(state)
+        state = jax.device_put(state, shardings)
+    box = {"state": state}
+    step = make_train_step(model, optimizer, shardings)
 
     def run():
         box["state"], loss = step(box["state"], next_batch())
@@ -199,7 +238,15 @@ def embedding_update_breakdown(args: argparse.Namespace) -> None:
 
 def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, float]:
     cfg = model_config(name, args.dim)
-    model = build_model(cfg, args.item_n, args.cate_n, args.length)
+    partitioner = None
+    item_rows = args.item_n
+    if args.mesh != (1, 1):
+        data, model_axis = args.mesh
+        partitioner = Partitioner(
+            data, model_axis, ROW_SHARDED, devices=jax.devices()[: data * model_axis]
+        )
+        item_rows = padded_rows(args.item_n, model_axis)  # never-looked-up padding rows
+    model = build_model(cfg, item_rows, args.cate_n, args.length)
     rng = np.random.default_rng(0)
     batches = [
         random_batch(rng, args.batch, args.length, args.item_n, args.cate_n) for _ in range(2)
@@ -207,14 +254,15 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, float]:
     init_batch = {k: v[:8] for k, v in batches[0].items()}
     results: dict[str, float] = {}
     for variant in args.variants:
-        fn = _variant_callable(model, variant, init_batch, batches)
-        durations = time_calls(fn, args.warmup, args.steps)
+        fn = _variant_callable(model, variant, init_batch, batches, partitioner)
+        cpu: list[float] = []
+        durations = time_calls(fn, args.warmup, args.steps, cpu)
         median = statistics.median(durations)
         results[variant] = args.batch / median
         print(
-            f"  {name:5s} {variant:18s} {args.batch / median:10.0f} samples/s  "
-            f"(median step {1000 * median:8.1f} ms over {len(durations)} steps; "
-            f"min {1000 * min(durations):.1f} ms)",
+            f"  {name:5s} {variant:18s} {args.batch / median:8.0f} samples/s  "
+            f"(median step {1000 * median:7.1f} ms, min {1000 * min(durations):7.1f} ms "
+            f"over {len(durations)} steps; CPU {1000 * statistics.median(cpu):7.1f} ms/step)",
             flush=True,
         )
         del fn
@@ -239,8 +287,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--item-n", type=int, default=4_068_791)
     parser.add_argument("--cate-n", type=int, default=9_408)
     parser.add_argument("--dim", type=int, default=16)
+    parser.add_argument(
+        "--host-devices",
+        type=int,
+        default=1,
+        help="split the CPU into N XLA host devices (XLA runs each device on its own thread)",
+    )
+    parser.add_argument(
+        "--mesh",
+        default="1,1",
+        help="DATA,MODEL mesh over the host devices; item tables split by rows over MODEL",
+    )
     args = parser.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    try:
+        args.mesh = tuple(int(x) for x in args.mesh.split(","))
+        if len(args.mesh) != 2 or min(args.mesh) < 1:
+            raise ValueError
+    except ValueError:
+        print(f"--mesh {args.mesh!r}: expected DATA,MODEL positive integers", file=sys.stderr)
+        return 2
+    if args.mesh[0] * args.mesh[1] > len(jax.devices()):
+        print(
+            f"--mesh {args.mesh} needs {args.mesh[0] * args.mesh[1]} devices; use --host-devices",
+            file=sys.stderr,
+        )
+        return 2
     unknown = set(args.variants) - {"full", "frozen_embeddings", "forward"}
     if unknown:
         print(f"unknown --variants entries: {sorted(unknown)}", file=sys.stderr)
@@ -248,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cpus); "
         f"batch {args.batch}, L {args.length}, item_n {args.item_n}, cate_n {args.cate_n}, "
-        f"dim {args.dim}; load average before: {os.getloadavg()[0]:.2f}",
+        f"dim {args.dim}; mesh data,model = {args.mesh} over {len(jax.devices())} device(s); "
+        f"load average before: {os.getloadavg()[0]:.2f}",
         flush=True,
     )
     for name in args.models:
