@@ -248,7 +248,8 @@ def _draw(report: dict, out_dir: Path) -> None:
         ax.set(
             xlabel=f"conflict ratio (share of steps with cosine < 0) per {field} row",
             ylabel="rows",
-            title=f"{field}: {len(ratios)} rows with >= {stats['min_steps_per_category']} observed steps",
+            title=f"{field}: {len(ratios)} rows with >= "
+            f"{stats['min_steps_per_category']} observed steps",
         )
     fig.tight_layout()
     common.save_figure(fig, out_dir / "gradient_conflict_per_category.png")
