@@ -674,3 +674,22 @@ def test_official_names_of_projection_modules(name, overrides, expected):
         assert {n for n in names if n.startswith("mlp_for_")} == expected
     else:
         assert {n for n in names if n.startswith(prefix + ".")} == expected
+
+
+def test_derived_time_ids_and_mask_equal_explicit_overrides():
+    """Derived time ids are gathered once and broadcast; same outputs and gradients as the
+    explicit per-example ids `[B]`, `[B, L]` (and mask) that the parity fixtures pass."""
+    cfg = make_cfg("dare")
+    model, variables, batch = init(cfg)
+    explicit = dict(batch)
+    explicit["tid"] = np.zeros(BATCH, np.int32)
+    explicit["hist_tid"] = np.broadcast_to(LENGTH - np.arange(LENGTH), (BATCH, LENGTH)).astype(
+        np.int32
+    )
+    explicit["mask"] = batch["hist_iid"] > 0
+    label = (np.arange(BATCH) % 2).astype(np.int32)
+    grads = [_grads(model, variables, b, label) for b in (batch, explicit)]
+    outs = [model.apply(variables, b, train=False) for b in (batch, explicit)]
+    np.testing.assert_allclose(outs[0]["prob"], outs[1]["prob"], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), *grads)
+    assert np.abs(grads[0]["embed"]["attention"]["time"]).sum() > 0

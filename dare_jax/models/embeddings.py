@@ -83,21 +83,29 @@ def gather_roles(
     target_ids: dict[str, jax.Array],
     history_ids: dict[str, jax.Array],
     fields: tuple[str, ...],
+    target_shape: tuple[int, ...],
+    history_shape: tuple[int, ...],
 ) -> RoleFields:
     """{role: {field: `[B, d]` (target roles) or `[B, L, d]` (behaviour roles)}}.
 
-    Each (table, ids) pair is gathered once even when several roles share the table.
+    Each (table, ids) pair is gathered once even when several roles share the table. Ids may
+    have fewer leading dims than `target_shape` `[B]` / `history_shape` `[B, L]` (e.g. the
+    derived time ids, the same `[L]` for every example): the rows are then gathered once and
+    broadcast, so the table's gradient is a cheap sum over the batch plus a scatter of L rows
+    instead of a scatter of B * L rows (the same values).
     """
     gathered: dict[tuple[str, str, bool], jax.Array] = {}
     out: RoleFields = {}
     for role in ROLES:
         group, is_target = spec.tables[role], role.endswith("target")
         ids = target_ids if is_target else history_ids
+        shape = target_shape if is_target else history_shape
         out[role] = {}
         for field in fields:
             key = (group, field, is_target)
             if key not in gathered:
-                gathered[key] = lookup(tables[group][field], ids[field])
+                rows = lookup(tables[group][field], ids[field])
+                gathered[key] = jnp.broadcast_to(rows, (*shape, rows.shape[-1]))
             out[role][field] = gathered[key]
     return out
 

@@ -27,9 +27,9 @@ AUX_HEAD_HIDDEN = (200,)
 PROBABILITY_EPS = 1e-8  # official: softmax(logits) + 1e-8
 
 
-def history_time_ids(batch_size: int, length: int) -> jax.Array:
-    """`[B, L]` time ids: position j -> L - j, so the most recent behaviour has 1."""
-    return jnp.broadcast_to(length - jnp.arange(length, dtype=jnp.int32), (batch_size, length))
+def history_time_ids(length: int) -> jax.Array:
+    """`[L]` time ids: position j -> L - j, so the most recent behaviour has 1."""
+    return length - jnp.arange(length, dtype=jnp.int32)
 
 
 class TwoStageModel(nn.Module):
@@ -71,13 +71,13 @@ class TwoStageModel(nn.Module):
         hist_iid = jnp.asarray(batch["hist_iid"], jnp.int32)
         hist_cid = jnp.asarray(batch["hist_cid"], jnp.int32)
         batch_size, length = hist_iid.shape
+        # Derived time ids are the same for every example: keep them unbatched (target: 0,
+        # history: [L]) so their lookups are gathered once and broadcast (see gather_roles).
         tid = batch.get("tid")
-        tid = jnp.zeros((batch_size,), jnp.int32) if tid is None else jnp.asarray(tid, jnp.int32)
+        tid = jnp.zeros((), jnp.int32) if tid is None else jnp.asarray(tid, jnp.int32)
         hist_tid = batch.get("hist_tid")
         hist_tid = (
-            history_time_ids(batch_size, length)
-            if hist_tid is None
-            else jnp.asarray(hist_tid, jnp.int32)
+            history_time_ids(length) if hist_tid is None else jnp.asarray(hist_tid, jnp.int32)
         )
         valid = batch.get("mask")
         valid = hist_iid > 0 if valid is None else jnp.asarray(valid).astype(bool)
@@ -91,7 +91,9 @@ class TwoStageModel(nn.Module):
         fields = self._fields()
         target_ids = {"item": iid, "category": cid, "time": tid}
         history_ids = {"item": hist_iid, "category": hist_cid, "time": hist_tid}
-        role_fields = gather_roles(spec, tables, target_ids, history_ids, fields)
+        role_fields = gather_roles(
+            spec, tables, target_ids, history_ids, fields, (batch_size,), (batch_size, length)
+        )
         unused_time = {}
         if not cfg.use_time and cfg.official_parameters_always:
             unused_time = {r: spec.table_dims[spec.tables[r]]["time"] for r in role_fields}

@@ -1,0 +1,66 @@
+"""ETA (Chen et al. 2021): SimHash signatures and Hamming-distance top-k retrieval.
+
+A fixed random Gaussian projection R `[m, D]` (never trained) maps an attention vector e to
+the m-bit signature sign(R e) (bit = 1 where R e > 0). Signatures are packed into
+ceil(m / 32) uint32 words; the Hamming distance is the population count of the XOR. The k
+behaviours with the smallest distance to the target's signature are kept (ties: the more
+recent first), then ordinary target attention runs over those k. Everything here is
+integer/boolean and gradient-free; the embeddings train through the attention over the k.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+WORD_BITS = 32
+
+
+def random_hyperplanes(num_bits: int, dim: int, seed: int) -> jax.Array:
+    """The fixed projection R `[num_bits, dim]`, standard normal, from `seed` (constant under jit)."""
+    return jax.random.normal(jax.random.PRNGKey(seed), (num_bits, dim), jnp.float32)
+
+
+def signature_bits(vectors: jax.Array, planes: jax.Array) -> jax.Array:
+    """bool `[..., m]`: bit i = <planes[i], v> > 0, for vectors `[..., D]`, planes `[m, D]`.
+
+    The input is stop_gradient-ed: no gradient flows through the hash.
+    """
+    projected = jnp.einsum("...d,md->...m", jax.lax.stop_gradient(vectors), planes)
+    return projected > 0
+
+
+def pack_bits(bits: jax.Array) -> jax.Array:
+    """bool `[..., m]` -> uint32 `[..., ceil(m / 32)]`; bit i goes to word i // 32, bit i % 32."""
+    m = bits.shape[-1]
+    words = -(-m // WORD_BITS)
+    padded = jnp.pad(bits, [(0, 0)] * (bits.ndim - 1) + [(0, words * WORD_BITS - m)])
+    grouped = padded.reshape(bits.shape[:-1] + (words, WORD_BITS)).astype(jnp.uint32)
+    shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32)
+    return jnp.sum(grouped << shifts, axis=-1, dtype=jnp.uint32)
+
+
+def signatures(vectors: jax.Array, planes: jax.Array) -> jax.Array:
+    """Packed signatures uint32 `[..., W]` of vectors `[..., D]` (W = ceil(m / 32))."""
+    return pack_bits(signature_bits(vectors, planes))
+
+
+def hamming_distance(history: jax.Array, target: jax.Array) -> jax.Array:
+    """int32 `[B, L]` distances between history `[B, L, W]` and target `[B, W]` signatures."""
+    diff = jnp.bitwise_xor(history, target[:, None, :])
+    return jnp.sum(jax.lax.population_count(diff).astype(jnp.int32), axis=-1)
+
+
+def hamming_top_k(distance: jax.Array, valid: jax.Array, k: int, num_bits: int) -> jax.Array:
+    """Indices `[B, k]` of the k valid positions with the smallest Hamming distance.
+
+    distance `[B, L]` int, valid `[B, L]` bool. Ties go to the more recent (larger) position;
+    padding ranks below every valid position (a row with fewer than k valid behaviours gets
+    padding positions in its last slots, which the caller masks). One batched `top_k` over
+    the integer priority (num_bits - distance) * L + position.
+    """
+    length = distance.shape[1]
+    position = jnp.arange(length, dtype=jnp.int32)[None, :]
+    priority = jnp.where(valid, (num_bits - distance) * length + position, position - length)
+    _, indices = jax.lax.top_k(priority, k)
+    return indices

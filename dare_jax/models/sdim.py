@@ -1,0 +1,45 @@
+"""SDIM (Cao et al. 2022): hash-bucket pooling of the behaviours that collide with the target.
+
+m random hyperplanes (fixed, Gaussian) are split into G = m / tau groups of tau bits; in each
+group a vector's tau sign bits form a bucket code in [0, 2**tau). For each group, the
+representation vectors of the valid behaviours whose code equals the target's are summed and
+the sum is l2-normalised (an empty bucket gives the zero vector); the G pooled vectors are
+averaged. No top-k, no attention weights; no gradient through the hash.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from dare_jax.models.eta import signature_bits
+
+NORM_EPS = 1e-12  # keeps the normalisation of an empty bucket (zero sum) finite
+
+
+def bucket_codes(vectors: jax.Array, planes: jax.Array, group_bits: int) -> jax.Array:
+    """int32 `[..., m / tau]` bucket codes of vectors `[..., D]`; planes `[m, D]`, tau = group_bits.
+
+    Code of group g = sum_i bit[g * tau + i] * 2**i.
+    """
+    bits = signature_bits(vectors, planes)
+    m = bits.shape[-1]
+    if m % group_bits:
+        raise ValueError(f"SDIM: {m} hash bits cannot be split into groups of {group_bits}")
+    grouped = bits.reshape(bits.shape[:-1] + (m // group_bits, group_bits)).astype(jnp.int32)
+    return jnp.sum(grouped << jnp.arange(group_bits, dtype=jnp.int32), axis=-1)
+
+
+def bucket_matches(history_codes: jax.Array, target_codes: jax.Array, valid: jax.Array) -> jax.Array:
+    """float32 `[B, L, G]`: 1 where behaviour j is valid and shares the target's bucket in group g.
+
+    history_codes `[B, L, G]`, target_codes `[B, G]`, valid `[B, L]`.
+    """
+    same = history_codes == target_codes[:, None, :]
+    return (same & valid[:, :, None]).astype(jnp.float32)
+
+
+def normalised_group_average(bucket_sums: jax.Array) -> jax.Array:
+    """`[B, G, D]` per-group bucket sums -> `[B, D]`: l2-normalise each group, average over G."""
+    norms = jnp.sqrt(jnp.sum(bucket_sums * bucket_sums, axis=-1, keepdims=True) + NORM_EPS)
+    return jnp.mean(bucket_sums / norms, axis=1)
