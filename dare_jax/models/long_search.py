@@ -25,15 +25,16 @@ SCORE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def _split(history: HistoryIds, chunk: int) -> tuple[HistoryIds, int]:
-    """Left-pad every `[B, L]` array to a multiple of `chunk` (ids 0, valid False) and reshape
-    to `[n, B, C]`. Returns (chunked dict, padding count)."""
+    """Left-pad every `[B, L, ...]` array to a multiple of `chunk` (ids 0, valid False) and
+    reshape to `[n, B, C, ...]`. Returns (chunked dict, padding count)."""
     length = next(iter(history.values())).shape[1]
     pad = (-length) % chunk
     out = {}
     for key, value in history.items():
-        value = jnp.pad(value, ((0, 0), (pad, 0)))  # zeros: id 0 (padding), valid False
-        batch = value.shape[0]
-        out[key] = value.reshape(batch, -1, chunk).transpose(1, 0, 2)
+        # Zeros: id 0 (padding), valid False, weight 0. Trailing dims (weights [B, L, G]) kept.
+        value = jnp.pad(value, [(0, 0), (pad, 0)] + [(0, 0)] * (value.ndim - 2))
+        batch, rest = value.shape[0], value.shape[2:]
+        out[key] = jnp.moveaxis(value.reshape((batch, -1, chunk) + rest), 1, 0)
     return out, pad
 
 

@@ -7,11 +7,12 @@ the current embeddings is the jit-able equivalent (documented decision).
 
 Algorithm (per user, vmapped over the batch; static shapes):
   hierarchical bisecting k-means for `levels` levels. At each level every cluster larger than
-  `max_cluster_size` is split in two by 2-means (init: its earliest member and the member
-  farthest from it; `iterations` Lloyd steps); a small enough cluster stays whole. Cluster
-  labels are the paths of split decisions, so after `levels` levels they lie in
-  [0, 2**levels). levels = ceil(log2(L / max_cluster_size)) + extra_levels, which leaves room
-  for unbalanced splits. A cluster of identical vectors cannot be split and may stay larger.
+  `max_cluster_size` is split in two: 2-means finds the split direction (init: its earliest
+  member and the member farthest from it; `iterations` Lloyd steps), then the members are cut
+  at the median of their projection on that direction (balanced halves); a small enough
+  cluster stays whole. Cluster labels are the paths of split decisions, so they lie in
+  [0, 2**levels) with levels = ceil(log2(L / max_cluster_size)) + extra_levels (default 0);
+  balanced halving guarantees every cluster has at most max_cluster_size members.
   Padding positions get the label 2**levels (outside every cluster).
 Virtual behaviour of a cluster: the mean of its members' vectors; the cluster-aware logit
 adds ln(cluster size) to the scaled dot-product score (in search and aggregation).
@@ -68,15 +69,25 @@ def _bisect_level(
         )
 
     c0, c1 = jax.lax.fori_loop(0, iterations, lloyd, (c0, c1))
+    # Balanced cut along the 2-means axis: order each cluster's members by their projection on
+    # c1 - c0 and send the upper half (rounded down) to child 1. Halving guarantees that after
+    # ceil(log2(L / max_size)) levels no cluster exceeds max_size, which plain 2-means does not.
+    axis = c1 - c0
+    proj = jnp.sum((x - 0.5 * (c0 + c1)[own]) * axis[own], axis=-1)
+    proj = jnp.where(valid, proj, jnp.inf)
+    order = jnp.lexsort((pos, proj, seg))  # by cluster, then projection, then position
+    rank = jnp.zeros(length, jnp.int32).at[order].set(pos)
+    start = jnp.cumsum(sizes) - sizes
+    upper = rank - start[own] >= (sizes[own] + 1) // 2
     split = (sizes > max_size)[own]
-    return 2 * own + (assign(c0, c1) & split).astype(jnp.int32)
+    return 2 * own + (upper & split).astype(jnp.int32)
 
 
 def hierarchical_kmeans(
     vectors: jax.Array,
     valid: jax.Array,
     max_cluster_size: int,
-    extra_levels: int = 1,
+    extra_levels: int = 0,
     iterations: int = 3,
 ) -> jax.Array:
     """Cluster labels int32 `[B, L]` in [0, S) for vectors `[B, L, D]`, valid `[B, L]`.
