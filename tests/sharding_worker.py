@@ -13,8 +13,10 @@ JOB.json: {"runs": [{"overrides": {...dotted config fields...}, "arg": "model=tw
 - `inspect` initialises the state, takes two training steps and reports the
   sharding (PartitionSpec and shard shapes) of every state leaf after init and
   after the steps;
-- `restore` restores {"checkpoint_dir", "step"} under the mesh of its overrides,
-  reports the shardings and writes the restored leaves to an .npz.
+- `restore` restores each of its {"dir", "step", "npz"} checkpoints under the mesh of
+  its overrides,
+  reports the shardings and the validation metrics of the restored state, and
+  writes the restored leaves to an .npz.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np  # noqa: E402
 
 from configs import demo  # noqa: E402
 from dare_jax import checkpointing, train  # noqa: E402
+from dare_jax.sharding import _path_name  # noqa: E402
 from dare_jax.data import open_dataset, pipeline  # noqa: E402
 
 
@@ -49,7 +52,7 @@ def leaf_report(state) -> dict:
     """{path: {"spec": str, "shard_shapes": [...], "shape": [...]}} of every state leaf."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        name = "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        name = _path_name(path)
         out[name] = {
             "spec": str(tuple(leaf.sharding.spec)),
             "shape": list(leaf.shape),
@@ -62,7 +65,7 @@ def leaf_report(state) -> dict:
 def gathered(state, partitioner) -> dict:
     replicated = partitioner.replicate_fn()(state)
     return {
-        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): np.asarray(leaf)
+        _path_name(path): np.asarray(leaf)
         for path, leaf in jax.tree_util.tree_flatten_with_path(replicated)[0]
     }
 
@@ -102,13 +105,17 @@ def restore(job: dict) -> dict:
     config = make_config(job["overrides"], job.get("arg", ""))
     dataset = open_dataset(config.data.dir)
     trainer = train._Trainer(config, dataset)
-    checkpoints = checkpointing.RunCheckpoints(job["checkpoint_dir"])
-    state, progress = checkpoints.restore(
-        checkpointing.LATEST, trainer.abstract_state(0), step=job["step"]
-    )
-    checkpoints.close()
-    np.savez(job["npz"], **gathered(state, trainer.partitioner))
-    return {"leaves": leaf_report(state), "progress": progress}
+    reports = []
+    for checkpoint in job["checkpoints"]:
+        checkpoints = checkpointing.RunCheckpoints(checkpoint["dir"])
+        state, progress = checkpoints.restore(
+            checkpointing.LATEST, trainer.abstract_state(0), step=checkpoint["step"]
+        )
+        checkpoints.close()
+        np.savez(checkpoint["npz"], **gathered(state, trainer.partitioner))
+        val = train.evaluate(trainer.eval_step, state, dataset, "val", config, trainer.partitioner)
+        reports.append({"leaves": leaf_report(state), "progress": progress, "val": val})
+    return reports
 
 
 def main(job_path: str) -> None:
