@@ -222,6 +222,8 @@ STRUCTURE_CASES = [
     ("three_embedding", {}),
     ("projection", {}),
     ("projection", {"mlp_position_after_concat": True}),
+    ("projection", {"use_time": False}),  # the official maps for time exist, unused
+    ("projection_with_mlp", {"use_time": False, "use_aux_loss": False}),
     ("projection_two_linear", {}),
     ("projection_with_mlp", {}),
     ("projection_with_mlp", {"mlp_hidden_layer": (8, 12)}),

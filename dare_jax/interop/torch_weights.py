@@ -208,7 +208,7 @@ def load_state(path: str | Path) -> dict[str, np.ndarray]:
     raise ValueError(f"{path}: unknown weight file type {path.suffix!r} (want .npz or .pth)")
 
 
-def config_from_official_kwargs(kwargs: Mapping[str, Any]):
+def config_from_official_kwargs(kwargs: Mapping[str, Any]) -> tuple[Any, int, int, int]:
     """Our model config from the official `DIN(...)` constructor kwargs.
 
     Returns (model config, item_n, cate_n, max_length). Raises ValueError for official
