@@ -68,7 +68,9 @@ def uses_long_model(cfg: ml_collections.ConfigDict) -> bool:
         return True
     chunked = int(long_field(cfg, "search_chunk")) > 0
     bf16 = long_field(cfg, "score_dtype") != "float32"
-    return config_lib.OFFICIAL_TO_CANONICAL.get(name, name) in ("twin", "dare") and (chunked or bf16)
+    return config_lib.OFFICIAL_TO_CANONICAL.get(name, name) in ("twin", "dare") and (
+        chunked or bf16
+    )
 
 
 def _fail(field: str, value: object, why: str) -> None:
@@ -244,11 +246,15 @@ class LongHistoryModel(nn.Module):
             )  # [B, L, G]
             sums = long_search.chunked_weighted_sum(representations, matches, history, chunk)
             retrieved = sdim.normalised_group_average(sums)
-            outputs["bucket_sizes"] = jnp.sum(matches, axis=1)
+            outputs["bucket_sizes"] = jnp.sum(matches, axis=1, dtype=jnp.int32)
         else:  # twin_v2: clusters of the whole history (one [B, L, D] per table)
             keys = vectors("attention_behavior", history)
             labels = twin_v2.hierarchical_kmeans(
-                keys, valid, int(self._get("cluster_max_size")), 0, int(self._get("cluster_iterations"))
+                keys,
+                valid,
+                int(self._get("cluster_max_size")),
+                0,
+                int(self._get("cluster_iterations")),
             )
             clusters = 2 ** twin_v2.cluster_levels(length, int(self._get("cluster_max_size")), 0)
             sizes = twin_v2.cluster_sizes(labels, clusters)
@@ -265,7 +271,9 @@ class LongHistoryModel(nn.Module):
                 "bs,bsd->bd", jax.nn.softmax(masked, axis=-1), cluster_values
             )
             outputs.update(
-                attention_scores=masked, topk_indices=indices, cluster_ids=labels,
+                attention_scores=masked,
+                topk_indices=indices,
+                cluster_ids=labels,
                 cluster_sizes=sizes,
             )
 

@@ -57,25 +57,30 @@ def chunked_weighted_sum(
 ) -> jax.Array:
     """sum_j weights[b, j, ...] * fn(ids)[b, j, :] accumulated chunk by chunk.
 
-    fn: `[B, C]` ids -> vectors `[B, C, D]`; weights `[B, L]` or `[B, L, G]`.
+    fn: `[B, C]` ids -> vectors `[B, C, D]`; weights `[B, L]` or `[B, L, G]` (float or bool).
     Returns `[B, D]` (weights `[B, L]`) or `[B, G, D]` (weights `[B, L, G]`).
     """
     spec = "bc,bcd->bd" if weights.ndim == 2 else "bcg,bcd->bgd"
     length = history["valid"].shape[1]
+
+    def weighted(w: jax.Array, vectors: jax.Array) -> jax.Array:
+        # Boolean weights (SDIM's bucket matches) stay 1 byte per entry until used here.
+        return jnp.einsum(spec, w.astype(vectors.dtype), vectors)
+
     if chunk <= 0 or chunk >= length:
-        return jnp.einsum(spec, weights, fn(history))
+        return weighted(weights, fn(history))
     chunks, _ = _split(dict(history, _weights=weights), chunk)
     chunk_weights = chunks.pop("_weights")
 
     @jax.checkpoint
     def body(total: jax.Array, inputs: tuple[jax.Array, HistoryIds]) -> tuple[jax.Array, None]:
         w, ids = inputs
-        return total + jnp.einsum(spec, w, fn(ids)), None
+        return total + weighted(w, fn(ids)), None
 
     # The accumulator's width comes from one evaluation on an empty-shape probe.
     probe = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], chunks))
     lead = (weights.shape[0],) if weights.ndim == 2 else (weights.shape[0], weights.shape[2])
-    total0 = jnp.zeros(lead + probe.shape[-1:], jnp.result_type(weights.dtype, probe.dtype))
+    total0 = jnp.zeros(lead + probe.shape[-1:], probe.dtype)
     total, _ = jax.lax.scan(body, total0, (chunk_weights, chunks))
     return total
 

@@ -30,13 +30,15 @@ def bucket_codes(vectors: jax.Array, planes: jax.Array, group_bits: int) -> jax.
     return jnp.sum(grouped << jnp.arange(group_bits, dtype=jnp.int32), axis=-1)
 
 
-def bucket_matches(history_codes: jax.Array, target_codes: jax.Array, valid: jax.Array) -> jax.Array:
-    """float32 `[B, L, G]`: 1 where behaviour j is valid and shares the target's bucket in group g.
+def bucket_matches(
+    history_codes: jax.Array, target_codes: jax.Array, valid: jax.Array
+) -> jax.Array:
+    """bool `[B, L, G]`: behaviour j is valid and shares the target's bucket in group g.
 
     history_codes `[B, L, G]`, target_codes `[B, G]`, valid `[B, L]`.
     """
     same = history_codes == target_codes[:, None, :]
-    return (same & valid[:, :, None]).astype(jnp.float32)
+    return same & valid[:, :, None]
 
 
 def normalised_group_average(bucket_sums: jax.Array) -> jax.Array:
