@@ -233,9 +233,10 @@ def _official_gradients(spec, grads: dict[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
-def format_result(result: FixtureResult, rtol: float) -> str:
+def format_result(result: FixtureResult, rtol: float, atol: float = DEFAULT_ATOL) -> str:
     """Human-readable table of one fixture's comparisons."""
-    lines = [f"== {result.path} (variant {result.variant}; float32; tolerance rel {rtol:g})"]
+    tolerance = f"max_rel <= {rtol:g} (gradients: or max_abs <= {atol:g})"
+    lines = [f"== {result.path} (variant {result.variant}; float32; tolerance {tolerance})"]
     lines += [f"   note: {n}" for n in result.notes]
     width = max(len(e.name) for e in result.entries)
     for e in result.entries:
@@ -283,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, KeyError, ValueError) as err:
             print(f"== {fixture}: cannot check: {err}", file=sys.stderr)
             return 2
-        print(format_result(result, args.rtol))
+        print(format_result(result, args.rtol, args.atol))
         all_ok = all_ok and result.ok
     return 0 if all_ok else 1
 
