@@ -8,6 +8,15 @@ This is the only module that imports Orbax. A checkpoint holds two items:
   data iterator's state (epoch and position), the best validation AUC so far
   and its step, and the training-loop bookkeeping.
 
+Sharded state and several processes: the state's arrays may be split over a
+device mesh that spans processes. Every process calls `save`/`restore`
+together; Orbax writes each array shard once (from the process that holds it)
+into one tensorstore array per leaf, and process 0 writes the JSON item. The
+files hold whole logical arrays, not per-device pieces, so a checkpoint
+restores under any mesh: `restore` reads into the shardings carried by
+`target_state` (ShapeDtypeStructs from `Partitioner.abstract`), reading on each
+process only the rows its devices hold.
+
 Saves are synchronous and atomic (Orbax writes to a temporary directory and
 renames it when complete), so a process killed at any moment leaves either the
 previous checkpoint or the new one, never a half-written one that restore
@@ -106,7 +115,9 @@ class RunCheckpoints:
         Args:
           which: "latest" or "best".
           target_state: a pytree with the structure, shapes and dtypes of the
-            saved state (for example a freshly initialised state).
+            saved state (for example a freshly initialised state); the
+            shardings of its leaves (arrays or ShapeDtypeStructs) are the ones
+            the restored arrays get, whatever mesh wrote the checkpoint.
           step: a given step instead of the newest one.
 
         Raises:
