@@ -90,6 +90,9 @@ def validate_long_model_config(
     # The shared checks (dims, time mode, top_k, time table size) with the table layout's name.
     base = ml_collections.ConfigDict(cfg.to_dict())
     base.name = "dare" if decoupled else "twin"
+    for key in LONG_MODEL_DEFAULTS:  # the plain validator must not route back here
+        if key in base:
+            base[key] = LONG_MODEL_DEFAULTS[key]
     config_lib.validate_model_config(base, item_n, cate_n, max_length)
     if not cfg.soft_search:
         _fail("soft_search", cfg.soft_search, f"{name} has its own search; hard search is TWIN's")
