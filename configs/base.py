@@ -54,6 +54,18 @@ MODEL_VARIANTS: dict[str, tuple[dict, dict]] = {
         {"name": "twin", "observe_attn_repr_grad": True, "avoid_domination": True},
         {"export.gradients": True},
     ),
+    # The paper's other baselines, from their own papers (dare_jax.models.long_model). SDIM
+    # has no attention, hence no full-attention aux head. *_decoupled: DARE's two tables
+    # (attention tables hash / search / cluster, representation tables are aggregated).
+    # Long histories: any model above with --config.data.max_length=10000
+    # --config.model.time_table_size=10001 and, for twin/dare/eta/sdim, chunked search
+    # --config.model.search_chunk=1000 (optionally --config.model.score_dtype=bfloat16).
+    "eta": ({"name": "eta"}, {}),
+    "sdim": ({"name": "sdim", "use_aux_loss": False}, {}),
+    "twin_v2": ({"name": "twin_v2"}, {}),
+    "eta_decoupled": ({"name": "eta", "decoupled_tables": True}, {}),
+    "sdim_decoupled": ({"name": "sdim", "use_aux_loss": False, "decoupled_tables": True}, {}),
+    "twin_v2_decoupled": ({"name": "twin_v2", "decoupled_tables": True}, {}),
     # History-blind baseline: DARE whose every history position is padding.
     "target_only": ({"name": "dare"}, {"data.blind_history": True}),
 }

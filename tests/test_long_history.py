@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dare_jax.models import build_model, default_model_config
+from dare_jax.models import build_model, default_model_config, validate_model_config
 from dare_jax.models.long_model import build_long_history_model, uses_long_model
 from tests.test_eta_sdim_twinv2 import CATE_N, ITEM_N, LENGTH, make_batch, make_cfg
 
@@ -125,3 +125,31 @@ def test_bad_configs_name_field_and_value(overrides, match):
         cfg[key] = value
     with pytest.raises(ValueError, match=match):
         build_long_history_model(cfg, ITEM_N, CATE_N, LENGTH)
+
+
+@pytest.mark.parametrize(
+    "variant, model_class",
+    [("eta", "LongHistoryModel"), ("sdim_decoupled", "LongHistoryModel"),
+     ("twin_v2", "LongHistoryModel"), ("twin", "TwoStageModel"), ("din", "TwoStageModel")],
+)
+def test_demo_variants_build_through_the_zoo(variant, model_class):
+    from configs.demo import get_config
+    from dare_jax.models import resolve_variant, validate_model_config
+
+    config = get_config(f"model={variant}")
+    validate_model_config(config.model, ITEM_N, CATE_N, int(config.data.max_length))
+    model = build_model(config.model, ITEM_N, CATE_N, int(config.data.max_length))
+    assert type(model).__name__ == model_class
+    spec = resolve_variant(config.model)
+    assert ("attention" in spec.table_groups) == variant.endswith("decoupled")
+
+
+def test_long_history_switches_route_twin_to_the_chunked_model():
+    cfg = default_model_config()
+    cfg.name = "twin"
+    assert type(build_model(cfg, ITEM_N, CATE_N, LENGTH)).__name__ == "TwoStageModel"
+    cfg.search_chunk = 8
+    assert type(build_model(cfg, ITEM_N, CATE_N, LENGTH)).__name__ == "LongHistoryModel"
+    cfg.soft_search = False  # chunked search is soft search only
+    with pytest.raises(ValueError, match="soft_search"):
+        validate_model_config(cfg, ITEM_N, CATE_N, LENGTH)

@@ -1,4 +1,4 @@
-"""The model zoo: DIN, TWIN and every variant, DARE (Flax Linen, pure functional).
+"""The model zoo: DIN, TWIN and every variant, DARE, ETA, SDIM, TWIN-V2 (Flax Linen, pure).
 
 model = build_model(model_cfg, item_n, cate_n, max_length)
 variables = model.init(rng, batch, train=False)        # {'params', 'batch_stats'}
@@ -17,6 +17,11 @@ from dare_jax.models.config import (
     validate_model_config,
 )
 from dare_jax.models.gradient_paths import combine_path_gradients
+from dare_jax.models.long_model import (
+    LongHistoryModel,
+    build_long_history_model,
+    uses_long_model,
+)
 from dare_jax.models.loss import l2_penalty, loss_terms
 from dare_jax.models.model import TwoStageModel, build_two_stage_model
 from dare_jax.models.variants import VariantSpec, resolve_variant
@@ -27,10 +32,13 @@ def build_model(
 ) -> nn.Module:
     """Validate `model_cfg` (ValueError naming the field) and build the Flax module."""
     validate_model_config(model_cfg, item_n, cate_n, max_length)
+    if uses_long_model(model_cfg):  # ETA, SDIM, TWIN-V2; TWIN/DARE with chunked search
+        return build_long_history_model(model_cfg, item_n, cate_n, max_length)
     return build_two_stage_model(model_cfg, item_n, cate_n, max_length)
 
 
 __all__ = [
+    "LongHistoryModel",
     "TwoStageModel",
     "VariantSpec",
     "build_model",

@@ -26,6 +26,10 @@ CANONICAL_NAMES: tuple[str, ...] = (
     "projection_large_emb_small_output",
 )
 
+# Models of the paper's comparison that the official code lacks (no official `model_name`),
+# built by `dare_jax.models.long_model.LongHistoryModel` (written from their own papers).
+LONG_HISTORY_NAMES: tuple[str, ...] = ("eta", "sdim", "twin_v2")
+
 # Official `model_name` strings (github thuml/DARE) -> our names.
 OFFICIAL_TO_CANONICAL: dict[str, str] = {
     "DARE": "dare",
@@ -102,16 +106,22 @@ def default_model_config() -> ml_collections.ConfigDict:
     cfg.init_std = 0.01
     cfg.time_table_size = 2000
     cfg.official_parameters_always = True
+    # ETA / SDIM / TWIN-V2 and long histories (chunked search, bfloat16 scores): the fields
+    # and their meaning are in dare_jax.models.long_model.LONG_MODEL_DEFAULTS.
+    from dare_jax.models.long_model import LONG_MODEL_DEFAULTS
+
+    for key, value in LONG_MODEL_DEFAULTS.items():
+        cfg[key] = value
     return cfg
 
 
 def canonical_name(name: str) -> str:
     """Our variant name for `name` (ours or an official `model_name`); ValueError if unknown."""
-    if name in CANONICAL_NAMES:
+    if name in CANONICAL_NAMES or name in LONG_HISTORY_NAMES:
         return name
     if name in OFFICIAL_TO_CANONICAL:
         return OFFICIAL_TO_CANONICAL[name]
-    known = sorted(set(CANONICAL_NAMES) | set(OFFICIAL_TO_CANONICAL))
+    known = sorted(set(CANONICAL_NAMES) | set(OFFICIAL_TO_CANONICAL) | set(LONG_HISTORY_NAMES))
     raise ValueError(f"model config field 'name': unknown model name {name!r}; known: {known}")
 
 
@@ -144,6 +154,11 @@ def validate_model_config(
     feature, attention dims only for the multi-table variants, time mode "add" widths) and adds
     the checks the official code leaves to a crash (top_k > max_length, table sizes, ...).
     """
+    from dare_jax.models import long_model  # late: long_model builds on this module
+
+    if long_model.uses_long_model(cfg):
+        long_model.validate_long_model_config(cfg, item_n, cate_n, max_length)
+        return
     name = canonical_name(str(cfg.name))
     for field in ("item_n", "cate_n", "max_length"):
         value = {"item_n": item_n, "cate_n": cate_n, "max_length": max_length}[field]

@@ -96,6 +96,8 @@ def validate_long_model_config(
     config_lib.validate_model_config(base, item_n, cate_n, max_length)
     if not cfg.soft_search:
         _fail("soft_search", cfg.soft_search, f"{name} has its own search; hard search is TWIN's")
+    if cfg.get("row_sparse_embedding_grads", False):
+        _fail("row_sparse_embedding_grads", True, f"not supported by {name} (LongHistoryModel)")
     if cfg.observe_attn_repr_grad or cfg.avoid_domination:
         _fail("observe_attn_repr_grad", True, f"gradient observation is for TwoStageModel ({name})")
     if int(long_field(cfg, "search_chunk")) < 0:

@@ -124,6 +124,10 @@ def _projection_spec(name: str, cfg: ml_collections.ConfigDict) -> ProjectionSpe
 
 def resolve_variant(cfg: ml_collections.ConfigDict) -> VariantSpec:
     """Turn a (validated) model config into a VariantSpec."""
+    from dare_jax.models import long_model  # late: long_model builds on this module
+
+    if long_model.uses_long_model(cfg):
+        return long_model.resolve_long_variant(cfg)
     name = config_lib.canonical_name(str(cfg.name))
     synchronised = bool(cfg.observe_attn_repr_grad or cfg.avoid_domination)
     if name in ("dare",) or synchronised:
