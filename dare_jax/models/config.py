@@ -80,6 +80,10 @@ def default_model_config() -> ml_collections.ConfigDict:
       official_parameters_always: build the auxiliary head and the time tables even when
         they are unused (aux loss off / no time), exactly as the official constructor does, so
         that parameter counts, the L2 penalty and weight import match it. Default True.
+      row_sparse_embedding_grads: table lookups read stop_gradient(table) and expose their
+        gradient as rows (Flax `perturbations` collection, ids sown in `embedding_ids`), so a
+        training step never forms a dense table gradient (dare_jax.optim applies the exact
+        dense Adam from the rows). Same forward values. Default False.
     """
     cfg = ml_collections.ConfigDict()
     cfg.name = "dare"
@@ -106,6 +110,7 @@ def default_model_config() -> ml_collections.ConfigDict:
     cfg.init_std = 0.01
     cfg.time_table_size = 2000
     cfg.official_parameters_always = True
+    cfg.row_sparse_embedding_grads = False
     # ETA / SDIM / TWIN-V2 and long histories (chunked search, bfloat16 scores): the fields
     # and their meaning are in dare_jax.models.long_model.LONG_MODEL_DEFAULTS.
     from dare_jax.models.long_model import LONG_MODEL_DEFAULTS

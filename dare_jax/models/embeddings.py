@@ -77,6 +77,14 @@ def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)
 
 
+EMBEDDING_IDS = "embedding_ids"  # collection of the sown lookup ids (row_sparse_embedding_grads)
+
+
+def row_lookup_name(group: str, field: str, is_target: bool) -> str:
+    """Perturbation / sown-ids name of one gather: `<group>:<field>:<target|history>`."""
+    return f"{group}:{field}:{'target' if is_target else 'history'}"
+
+
 def gather_roles(
     spec: VariantSpec,
     tables: dict[str, dict[str, jax.Array]],
@@ -85,6 +93,7 @@ def gather_roles(
     fields: tuple[str, ...],
     target_shape: tuple[int, ...],
     history_shape: tuple[int, ...],
+    row_grads: nn.Module | None = None,
 ) -> RoleFields:
     """{role: {field: `[B, d]` (target roles) or `[B, L, d]` (behaviour roles)}}.
 
@@ -93,6 +102,12 @@ def gather_roles(
     derived time ids, the same `[L]` for every example): the rows are then gathered once and
     broadcast, so the table's gradient is a cheap sum over the batch plus a scatter of L rows
     instead of a scatter of B * L rows (the same values).
+
+    row_grads: a module (the model) to expose the tables' gradients as rows instead of dense
+    tables (config `row_sparse_embedding_grads`): each gather reads `stop_gradient(table)`, is
+    passed through `row_grads.perturb(name)` (collection `perturbations`; grad w.r.t. it =
+    the rows' cotangents `[..., d]`) and its ids are sown under the same name in collection
+    `embedding_ids`; name = `row_lookup_name(group, field, is_target)`. See dare_jax.optim.
     """
     gathered: dict[tuple[str, str, bool], jax.Array] = {}
     out: RoleFields = {}
@@ -104,7 +119,13 @@ def gather_roles(
         for field in fields:
             key = (group, field, is_target)
             if key not in gathered:
-                rows = lookup(tables[group][field], ids[field])
+                if row_grads is None:
+                    rows = lookup(tables[group][field], ids[field])
+                else:
+                    name = row_lookup_name(group, field, is_target)
+                    table = jax.lax.stop_gradient(tables[group][field])
+                    rows = row_grads.perturb(name, lookup(table, ids[field]))
+                    row_grads.sow(EMBEDDING_IDS, name, ids[field])
                 gathered[key] = jnp.broadcast_to(rows, (*shape, rows.shape[-1]))
             out[role][field] = gathered[key]
     return out

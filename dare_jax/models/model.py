@@ -92,7 +92,14 @@ class TwoStageModel(nn.Module):
         target_ids = {"item": iid, "category": cid, "time": tid}
         history_ids = {"item": hist_iid, "category": hist_cid, "time": hist_tid}
         role_fields = gather_roles(
-            spec, tables, target_ids, history_ids, fields, (batch_size,), (batch_size, length)
+            spec,
+            tables,
+            target_ids,
+            history_ids,
+            fields,
+            (batch_size,),
+            (batch_size, length),
+            row_grads=self if cfg.get("row_sparse_embedding_grads", False) else None,
         )
         unused_time = {}
         if not cfg.use_time and cfg.official_parameters_always:
