@@ -214,12 +214,12 @@ class Partitioner:
         gathers only these rows (its data slice).
         """
         index_map = self.batch_sharding.addressable_devices_indices_map((batch_size,))
-        starts = sorted({(idx[0].start or 0, idx[0].stop or batch_size) for idx in index_map.values()})
-        start, stop = starts[0][0], starts[-1][1]
-        covered = sum(b - a for a, b in starts)
-        if covered != stop - start:
+        # Devices along `model` hold the same rows: the set keeps each slice once.
+        slices = sorted({(i[0].start or 0, i[0].stop or batch_size) for i in index_map.values()})
+        start, stop = slices[0][0], slices[-1][1]
+        if sum(b - a for a, b in slices) != stop - start:
             raise ShardingError(
-                f"process {jax.process_index()} holds non-contiguous batch rows {starts}"
+                f"process {jax.process_index()} holds non-contiguous batch rows {slices}"
             )
         return start, stop
 

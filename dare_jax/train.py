@@ -519,7 +519,9 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
                 bar.set_postfix(step=step, loss=f"{losses['total']:.4f}")
             if step % int(config.train.eval_every_steps) == 0 or step == trainer.total_steps:
                 steps.check_finite(float(pending[1]), pending[0])
-                val = evaluate(trainer.eval_step, state, dataset, "val", config, trainer.partitioner)
+                val = evaluate(
+                    trainer.eval_step, state, dataset, "val", config, trainer.partitioner
+                )
                 log.write({"step": step, "split": "val", **val})
                 board.scalars("val", val, step)
                 # A NaN AUC (one class only) never beats a number; kept as None, as in JSON.

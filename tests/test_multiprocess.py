@@ -62,19 +62,30 @@ def test_two_processes_match_one_device(data_dir, tmp_path):  # noqa: F811
     ]
     command = [sys.executable, "-m", "dare_jax.main", "--config", "configs/demo.py:model=dare"]
     address = f"localhost:{free_port()}"
-    env = child_env(2)
+    env = child_env(2)  # two simulated CPU devices per process: a 2 x 2 mesh in all
+    process_1_env = {
+        **env,
+        "JAX_COORDINATOR_ADDRESS": address,
+        "JAX_NUM_PROCESSES": "2",
+        "JAX_PROCESS_ID": "1",
+    }
+    process_0_flags = [f"--coordinator_address={address}", "--num_processes=2", "--process_id=0"]
     processes = [
         subprocess.Popen(
-            [*command, *flags, f"--coordinator_address={address}", "--num_processes=2",
-             "--process_id=0"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [*command, *flags, *process_0_flags],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         ),
         subprocess.Popen(
             [*command, *flags],
             cwd=REPO,
-            env={**env, "JAX_COORDINATOR_ADDRESS": address, "JAX_NUM_PROCESSES": "2",
-                 "JAX_PROCESS_ID": "1"},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=process_1_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         ),
     ]
     outputs = []
