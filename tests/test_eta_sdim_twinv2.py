@@ -151,7 +151,8 @@ def test_eta_model_features_equal_numpy_recomputation():
     np.testing.assert_array_equal(out["topk_indices"], want_idx)
     scores = np.where(valid, np_scores(q, keys), PADDING_SCORE)
     kept = np.take_along_axis(scores, want_idx, 1)
-    retrieved = np.einsum("bk,bkd->bd", softmax(kept), np.take_along_axis(keys, want_idx[..., None], 1))
+    kept_keys = np.take_along_axis(keys, want_idx[..., None], 1)
+    retrieved = np.einsum("bk,bkd->bd", softmax(kept), kept_keys)
     np.testing.assert_allclose(out["representation"][:, 48:96], retrieved, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(out["attention_scores"], scores, rtol=1e-4, atol=1e-4)
 

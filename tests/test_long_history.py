@@ -42,7 +42,9 @@ def test_chunked_equals_unchunked(name):
     g_chunk, out_chunk = grads_and_outputs(chunked, variables, batch)
     assert set(out_whole) == set(out_chunk)
     for key in out_whole:
-        np.testing.assert_allclose(out_chunk[key], out_whole[key], rtol=2e-4, atol=1e-6, err_msg=key)
+        np.testing.assert_allclose(
+            out_chunk[key], out_whole[key], rtol=2e-4, atol=1e-6, err_msg=key
+        )
     assert_trees_close(g_chunk, g_whole)
     if name in ("twin", "dare"):  # and the chunked model is the plain two-stage model
         plain = build_model(make_cfg(name), ITEM_N, CATE_N, LENGTH)

@@ -17,7 +17,7 @@ WORD_BITS = 32
 
 
 def random_hyperplanes(num_bits: int, dim: int, seed: int) -> jax.Array:
-    """The fixed projection R `[num_bits, dim]`, standard normal, from `seed` (constant under jit)."""
+    """The fixed projection R `[num_bits, dim]`, standard normal, from `seed` (a jit constant)."""
     return jax.random.normal(jax.random.PRNGKey(seed), (num_bits, dim), jnp.float32)
 
 
