@@ -55,6 +55,7 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from dare_jax import optim
 from dare_jax.models import build_model, default_model_config, loss_terms
 from dare_jax.sharding import Partitioner, padded_rows
 
@@ -151,6 +152,8 @@ def _variant_callable(model, variant: str, init_batch, batches, partitioner=None
     def next_batch():
         return batches[next(counter) % len(batches)]
 
+    if variant == "row_sparse":
+        return _row_sparse_callable(model, variables, next_batch, partitioner)
     if variant == "forward":
         forward = jax.jit(lambda v, b: model.apply(v, b, train=False)["prob"])
         return lambda: forward(variables, next_batch())
@@ -171,6 +174,28 @@ def _variant_callable(model, variant: str, init_batch, batches, partitioner=None
         state = jax.device_put(state, shardings)
     box = {"state": state}
     step = make_train_step(model, optimizer, shardings)
+
+    def run():
+        box["state"], loss = step(box["state"], next_batch())
+        return loss
+
+    return run
+
+
+def _row_sparse_callable(model, variables, next_batch, partitioner=None):
+    """The same training maths with `dare_jax.optim`: table gradients as rows, dense Adam as
+    one decay pass + a fix-up of the touched rows (no dense table gradient). `model` must be
+    built with `row_sparse_embedding_grads=True`."""
+    flat = optim.flatten_params(variables["params"])
+    state = {"params": flat, "batch_stats": variables["batch_stats"], "opt": optim.init(flat)}
+    step_fn = optim.make_train_step(model, optim.AdamHyper(LEARNING_RATE), WEIGHT_DECAY)
+    if partitioner is None:
+        step = jax.jit(step_fn, donate_argnums=(0,))
+    else:
+        shardings = partitioner.state_shardings(state)
+        state = jax.device_put(state, shardings)
+        step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(shardings, None))
+    box = {"state": state}
 
     def run():
         box["state"], loss = step(box["state"], next_batch())
@@ -281,8 +306,11 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, float]:
     ]
     init_batch = {k: v[:8] for k, v in batches[0].items()}
     results: dict[str, float] = {}
+    cfg.row_sparse_embedding_grads = True
+    row_sparse_model = build_model(cfg, item_rows, args.cate_n, args.length)
     for variant in args.variants:
-        fn = _variant_callable(model, variant, init_batch, batches, partitioner)
+        variant_model = row_sparse_model if variant == "row_sparse" else model
+        fn = _variant_callable(variant_model, variant, init_batch, batches, partitioner)
         cpu: list[float] = []
         durations = time_calls(fn, args.warmup, args.steps, cpu)
         median = statistics.median(durations)
@@ -302,8 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=["din", "twin", "dare"])
     parser.add_argument(
         "--variants",
-        default="full,frozen_embeddings,forward",
-        help="comma-separated: full, frozen_embeddings, forward",
+        default="full,row_sparse,frozen_embeddings,forward",
+        help="comma-separated: full, row_sparse, frozen_embeddings, forward",
     )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument(
@@ -341,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    unknown = set(args.variants) - {"full", "frozen_embeddings", "forward"}
+    unknown = set(args.variants) - {"full", "row_sparse", "frozen_embeddings", "forward"}
     if unknown:
         print(f"unknown --variants entries: {sorted(unknown)}", file=sys.stderr)
         return 2

@@ -1,18 +1,22 @@
-"""The official dense Adam, applied to embedding tables without a dense table gradient.
+"""The official dense Adam on embedding tables, without building a dense table gradient.
 
 The official training updates every table row every step (dense embedding gradients, torch
-Adam: b1 0.9, b2 0.999, eps 1e-8, bias correction; the maths of `optax.adam`). For a row no
-lookup touched, the gradient is 0 and that update is m <- b1 m, v <- b2 v,
-p <- p - lr m_hat / (sqrt(v_hat) + eps). So the same result is obtained by
-  (a) one fused elementwise pass over every table element with g = 0, and
-  (b) a fix-up of the touched rows: their summed gradient g (duplicate ids summed in a zero
-      buffer carried in the state, re-zeroed at those ids afterwards), m = (1 - b1) g + m_a,
-      v = (1 - b2) g^2 + v_a from the pass's m_a = b1 m, v_a = b2 v (bit-identical to the
-      dense expression's b1 m, b2 v), p from the OLD p row; then scatter-set.
-The table gradient comes as rows: the model (config `row_sparse_embedding_grads`) passes each
-gather through a Flax perturbation, so `jax.grad` w.r.t. `perturbations` yields the
-cotangents `[..., d]` of the looked-up rows, and sows their ids in `embedding_ids`.
-Non-table leaves get the same Adam as one elementwise expression per leaf.
+Adam: b1 0.9, b2 0.999, eps 1e-8, bias correction; the maths of `optax.adam`). Here:
+  * the model (config `row_sparse_embedding_grads`) passes each table gather through a Flax
+    perturbation, so `jax.grad` w.r.t. `perturbations` yields the looked-up rows' cotangents
+    `[..., d]` (ids sown in `embedding_ids`) and autodiff never forms a dense table gradient;
+  * each table's dense gradient lives in a buffer carried in the optimizer state: the
+    previous step's rows are set back to 0 and this step's rows scatter-added (duplicates
+    summed), both in place (no fresh 260 MB buffer, no page faults);
+  * the Adam step of each leaf is one elementwise expression, optax.adam's operations in its
+    order (m, v, then p from the new m, v), which XLA compiles to 3 table-sized loops reading
+    p, m, v and the gradient once (optax's chain compiles to 5 loops, ~11 table passes).
+The result is the dense Adam on the dense gradient (tests compare with optax).
+
+Measured and rejected (benchmarks/README.md): a "decay every row with g = 0, then fix up the
+touched rows from their old values" form is also exact, but XLA:CPU fuses the old-row
+gathers into consumers scheduled after the in-place table writes and so inserts table-sized
+copies (4 per table, ~210k page faults per step): slower than the form above.
 
 Parameters are handled as flat dicts {"a/b/c": array} (`flatten_params`).
 """
@@ -47,12 +51,14 @@ class AdamHyper:
 
 class RowSparseAdamState(NamedTuple):
     """count: int32 `[]` steps done; mu, nu: flat like the params; grad_sum: {table key:
-    zero buffer `[rows, d]`} where touched rows' gradients are summed (zero between steps)."""
+    `[rows, d]`} the last step's summed table gradient (zero outside `touched`); touched:
+    {table key: int32 `[N]`} the ids it was summed at (re-zeroed at the next step)."""
 
     count: jax.Array
     mu: Flat
     nu: Flat
     grad_sum: Flat
+    touched: dict[str, jax.Array]
 
 
 def flatten_params(params: Any) -> Flat:
@@ -85,6 +91,7 @@ def init(params_flat: Flat) -> RowSparseAdamState:
         mu=zeros,
         nu={k: jnp.zeros_like(v) for k, v in params_flat.items()},
         grad_sum={k: jnp.zeros_like(v) for k, v in params_flat.items() if is_table(k)},
+        touched={k: jnp.zeros((0,), jnp.int32) for k in params_flat if is_table(k)},
     )
 
 
@@ -143,7 +150,8 @@ def update(
     """
     count = state.count + 1
     bc1, bc2 = _bias_corrections(hyper, count)
-    new_p, new_m, new_v, new_buf = {}, {}, {}, dict(state.grad_sum)
+    new_p, new_m, new_v = {}, {}, {}
+    new_buf, new_touched = dict(state.grad_sum), dict(state.touched)
     for key, p in params_flat.items():
         m, v = state.mu[key], state.nu[key]
         if not is_table(key):
@@ -153,31 +161,19 @@ def update(
                 p, m, v, dense_grads[key], hyper, bc1, bc2
             )
             continue
-        if key not in table_rows:
-            g = jnp.zeros((), p.dtype)
-            new_p[key], new_m[key], new_v[key] = _adam_leaf(p, m, v, g, hyper, bc1, bc2)
-            continue
-        ids, rows = table_rows[key]
+        ids, rows = table_rows.get(key, (jnp.zeros((0,), jnp.int32), jnp.zeros((0,) + p.shape[1:])))
         ids = ids.astype(jnp.int32)
-        # Summed gradient of each touched row (duplicates summed), read back per occurrence.
-        buf = state.grad_sum[key].at[ids].add(rows.astype(p.dtype), mode="drop")
-        g = buf.at[ids].get(mode="fill", fill_value=0)
-        p_old = p.at[ids].get(mode="fill", fill_value=0)
-        # (a) every row as if untouched: (1 - b1) * 0 + b1 * m == b1 * m exactly.
-        m_a, v_a = hyper.b1 * m, hyper.b2 * v
-        p_a = _move(p, m_a, v_a, hyper, bc1, bc2)
-        # (b) touched rows from the summed gradient (duplicate ids write identical values).
-        m_t = (1 - hyper.b1) * g + m_a.at[ids].get(mode="fill", fill_value=0)
-        v_t = (1 - hyper.b2) * (g * g) + v_a.at[ids].get(mode="fill", fill_value=0)
-        p_t = _move(p_old, m_t, v_t, hyper, bc1, bc2)
-        new_p[key] = p_a.at[ids].set(p_t, mode="drop")
-        new_m[key] = m_a.at[ids].set(m_t, mode="drop")
-        new_v[key] = v_a.at[ids].set(v_t, mode="drop")
-        new_buf[key] = buf.at[ids].set(0, mode="drop")
+        # The table's dense gradient, in the carried buffer: zero the last step's rows, add
+        # this step's (duplicates summed, as autodiff's scatter-add into zeros). Both
+        # scatters work in place and no table-sized buffer is allocated or copied.
+        buf = state.grad_sum[key].at[state.touched[key]].set(0, mode="drop")
+        buf = buf.at[ids].add(rows.astype(p.dtype), mode="drop")
+        new_p[key], new_m[key], new_v[key] = _adam_leaf(p, m, v, buf, hyper, bc1, bc2)
+        new_buf[key], new_touched[key] = buf, ids
     unknown = set(table_rows) - {k for k in params_flat if is_table(k)}
     if unknown:
         raise KeyError(f"gradient rows for unknown tables {sorted(unknown)}")
-    return new_p, RowSparseAdamState(count, new_m, new_v, new_buf)
+    return new_p, RowSparseAdamState(count, new_m, new_v, new_buf, new_touched)
 
 
 def perturbation_shapes(model: Any, variables: dict[str, Any], batch: Any, **kwargs) -> Any:
