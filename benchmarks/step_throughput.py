@@ -2,13 +2,17 @@
 
     python benchmarks/step_throughput.py [--models din twin dare] [--steps 5] [--warmup 2]
         [--batch 2048] [--length 200] [--item-n 4068791] [--cate-n 9408] [--dim 16]
-        [--variants full,frozen_embeddings,forward] [--breakdown]
+        [--variants full,row_sparse,row_sparse_fused,frozen_embeddings,forward] [--breakdown]
 
 Random int batches (ids drawn uniformly, about 10% left padding). A training step is
 forward + backward + a dense Adam update of ALL parameters (every table row, as the official
 PyTorch training with dense embedding gradients), jit-compiled with the state donated; the
 `frozen_embeddings` variant differentiates and updates everything except the embedding tables,
 to measure what the embedding gradients (scatter-add) and their dense Adam update cost.
+`row_sparse` is the same maths with `dare_jax.optim` (model flag `row_sparse_embedding_grads`:
+table gradients as lookup rows summed into a carried buffer, one elementwise Adam expression
+per leaf), as two jitted programs (gradients; update with params and moments donated);
+`row_sparse_fused` the same in one program.
 `forward` is the jit-compiled evaluation forward pass (BatchNorm with running statistics).
 `--breakdown` also times the pieces of one item table's update: the gradient as autodiff forms
 it (scatter-add into a zero table) and exact alternatives (segment_sum, sorted ids), the
@@ -63,6 +67,7 @@ from dare_jax.sharding import Partitioner, padded_rows
 ROW_SHARDED = r"embed/.*/item"
 
 WEIGHT_DECAY = 1e-6
+ROW_SPARSE_VARIANTS = ("row_sparse", "row_sparse_fused")
 LEARNING_RATE = 0.01
 
 
@@ -152,8 +157,10 @@ def _variant_callable(model, variant: str, init_batch, batches, partitioner=None
     def next_batch():
         return batches[next(counter) % len(batches)]
 
-    if variant == "row_sparse":
-        return _row_sparse_callable(model, variables, next_batch, partitioner)
+    if variant in ROW_SPARSE_VARIANTS:
+        if partitioner is not None:
+            raise ValueError(f"variant {variant!r} is not measured with --mesh (not wired)")
+        return _row_sparse_callable(model, variables, next_batch, variant == "row_sparse_fused")
     if variant == "forward":
         forward = jax.jit(lambda v, b: model.apply(v, b, train=False)["prob"])
         return lambda: forward(variables, next_batch())
@@ -182,19 +189,18 @@ def _variant_callable(model, variant: str, init_batch, batches, partitioner=None
     return run
 
 
-def _row_sparse_callable(model, variables, next_batch, partitioner=None):
-    """The same training maths with `dare_jax.optim`: table gradients as rows, dense Adam as
-    one decay pass + a fix-up of the touched rows (no dense table gradient). `model` must be
-    built with `row_sparse_embedding_grads=True`."""
+def _row_sparse_callable(model, variables, next_batch, fused: bool):
+    """The same training maths with `dare_jax.optim`: table gradients as rows summed into a
+    carried buffer, each leaf's dense Adam as one elementwise expression. `model` must be
+    built with `row_sparse_embedding_grads=True`. fused: one jitted program (state donated);
+    else two (gradients, then the update with params and moments donated)."""
     flat = optim.flatten_params(variables["params"])
     state = {"params": flat, "batch_stats": variables["batch_stats"], "opt": optim.init(flat)}
-    step_fn = optim.make_train_step(model, optim.AdamHyper(LEARNING_RATE), WEIGHT_DECAY)
-    if partitioner is None:
-        step = jax.jit(step_fn, donate_argnums=(0,))
+    hyper = optim.AdamHyper(LEARNING_RATE)
+    if fused:
+        step = jax.jit(optim.make_train_step(model, hyper, WEIGHT_DECAY), donate_argnums=(0,))
     else:
-        shardings = partitioner.state_shardings(state)
-        state = jax.device_put(state, shardings)
-        step = jax.jit(step_fn, donate_argnums=(0,), out_shardings=(shardings, None))
+        step = optim.make_split_train_step(model, hyper, WEIGHT_DECAY)
     box = {"state": state}
 
     def run():
@@ -309,7 +315,7 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, float]:
     cfg.row_sparse_embedding_grads = True
     row_sparse_model = build_model(cfg, item_rows, args.cate_n, args.length)
     for variant in args.variants:
-        variant_model = row_sparse_model if variant == "row_sparse" else model
+        variant_model = row_sparse_model if variant in ROW_SPARSE_VARIANTS else model
         fn = _variant_callable(variant_model, variant, init_batch, batches, partitioner)
         cpu: list[float] = []
         durations = time_calls(fn, args.warmup, args.steps, cpu)
@@ -331,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants",
         default="full,row_sparse,frozen_embeddings,forward",
-        help="comma-separated: full, row_sparse, frozen_embeddings, forward",
+        help="comma-separated: full, row_sparse, row_sparse_fused, frozen_embeddings, forward",
     )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument(
@@ -369,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    unknown = set(args.variants) - {"full", "row_sparse", "frozen_embeddings", "forward"}
+    known = {"full", "frozen_embeddings", "forward", *ROW_SPARSE_VARIANTS}
+    unknown = set(args.variants) - known
     if unknown:
         print(f"unknown --variants entries: {sorted(unknown)}", file=sys.stderr)
         return 2

@@ -189,14 +189,12 @@ def perturbation_shapes(model: Any, variables: dict[str, Any], batch: Any, **kwa
     return jax.eval_shape(run)
 
 
-def make_train_step(model: Any, hyper: AdamHyper, weight_decay: float):
-    """`step(state, batch) -> (state, loss)`: forward, backward, `update` (not jitted).
+def make_gradient_fn(model: Any, weight_decay: float):
+    """`grads(state, batch) -> (loss, batch_stats, dense_grads, table_rows)` (not jitted).
 
-    state: {"params": flat params, "batch_stats", "opt": RowSparseAdamState}. The model must
-    be built with `row_sparse_embedding_grads=True`. Loss: `loss_terms(...)["total"]` (the
-    tables carry no L2 term, so their whole gradient is the lookup rows). Gradients are taken
-    w.r.t. the non-table params and the perturbations only; the tables enter as constants.
+    dense_grads: {key: gradient} of every non-table leaf; table_rows: `table_gradient_rows`.
     """
+
     def loss_fn(dense, perturbations, tables, batch_stats, batch):
         params = unflatten_params({**dense, **tables})
         outputs, new_state = model.apply(
@@ -208,7 +206,7 @@ def make_train_step(model: Any, hyper: AdamHyper, weight_decay: float):
         total = loss_terms(outputs, batch["label"], params, weight_decay)["total"]
         return total, (new_state["batch_stats"], new_state[EMBEDDING_IDS])
 
-    def step(state, batch):
+    def grads(state, batch):
         flat = state["params"]
         tables = {k: v for k, v in flat.items() if is_table(k)}
         dense = {k: v for k, v in flat.items() if not is_table(k)}
@@ -218,8 +216,41 @@ def make_train_step(model: Any, hyper: AdamHyper, weight_decay: float):
         (loss, (batch_stats, ids)), (dense_grads, row_grads) = jax.value_and_grad(
             loss_fn, argnums=(0, 1), has_aux=True
         )(dense, zeros, tables, state["batch_stats"], batch)
-        rows = table_gradient_rows(row_grads, ids)
-        params, opt = update(flat, dense_grads, rows, state["opt"], hyper)
+        return loss, batch_stats, dense_grads, table_gradient_rows(row_grads, ids)
+
+    return grads
+
+
+def make_split_train_step(model: Any, hyper: AdamHyper, weight_decay: float):
+    """`step(state, batch) -> (state, loss)` as two jitted calls: gradients, then the Adam
+    update with params and optimizer state donated. XLA:CPU runs the table passes of a
+    separate update program on both cores; inside one program with the backward pass they
+    ran on one thread (benchmarks/README.md)."""
+    grads_fn = jax.jit(make_gradient_fn(model, weight_decay))
+
+    def apply_update(params, opt, dense_grads, rows):
+        return update(params, dense_grads, rows, opt, hyper)
+
+    update_fn = jax.jit(apply_update, donate_argnums=(0, 1))
+
+    def step(state, batch):
+        loss, batch_stats, dense_grads, rows = grads_fn(state, batch)
+        params, opt = update_fn(state["params"], state["opt"], dense_grads, rows)
+        return {"params": params, "batch_stats": batch_stats, "opt": opt}, loss
+
+    return step
+
+
+def make_train_step(model: Any, hyper: AdamHyper, weight_decay: float):
+    """`step(state, batch) -> (state, loss)`: gradients and `update` in one function (not
+    jitted; for one program). state: {"params": flat params, "batch_stats", "opt":
+    RowSparseAdamState}; the model must be built with `row_sparse_embedding_grads=True`. The
+    tables carry no L2 term, so their whole gradient is the lookup rows."""
+    grads_fn = make_gradient_fn(model, weight_decay)
+
+    def step(state, batch):
+        loss, batch_stats, dense_grads, rows = grads_fn(state, batch)
+        params, opt = update(state["params"], dense_grads, rows, state["opt"], hyper)
         return {"params": params, "batch_stats": batch_stats, "opt": opt}, loss
 
     return step

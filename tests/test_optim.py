@@ -15,8 +15,15 @@ from dare_jax.models import build_model, default_model_config, loss_terms
 LR = 0.01
 
 
-def _close(a, b, what):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-7, err_msg=what)
+def _close(a, b, what, atol=1e-7):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=atol, err_msg=what)
+
+
+# Whole steps: the target time row (id 0 for every example) feeds BatchNorm as a constant,
+# so its true gradient is 0 and both paths see float noise that Adam normalises to steps of
+# order lr; the summation order differs between programs, so those params may differ by a
+# small fraction of lr. Any wrong update would be off by ~lr (0.01).
+STEP_PARAM_ATOL = 3e-5
 
 
 def test_update_equals_optax_on_dense_gradient_with_duplicates_and_untouched_rows():
@@ -83,8 +90,8 @@ def _batch(rng, b, length, item_n, cate_n):
     }
 
 
-@pytest.mark.parametrize("name", ["twin", "dare"])
-def test_whole_training_step_matches_dense_optax_step(name):
+@pytest.mark.parametrize("name,split", [("twin", False), ("dare", True)])
+def test_whole_training_step_matches_dense_optax_step(name, split):
     item_n, cate_n, length, wd = 60, 9, 12, 1e-3
     cfg = default_model_config()
     cfg.name, cfg.top_k = name, 4
@@ -119,7 +126,10 @@ def test_whole_training_step_matches_dense_optax_step(name):
     ref["opt"] = opt.init(ref["params"])
     flat = optim.flatten_params(variables["params"])
     mine = {"params": flat, "batch_stats": variables["batch_stats"], "opt": optim.init(flat)}
-    sparse_step = jax.jit(optim.make_train_step(sparse_model, optim.AdamHyper(LR), wd))
+    if split:  # two jitted programs, params and moments donated
+        sparse_step = optim.make_split_train_step(sparse_model, optim.AdamHyper(LR), wd)
+    else:
+        sparse_step = jax.jit(optim.make_train_step(sparse_model, optim.AdamHyper(LR), wd))
     dense_step = jax.jit(dense_step)
     for t, batch in enumerate(batches):
         ref, loss_ref = dense_step(ref, batch)
@@ -130,7 +140,7 @@ def test_whole_training_step_matches_dense_optax_step(name):
         ref_nu = optim.flatten_params(ref["opt"][0].nu)
         assert set(ref_flat) == set(mine["params"])
         for k in ref_flat:
-            _close(mine["params"][k], ref_flat[k], f"{name} step {t} {k}")
+            _close(mine["params"][k], ref_flat[k], f"{name} step {t} {k}", STEP_PARAM_ATOL)
             _close(mine["opt"].mu[k], ref_mu[k], f"{name} step {t} mu {k}")
             _close(mine["opt"].nu[k], ref_nu[k], f"{name} step {t} nu {k}")
     assert any(optim.is_table(k) for k in ref_flat)
