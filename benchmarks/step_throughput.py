@@ -294,6 +294,31 @@ def embedding_update_breakdown(args: argparse.Namespace) -> None:
     label = "same, gradient formed in a reused donated buffer"
     print(f"  {label:60s} {ms:8.1f} ms ({faults:.0f} minor page faults per step)", flush=True)
 
+    # dare_jax.optim: previous rows re-zeroed and new rows added in the carried buffer, one
+    # elementwise Adam expression (3 table loops), params and state donated.
+    key = "embed/representation/item"
+    hyper = optim.AdamHyper(LEARNING_RATE)
+    sparse_update = jax.jit(
+        lambda p, s, r, i: optim.update(p, {}, {key: (i, r)}, s, hyper), donate_argnums=(0, 1)
+    )
+    params = {key: jnp.zeros(shape)}
+    box = {"state": (params, optim.init(params))}
+
+    def run_sparse_update():
+        box["state"] = sparse_update(*box["state"], rows, ids)
+        return box["state"]
+
+    cpu: list[float] = []
+    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ms = 1000 * statistics.median(time_calls(run_sparse_update, 1, args.steps, cpu))
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / (args.steps + 1)
+    label = "dare_jax.optim.update (carried buffer, fused Adam), donated"
+    print(
+        f"  {label:60s} {ms:8.1f} ms ({faults:.0f} minor page faults per step; "
+        f"CPU {1000 * statistics.median(cpu):.1f} ms)",
+        flush=True,
+    )
+
 
 def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, float]:
     cfg = model_config(name, args.dim)

@@ -161,7 +161,8 @@ def update(
                 p, m, v, dense_grads[key], hyper, bc1, bc2
             )
             continue
-        ids, rows = table_rows.get(key, (jnp.zeros((0,), jnp.int32), jnp.zeros((0,) + p.shape[1:])))
+        no_rows = (jnp.zeros((0,), jnp.int32), jnp.zeros((0, *p.shape[1:]), p.dtype))
+        ids, rows = table_rows.get(key, no_rows)  # an unused table: the g = 0 update
         ids = ids.astype(jnp.int32)
         # The table's dense gradient, in the carried buffer: zero the last step's rows, add
         # this step's (duplicates summed, as autodiff's scatter-add into zeros). Both
@@ -184,7 +185,7 @@ def perturbation_shapes(model: Any, variables: dict[str, Any], batch: Any, **kwa
         _, state = model.apply(
             variables, batch, mutable=[PERTURBATIONS, "batch_stats", EMBEDDING_IDS], **kwargs
         )
-        return state[PERTURBATIONS]
+        return state.get(PERTURBATIONS, {})  # absent: the model ignores the flag
 
     return jax.eval_shape(run)
 
@@ -212,6 +213,12 @@ def make_gradient_fn(model: Any, weight_decay: float):
         dense = {k: v for k, v in flat.items() if not is_table(k)}
         variables = {"params": unflatten_params(flat), "batch_stats": state["batch_stats"]}
         shapes = perturbation_shapes(model, variables, batch, train=True)
+        if not shapes:
+            # A model that ignores the flag would leave every table at its g = 0 update.
+            raise ValueError(
+                f"{type(model).__name__} exposes no table-gradient rows: build it with model "
+                "config row_sparse_embedding_grads=True (TwoStageModel only)"
+            )
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         (loss, (batch_stats, ids)), (dense_grads, row_grads) = jax.value_and_grad(
             loss_fn, argnums=(0, 1), has_aux=True

@@ -156,3 +156,17 @@ def test_bad_rows_and_missing_gradients_raise():
         optim.update(params, {"w": jnp.zeros((2,))}, rows, state, optim.AdamHyper(LR))
     with pytest.raises(ValueError, match="group:field:role"):
         optim.table_key("item")
+
+
+def test_gradient_fn_refuses_a_model_without_row_gradients():
+    cfg = default_model_config()
+    cfg.name, cfg.top_k = "twin", 2
+    model = build_model(cfg, 20, 5, 12)  # flag off: no perturbations
+    batch = _batch(np.random.default_rng(0), 4, 12, 20, 5)
+    variables = model.init(jax.random.PRNGKey(0), batch, train=False)
+    state = {
+        "params": optim.flatten_params(variables["params"]),
+        "batch_stats": variables["batch_stats"],
+    }
+    with pytest.raises(ValueError, match="row_sparse_embedding_grads=True"):
+        optim.make_gradient_fn(model, 0.0)(state, batch)
