@@ -105,6 +105,18 @@ def test_whole_training_step_matches_dense_optax_step(name, split):
     out_d = dense_model.apply(variables, batches[0])["prob"]
     out_s = sparse_model.apply(variables, batches[0])["prob"]
     np.testing.assert_array_equal(np.asarray(out_d), np.asarray(out_s))
+    # Without perturbations passed in, the flagged model still gives dense table gradients.
+    def plain_grad(m):
+        def prob_sum(p):
+            return m.apply({**variables, "params": p}, batches[0])["prob"][:, 0].sum()
+
+        return optim.flatten_params(jax.grad(prob_sum)(variables["params"]))
+
+    g_d, g_s = plain_grad(dense_model), plain_grad(sparse_model)
+    items = [k for k in g_s if optim.is_table(k) and k.endswith("/item")]
+    assert items and all(np.any(np.asarray(g_s[k])) for k in items)
+    for k in g_s:
+        np.testing.assert_array_equal(np.asarray(g_s[k]), np.asarray(g_d[k]), err_msg=k)
 
     opt = optax.adam(LR)
 

@@ -83,7 +83,9 @@ def default_model_config() -> ml_collections.ConfigDict:
       row_sparse_embedding_grads: table lookups read stop_gradient(table) and expose their
         gradient as rows (Flax `perturbations` collection, ids sown in `embedding_ids`), so a
         training step never forms a dense table gradient (dare_jax.optim applies the exact
-        dense Adam from the rows). Same forward values. Default False.
+        dense Adam from the rows). Only active when `perturbations` are passed to apply;
+        a plain `jax.grad` step still gets dense table gradients. Same forward values.
+        Default False.
     """
     cfg = ml_collections.ConfigDict()
     cfg.name = "dare"

@@ -108,6 +108,8 @@ def gather_roles(
     passed through `row_grads.perturb(name)` (collection `perturbations`; grad w.r.t. it =
     the rows' cotangents `[..., d]`) and its ids are sown under the same name in collection
     `embedding_ids`; name = `row_lookup_name(group, field, is_target)`. See dare_jax.optim.
+    Only when the `perturbations` collection is passed in (or mutable): otherwise the lookup
+    is the plain one and the tables get their dense gradient as usual.
     """
     gathered: dict[tuple[str, str, bool], jax.Array] = {}
     out: RoleFields = {}
@@ -119,10 +121,15 @@ def gather_roles(
         for field in fields:
             key = (group, field, is_target)
             if key not in gathered:
-                if row_grads is None:
+                name = row_lookup_name(group, field, is_target)
+                if row_grads is None or not (
+                    row_grads.is_mutable_collection("perturbations")
+                    or row_grads.has_variable("perturbations", name)
+                ):
+                    # Without perturbations passed in, the table keeps its dense gradient,
+                    # so a plain jax.grad training step stays correct with the flag on.
                     rows = lookup(tables[group][field], ids[field])
                 else:
-                    name = row_lookup_name(group, field, is_target)
                     table = jax.lax.stop_gradient(tables[group][field])
                     rows = row_grads.perturb(name, lookup(table, ids[field]))
                     row_grads.sow(EMBEDDING_IDS, name, ids[field])
