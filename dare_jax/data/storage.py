@@ -102,8 +102,7 @@ def write_dataset(
     missing = [n for n in array_names() if n not in arrays]
     if missing:
         raise ValueError(f"missing arrays: {missing}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_sibling_dir(out)
     try:
         shapes = {}
         for name in array_names():
@@ -112,24 +111,47 @@ def write_dataset(
             shapes[name] = list(arr.shape)
         full = dict(manifest)
         full.update(format=FORMAT_NAME, protocol_version=PROTOCOL_VERSION, arrays=shapes)
-        with open(tmp / MANIFEST, "w") as fh:
-            json.dump(full, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        if out.exists():
-            # Move the old dataset aside first: os.replace cannot replace a non-empty dir.
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "d")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        write_manifest_file(tmp, full)
+        move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def temp_sibling_dir(out: Path) -> Path:
+    """Create (with ``out``'s parents) an empty hidden directory next to ``out``.
+
+    Being on the same filesystem as ``out`` is what makes the final
+    :func:`move_into_place` an atomic ``os.replace``.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def write_manifest_file(directory: Path, manifest: Mapping[str, Any]) -> None:
+    """Write ``directory/manifest.json`` and fsync it (callers write it last)."""
+    with open(directory / MANIFEST, "w") as fh:
+        json.dump(manifest, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def move_into_place(tmp: Path, out: Path) -> None:
+    """``os.replace`` the finished directory ``tmp`` onto ``out``.
+
+    An empty ``out`` is removed; a non-empty one is moved aside first (``os.replace``
+    cannot replace a non-empty directory) and deleted only after ``tmp`` is in place.
+    """
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / "d")
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def array_names() -> list[str]:

@@ -35,13 +35,10 @@ ten 102,400-row files, 1.87 GiB for one (benchmarks/README.md).
 
 from __future__ import annotations
 
-import json
-import os
 import pickle
 import re
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache
@@ -441,20 +438,6 @@ class _StreamingImport:
             w.discard()
 
 
-def _move_into_place(tmp: Path, out: Path) -> None:
-    """``os.replace`` the finished ``tmp`` onto ``out`` (moving an existing ``out`` aside)."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-    if out.exists():
-        # os.replace cannot replace a non-empty directory: move the old one aside first.
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, old / "d")
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def import_official(
     input_dir: str | Path,
     output_dir: str | Path,
@@ -500,8 +483,7 @@ def import_official(
     all_files = [(s, p, n) for s in storage.SPLITS for p, n in files[s]]
     mapping_files = [src / name for name in _MAPPINGS.values()]
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = storage.temp_sibling_dir(out)
     # sha256 of the inputs for the manifest, in a thread (hashlib releases the GIL) while
     # the main thread unpickles; each file is hashed just before it is read, so both
     # reads share the page cache.
@@ -552,13 +534,10 @@ def import_official(
             "arrays": {name: shapes[name] for name in storage.array_names()},
         }
         # The manifest is written last: a directory without it is never a complete dataset.
-        with open(tmp / storage.MANIFEST, "w") as fh:
-            json.dump(manifest, fh, indent=2, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
+        storage.write_manifest_file(tmp, manifest)
         if storage.is_occupied(out) and not overwrite:  # appeared while we were importing
             raise FileExistsError(f"output directory already exists: {out} (use overwrite=True)")
-        _move_into_place(tmp, out)
+        storage.move_into_place(tmp, out)
     except BaseException:
         if state is not None:
             state.discard()
