@@ -177,6 +177,61 @@ def _progress(path: Path, enabled: bool, desc: str) -> tqdm:
     )
 
 
+# A reader's per-batch filter: (batch, its int columns by name, file line of its first row)
+# -> the kept rows' (user, item, category, time), each [N_kept]; raises RawLogError.
+_BatchFilter = Callable[
+    [pa.RecordBatch, dict[str, np.ndarray], int],
+    tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+]
+
+
+def _read_events(
+    path: Path,
+    columns: tuple[str, ...],
+    types: dict[str, pa.DataType],
+    include: list[str],
+    ints: dict[str, int],
+    *,
+    has_header: bool,
+    extra_check: Callable[[list[str], int], None],
+    keep_rows: _BatchFilter,
+    progress: bool,
+) -> EventLog:
+    """Stream ``path`` batch by batch and collect the rows ``keep_rows`` keeps.
+
+    ``ints`` maps each integer column to its field index; it is checked on every batch
+    and, if pyarrow cannot parse the file, by the line-by-line rescan that names the
+    first bad line.
+    """
+    skip_rows = 1 if has_header else 0
+    chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("u", "i", "c", "t")}
+    rows = 0
+    bar = _progress(path, progress, f"read {path.name}")
+    try:
+        batches = _stream(path, columns, types, include, skip_rows=skip_rows)
+        while True:
+            try:
+                batch, position = next(batches)
+            except StopIteration:
+                break
+            except pa.ArrowInvalid as exc:
+                header = columns if has_header else None
+                _scan_for_error(path, len(columns), ints, header, extra_check)
+                raise RawLogError(path, None, f"unreadable CSV: {exc}") from exc
+            first_line = rows + 1 + skip_rows  # the header, if any, is line 1
+            cols = {k: _int_column(batch, k, path, first_line) for k in ints}
+            for key, kept in zip(("u", "i", "c", "t"), keep_rows(batch, cols, first_line)):
+                chunks[key].append(_narrow(kept))
+            rows += batch.num_rows
+            bar.update(max(0, position - bar.n))
+    finally:
+        bar.close()
+    return EventLog(
+        _compact(chunks["u"]), _compact(chunks["i"]), _compact(chunks["c"]),
+        _compact(chunks["t"]), path, rows,
+    )
+
+
 # ----------------------------------------------------------------------------- Taobao
 
 
@@ -199,47 +254,33 @@ def read_taobao_log(path: str | Path, *, progress: bool = True) -> EventLog:
     }
     include = list(TAOBAO_COLUMNS)
     ints = {"user_id": 0, "item_id": 1, "category_id": 2, "timestamp": 4}
-    chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("u", "i", "c", "t")}
-    rows = 0
-    bar = _progress(path, progress, f"read {path.name}")
-    try:
-        batches = _stream(path, TAOBAO_COLUMNS, types, include, skip_rows=0)
-        while True:
-            try:
-                batch, position = next(batches)
-            except StopIteration:
-                break
-            except pa.ArrowInvalid as exc:
-                _scan_for_error(path, len(TAOBAO_COLUMNS), ints, None, _taobao_extra(path))
-                raise RawLogError(path, None, f"unreadable CSV: {exc}") from exc
-            first_line = rows + 1
-            n = batch.num_rows
-            cols = {k: _int_column(batch, k, path, first_line) for k in ints}
-            beh = batch.column("behavior_type")
-            known = pc.is_in(beh.dictionary, value_set=pa.array(TAOBAO_BEHAVIOURS)).to_numpy(
-                zero_copy_only=False
+
+    def keep_pv(
+        batch: pa.RecordBatch, cols: dict[str, np.ndarray], first_line: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        n = batch.num_rows
+        beh = batch.column("behavior_type")
+        known = pc.is_in(beh.dictionary, value_set=pa.array(TAOBAO_BEHAVIOURS)).to_numpy(
+            zero_copy_only=False
+        )
+        codes = beh.indices.to_numpy()
+        if not known.all():
+            bad = np.flatnonzero(~known[codes])[0]
+            value = beh.dictionary[int(codes[bad])].as_py()
+            raise RawLogError(
+                path, first_line + int(bad),
+                f"unknown behavior_type {value!r} (expected one of {TAOBAO_BEHAVIOURS})",
             )
-            codes = beh.indices.to_numpy()
-            if not known.all():
-                bad = np.flatnonzero(~known[codes])[0]
-                value = beh.dictionary[int(codes[bad])].as_py()
-                raise RawLogError(
-                    path, first_line + int(bad),
-                    f"unknown behavior_type {value!r} (expected one of {TAOBAO_BEHAVIOURS})",
-                )
-            pv_code = np.flatnonzero(np.asarray(beh.dictionary.to_pylist(), dtype=object) == "pv")
-            keep = codes == pv_code[0] if pv_code.size else np.zeros(n, dtype=bool)
-            chunks["u"].append(_narrow(cols["user_id"][keep]))
-            chunks["i"].append(_narrow(cols["item_id"][keep]))
-            chunks["c"].append(_narrow(cols["category_id"][keep]))
-            chunks["t"].append(_narrow(cols["timestamp"][keep]))
-            rows += n
-            bar.update(max(0, position - bar.n))
-    finally:
-        bar.close()
-    return EventLog(
-        _compact(chunks["u"]), _compact(chunks["i"]), _compact(chunks["c"]),
-        _compact(chunks["t"]), path, rows,
+        pv_code = np.flatnonzero(np.asarray(beh.dictionary.to_pylist(), dtype=object) == "pv")
+        keep = codes == pv_code[0] if pv_code.size else np.zeros(n, dtype=bool)
+        return (
+            cols["user_id"][keep], cols["item_id"][keep], cols["category_id"][keep],
+            cols["timestamp"][keep],
+        )
+
+    return _read_events(
+        path, TAOBAO_COLUMNS, types, include, ints, has_header=False,
+        extra_check=_taobao_extra(path), keep_rows=keep_pv, progress=progress,
     )
 
 
@@ -283,55 +324,41 @@ def read_tmall_log(path: str | Path, *, progress: bool = True) -> EventLog:
     }
     include = ["user_id", "item_id", "cat_id", "time_stamp", "action_type"]
     ints = {"user_id": 0, "item_id": 1, "cat_id": 2, "action_type": 6}
-    chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("u", "i", "c", "t")}
-    rows = 0
-    bar = _progress(path, progress, f"read {path.name}")
-    try:
-        batches = _stream(path, TMALL_COLUMNS, types, include, skip_rows=1)
-        while True:
-            try:
-                batch, position = next(batches)
-            except StopIteration:
-                break
-            except pa.ArrowInvalid as exc:
-                _scan_for_error(path, len(TMALL_COLUMNS), ints, TMALL_COLUMNS, _tmall_extra(path))
-                raise RawLogError(path, None, f"unreadable CSV: {exc}") from exc
-            first_line = rows + 2  # line 1 is the header
-            cols = {k: _int_column(batch, k, path, first_line) for k in ints}
-            action = cols["action_type"]
-            bad = ~np.isin(action, TMALL_ACTIONS)
-            if bad.any():
-                idx = int(np.flatnonzero(bad)[0])
-                raise RawLogError(
-                    path, first_line + idx,
-                    f"unknown action_type {int(action[idx])} (expected one of {TMALL_ACTIONS})",
-                )
-            ts = batch.column("time_stamp")
-            words = ts.dictionary.to_pylist()
-            # Per dictionary entry: usable (4 characters) and its MMDD number.
-            four = np.array([len(w) == 4 for w in words], dtype=bool)
-            numeric = np.array([len(w) == 4 and w.isascii() and w.isdigit() for w in words])
-            values = np.array([int(w) if ok else -1 for w, ok in zip(words, numeric)], np.int64)
-            codes = ts.indices.to_numpy()
-            keep = (action == TMALL_CLICK) & four[codes]
-            broken = keep & ~numeric[codes]
-            if broken.any():
-                idx = int(np.flatnonzero(broken)[0])
-                raise RawLogError(
-                    path, first_line + idx,
-                    f"field 'time_stamp' is not a 4-digit MMDD (value {words[codes[idx]]!r})",
-                )
-            chunks["u"].append(_narrow(cols["user_id"][keep]))
-            chunks["i"].append(_narrow(cols["item_id"][keep]))
-            chunks["c"].append(_narrow(cols["cat_id"][keep]))
-            chunks["t"].append(_narrow(values[codes[keep]]))
-            rows += batch.num_rows
-            bar.update(max(0, position - bar.n))
-    finally:
-        bar.close()
-    return EventLog(
-        _compact(chunks["u"]), _compact(chunks["i"]), _compact(chunks["c"]),
-        _compact(chunks["t"]), path, rows,
+
+    def keep_clicks(
+        batch: pa.RecordBatch, cols: dict[str, np.ndarray], first_line: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        action = cols["action_type"]
+        bad = ~np.isin(action, TMALL_ACTIONS)
+        if bad.any():
+            idx = int(np.flatnonzero(bad)[0])
+            raise RawLogError(
+                path, first_line + idx,
+                f"unknown action_type {int(action[idx])} (expected one of {TMALL_ACTIONS})",
+            )
+        ts = batch.column("time_stamp")
+        words = ts.dictionary.to_pylist()
+        # Per dictionary entry: usable (4 characters) and its MMDD number.
+        four = np.array([len(w) == 4 for w in words], dtype=bool)
+        numeric = np.array([len(w) == 4 and w.isascii() and w.isdigit() for w in words])
+        values = np.array([int(w) if ok else -1 for w, ok in zip(words, numeric)], np.int64)
+        codes = ts.indices.to_numpy()
+        keep = (action == TMALL_CLICK) & four[codes]
+        broken = keep & ~numeric[codes]
+        if broken.any():
+            idx = int(np.flatnonzero(broken)[0])
+            raise RawLogError(
+                path, first_line + idx,
+                f"field 'time_stamp' is not a 4-digit MMDD (value {words[codes[idx]]!r})",
+            )
+        return (
+            cols["user_id"][keep], cols["item_id"][keep], cols["cat_id"][keep],
+            values[codes[keep]],
+        )
+
+    return _read_events(
+        path, TMALL_COLUMNS, types, include, ints, has_header=True,
+        extra_check=_tmall_extra(path), keep_rows=keep_clicks, progress=progress,
     )
 
 
