@@ -10,6 +10,7 @@ wrong; `run_cli` turns it into a one-line message and exit code 2 for the comman
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -108,6 +109,21 @@ def parse_named_runs(items: Sequence[str]) -> dict[str, Path]:
     if not runs:
         raise AnalysisError("no run directory given")
     return runs
+
+
+def add_run_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """The repeatable, required ``--run NAME=RUN_DIR`` option of the multi-run commands."""
+    parser.add_argument("--run", action="append", default=[], required=True, help=help_text)
+
+
+def load_named_runs(
+    items: Sequence[str], *, seed: int | None = None, data_dir: str | Path | None = None
+) -> dict[str, LoadedRun]:
+    """:func:`parse_named_runs` then :func:`load_run` each (best checkpoint), in order."""
+    return {
+        name: load_run(path, name=name, seed=seed, data_dir=data_dir)
+        for name, path in parse_named_runs(items).items()
+    }
 
 
 def run_config(run_dir: str | Path) -> dict[str, Any]:

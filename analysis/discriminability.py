@@ -168,13 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m analysis.discriminability", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument(
-        "--run",
-        action="append",
-        default=[],
-        required=True,
-        help="NAME=RUN_DIR (repeat, e.g. with and without TR)",
-    )
+    common.add_run_argument(parser, "NAME=RUN_DIR (repeat, e.g. with and without TR)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=None, help="the runs' seed folder")
     parser.add_argument("--data-dir", default=None)
@@ -184,11 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-samples", type=int, default=None)
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    named = common.parse_named_runs(args.run)
-    runs = {
-        name: common.load_run(path, name=name, seed=args.seed, data_dir=args.data_dir)
-        for name, path in named.items()
-    }
+    runs = common.load_named_runs(args.run, seed=args.seed, data_dir=args.data_dir)
     report = discriminability(
         runs,
         args.out,

@@ -225,13 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m analysis.efficiency", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument(
-        "--run",
-        action="append",
-        default=[],
-        required=True,
-        help="NAME=RUN_DIR of a finished run (repeat)",
-    )
+    common.add_run_argument(parser, "NAME=RUN_DIR of a finished run (repeat)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch-size", type=int, default=2048)
     parser.add_argument("--length", type=int, default=None)

@@ -366,13 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m analysis.retrieval", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument(
-        "--run",
-        action="append",
-        default=[],
-        required=True,
-        help="NAME=RUN_DIR (repeat for each model)",
-    )
+    common.add_run_argument(parser, "NAME=RUN_DIR (repeat for each model)")
     parser.add_argument("--baseline", action="append", default=[], choices=BASELINES)
     parser.add_argument("--out", required=True)
     parser.add_argument("--seed", type=int, default=None)
@@ -397,11 +391,7 @@ def main(argv: list[str] | None = None) -> None:
         args.min_mi,
         args.target_category_in_history,
     )
-    named = common.parse_named_runs(args.run)
-    runs = {
-        name: common.load_run(path, name=name, seed=args.seed, data_dir=args.data_dir)
-        for name, path in named.items()
-    }
+    runs = common.load_named_runs(args.run, seed=args.seed, data_dir=args.data_dir)
     report = retrieval_analysis(
         runs,
         args.out,

@@ -130,9 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m analysis.training_curves", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument(
-        "--run", action="append", default=[], required=True, help="NAME=RUN_DIR (repeat)"
-    )
+    common.add_run_argument(parser, "NAME=RUN_DIR (repeat)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: all")
     parser.add_argument("--accuracy-thresholds", type=float, nargs="+", default=[0.9])
