@@ -23,6 +23,7 @@ from dare_jax import checkpointing, sharding, train
 from dare_jax.data import open_dataset, pipeline, preprocess_log
 from dare_jax.data.synthetic import write_taobao_log
 from dare_jax.run_logging import read_jsonl
+from crash_support import SimulatedCrash, crashing_train_iterator
 from sharding_worker import gathered, make_config
 
 REPO = Path(__file__).resolve().parent.parent
@@ -146,8 +147,8 @@ def runs(data_dir, tmp_path_factory):
     killed = root / "dare_sharded_killed"
     killed_config = overrides(data_dir, killed, **{"mesh.row_sharded": TABLES})
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "train_iterator", _dying_iterator(6))
-        with pytest.raises(_Killed):
+        patch.setattr(pipeline, "train_iterator", crashing_train_iterator(6))
+        with pytest.raises(SimulatedCrash):
             train.run(make_config(killed_config, "model=dare"))
     assert checkpointing.RunCheckpoints(killed / "seed_0/checkpoints").step() == 4
     job_runs = [
@@ -177,33 +178,6 @@ def runs(data_dir, tmp_path_factory):
     }
     report = run_child(job, root)
     return root, report
-
-
-class _Killed(Exception):
-    pass
-
-
-def _dying_iterator(after: int):
-    original = pipeline.train_iterator
-
-    def make(dataset, state=None, prefetch=2):
-        inner = original(dataset, state, prefetch)
-
-        class Dying:
-            count = 0
-
-            def __next__(self):
-                if Dying.count == after:
-                    raise _Killed(f"killed after {after} batches")
-                Dying.count += 1
-                return next(inner)
-
-            def get_state(self):
-                return inner.get_state()
-
-        return Dying()
-
-    return make
 
 
 @pytest.mark.parametrize("name", list(VARIANTS))

@@ -19,6 +19,7 @@ from dare_jax import checkpointing, steps, train
 from dare_jax.data import open_dataset, pipeline, preprocess_log
 from dare_jax.data.synthetic import write_taobao_log
 from dare_jax.run_logging import read_jsonl
+from crash_support import SimulatedCrash, crashing_train_iterator
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -89,34 +90,6 @@ def _test_metrics(results):
     return [r["test"] for r in results["seeds"]], results["mean"]
 
 
-class _Crash(Exception):
-    pass
-
-
-def _crashing_iterator(after: int):
-    """A train_iterator replacement that dies after `after` batches (a simulated kill)."""
-    original = pipeline.train_iterator
-
-    def make(dataset, state=None, prefetch=2):
-        inner = original(dataset, state, prefetch)
-
-        class Dying:
-            count = 0
-
-            def __next__(self):
-                if Dying.count == after:
-                    raise _Crash(f"killed after {after} batches")
-                Dying.count += 1
-                return next(inner)
-
-            def get_state(self):
-                return inner.get_state()
-
-        return Dying()
-
-    return make
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_data, tmp_path_factory):
     """An uninterrupted two-seed run of the tiny setup."""
@@ -137,14 +110,14 @@ def test_interrupted_run_resumes_to_identical_results(tiny_data, tmp_path, monke
     workdir = tmp_path / "interrupted"
     # Crash in seed 0 between checkpoints (after step 6; latest is step 4) ...
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "train_iterator", _crashing_iterator(6))
-        with pytest.raises(_Crash):
+        patch.setattr(pipeline, "train_iterator", crashing_train_iterator(6))
+        with pytest.raises(SimulatedCrash):
             train.run(tiny_config(tiny_data, workdir, num_seeds=2))
     assert (workdir / "seed_0/checkpoints/latest/4").is_dir()
     # ... then again in the resumed run (seed 0 finishes, seed 1 dies after 9 batches) ...
     with monkeypatch.context() as patch:
-        patch.setattr(pipeline, "train_iterator", _crashing_iterator(9))
-        with pytest.raises(_Crash):
+        patch.setattr(pipeline, "train_iterator", crashing_train_iterator(9))
+        with pytest.raises(SimulatedCrash):
             train.run(tiny_config(tiny_data, workdir, num_seeds=2))
     assert (workdir / "seed_0/result.json").exists()
     assert not (workdir / "results.json").exists()
@@ -181,7 +154,7 @@ def test_kill_between_best_and_latest_saves(tiny_data, tmp_path, monkeypatch, re
 
     def dying_save(self, which, step, state, progress):
         if which == checkpointing.LATEST and step == best_step and saved_best == [best_step]:
-            raise _Crash(f"killed after saving best {step}, before latest")
+            raise SimulatedCrash(f"killed after saving best {step}, before latest")
         if which == checkpointing.BEST and step == best_step:
             saved_best.append(step)
         return real_save(self, which, step, state, progress)
@@ -189,7 +162,7 @@ def test_kill_between_best_and_latest_saves(tiny_data, tmp_path, monkeypatch, re
     workdir = tmp_path / "run"
     with monkeypatch.context() as patch:
         patch.setattr(checkpointing.RunCheckpoints, "save", dying_save)
-        with pytest.raises(_Crash):
+        with pytest.raises(SimulatedCrash):
             train.run(tiny_config(tiny_data, workdir, num_seeds=2))
     assert (workdir / f"seed_0/checkpoints/best/{best_step}").is_dir()
     resumed = train.run(tiny_config(tiny_data, workdir, num_seeds=2))
@@ -419,8 +392,8 @@ def test_cli_corrupt_checkpoint_is_named(tiny_data, tmp_path):
     config = tiny_config(tiny_data, workdir)
     # A half-trained run: stop it after the first checkpoint, then corrupt that checkpoint.
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "train_iterator", _crashing_iterator(5))
-        with pytest.raises(_Crash):
+        patch.setattr(pipeline, "train_iterator", crashing_train_iterator(5))
+        with pytest.raises(SimulatedCrash):
             train.run(config)
     for path in (workdir / "seed_0/checkpoints/latest/4/state").rglob("*"):
         if path.is_file():
