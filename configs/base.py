@@ -15,6 +15,8 @@ Every other field is overridden with flags, e.g. `--config.optim.lr=0.005`.
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 
 from dare_jax.models import default_model_config
@@ -161,7 +163,8 @@ def _positive_int(key: str, value: str) -> int:
     return number
 
 
-def _set_path(config: ml_collections.ConfigDict, dotted: str, value) -> None:
+def set_path(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    """Set the field named by ``dotted`` (e.g. ``"train.max_steps"``) of ``config`` in place."""
     node = config
     *parents, leaf = dotted.split(".")
     for name in parents:
@@ -191,7 +194,7 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_coll
                 width = int(config.model[f"{field}_embedding_dim"])
                 config.model[f"attention_{field}_embedding_dim"] = max(1, int(width * value))
         else:
-            _set_path(config, key, value)
+            set_path(config, key, value)
     if "attn_dim" in parsed:
         dim = _positive_int("attn_dim", parsed["attn_dim"])
         for field in ("item", "category", "time"):

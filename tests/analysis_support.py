@@ -17,6 +17,7 @@ TRAIN_STEPS = 24
 
 def tiny_config(data_dir: Path, workdir: Path, variant: str):
     from configs import demo
+    from configs.base import set_path
 
     config = demo.get_config(f"model={variant}")
     overrides = {
@@ -39,11 +40,7 @@ def tiny_config(data_dir: Path, workdir: Path, variant: str):
         "workdir": str(workdir),
     }
     for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
+        set_path(config, dotted, value)
     return config
 
 

@@ -32,6 +32,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from configs import demo  # noqa: E402
+from configs.base import set_path  # noqa: E402
 from dare_jax import checkpointing, train  # noqa: E402
 from dare_jax.sharding import _path_name  # noqa: E402
 from dare_jax.data import open_dataset, pipeline  # noqa: E402
@@ -40,11 +41,7 @@ from dare_jax.data import open_dataset, pipeline  # noqa: E402
 def make_config(overrides: dict, arg: str = ""):
     config = demo.get_config(arg)
     for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
+        set_path(config, dotted, value)
     return config
 
 

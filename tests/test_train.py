@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from configs import demo
+from configs.base import set_path
 from dare_jax import checkpointing, steps, train
 from dare_jax.data import open_dataset, pipeline, preprocess_log
 from dare_jax.data.synthetic import write_taobao_log
@@ -72,11 +73,7 @@ def tiny_overrides(data_dir, workdir):
 def tiny_config(data_dir, workdir, arg="", **train_overrides):
     config = demo.get_config(arg)
     for dotted, value in tiny_overrides(data_dir, workdir).items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for name in parents:
-            node = node[name]
-        node[leaf] = value
+        set_path(config, dotted, value)
     for key, value in train_overrides.items():
         config.train[key] = value
     return config
