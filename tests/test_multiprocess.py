@@ -19,12 +19,11 @@ import sys
 
 import numpy as np
 import pytest
+from crash_support import SimulatedCrash, crashing_train_iterator
 from sharding_worker import make_config
 from test_sharding import (
     REPO,
     TABLES,
-    _dying_iterator,
-    _Killed,
     assert_same_run,
     child_env,
     data_dir,  # noqa: F401  (module fixture)
@@ -49,8 +48,8 @@ def test_two_processes_match_one_device(data_dir, tmp_path):  # noqa: F811
 
     workdir = tmp_path / "two_processes"
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pipeline, "train_iterator", _dying_iterator(6))
-        with pytest.raises(_Killed):
+        patch.setattr(pipeline, "train_iterator", crashing_train_iterator(6))
+        with pytest.raises(SimulatedCrash):
             train.run(make_config(overrides(data_dir, workdir, **rules), "model=dare"))
     assert checkpointing.RunCheckpoints(workdir / "seed_0/checkpoints").step() == 4
 
