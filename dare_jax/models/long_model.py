@@ -30,13 +30,7 @@ import ml_collections
 from dare_jax.models import config as config_lib
 from dare_jax.models import eta, long_search, sdim, twin_v2
 from dare_jax.models.embeddings import EmbeddingTables, compose, lookup
-from dare_jax.models.model import (
-    AUX_HEAD_HIDDEN,
-    MAIN_HEAD_HIDDEN,
-    PROBABILITY_EPS,
-    _Heads,
-    history_time_ids,
-)
+from dare_jax.models.model import history_time_ids, main_features, predict
 from dare_jax.models.search import PADDING_SCORE, mask_scores
 from dare_jax.models.variants import ROLES, VariantSpec
 
@@ -282,47 +276,17 @@ class LongHistoryModel(nn.Module):
                 cluster_sizes=sizes,
             )
 
-        features = [] if cfg.only_odot else [target_repr, retrieved]
         average = None
         if cfg.use_long_seq_average:
             counts = jnp.sum(valid, axis=1, keepdims=True).astype(jnp.float32)
             average = long_search.chunked_weighted_sum(
                 representations, valid.astype(jnp.float32), history, chunk
             ) / (counts + 1.0)
-            if not cfg.only_odot:
-                features.append(average)
-        if cfg.use_cross_feature:
-            features.append(target_repr * retrieved)
-            if average is not None:
-                features.append(target_repr * average)
-        representation = jnp.concatenate(features, axis=-1)
+        representation = main_features(cfg, target_repr, retrieved, average)
         outputs["representation"] = representation
-
-        heads = _Heads(
-            MAIN_HEAD_HIDDEN,
-            AUX_HEAD_HIDDEN,
-            init_std=cfg.init_std,
-            use_batch_stats_at_eval=bool(cfg.eval_batchnorm_uses_batch_stats),
-            name="head",
+        outputs.update(
+            predict(cfg, representation, target_repr, full_aggregate, train, self.is_initializing())
         )
-        aux_input = None
-        if full_aggregate is not None and (
-            cfg.use_aux_loss or (self.is_initializing() and cfg.official_parameters_always)
-        ):
-            if cfg.only_odot:
-                aux_input = target_repr * full_aggregate
-            elif cfg.use_cross_feature:
-                aux_input = jnp.concatenate(
-                    [target_repr, full_aggregate, target_repr * full_aggregate], axis=-1
-                )
-            else:
-                aux_input = jnp.concatenate([target_repr, full_aggregate], axis=-1)
-        main_logits, aux_logits = heads(representation, aux_input, train)
-        if cfg.use_aux_loss and aux_logits is not None:
-            outputs["aux_logits"] = aux_logits
-            outputs["aux_prob"] = jax.nn.softmax(aux_logits, axis=-1) + PROBABILITY_EPS
-        outputs["logits"] = main_logits
-        outputs["prob"] = jax.nn.softmax(main_logits, axis=-1) + PROBABILITY_EPS
         return outputs
 
 

@@ -133,51 +133,87 @@ class TwoStageModel(nn.Module):
         # k selected, as the official hard path masks everything to the selection).
         full_aggregate = search.full_attention(masked, behavior_repr)
 
-        features = [] if cfg.only_odot else [target_repr, retrieved]
         average = None
         if cfg.use_long_seq_average:
             weights = kept.astype(behavior_repr.dtype)
             average = jnp.einsum("bl,bld->bd", weights, behavior_repr) / (
                 jnp.sum(weights, axis=1, keepdims=True) + 1.0
             )
-            if not cfg.only_odot:
-                features.append(average)
-        if cfg.use_cross_feature:
-            features.append(target_repr * retrieved)
-            if average is not None:
-                features.append(target_repr * average)
-        representation = jnp.concatenate(features, axis=-1)
+        representation = main_features(cfg, target_repr, retrieved, average)
 
         outputs = {
             "attention_scores": masked,
             "representation": representation,
             "topk_indices": indices,
         }
-        heads = _Heads(
-            MAIN_HEAD_HIDDEN,
-            AUX_HEAD_HIDDEN,
-            init_std=cfg.init_std,
-            use_batch_stats_at_eval=bool(cfg.eval_batchnorm_uses_batch_stats),
-            name="head",
+        outputs.update(
+            predict(cfg, representation, target_repr, full_aggregate, train, self.is_initializing())
         )
-        if cfg.use_aux_loss or (self.is_initializing() and cfg.official_parameters_always):
-            if cfg.only_odot:
-                aux_input = target_repr * full_aggregate
-            elif cfg.use_cross_feature:
-                aux_input = jnp.concatenate(
-                    [target_repr, full_aggregate, target_repr * full_aggregate], axis=-1
-                )
-            else:
-                aux_input = jnp.concatenate([target_repr, full_aggregate], axis=-1)
-            main_logits, aux_logits = heads(representation, aux_input, train)
-            if cfg.use_aux_loss:
-                outputs["aux_logits"] = aux_logits
-                outputs["aux_prob"] = jax.nn.softmax(aux_logits, axis=-1) + PROBABILITY_EPS
-        else:
-            main_logits, _ = heads(representation, None, train)
-        outputs["logits"] = main_logits
-        outputs["prob"] = jax.nn.softmax(main_logits, axis=-1) + PROBABILITY_EPS
         return outputs
+
+
+def main_features(
+    cfg: ml_collections.ConfigDict,
+    target_repr: jax.Array,
+    retrieved: jax.Array,
+    average: jax.Array | None,
+) -> jax.Array:
+    """The main-MLP input `[B, F]` in SPEC order: target representation, the retrieved
+    aggregate, the history average (when used); then, with the cross feature (TR), the
+    target times the aggregate (and times the average). `only_odot` keeps the products only.
+    All inputs `[B, D_repr]`; `average` is None without `use_long_seq_average`."""
+    features = [] if cfg.only_odot else [target_repr, retrieved]
+    if average is not None and not cfg.only_odot:
+        features.append(average)
+    if cfg.use_cross_feature:
+        features.append(target_repr * retrieved)
+        if average is not None:
+            features.append(target_repr * average)
+    return jnp.concatenate(features, axis=-1)
+
+
+def predict(
+    cfg: ml_collections.ConfigDict,
+    representation: jax.Array,
+    target_repr: jax.Array,
+    full_aggregate: jax.Array | None,
+    train: bool,
+    initializing: bool,
+) -> dict[str, jax.Array]:
+    """The heads, called from inside a model's compact `__call__` (they become its `head/...`
+    submodule; `initializing` is the caller's `self.is_initializing()`): `logits`, `prob`
+    `[B, 2]` and, with the aux loss, `aux_logits`, `aux_prob`.
+
+    The aux head reads `[target repr, full-attention aggregate, their product]` (without TR:
+    the first two; `only_odot`: the product). Its parameters also exist when the aux loss is
+    off and `official_parameters_always` (as the official constructor builds them);
+    `full_aggregate` None means the model has no full attention (no aux head at all).
+    """
+    heads = _Heads(
+        MAIN_HEAD_HIDDEN,
+        AUX_HEAD_HIDDEN,
+        init_std=cfg.init_std,
+        use_batch_stats_at_eval=bool(cfg.eval_batchnorm_uses_batch_stats),
+        name="head",
+    )
+    aux_input = None
+    wants_aux = cfg.use_aux_loss or (initializing and cfg.official_parameters_always)
+    if full_aggregate is not None and wants_aux:
+        if cfg.only_odot:
+            aux_input = target_repr * full_aggregate
+        elif cfg.use_cross_feature:
+            aux_input = jnp.concatenate(
+                [target_repr, full_aggregate, target_repr * full_aggregate], axis=-1
+            )
+        else:
+            aux_input = jnp.concatenate([target_repr, full_aggregate], axis=-1)
+    main_logits, aux_logits = heads(representation, aux_input, train)
+    outputs = {"logits": main_logits}
+    if cfg.use_aux_loss and aux_logits is not None:
+        outputs["aux_logits"] = aux_logits
+        outputs["aux_prob"] = jax.nn.softmax(aux_logits, axis=-1) + PROBABILITY_EPS
+    outputs["prob"] = jax.nn.softmax(main_logits, axis=-1) + PROBABILITY_EPS
+    return outputs
 
 
 class _Heads(nn.Module):
