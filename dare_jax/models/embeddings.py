@@ -92,16 +92,16 @@ def gather_roles(
     history_ids: dict[str, jax.Array],
     fields: tuple[str, ...],
     target_shape: tuple[int, ...],
-    history_shape: tuple[int, ...],
     row_grads: nn.Module | None = None,
 ) -> RoleFields:
-    """{role: {field: `[B, d]` (target roles) or `[B, L, d]` (behaviour roles)}}.
+    """{role: {field: `[B, d]` (target roles) or `[..., d]` (behaviour roles: the history ids'
+    shape, `[B, L]`, or `[L]` for the derived time ids, the same for every example)}}.
 
-    Each (table, ids) pair is gathered once even when several roles share the table. Ids may
-    have fewer leading dims than `target_shape` `[B]` / `history_shape` `[B, L]` (e.g. the
-    derived time ids, the same `[L]` for every example): the rows are then gathered once and
-    broadcast, so the table's gradient is a cheap sum over the batch plus a scatter of L rows
-    instead of a scatter of B * L rows (the same values).
+    Each (table, ids) pair is gathered once even when several roles share the table. Target
+    ids with fewer leading dims than `target_shape` `[B]` (the derived time id) are gathered
+    once and broadcast; unbatched history rows stay `[L, d]` (see search.Behaviours), so their
+    products are computed once per position and the table's gradient is a scatter of L rows
+    instead of B * L.
 
     row_grads: a module (the model) to expose the tables' gradients as rows instead of dense
     tables (config `row_sparse_embedding_grads`): each gather reads `stop_gradient(table)`, is
@@ -116,7 +116,6 @@ def gather_roles(
     for role in ROLES:
         group, is_target = spec.tables[role], role.endswith("target")
         ids = target_ids if is_target else history_ids
-        shape = target_shape if is_target else history_shape
         out[role] = {}
         for field in fields:
             key = (group, field, is_target)
@@ -133,13 +132,20 @@ def gather_roles(
                     table = jax.lax.stop_gradient(tables[group][field])
                     rows = row_grads.perturb(name, lookup(table, ids[field]))
                     row_grads.sow(EMBEDDING_IDS, name, ids[field])
-                gathered[key] = jnp.broadcast_to(rows, (*shape, rows.shape[-1]))
+                if is_target:
+                    rows = jnp.broadcast_to(rows, (*target_shape, rows.shape[-1]))
+                gathered[key] = rows
             out[role][field] = gathered[key]
     return out
 
 
 def compose(parts: dict[str, jax.Array], use_time: bool, time_mode: str) -> jax.Array:
-    """`[item | category | time]` (concat), `[item | category] + time` (add) or `[item | category]`."""
+    """`[item | category | time]` (concat), `[item | category] + time` (add) or `[item | category]`.
+
+    Parts with fewer leading dims (an unbatched time part `[L, d]`) are broadcast.
+    """
+    lead = jnp.broadcast_shapes(*(p.shape[:-1] for p in parts.values()))
+    parts = {f: jnp.broadcast_to(p, (*lead, p.shape[-1])) for f, p in parts.items()}
     semantic = jnp.concatenate([parts["item"], parts["category"]], axis=-1)
     if not use_time:
         return semantic
@@ -151,8 +157,11 @@ def compose(parts: dict[str, jax.Array], use_time: bool, time_mode: str) -> jax.
 class Projections(nn.Module):
     """Apply the variant's projections and compose each role's vector (module name `project`).
 
-    Input {role: {field: vector}}; output {role: `[B, D]` or `[B, L, D]`}. Roles that name the
-    same projection group share the map (its parameters are created once).
+    Input {role: {field: vector}}; output {role: `[B, D]` or `[B, L, D]`, or its parts
+    `(item, category[, time])` (search.Behaviours) where the vector is their concatenation
+    (concat time mode, no map after concatenation): the search and aggregation then never
+    build the `[B, L, D]` concatenation. Roles that name the same projection group share the
+    map (its parameters are created once).
     """
 
     spec: VariantSpec
@@ -183,6 +192,9 @@ class Projections(nn.Module):
                         name=group,
                     )
                 parts = submodules[group](parts)
+            if (proj is None or proj.per_field) and not (self.use_time and self.time_mode == "add"):
+                out[role] = tuple(parts[f] for f in ("item", "category", "time") if f in parts)
+                continue
             vector = compose(parts, self.use_time, self.time_mode)
             if proj is not None and not proj.per_field:
                 group = proj.groups[role]

@@ -72,7 +72,7 @@ class TwoStageModel(nn.Module):
         hist_cid = jnp.asarray(batch["hist_cid"], jnp.int32)
         batch_size, length = hist_iid.shape
         # Derived time ids are the same for every example: keep them unbatched (target: 0,
-        # history: [L]) so their lookups are gathered once and broadcast (see gather_roles).
+        # history: [L]) so their lookups are gathered once (see gather_roles).
         tid = batch.get("tid")
         tid = jnp.zeros((), jnp.int32) if tid is None else jnp.asarray(tid, jnp.int32)
         hist_tid = batch.get("hist_tid")
@@ -98,7 +98,6 @@ class TwoStageModel(nn.Module):
             history_ids,
             fields,
             (batch_size,),
-            (batch_size, length),
             row_grads=self if cfg.get("row_sparse_embedding_grads", False) else None,
         )
         unused_time = {}
@@ -107,11 +106,10 @@ class TwoStageModel(nn.Module):
         vectors = Projections(
             spec, bool(cfg.use_time), str(cfg.time_mode), cfg.init_std, unused_time, name="project"
         )(role_fields)
-        query, keys = vectors["attention_target"], vectors["attention_behavior"]
-        target_repr, behavior_repr = (
-            vectors["representation_target"],
-            vectors["representation_behavior"],
-        )
+        # Behaviour vectors may be parts (search.Behaviours); target vectors are small `[B, D]`.
+        query = jnp.concatenate(search.as_parts(vectors["attention_target"]), axis=-1)
+        target_repr = jnp.concatenate(search.as_parts(vectors["representation_target"]), axis=-1)
+        keys, behavior_repr = vectors["attention_behavior"], vectors["representation_behavior"]
 
         # First stage: scores over the whole history.
         if spec.score == "din_mlp":
@@ -135,8 +133,8 @@ class TwoStageModel(nn.Module):
 
         average = None
         if cfg.use_long_seq_average:
-            weights = kept.astype(behavior_repr.dtype)
-            average = jnp.einsum("bl,bld->bd", weights, behavior_repr) / (
+            weights = kept.astype(target_repr.dtype)
+            average = search.weighted_sum(weights, behavior_repr) / (
                 jnp.sum(weights, axis=1, keepdims=True) + 1.0
             )
         representation = main_features(cfg, target_repr, retrieved, average)
