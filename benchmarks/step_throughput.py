@@ -2,21 +2,21 @@
 
     python benchmarks/step_throughput.py [--models din twin dare] [--steps 5] [--warmup 2]
         [--batch 2048] [--length 200] [--item-n 4068791] [--cate-n 9408] [--dim 16]
-        [--variants full,row_sparse,row_sparse_fused,frozen_embeddings,forward] [--breakdown]
+        [--variants optax,row_sparse,frozen_embeddings,forward] [--breakdown]
 
-Random int batches (ids drawn uniformly, about 10% left padding). A training step is
-forward + backward + a dense Adam update of ALL parameters (every table row, as the official
-PyTorch training with dense embedding gradients), jit-compiled with the state donated; the
-`frozen_embeddings` variant differentiates and updates everything except the embedding tables,
-to measure what the embedding gradients (scatter-add) and their dense Adam update cost.
-`row_sparse` is the same maths with `dare_jax.optim` (model flag `row_sparse_embedding_grads`:
-table gradients as lookup rows summed into a carried buffer, one elementwise Adam expression
-per leaf), as two jitted programs (gradients; update with params and moments donated);
-`row_sparse_fused` the same in one program.
+Random int batches (ids drawn uniformly, about 10% left padding). A training step is the
+driver's (`dare_jax.steps.make_train_step`, one jitted program, state donated): forward +
+backward + a dense Adam update of ALL parameters (every table row, as the official PyTorch
+training with dense embedding gradients). `optax` runs it with `optax.adam` on autodiff's
+gradient (config `optim.sparse_table_updates=False`); `row_sparse` with
+`dare_jax.optim.RowSparseAdam` (the default: the same maths, table gradients as looked-up
+rows summed into carried buffers, moments in flat vectorised passes).
+`frozen_embeddings` differentiates and updates everything except the embedding tables, to
+measure what the embedding gradients and their dense Adam update cost.
 `forward` is the jit-compiled evaluation forward pass (BatchNorm with running statistics).
 `--breakdown` also times the pieces of one item table's update: the gradient as autodiff forms
 it (scatter-add into a zero table) and exact alternatives (segment_sum, sorted ids), the
-scatter alone, and scatter + dense Adam.
+scatter alone, scatter + dense Adam, and `RowSparseAdam.update`.
 `--host-devices 2 --mesh 1,2` splits the CPU into two XLA host devices and the item tables
 (with their Adam moments) by rows over them (`dare_jax.sharding.Partitioner`; the same maths):
 XLA:CPU runs each device on its own thread, so the dense table update uses both cores.
@@ -59,7 +59,9 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dare_jax import optim
+import ml_collections
+
+from dare_jax import optim, steps
 from dare_jax.models import build_model, default_model_config, loss_terms
 from dare_jax.sharding import Partitioner, padded_rows
 
@@ -67,7 +69,7 @@ from dare_jax.sharding import Partitioner, padded_rows
 ROW_SHARDED = r"embed/.*/item"
 
 WEIGHT_DECAY = 1e-6
-ROW_SPARSE_VARIANTS = ("row_sparse", "row_sparse_fused")
+DRIVER_VARIANTS = ("optax", "row_sparse")
 LEARNING_RATE = 0.01
 
 
@@ -97,8 +99,9 @@ def model_config(name: str, dim: int):
     return cfg
 
 
-def make_train_step(model, optimizer, state_shardings=None):
-    """Jitted (state, batch) -> (state, loss); state donated (and kept on its shardings)."""
+def make_frozen_embeddings_step(model, optimizer, state_shardings=None):
+    """Jitted (state, batch) -> (state, loss) training all but the `frozen` params; state
+    donated (and kept on its shardings)."""
 
     def loss_fn(trainable, frozen, batch_stats, batch):
         params = {**trainable, **frozen}
@@ -146,28 +149,26 @@ def time_calls(fn, n_warmup: int, n_steps: int, cpu: list[float] | None = None) 
     return durations
 
 
-def _variant_callable(model, variant: str, init_batch, batches, partitioner=None):
+def _variant_callable(model_cfg, model, variant: str, init_batch, batches, partitioner=None):
     """A no-argument callable running one timed unit (a train step or a forward pass)."""
-    variables = jax.jit(lambda key: model.init(key, init_batch, train=False))(jax.random.PRNGKey(0))
     if partitioner is not None:
-        variables = jax.device_put(variables, partitioner.state_shardings(variables))
         batches = [jax.device_put(b, partitioner.batch_sharding) for b in batches]
     counter = itertools.count()
 
     def next_batch():
         return batches[next(counter) % len(batches)]
 
-    if variant in ROW_SPARSE_VARIANTS:
-        if partitioner is not None:
-            raise ValueError(f"variant {variant!r} is not measured with --mesh (not wired)")
-        return _row_sparse_callable(model, variables, next_batch, variant == "row_sparse_fused")
+    if variant in DRIVER_VARIANTS:
+        return _driver_callable(model_cfg, model, variant, init_batch, next_batch, partitioner)
+    variables = jax.jit(lambda key: model.init(key, init_batch, train=False))(jax.random.PRNGKey(0))
+    if partitioner is not None:
+        variables = jax.device_put(variables, partitioner.state_shardings(variables))
     if variant == "forward":
         forward = jax.jit(lambda v, b: model.apply(v, b, train=False)["prob"])
         return lambda: forward(variables, next_batch())
     params = variables["params"]
-    frozen_keys = ("embed",) if variant == "frozen_embeddings" else ()
-    trainable = {k: v for k, v in params.items() if k not in frozen_keys}
-    frozen = {k: v for k, v in params.items() if k in frozen_keys}
+    trainable = {k: v for k, v in params.items() if k != "embed"}
+    frozen = {k: v for k, v in params.items() if k == "embed"}
     optimizer = optax.adam(LEARNING_RATE)
     state = {
         "trainable": trainable,
@@ -180,7 +181,7 @@ def _variant_callable(model, variant: str, init_batch, batches, partitioner=None
         shardings = partitioner.state_shardings(state)
         state = jax.device_put(state, shardings)
     box = {"state": state}
-    step = make_train_step(model, optimizer, shardings)
+    step = make_frozen_embeddings_step(model, optimizer, shardings)
 
     def run():
         box["state"], loss = step(box["state"], next_batch())
@@ -189,23 +190,38 @@ def _variant_callable(model, variant: str, init_batch, batches, partitioner=None
     return run
 
 
-def _row_sparse_callable(model, variables, next_batch, fused: bool):
-    """The same training maths with `dare_jax.optim`: table gradients as rows summed into a
-    carried buffer, each leaf's dense Adam as one elementwise expression. `model` must be
-    built with `row_sparse_embedding_grads=True`. fused: one jitted program (state donated);
-    else two (gradients, then the update with params and moments donated)."""
-    flat = optim.flatten_params(variables["params"])
-    state = {"params": flat, "batch_stats": variables["batch_stats"], "opt": optim.init(flat)}
-    hyper = optim.AdamHyper(LEARNING_RATE)
-    if fused:
-        step = jax.jit(optim.make_train_step(model, hyper, WEIGHT_DECAY), donate_argnums=(0,))
-    else:
-        step = optim.make_split_train_step(model, hyper, WEIGHT_DECAY)
+def _driver_callable(model_cfg, model, variant, init_batch, next_batch, partitioner):
+    """The driver's training step (`dare_jax.steps`) with optax.adam or RowSparseAdam."""
+    optim_cfg = ml_collections.ConfigDict(
+        {
+            "lr": LEARNING_RATE,
+            "b1": 0.9,
+            "b2": 0.999,
+            "eps": 1e-8,
+            "sparse_table_updates": variant == "row_sparse",
+        }
+    )
+    model = build_model(
+        steps.training_model_config(model_cfg, optim_cfg),
+        model.item_n,
+        model.cate_n,
+        model.max_length,
+    )
+    optimizer = steps.make_optimizer(optim_cfg, model_cfg)
+    batch = next_batch()
+    placement = ()
+    shardings = None
+    if partitioner is not None:
+        shardings = partitioner.state_shardings(steps.abstract_state(model, optimizer, batch))
+        placement = (shardings, partitioner.batch_sharding, partitioner.replicated)
+    key = jax.random.PRNGKey(0)
+    state = steps.make_init_state(model, optimizer, shardings)(key, batch, key)
+    step = steps.make_train_step(model, optimizer, model_cfg, WEIGHT_DECAY, *placement)
     box = {"state": state}
 
     def run():
-        box["state"], loss = step(box["state"], next_batch())
-        return loss
+        box["state"], metrics = step(box["state"], next_batch())
+        return metrics["total"]
 
     return run
 
@@ -294,15 +310,22 @@ def embedding_update_breakdown(args: argparse.Namespace) -> None:
     label = "same, gradient formed in a reused donated buffer"
     print(f"  {label:60s} {ms:8.1f} ms ({faults:.0f} minor page faults per step)", flush=True)
 
-    # dare_jax.optim: previous rows re-zeroed and new rows added in the carried buffer, one
-    # elementwise Adam expression (3 table loops), params and state donated.
-    key = "embed/representation/item"
-    hyper = optim.AdamHyper(LEARNING_RATE)
+    # dare_jax.optim.RowSparseAdam: previous rows re-zeroed and new rows added in the carried
+    # buffer, moments and step in flat (vectorised) passes; params, state, scratch donated.
+    params = {"embed": {"representation": {"item": jnp.zeros(shape)}}}
+    adam = optim.RowSparseAdam(LEARNING_RATE)
     sparse_update = jax.jit(
-        lambda p, s, r, i: optim.update(p, {}, {key: (i, r)}, s, hyper), donate_argnums=(0, 1)
+        lambda p, s, c, r, i: adam.update(p, {}, {"embed/representation/item": [(i, r)]}, s, c),
+        donate_argnums=(0, 1, 2),
+        keep_unused=True,
     )
-    params = {key: jnp.zeros(shape)}
-    box = {"state": (params, optim.init(params))}
+    box = {
+        "state": (
+            params,
+            adam.init(params),
+            adam.init_scratch(params, {"embed/representation/item": n_rows}),
+        )
+    }
 
     def run_sparse_update():
         box["state"] = sparse_update(*box["state"], rows, ids)
@@ -312,7 +335,7 @@ def embedding_update_breakdown(args: argparse.Namespace) -> None:
     faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     ms = 1000 * statistics.median(time_calls(run_sparse_update, 1, args.steps, cpu))
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / (args.steps + 1)
-    label = "dare_jax.optim.update (carried buffer, fused Adam), donated"
+    label = "dare_jax.optim.RowSparseAdam.update (flat passes), donated"
     print(
         f"  {label:60s} {ms:8.1f} ms ({faults:.0f} minor page faults per step; "
         f"CPU {1000 * statistics.median(cpu):.1f} ms)",
@@ -337,11 +360,8 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, float]:
     ]
     init_batch = {k: v[:8] for k, v in batches[0].items()}
     results: dict[str, float] = {}
-    cfg.row_sparse_embedding_grads = True
-    row_sparse_model = build_model(cfg, item_rows, args.cate_n, args.length)
     for variant in args.variants:
-        variant_model = row_sparse_model if variant in ROW_SPARSE_VARIANTS else model
-        fn = _variant_callable(variant_model, variant, init_batch, batches, partitioner)
+        fn = _variant_callable(cfg, model, variant, init_batch, batches, partitioner)
         cpu: list[float] = []
         durations = time_calls(fn, args.warmup, args.steps, cpu)
         median = statistics.median(durations)
@@ -361,8 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", default=["din", "twin", "dare"])
     parser.add_argument(
         "--variants",
-        default="full,row_sparse,frozen_embeddings,forward",
-        help="comma-separated: full, row_sparse, row_sparse_fused, frozen_embeddings, forward",
+        default="optax,row_sparse,frozen_embeddings,forward",
+        help="comma-separated: optax, row_sparse, frozen_embeddings, forward",
     )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument(
@@ -400,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    known = {"full", "frozen_embeddings", "forward", *ROW_SPARSE_VARIANTS}
+    known = {"frozen_embeddings", "forward", *DRIVER_VARIANTS}
     unknown = set(args.variants) - known
     if unknown:
         print(f"unknown --variants entries: {sorted(unknown)}", file=sys.stderr)

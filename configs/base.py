@@ -99,6 +99,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.optim.b2 = 0.999
     config.optim.eps = 1e-8  # PyTorch Adam's default, as in the official code
     config.optim.weight_decay = 1e-6  # L2 penalty on non-bias, non-embedding weights
+    # The same dense Adam, with the tables' gradients taken as looked-up rows and their
+    # moments updated in flat, vectorised passes (dare_jax.optim); used where the model
+    # supports it (not the gradient-observation variants or the long-history models).
+    config.optim.sparse_table_updates = True
 
     config.train = ml_collections.ConfigDict()
     config.train.batch_size = 2048

@@ -1,33 +1,42 @@
 """The official dense Adam on embedding tables, without building a dense table gradient.
 
 The official training updates every table row every step (dense embedding gradients, torch
-Adam: b1 0.9, b2 0.999, eps 1e-8, bias correction; the maths of `optax.adam`). Here:
+Adam: b1 0.9, b2 0.999, eps 1e-8, bias correction; the maths of `optax.adam`). Here
+(`RowSparseAdam`, used by the driver when `optim.sparse_table_updates` is on):
   * the model (config `row_sparse_embedding_grads`) passes each table gather through a Flax
     perturbation, so `jax.grad` w.r.t. `perturbations` yields the looked-up rows' cotangents
     `[..., d]` (ids sown in `embedding_ids`) and autodiff never forms a dense table gradient;
-  * each table's dense gradient lives in a buffer carried in the optimizer state: the
-    previous step's rows are set back to 0 and this step's rows scatter-added (duplicates
-    summed), both in place (no fresh 260 MB buffer, no page faults);
-  * the Adam step of each leaf is one elementwise expression, optax.adam's operations in its
-    order (m, v, then p from the new m, v), which XLA compiles to 3 table-sized loops reading
-    p, m, v and the gradient once (optax's chain compiles to 5 loops, ~11 table passes).
-The result is the dense Adam on the dense gradient (tests compare with optax).
+  * each table's dense gradient lives in a buffer carried from step to step (`TableScratch`):
+    the previous step's rows are set back to 0 and this step's rows scatter-added
+    (duplicates summed), both in place: no fresh 260 MB buffer (page faults) per step;
+  * each table's Adam moments, gradient buffer and step buffer are stored FLAT (`[rows * d]`):
+    XLA:CPU emits scalar code for the square root and divisions of a `[rows, 16]` loop but
+    vectorises the same loop over a 1-D array (measured 2x faster, benchmarks/README.md).
+    The params keep their `[rows, d]` shape (the model, checkpoints and analyses read them),
+    so the Adam step `(m / bc1) / (sqrt(v / bc2) + eps)` is written to the flat step buffer
+    and the params move by `-lr` times it in a second, sqrt-free pass.
+The result is the dense Adam on the dense gradient, operation for operation (tests compare
+with optax). Non-table leaves get the same Adam expression on their dense gradient.
+
+Checkpoints hold the optimizer state in optax.adam's layout (`to_optax_state`), so a run
+can be resumed, or analysed, with either optimizer; the scratch buffers are not saved
+(`init_scratch` rebuilds them: a zero buffer with nothing to re-zero is the same state).
 
 Measured and rejected (benchmarks/README.md): a "decay every row with g = 0, then fix up the
 touched rows from their old values" form is also exact, but XLA:CPU fuses the old-row
 gathers into consumers scheduled after the in-place table writes and so inserts table-sized
-copies (4 per table, ~210k page faults per step): slower than the form above.
-
-Parameters are handled as flat dicts {"a/b/c": array} (`flatten_params`).
+copies; storing the params flat as well is faster still but changes their shape everywhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import traverse_util
 
 from dare_jax.models.embeddings import EMBEDDING_IDS
@@ -37,28 +46,30 @@ TABLE_ROOT = "embed"
 PERTURBATIONS = "perturbations"
 
 Flat = dict[str, jax.Array]
-
-
-@dataclasses.dataclass(frozen=True)
-class AdamHyper:
-    """Adam hyper-parameters (torch / optax defaults; eps_root 0)."""
-
-    lr: float
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
+Rows = dict[str, list[tuple[jax.Array, jax.Array]]]
 
 
 class RowSparseAdamState(NamedTuple):
-    """count: int32 `[]` steps done; mu, nu: flat like the params; grad_sum: {table key:
-    `[rows, d]`} the last step's summed table gradient (zero outside `touched`); touched:
-    {table key: int32 `[N]`} the ids it was summed at (re-zeroed at the next step)."""
+    """count: int32 `[]` steps done; mu, nu: nested like the params, table leaves flat
+    `[rows * d]` (the checkpointed part; see `to_optax_state`)."""
 
     count: jax.Array
-    mu: Flat
-    nu: Flat
+    mu: Any
+    nu: Any
+
+
+class TableScratch(NamedTuple):
+    """Per-table buffers carried between steps, not checkpointed ({table key: array}).
+
+    grad_sum: flat `[rows * d]`, the last step's summed gradient (zero outside `touched`);
+    step: flat `[rows * d]`, the last Adam step (overwritten every step; carried only so that
+    its memory is reused in place); touched: int32 `[n]`, the ids the gradient was summed at
+    (n = the lookups of one batch; `rows` = out of range = nothing to re-zero).
+    """
+
     grad_sum: Flat
-    touched: dict[str, jax.Array]
+    step: Flat
+    touched: Flat
 
 
 def flatten_params(params: Any) -> Flat:
@@ -83,136 +94,199 @@ def table_key(lookup_name: str) -> str:
     return f"{TABLE_ROOT}/{parts[0]}/{parts[1]}"
 
 
-def init(params_flat: Flat) -> RowSparseAdamState:
-    """Zero moments for every leaf and a zero gradient buffer per table."""
-    zeros = {k: jnp.zeros_like(v) for k, v in params_flat.items()}
-    return RowSparseAdamState(
-        count=jnp.zeros((), jnp.int32),
-        mu=zeros,
-        nu={k: jnp.zeros_like(v) for k, v in params_flat.items()},
-        grad_sum={k: jnp.zeros_like(v) for k, v in params_flat.items() if is_table(k)},
-        touched={k: jnp.zeros((0,), jnp.int32) for k in params_flat if is_table(k)},
-    )
-
-
-def table_gradient_rows(
-    perturbation_grads: dict[str, jax.Array], embedding_ids: dict[str, Any]
-) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """{table key: (ids `[N]`, cotangent rows `[N, d]`)}, all lookups of a table concatenated.
+def table_gradient_rows(perturbation_grads: Flat, embedding_ids: dict[str, Any]) -> Rows:
+    """{table key: [(ids `[n]`, cotangent rows `[n, d]`), ...]}, one pair per lookup.
 
     perturbation_grads: {lookup name: `[..., d]`} (grad w.r.t. the `perturbations` collection);
-    embedding_ids: the sown `embedding_ids` collection ({name: (ids `[...]`,)}).
+    embedding_ids: the sown `embedding_ids` collection ({name: (ids `[...]`,)}). The lookups
+    are kept apart (not concatenated: that would copy every row once more).
     """
-    rows: dict[str, list[tuple[jax.Array, jax.Array]]] = {}
-    for name, cotangent in perturbation_grads.items():
+    rows: Rows = {}
+    for name in sorted(perturbation_grads):
+        cotangent = perturbation_grads[name]
         ids = embedding_ids[name]
         ids = ids[0] if isinstance(ids, tuple) else ids
         d = cotangent.shape[-1]
-        flat_rows = cotangent.reshape(-1, d)
-        flat_ids = jnp.broadcast_to(ids, cotangent.shape[:-1]).reshape(-1)
-        rows.setdefault(table_key(name), []).append((flat_ids, flat_rows))
-    return {
-        k: (jnp.concatenate([i for i, _ in v]), jnp.concatenate([r for _, r in v]))
-        for k, v in rows.items()
-    }
-
-
-def _bias_corrections(hyper: AdamHyper, count: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # The same expressions as optax (`1 - decay**count`, float32), so the same rounding.
-    return 1 - hyper.b1**count, 1 - hyper.b2**count
-
-
-def _adam_leaf(p, m, v, g, hyper: AdamHyper, bc1, bc2):
-    """One dense Adam step of a leaf (optax.adam's operations in its order), fused by XLA."""
-    m = (1 - hyper.b1) * g + hyper.b1 * m
-    v = (1 - hyper.b2) * (g * g) + hyper.b2 * v
-    return _move(p, m, v, hyper, bc1, bc2), m, v
-
-
-def _move(p, m, v, hyper: AdamHyper, bc1, bc2):
-    step = (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype) + 0.0) + hyper.eps)
-    return p + (-hyper.lr) * step
-
-
-def update(
-    params_flat: Flat,
-    dense_grads: Flat,
-    table_rows: dict[str, tuple[jax.Array, jax.Array]],
-    state: RowSparseAdamState,
-    hyper: AdamHyper,
-) -> tuple[Flat, RowSparseAdamState]:
-    """One Adam step, numerically the dense Adam on the dense gradient.
-
-    params_flat: every leaf; dense_grads: gradient of every non-table leaf; table_rows:
-    {table key: (ids `[N]`, rows `[N, d]`)} (`table_gradient_rows`); a table without rows
-    gets the g = 0 update. Returns (new params, new state). Jit with params and state donated
-    so that the table passes run in place.
-    """
-    count = state.count + 1
-    bc1, bc2 = _bias_corrections(hyper, count)
-    new_p, new_m, new_v = {}, {}, {}
-    new_buf, new_touched = dict(state.grad_sum), dict(state.touched)
-    for key, p in params_flat.items():
-        m, v = state.mu[key], state.nu[key]
-        if not is_table(key):
-            if key not in dense_grads:
-                raise KeyError(f"no gradient for the non-table parameter {key!r}")
-            new_p[key], new_m[key], new_v[key] = _adam_leaf(
-                p, m, v, dense_grads[key], hyper, bc1, bc2
-            )
-            continue
-        no_rows = (jnp.zeros((0,), jnp.int32), jnp.zeros((0, *p.shape[1:]), p.dtype))
-        ids, rows = table_rows.get(key, no_rows)  # an unused table: the g = 0 update
-        ids = ids.astype(jnp.int32)
-        # The table's dense gradient, in the carried buffer: zero the last step's rows, add
-        # this step's (duplicates summed, as autodiff's scatter-add into zeros). Both
-        # scatters work in place and no table-sized buffer is allocated or copied.
-        buf = state.grad_sum[key].at[state.touched[key]].set(0, mode="drop")
-        buf = buf.at[ids].add(rows.astype(p.dtype), mode="drop")
-        new_p[key], new_m[key], new_v[key] = _adam_leaf(p, m, v, buf, hyper, bc1, bc2)
-        new_buf[key], new_touched[key] = buf, ids
-    unknown = set(table_rows) - {k for k in params_flat if is_table(k)}
-    if unknown:
-        raise KeyError(f"gradient rows for unknown tables {sorted(unknown)}")
-    return new_p, RowSparseAdamState(count, new_m, new_v, new_buf, new_touched)
+        flat_ids = jnp.broadcast_to(ids, cotangent.shape[:-1]).reshape(-1).astype(jnp.int32)
+        rows.setdefault(table_key(name), []).append((flat_ids, cotangent.reshape(-1, d)))
+    return rows
 
 
 def perturbation_shapes(model: Any, variables: dict[str, Any], batch: Any, **kwargs) -> Any:
-    """Shapes of the `perturbations` collection a training apply creates for `batch`
-    (model config `row_sparse_embedding_grads` on); trace-time only (jax.eval_shape)."""
+    """Shapes of the `perturbations` collection a training apply creates for `batch` (empty
+    when the model exposes no row gradients: config `row_sparse_embedding_grads` off).
+    Trace-time only (jax.eval_shape)."""
 
-    def run():
+    def run(variables, batch, kwargs):
         _, state = model.apply(
-            variables, batch, mutable=[PERTURBATIONS, "batch_stats", EMBEDDING_IDS], **kwargs
+            variables,
+            batch,
+            train=True,
+            mutable=[PERTURBATIONS, "batch_stats", EMBEDDING_IDS],
+            **kwargs,
         )
-        return state.get(PERTURBATIONS, {})  # absent: the model ignores the flag
+        return state.get(PERTURBATIONS, {})
 
-    return jax.eval_shape(run)
+    # Everything as arguments: `batch` may hold ShapeDtypeStructs.
+    return jax.eval_shape(run, variables, batch, kwargs)
+
+
+def lookup_sizes(model: Any, variables: dict[str, Any], batch: Any, **kwargs) -> dict[str, int]:
+    """{table key: number of rows one training apply on `batch` looks up}."""
+    sizes: dict[str, int] = {}
+    shapes = perturbation_shapes(model, variables, batch, **kwargs)
+    for name, shape in traverse_util.flatten_dict(shapes, sep="/").items():
+        key = table_key(name.split("/")[-1])
+        sizes[key] = sizes.get(key, 0) + math.prod(shape.shape[:-1])
+    return sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSparseAdam:
+    """optax.adam(lr, b1, b2, eps) for models with row gradients (eps_root 0)."""
+
+    lr: float
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+
+    def init(self, params: Any) -> RowSparseAdamState:
+        """Zero moments; table leaves flat."""
+        zeros = jax.tree.map(jnp.zeros_like, _flat_tables(params))
+        return RowSparseAdamState(jnp.zeros((), jnp.int32), zeros, jax.tree.map(jnp.copy, zeros))
+
+    def init_scratch(self, params: Any, sizes: dict[str, int]) -> TableScratch:
+        """Zero buffers for every table; `touched` of length `sizes[key]` (from
+        `lookup_sizes`; 0 for a table no lookup reads), filled with the out-of-range id."""
+        tables = {k: v for k, v in flatten_params(params).items() if is_table(k)}
+        return TableScratch(
+            grad_sum={k: jnp.zeros((v.size,), v.dtype) for k, v in tables.items()},
+            step={k: jnp.zeros((v.size,), v.dtype) for k, v in tables.items()},
+            touched={
+                k: jnp.full((sizes.get(k, 0),), v.shape[0], jnp.int32) for k, v in tables.items()
+            },
+        )
+
+    def update(
+        self,
+        params: Any,
+        dense_grads: Flat,
+        table_rows: Rows,
+        state: RowSparseAdamState,
+        scratch: TableScratch,
+    ) -> tuple[Any, RowSparseAdamState, TableScratch]:
+        """One Adam step, numerically the dense Adam on the dense gradient.
+
+        params: nested; dense_grads: {key: gradient} of every non-table leaf; table_rows:
+        `table_gradient_rows` (a table without rows gets the g = 0 update). Returns (params,
+        state, scratch). Jit with all three donated so that the table passes run in place;
+        the total rows of a table must equal its `touched` length (fixed shapes).
+        """
+        count = state.count + 1
+        # The same expressions as optax (`1 - decay**count`, float32), so the same rounding.
+        bc1, bc2 = 1 - self.b1**count, 1 - self.b2**count
+        flat_p = flatten_params(params)
+        flat_m, flat_v = flatten_params(state.mu), flatten_params(state.nu)
+        unknown = set(table_rows) - set(scratch.touched)
+        if unknown:
+            raise KeyError(f"gradient rows for unknown tables {sorted(unknown)}")
+        new_p, new_m, new_v = {}, {}, {}
+        grad_sum, steps, touched = dict(scratch.grad_sum), dict(scratch.step), {}
+        for key, p in flat_p.items():
+            m, v = flat_m[key], flat_v[key]
+            if not is_table(key):
+                if key not in dense_grads:
+                    raise KeyError(f"no gradient for the non-table parameter {key!r}")
+                new_m[key], new_v[key] = self._moments(m, v, dense_grads[key])
+                new_p[key] = p + (-self.lr) * self._step(new_m[key], new_v[key], bc1, bc2)
+                continue
+            pairs = table_rows.get(key, [])
+            ids = [i for i, _ in pairs]
+            new_touched = jnp.concatenate(ids) if ids else jnp.zeros((0,), jnp.int32)
+            if new_touched.shape != scratch.touched[key].shape:
+                raise ValueError(
+                    f"{key}: {new_touched.shape[0]} gradient rows, but the scratch buffers "
+                    f"were built for {scratch.touched[key].shape[0]} (another batch shape)"
+                )
+            # The table's dense gradient in the carried buffer: zero the last step's rows,
+            # add this step's (duplicates summed, as autodiff's scatter-add into zeros).
+            grad = scratch.grad_sum[key].reshape(p.shape)
+            grad = grad.at[scratch.touched[key]].set(0, mode="drop")
+            for i, r in pairs:
+                grad = grad.at[i].add(r.astype(p.dtype), mode="drop")
+            g = grad.reshape(-1)
+            new_m[key], new_v[key] = self._moments(m, v, g)
+            steps[key] = self._step(new_m[key], new_v[key], bc1, bc2)
+            new_p[key] = p + (-self.lr) * steps[key].reshape(p.shape)
+            grad_sum[key], touched[key] = g, new_touched
+        for key in scratch.touched.keys() - touched.keys():
+            touched[key] = scratch.touched[key]  # a table without the flag's rows: untouched
+        state = RowSparseAdamState(count, unflatten_params(new_m), unflatten_params(new_v))
+        return unflatten_params(new_p), state, TableScratch(grad_sum, steps, touched)
+
+    def _moments(self, m, v, g):
+        """optax.adam's first and second moment updates, in its order."""
+        return (1 - self.b1) * g + self.b1 * m, (1 - self.b2) * (g * g) + self.b2 * v
+
+    def _step(self, m, v, bc1, bc2):
+        """The bias-corrected Adam direction, as optax computes it (eps_root 0)."""
+        return (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype) + 0.0) + self.eps)
+
+    def to_optax_state(self, state: RowSparseAdamState, params: Any) -> Any:
+        """The same state in optax.adam's layout (moments shaped like the params)."""
+
+        def reshape(moment, p):
+            return moment.reshape(p.shape)
+
+        template = optax.adam(self.lr, self.b1, self.b2, self.eps).init(
+            jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+        )
+        adam_state = template[0]._replace(
+            count=state.count,
+            mu=jax.tree.map(reshape, state.mu, params),
+            nu=jax.tree.map(reshape, state.nu, params),
+        )
+        return (adam_state, *template[1:])
+
+    def from_optax_state(self, optax_state: Any) -> RowSparseAdamState:
+        """Inverse of `to_optax_state`."""
+        adam_state = optax_state[0]
+        return RowSparseAdamState(
+            adam_state.count, _flat_tables(adam_state.mu), _flat_tables(adam_state.nu)
+        )
+
+
+def _flat_tables(tree: Any) -> Any:
+    """`tree` (nested like the params) with every table leaf reshaped to 1-D."""
+    flat = flatten_params(tree)
+    return unflatten_params({k: v.reshape(-1) if is_table(k) else v for k, v in flat.items()})
 
 
 def make_gradient_fn(model: Any, weight_decay: float):
-    """`grads(state, batch) -> (loss, batch_stats, dense_grads, table_rows)` (not jitted).
+    """`grads(params, batch_stats, batch, **apply_kwargs) -> (terms, batch_stats, dense_grads,
+    table_rows)` (not jitted). terms: the `loss_terms` dict; dense_grads: {key: gradient} of
+    every non-table leaf; table_rows: `table_gradient_rows`. The model must be built with
+    `row_sparse_embedding_grads=True`; the tables carry no L2 term, so their whole gradient
+    is the lookup rows."""
 
-    dense_grads: {key: gradient} of every non-table leaf; table_rows: `table_gradient_rows`.
-    """
-
-    def loss_fn(dense, perturbations, tables, batch_stats, batch):
+    def loss_fn(dense, perturbations, tables, batch_stats, batch, kwargs):
         params = unflatten_params({**dense, **tables})
         outputs, new_state = model.apply(
             {"params": params, "batch_stats": batch_stats, PERTURBATIONS: perturbations},
             batch,
             train=True,
             mutable=["batch_stats", EMBEDDING_IDS],
+            **kwargs,
         )
-        total = loss_terms(outputs, batch["label"], params, weight_decay)["total"]
-        return total, (new_state["batch_stats"], new_state[EMBEDDING_IDS])
+        terms = loss_terms(outputs, batch["label"], params, weight_decay)
+        return terms["total"], (terms, new_state["batch_stats"], new_state[EMBEDDING_IDS])
 
-    def grads(state, batch):
-        flat = state["params"]
+    def grads(params, batch_stats, batch, **kwargs):
+        flat = flatten_params(params)
         tables = {k: v for k, v in flat.items() if is_table(k)}
         dense = {k: v for k, v in flat.items() if not is_table(k)}
-        variables = {"params": unflatten_params(flat), "batch_stats": state["batch_stats"]}
-        shapes = perturbation_shapes(model, variables, batch, train=True)
+        variables = {"params": params, "batch_stats": batch_stats}
+        shapes = perturbation_shapes(model, variables, batch, **kwargs)
         if not shapes:
             # A model that ignores the flag would leave every table at its g = 0 update.
             raise ValueError(
@@ -220,44 +294,9 @@ def make_gradient_fn(model: Any, weight_decay: float):
                 "config row_sparse_embedding_grads=True (TwoStageModel only)"
             )
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        (loss, (batch_stats, ids)), (dense_grads, row_grads) = jax.value_and_grad(
+        (dense_grads, row_grads), (terms, new_stats, ids) = jax.grad(
             loss_fn, argnums=(0, 1), has_aux=True
-        )(dense, zeros, tables, state["batch_stats"], batch)
-        return loss, batch_stats, dense_grads, table_gradient_rows(row_grads, ids)
+        )(dense, zeros, tables, batch_stats, batch, kwargs)
+        return terms, new_stats, dense_grads, table_gradient_rows(row_grads, ids)
 
     return grads
-
-
-def make_split_train_step(model: Any, hyper: AdamHyper, weight_decay: float):
-    """`step(state, batch) -> (state, loss)` as two jitted calls: gradients, then the Adam
-    update with params and optimizer state donated. XLA:CPU runs the table passes of a
-    separate update program on both cores; inside one program with the backward pass they
-    ran on one thread (benchmarks/README.md)."""
-    grads_fn = jax.jit(make_gradient_fn(model, weight_decay))
-
-    def apply_update(params, opt, dense_grads, rows):
-        return update(params, dense_grads, rows, opt, hyper)
-
-    update_fn = jax.jit(apply_update, donate_argnums=(0, 1))
-
-    def step(state, batch):
-        loss, batch_stats, dense_grads, rows = grads_fn(state, batch)
-        params, opt = update_fn(state["params"], state["opt"], dense_grads, rows)
-        return {"params": params, "batch_stats": batch_stats, "opt": opt}, loss
-
-    return step
-
-
-def make_train_step(model: Any, hyper: AdamHyper, weight_decay: float):
-    """`step(state, batch) -> (state, loss)`: gradients and `update` in one function (not
-    jitted; for one program). state: {"params": flat params, "batch_stats", "opt":
-    RowSparseAdamState}; the model must be built with `row_sparse_embedding_grads=True`. The
-    tables carry no L2 term, so their whole gradient is the lookup rows."""
-    grads_fn = make_gradient_fn(model, weight_decay)
-
-    def step(state, batch):
-        loss, batch_stats, dense_grads, rows = grads_fn(state, batch)
-        params, opt = update(state["params"], dense_grads, rows, state["opt"], hyper)
-        return {"params": params, "batch_stats": batch_stats, "opt": opt}, loss
-
-    return step

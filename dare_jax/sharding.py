@@ -168,7 +168,12 @@ class Partitioner:
         return int(self.mesh.shape[MODEL])
 
     def is_row_sharded(self, path_name: str) -> bool:
-        """Whether the state leaf at `path_name` (slash-separated) is split by rows."""
+        """Whether the state leaf at `path_name` (slash-separated) is split by rows.
+
+        The row-sparse optimizer's `scratch/touched/<table>` id lists are as long as a
+        batch's lookups, not a table: always replicated."""
+        if path_name.startswith("scratch/touched/"):
+            return False
         return bool(self.rule and self.rule.search(path_name))
 
     def leaf_sharding(self, path_name: str, shape: tuple[int, ...]) -> NamedSharding:

@@ -3,7 +3,7 @@
 The training state is a plain pytree (a dict):
 
     {"step": int32 [], "rng": uint32 [2], "params": ..., "batch_stats": ...,
-     "opt_state": ...}
+     "opt_state": ...[, "scratch": ...]}
 
 whose leaves carry `NamedSharding`s (`dare_jax.sharding.Partitioner`): the
 same functions run on one device or on a mesh, the shardings being passed to
@@ -11,6 +11,13 @@ same functions run on one device or on a mesh, the shardings being passed to
 `jax.jit`-compiled once: the state is donated, every batch has the same static
 shapes, and the step number is traced data (not a Python int), so nothing
 recompiles between steps.
+
+Two optimizers give the same Adam (the official dense update of every parameter,
+every table row included): `optax.adam` on autodiff's gradient, and
+`dare_jax.optim.RowSparseAdam` (config `optim.sparse_table_updates`, the default
+where the model supports it), which takes the tables' gradients as looked-up rows
+and carries per-table buffers in `state["scratch"]`. Checkpoints always hold the
+optax layout without scratch (`to_checkpoint` / `make_from_checkpoint`).
 """
 
 from __future__ import annotations
@@ -24,19 +31,59 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from dare_jax import optim as row_sparse
 from dare_jax.models import loss as loss_lib
+from dare_jax.models import uses_long_model
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
 
 
-def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Adam as in the official code (the L2 penalty is part of the loss, not of Adam)."""
+Optimizer = optax.GradientTransformation | row_sparse.RowSparseAdam
+
+
+def uses_row_sparse_updates(
+    model_cfg: ml_collections.ConfigDict, optim_cfg: ml_collections.ConfigDict
+) -> bool:
+    """`optim.sparse_table_updates` is on and the model can give its tables' gradients as
+    rows: every TwoStageModel variant except the gradient-observation ones (they combine
+    dense path gradients); not the long-history models (ETA, SDIM, TWIN-V2, chunked)."""
+    return (
+        bool(optim_cfg.get("sparse_table_updates", False))
+        and not _observes_gradients(model_cfg)
+        and not uses_long_model(model_cfg)
+    )
+
+
+def training_model_config(
+    model_cfg: ml_collections.ConfigDict, optim_cfg: ml_collections.ConfigDict
+) -> ml_collections.ConfigDict:
+    """The model config to build the trained model from: `row_sparse_embedding_grads` set
+    when the row-sparse optimizer is used (it changes no value the model computes)."""
+    cfg = ml_collections.ConfigDict(model_cfg.to_dict())
+    cfg.row_sparse_embedding_grads = uses_row_sparse_updates(model_cfg, optim_cfg)
+    return cfg
+
+
+def make_optimizer(
+    optim: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict | None = None
+) -> Optimizer:
+    """Adam as in the official code (the L2 penalty is part of the loss, not of Adam):
+    `RowSparseAdam` when `uses_row_sparse_updates(model_cfg, optim)`, else optax.adam."""
+    if model_cfg is not None and uses_row_sparse_updates(model_cfg, optim):
+        return row_sparse.RowSparseAdam(optim.lr, optim.b1, optim.b2, optim.eps)
     return optax.adam(learning_rate=optim.lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
 
 
+def checkpoint_optimizer(optimizer: Optimizer) -> optax.GradientTransformation:
+    """The optax optimizer whose state layout the checkpoints of `optimizer` use."""
+    if isinstance(optimizer, row_sparse.RowSparseAdam):
+        return optax.adam(optimizer.lr, optimizer.b1, optimizer.b2, optimizer.eps)
+    return optimizer
+
+
 def init_state_fn(
-    model: Any, optimizer: optax.GradientTransformation
+    model: Any, optimizer: Optimizer
 ) -> Callable[[jax.Array, Batch, jax.Array], State]:
     """The pure (unjitted) `init_state(init_rng, example_batch, step_rng) -> State`.
 
@@ -49,20 +96,57 @@ def init_state_fn(
     def init_state(init_rng: jax.Array, example_batch: Batch, step_rng: jax.Array) -> State:
         variables = model.init(init_rng, example_batch, train=False)
         params = variables["params"]
-        return {
+        state = {
             "step": jnp.zeros((), jnp.int32),
             "rng": step_rng,
             "params": params,
             "batch_stats": variables.get("batch_stats", {}),
             "opt_state": optimizer.init(params),
         }
+        if isinstance(optimizer, row_sparse.RowSparseAdam):
+            state["scratch"] = _init_scratch(model, optimizer, variables, example_batch)
+        return state
 
     return init_state
 
 
-def abstract_state(
-    model: Any, optimizer: optax.GradientTransformation, example_batch: Batch
-) -> State:
+def _init_scratch(model, optimizer, variables, batch) -> row_sparse.TableScratch:
+    # The dropout key only shapes the trace (lookup counts do not depend on it).
+    sizes = row_sparse.lookup_sizes(
+        model, variables, batch, rngs={"dropout": jax.random.PRNGKey(0)}
+    )
+    return optimizer.init_scratch(variables["params"], sizes)
+
+
+def to_checkpoint(state: State, optimizer: Optimizer) -> State:
+    """The state as checkpoints hold it: optax.adam's layout, without scratch buffers."""
+    if not isinstance(optimizer, row_sparse.RowSparseAdam):
+        return state
+    saved = {key: value for key, value in state.items() if key != "scratch"}
+    saved["opt_state"] = optimizer.to_optax_state(state["opt_state"], state["params"])
+    return saved
+
+
+def make_from_checkpoint(
+    model: Any, optimizer: Optimizer, example_batch: Batch, state_shardings: Any = None
+) -> Callable[[State], State]:
+    """`from_checkpoint(saved) -> State`, the inverse of `to_checkpoint` (jitted; fresh
+    scratch buffers, created in their shardings). `example_batch`: a training batch (arrays
+    or ShapeDtypeStructs), which fixes the scratch id-list lengths."""
+    if not isinstance(optimizer, row_sparse.RowSparseAdam):
+        return lambda saved: saved
+
+    def from_checkpoint(saved: State) -> State:
+        state = dict(saved)
+        state["opt_state"] = optimizer.from_optax_state(saved["opt_state"])
+        variables = {"params": saved["params"], "batch_stats": saved["batch_stats"]}
+        state["scratch"] = _init_scratch(model, optimizer, variables, example_batch)
+        return state
+
+    return jax.jit(from_checkpoint, out_shardings=state_shardings)
+
+
+def abstract_state(model: Any, optimizer: Optimizer, example_batch: Batch) -> State:
     """The state's shapes and dtypes (ShapeDtypeStructs), computed without any FLOP.
 
     `example_batch` may hold arrays or ShapeDtypeStructs.
@@ -72,7 +156,7 @@ def abstract_state(
 
 
 def make_init_state(
-    model: Any, optimizer: optax.GradientTransformation, state_shardings: Any = None
+    model: Any, optimizer: Optimizer, state_shardings: Any = None
 ) -> Callable[[jax.Array, Batch, jax.Array], State]:
     """The jitted `init_state(init_rng, example_batch, step_rng) -> State`.
 
@@ -87,7 +171,7 @@ def make_init_state(
 
 def create_train_state(
     model: Any,
-    optimizer: optax.GradientTransformation,
+    optimizer: Optimizer,
     init_rng: jax.Array,
     example_batch: Batch,
     step_rng: jax.Array,
@@ -102,7 +186,7 @@ def _observes_gradients(model_cfg: ml_collections.ConfigDict) -> bool:
 
 def make_train_step(
     model: Any,
-    optimizer: optax.GradientTransformation,
+    optimizer: Optimizer,
     model_cfg: ml_collections.ConfigDict,
     weight_decay: float,
     state_shardings: Any = None,
@@ -127,6 +211,52 @@ def make_train_step(
     model observes path gradients, `observed`: the per-path gradients of the
     category and time tables returned by `combine_path_gradients`.
     """
+    if isinstance(optimizer, row_sparse.RowSparseAdam):
+        step = _row_sparse_train_step(model, optimizer, weight_decay)
+    else:
+        step = _dense_train_step(model, optimizer, model_cfg, weight_decay)
+    # keep_unused: the scratch step buffers are only written, and an argument the program
+    # does not read would be dropped, losing the in-place reuse of its donated memory.
+    if state_shardings is None:
+        return jax.jit(step, donate_argnums=(0,), keep_unused=True)
+    return jax.jit(
+        step,
+        in_shardings=(state_shardings, batch_sharding),
+        out_shardings=(state_shardings, replicated),
+        donate_argnums=(0,),
+        keep_unused=True,
+    )
+
+
+def _metrics(terms: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    return {name: terms[name] for name in ("total", "ctr", "aux", "l2")}
+
+
+def _row_sparse_train_step(model: Any, optimizer: row_sparse.RowSparseAdam, weight_decay: float):
+    grads_fn = row_sparse.make_gradient_fn(model, weight_decay)
+
+    def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
+        rng = jax.random.fold_in(state["rng"], state["step"])
+        terms, batch_stats, dense_grads, rows = grads_fn(
+            state["params"], state["batch_stats"], batch, rngs={"dropout": rng}
+        )
+        params, opt_state, scratch = optimizer.update(
+            state["params"], dense_grads, rows, state["opt_state"], state["scratch"]
+        )
+        new_state = {
+            "step": state["step"] + 1,
+            "rng": state["rng"],
+            "params": params,
+            "batch_stats": batch_stats,
+            "opt_state": opt_state,
+            "scratch": scratch,
+        }
+        return new_state, _metrics(terms)
+
+    return train_step
+
+
+def _dense_train_step(model, optimizer, model_cfg, weight_decay: float):
     observe = _observes_gradients(model_cfg)
     if observe:
         from dare_jax.models import combine_path_gradients  # only the analysis runs need it
@@ -144,7 +274,7 @@ def make_train_step(
         grads, (terms, batch_stats) = jax.grad(loss_fn, has_aux=True)(
             state["params"], state, batch, rng
         )
-        metrics = {name: terms[name] for name in ("total", "ctr", "aux", "l2")}
+        metrics = _metrics(terms)
         if observe:
             grads, observed = combine_path_gradients(grads, model_cfg)
             metrics["observed"] = observed
@@ -158,14 +288,7 @@ def make_train_step(
         }
         return new_state, metrics
 
-    if state_shardings is None:
-        return jax.jit(train_step, donate_argnums=(0,))
-    return jax.jit(
-        train_step,
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=(0,),
-    )
+    return train_step
 
 
 def make_eval_step(

@@ -215,8 +215,9 @@ def build(config: ml_collections.ConfigDict, manifest: dict):
         validate_model_config(config.model, item_n, cate_n, int(config.data.max_length))
     except ValueError as error:
         raise RunError(str(error)) from error
-    model = build_model(config.model, item_n, cate_n, int(config.data.max_length))
-    return model, steps.make_optimizer(config.optim)
+    model_cfg = steps.training_model_config(config.model, config.optim)
+    model = build_model(model_cfg, item_n, cate_n, int(config.data.max_length))
+    return model, steps.make_optimizer(config.optim, config.model)
 
 
 # ------------------------------------------------------------------------- evaluation
@@ -347,7 +348,7 @@ def _compiled_functions(
     mesh_json: str,
     batch_spec: tuple,
 ):
-    """(model, optimizer, init_state, train_step, eval_step) for one model setup.
+    """(model, optimizer, init_state, train_step, eval_step, from_checkpoint) for one setup.
 
     `item_n`/`cate_n` are the table row counts (padded when row-sharded),
     `batch_spec` the ((key, shape, dtype), ...) of a global training batch. The
@@ -360,12 +361,11 @@ def _compiled_functions(
     optim = ml_collections.ConfigDict(json.loads(optim_json))
     from dare_jax.models import build_model
 
-    model = build_model(model_cfg, item_n, cate_n, max_length)
-    optimizer = steps.make_optimizer(optim)
+    model = build_model(steps.training_model_config(model_cfg, optim), item_n, cate_n, max_length)
+    optimizer = steps.make_optimizer(optim, model_cfg)
     partitioner = _partitioner(mesh_json)
-    shardings = partitioner.state_shardings(
-        steps.abstract_state(model, optimizer, _abstract_batch(batch_spec))
-    )
+    batch = _abstract_batch(batch_spec)
+    shardings = partitioner.state_shardings(steps.abstract_state(model, optimizer, batch))
     placement = (shardings, partitioner.batch_sharding, partitioner.replicated)
     return (
         model,
@@ -373,6 +373,7 @@ def _compiled_functions(
         steps.make_init_state(model, optimizer, shardings),
         steps.make_train_step(model, optimizer, model_cfg, float(optim.weight_decay), *placement),
         steps.make_eval_step(model, model_cfg, *placement),
+        steps.make_from_checkpoint(model, optimizer, batch, shardings),
     )
 
 
@@ -404,16 +405,21 @@ class _Trainer:
             for key, value in sorted(example.items())
         )
         try:
-            (self.model, self.optimizer, self.init_state, self.train_step, self.eval_step) = (
-                _compiled_functions(
-                    json.dumps(run_logging.to_jsonable(config.model.to_dict()), sort_keys=True),
-                    json.dumps(run_logging.to_jsonable(config.optim.to_dict()), sort_keys=True),
-                    self.item_n,
-                    self.cate_n,
-                    int(config.data.max_length),
-                    mesh_json,
-                    batch_spec,
-                )
+            (
+                self.model,
+                self.optimizer,
+                self.init_state,
+                self.train_step,
+                self.eval_step,
+                self.from_checkpoint,
+            ) = _compiled_functions(
+                json.dumps(run_logging.to_jsonable(config.model.to_dict()), sort_keys=True),
+                json.dumps(run_logging.to_jsonable(config.optim.to_dict()), sort_keys=True),
+                self.item_n,
+                self.cate_n,
+                int(config.data.max_length),
+                mesh_json,
+                batch_spec,
             )
         except sharding.ShardingError as error:
             raise RunError(str(error)) from error
@@ -437,11 +443,21 @@ class _Trainer:
         """The seed's fresh state, created directly in its shardings (jit out_shardings)."""
         return self.init_state(*self._init_args(seed))
 
-    def abstract_state(self, seed: int) -> dict:
-        """Shapes, dtypes and shardings of the state, without computing (or compiling) it."""
+    def checkpoint_template(self, seed: int) -> dict:
+        """Shapes, dtypes and shardings of the state as checkpoints hold it
+        (`steps.to_checkpoint`), without computing (or compiling) it."""
         del seed  # the shapes do not depend on it
-        abstract = steps.abstract_state(self.model, self.optimizer, self._example_batch())
+        optimizer = steps.checkpoint_optimizer(self.optimizer)
+        abstract = steps.abstract_state(self.model, optimizer, self._example_batch())
         return self.partitioner.abstract(abstract)
+
+    def restore(self, checkpoints, which: str, template: dict, step: int | None = None):
+        """(training state, progress) from a `latest` or `best` checkpoint."""
+        saved, progress = checkpoints.restore(which, template, step=step)
+        return self.from_checkpoint(saved), progress
+
+    def save(self, checkpoints, which: str, step: int, state: dict, progress: dict) -> None:
+        checkpoints.save(which, step, steps.to_checkpoint(state, self.optimizer), progress)
 
     def shard_batch(self, local_batch: dict) -> dict:
         """This process's rows of a training batch -> the global batch split on `data`."""
@@ -456,7 +472,7 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
     config, dataset = trainer.config, trainer.dataset
     main_process = sharding.is_main_process()
     checkpoints = checkpointing.RunCheckpoints(seed_dir / "checkpoints")
-    template = trainer.abstract_state(seed)
+    template = trainer.checkpoint_template(seed)
     progress: dict[str, Any] = {
         "data_iterator": None,
         "best_auc": None,
@@ -467,7 +483,7 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
     # Bests newer than the latest checkpoint (a kill between the two saves) are stale.
     checkpoints.discard_best_after(-1 if resume_step is None else resume_step)
     if resume_step is not None:
-        state, progress = checkpoints.restore(checkpointing.LATEST, template)
+        state, progress = trainer.restore(checkpoints, checkpointing.LATEST, template)
         if main_process:
             print(f"seed {seed}: resuming from step {resume_step}", flush=True)
     else:
@@ -537,13 +553,10 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
                 # latest (which records it), and only then is the previous best deleted. A
                 # resume from an older latest discards bests newer than it (they are
                 # recomputed identically) and still finds the best that latest records.
+                saved_progress = run_logging.to_jsonable(progress)
                 if improved:
-                    checkpoints.save(
-                        checkpointing.BEST, step, state, run_logging.to_jsonable(progress)
-                    )
-                checkpoints.save(
-                    checkpointing.LATEST, step, state, run_logging.to_jsonable(progress)
-                )
+                    trainer.save(checkpoints, checkpointing.BEST, step, state, saved_progress)
+                trainer.save(checkpoints, checkpointing.LATEST, step, state, saved_progress)
                 checkpoints.keep_only(checkpointing.BEST, int(progress["best_step"]))
                 best = progress["best_auc"]
                 best_text = "nan" if best is None else f"{best:.5f}"
@@ -554,8 +567,8 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
                     )
     finally:
         bar.close()
-    best_state, best_progress = checkpoints.restore(
-        checkpointing.BEST, template, step=int(progress["best_step"])
+    best_state, best_progress = trainer.restore(
+        checkpoints, checkpointing.BEST, template, step=int(progress["best_step"])
     )
     test = evaluate(trainer.eval_step, best_state, dataset, "test", config, trainer.partitioner)
     log.write({"step": step, "split": "test", "best_step": best_progress["best_step"], **test})

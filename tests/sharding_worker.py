@@ -105,8 +105,8 @@ def restore(job: dict) -> dict:
     reports = []
     for checkpoint in job["checkpoints"]:
         checkpoints = checkpointing.RunCheckpoints(checkpoint["dir"])
-        state, progress = checkpoints.restore(
-            checkpointing.LATEST, trainer.abstract_state(0), step=checkpoint["step"]
+        state, progress = trainer.restore(
+            checkpoints, checkpointing.LATEST, trainer.checkpoint_template(0), checkpoint["step"]
         )
         checkpoints.close()
         np.savez(checkpoint["npz"], **gathered(state, trainer.partitioner))

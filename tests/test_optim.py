@@ -1,16 +1,17 @@
-"""dare_jax.optim: the decay-pass + touched-row fix-up Adam equals optax.adam on the dense
-gradient (moments and params), alone and inside whole TWIN / DARE training steps."""
+"""dare_jax.optim.RowSparseAdam equals optax.adam on the dense gradient (params and moments),
+alone and inside the driver's whole training steps (dare_jax.steps) for several variants."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
 
-from dare_jax import optim
-from dare_jax.models import build_model, default_model_config, loss_terms
+from dare_jax import optim, steps
+from dare_jax.models import build_model, default_model_config
 
 LR = 0.01
 
@@ -26,20 +27,29 @@ def _close(a, b, what, atol=1e-7):
 STEP_PARAM_ATOL = 3e-5
 
 
+def _flat(tree):
+    return optim.flatten_params(tree)
+
+
 def test_update_equals_optax_on_dense_gradient_with_duplicates_and_untouched_rows():
     rng = np.random.default_rng(0)
     rows_n, d = 50, 4
     params = {
-        "embed/g/item": jnp.asarray(rng.normal(size=(rows_n, d)), jnp.float32),
-        "embed/g/time": jnp.asarray(rng.normal(size=(7, d)), jnp.float32),  # never looked up
-        "head/kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+        "embed": {
+            "g": {
+                "item": jnp.asarray(rng.normal(size=(rows_n, d)), jnp.float32),
+                "time": jnp.asarray(rng.normal(size=(7, d)), jnp.float32),  # never looked up
+            }
+        },
+        "head": {"kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)},
     }
-    hyper = optim.AdamHyper(LR)
-    state = optim.init(params)
+    adam = optim.RowSparseAdam(LR)
+    state = adam.init(params)
+    scratch = adam.init_scratch(params, {"embed/g/item": 30})
     ref_opt = optax.adam(LR)
-    ref_params = dict(params)
+    ref_params = params
     ref_state = ref_opt.init(ref_params)
-    step = jax.jit(optim.update, static_argnums=4)
+    step = jax.jit(adam.update)
     touched_ever = set()
     for t in range(4):
         ids = rng.integers(0, 20, size=30).astype(np.int32)  # duplicates; rows 20.. never
@@ -52,29 +62,33 @@ def test_update_equals_optax_on_dense_gradient_with_duplicates_and_untouched_row
         for i, r in zip(ids.tolist(), rows):
             dense[i] += r
         grads = {
-            "embed/g/item": jnp.asarray(dense),
-            "embed/g/time": jnp.zeros((7, d)),
-            "head/kernel": jnp.asarray(head_grad),
+            "embed": {"g": {"item": jnp.asarray(dense), "time": jnp.zeros((7, d))}},
+            "head": {"kernel": jnp.asarray(head_grad)},
         }
         updates, ref_state = ref_opt.update(grads, ref_state, ref_params)
         ref_params = optax.apply_updates(ref_params, updates)
-        params, state = step(
-            params,
-            {"head/kernel": jnp.asarray(head_grad)},
-            {"embed/g/item": (jnp.asarray(ids), jnp.asarray(rows))},
-            state,
-            hyper,
+        # The rows of one table may come as several lookups (target and history).
+        pairs = [(jnp.asarray(ids[:10]), jnp.asarray(rows[:10]))]
+        pairs.append((jnp.asarray(ids[10:]), jnp.asarray(rows[10:])))
+        params, state, scratch = step(
+            params, {"head/kernel": jnp.asarray(head_grad)}, {"embed/g/item": pairs}, state, scratch
         )
-        for k in params:
-            _close(params[k], ref_params[k], f"step {t} params {k}")
-            _close(state.mu[k], ref_state[0].mu[k], f"step {t} mu {k}")
-            _close(state.nu[k], ref_state[0].nu[k], f"step {t} nu {k}")
+        as_optax = adam.to_optax_state(state, params)
+        for k, ref in _flat(ref_params).items():
+            _close(_flat(params)[k], ref, f"step {t} params {k}")
+            _close(_flat(as_optax[0].mu)[k], _flat(ref_state[0].mu)[k], f"step {t} mu {k}")
+            _close(_flat(as_optax[0].nu)[k], _flat(ref_state[0].nu)[k], f"step {t} nu {k}")
         # The carried buffer holds exactly this step's summed gradient (older rows zeroed).
-        _close(state.grad_sum["embed/g/item"], dense, f"step {t} gradient buffer")
+        _close(scratch.grad_sum["embed/g/item"].reshape(rows_n, d), dense, f"step {t} buffer")
     # Untouched rows still moved (dense Adam), as the reference says.
     never = sorted(set(range(rows_n)) - touched_ever)
-    assert never and not np.allclose(np.asarray(params["embed/g/item"])[never], 0)
+    assert never and not np.allclose(np.asarray(params["embed"]["g"]["item"])[never], 0)
     assert int(state.count) == 4
+    # The checkpoint layout is optax's, and converts back to the same state.
+    back = adam.from_optax_state(adam.to_optax_state(state, params))
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert jax.tree.structure(ref_state) == jax.tree.structure(as_optax)
 
 
 def _batch(rng, b, length, item_n, cate_n):
@@ -90,82 +104,103 @@ def _batch(rng, b, length, item_n, cate_n):
     }
 
 
-@pytest.mark.parametrize("name,split", [("twin", False), ("dare", True)])
-def test_whole_training_step_matches_dense_optax_step(name, split):
+def _optim_cfg(sparse: bool) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        {"lr": LR, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "sparse_table_updates": sparse}
+    )
+
+
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        ("twin", {}),
+        ("dare", {}),
+        ("din", {"use_time": False}),
+        ("twin", {"soft_search": False}),  # SIM-style hard search
+        ("projection", {"mlp_position_after_concat": True}),
+        ("four_embedding", {"use_long_seq_average": True}),
+    ],
+)
+def test_driver_step_matches_the_dense_optax_step(name, overrides):
     item_n, cate_n, length, wd = 60, 9, 12, 1e-3
     cfg = default_model_config()
     cfg.name, cfg.top_k = name, 4
-    dense_model = build_model(cfg, item_n, cate_n, length)
-    cfg.row_sparse_embedding_grads = True
-    sparse_model = build_model(cfg, item_n, cate_n, length)
+    cfg.update(overrides)
     rng = np.random.default_rng(1)
     batches = [_batch(rng, 8, length, item_n, cate_n) for _ in range(3)]
-    variables = dense_model.init(jax.random.PRNGKey(0), batches[0], train=False)
-    # The flag changes no forward value.
-    out_d = dense_model.apply(variables, batches[0])["prob"]
-    out_s = sparse_model.apply(variables, batches[0])["prob"]
-    np.testing.assert_array_equal(np.asarray(out_d), np.asarray(out_s))
-    # Without perturbations passed in, the flagged model still gives dense table gradients.
-    def plain_grad(m):
-        def prob_sum(p):
-            return m.apply({**variables, "params": p}, batches[0])["prob"][:, 0].sum()
+    runs = {}
+    for sparse in (False, True):
+        optim_cfg = _optim_cfg(sparse)
+        model = build_model(steps.training_model_config(cfg, optim_cfg), item_n, cate_n, length)
+        optimizer = steps.make_optimizer(optim_cfg, cfg)
+        assert isinstance(optimizer, optim.RowSparseAdam) == sparse
+        train_step = steps.make_train_step(model, optimizer, cfg, wd)
+        key = jax.random.PRNGKey(0)
+        state = steps.create_train_state(model, optimizer, key, batches[0], key)
+        losses = []
+        for batch in batches:
+            state, metrics = train_step(state, batch)
+            losses.append(float(metrics["total"]))
+        runs[sparse] = (losses, steps.to_checkpoint(state, optimizer))
+        assert train_step._cache_size() == 1  # compiled once
+    (dense_losses, dense), (sparse_losses, sparse_state) = runs[False], runs[True]
+    _close(sparse_losses, dense_losses, f"{name} losses")
+    assert jax.tree.structure(dense) == jax.tree.structure(sparse_state)
+    flat_dense = jax.tree_util.tree_flatten_with_path(dense)[0]
+    for (path, want), have in zip(flat_dense, jax.tree.leaves(sparse_state)):
+        atol = STEP_PARAM_ATOL if jax.tree_util.keystr(path).startswith("['params']") else 1e-7
+        _close(have, want, f"{name} {jax.tree_util.keystr(path)}", atol)
 
-        return optim.flatten_params(jax.grad(prob_sum)(variables["params"]))
 
-    g_d, g_s = plain_grad(dense_model), plain_grad(sparse_model)
-    items = [k for k in g_s if optim.is_table(k) and k.endswith("/item")]
-    assert items and all(np.any(np.asarray(g_s[k])) for k in items)
-    for k in g_s:
-        np.testing.assert_array_equal(np.asarray(g_s[k]), np.asarray(g_d[k]), err_msg=k)
+def test_unsupported_models_use_optax_and_checkpoint_layout_round_trips():
+    cfg = default_model_config()
+    cfg.name, cfg.top_k = "twin", 2
+    observing = cfg.copy_and_resolve_references()
+    observing.observe_attn_repr_grad = True
+    assert isinstance(
+        steps.make_optimizer(_optim_cfg(True), observing), optax.GradientTransformation
+    )
+    assert not steps.training_model_config(observing, _optim_cfg(True)).row_sparse_embedding_grads
+    eta = cfg.copy_and_resolve_references()
+    eta.name = "eta"
+    assert not steps.uses_row_sparse_updates(eta, _optim_cfg(True))
+    assert not steps.uses_row_sparse_updates(cfg, _optim_cfg(False))
 
-    opt = optax.adam(LR)
-
-    def dense_step(state, batch):
-        def loss_fn(params):
-            outputs, upd = dense_model.apply(
-                {"params": params, "batch_stats": state["batch_stats"]},
-                batch,
-                train=True,
-                mutable=["batch_stats"],
-            )
-            return loss_terms(outputs, batch["label"], params, wd)["total"], upd
-        (loss, upd), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, o = opt.update(grads, state["opt"], state["params"])
-        new = optax.apply_updates(state["params"], updates)
-        return {"params": new, "batch_stats": upd["batch_stats"], "opt": o}, loss
-
-    ref = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-    ref["opt"] = opt.init(ref["params"])
-    flat = optim.flatten_params(variables["params"])
-    mine = {"params": flat, "batch_stats": variables["batch_stats"], "opt": optim.init(flat)}
-    if split:  # two jitted programs, params and moments donated
-        sparse_step = optim.make_split_train_step(sparse_model, optim.AdamHyper(LR), wd)
-    else:
-        sparse_step = jax.jit(optim.make_train_step(sparse_model, optim.AdamHyper(LR), wd))
-    dense_step = jax.jit(dense_step)
-    for t, batch in enumerate(batches):
-        ref, loss_ref = dense_step(ref, batch)
-        mine, loss = sparse_step(mine, batch)
-        _close(loss, loss_ref, f"loss step {t}")
-        ref_flat = optim.flatten_params(ref["params"])
-        ref_mu = optim.flatten_params(ref["opt"][0].mu)
-        ref_nu = optim.flatten_params(ref["opt"][0].nu)
-        assert set(ref_flat) == set(mine["params"])
-        for k in ref_flat:
-            _close(mine["params"][k], ref_flat[k], f"{name} step {t} {k}", STEP_PARAM_ATOL)
-            _close(mine["opt"].mu[k], ref_mu[k], f"{name} step {t} mu {k}")
-            _close(mine["opt"].nu[k], ref_nu[k], f"{name} step {t} nu {k}")
-    assert any(optim.is_table(k) for k in ref_flat)
+    optim_cfg = _optim_cfg(True)
+    model = build_model(steps.training_model_config(cfg, optim_cfg), 20, 5, 12)
+    optimizer = steps.make_optimizer(optim_cfg, cfg)
+    batch = _batch(np.random.default_rng(0), 4, 12, 20, 5)
+    key = jax.random.PRNGKey(0)
+    state = steps.create_train_state(model, optimizer, key, batch, key)
+    state, _ = steps.make_train_step(model, optimizer, cfg, 0.0)(state, batch)
+    saved = steps.to_checkpoint(state, optimizer)
+    template = steps.abstract_state(model, steps.checkpoint_optimizer(optimizer), batch)
+    assert jax.tree.structure(saved) == jax.tree.structure(template)
+    restored = steps.make_from_checkpoint(model, optimizer, batch)(saved)
+    assert jax.tree.structure(restored) == jax.tree.structure(state)
+    for name in ("params", "opt_state", "batch_stats", "step"):
+        for a, b in zip(jax.tree.leaves(restored[name]), jax.tree.leaves(state[name])):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    # Fresh scratch: zero buffers, nothing to re-zero (out-of-range ids).
+    table = "embed/shared/item"
+    assert not np.any(np.asarray(restored["scratch"].grad_sum[table]))
+    assert np.all(np.asarray(restored["scratch"].touched[table]) == 20)
+    assert restored["scratch"].touched[table].shape == (4 * 13,)
 
 
 def test_bad_rows_and_missing_gradients_raise():
-    params = {"embed/g/item": jnp.zeros((4, 2)), "w": jnp.zeros((2,))}
-    state = optim.init(params)
+    params = {"embed": {"g": {"item": jnp.zeros((4, 2))}}, "w": jnp.zeros((2,))}
+    adam = optim.RowSparseAdam(LR)
+    state, scratch = adam.init(params), adam.init_scratch(params, {"embed/g/item": 1})
+    one_row = {"embed/g/item": [(jnp.zeros((1,), jnp.int32), jnp.zeros((1, 2)))]}
     with pytest.raises(KeyError, match="'w'"):
-        optim.update(params, {}, {}, state, optim.AdamHyper(LR))
+        adam.update(params, {}, one_row, state, scratch)
     with pytest.raises(KeyError, match="unknown tables"):
-        rows = {"embed/g/other": (jnp.zeros((1,), jnp.int32), jnp.zeros((1, 2)))}
-        optim.update(params, {"w": jnp.zeros((2,))}, rows, state, optim.AdamHyper(LR))
+        rows = {"embed/g/other": [(jnp.zeros((1,), jnp.int32), jnp.zeros((1, 2)))]}
+        adam.update(params, {"w": jnp.zeros((2,))}, rows, state, scratch)
+    with pytest.raises(ValueError, match="2 gradient rows"):
+        rows = {"embed/g/item": [(jnp.zeros((2,), jnp.int32), jnp.zeros((2, 2)))]}
+        adam.update(params, {"w": jnp.zeros((2,))}, rows, state, scratch)
     with pytest.raises(ValueError, match="group:field:role"):
         optim.table_key("item")
 
@@ -176,9 +211,5 @@ def test_gradient_fn_refuses_a_model_without_row_gradients():
     model = build_model(cfg, 20, 5, 12)  # flag off: no perturbations
     batch = _batch(np.random.default_rng(0), 4, 12, 20, 5)
     variables = model.init(jax.random.PRNGKey(0), batch, train=False)
-    state = {
-        "params": optim.flatten_params(variables["params"]),
-        "batch_stats": variables["batch_stats"],
-    }
     with pytest.raises(ValueError, match="row_sparse_embedding_grads=True"):
-        optim.make_gradient_fn(model, 0.0)(state, batch)
+        optim.make_gradient_fn(model, 0.0)(variables["params"], variables["batch_stats"], batch)

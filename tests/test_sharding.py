@@ -202,6 +202,20 @@ def test_run_killed_on_1_device_resumes_on_8(runs):
     assert_same_run(killed, root / "dare_sharded_1")
 
 
+# Training-state prefixes of the row-sparse optimizer's flat per-table arrays.
+ROW_SPARSE_FLAT_PREFIXES = ("opt_state/mu/", "opt_state/nu/", "scratch/grad_sum/", "scratch/step/")
+
+
+def assert_rows_split(path: str, leaf: dict, rows: int, parts: int) -> None:
+    """`leaf` (a leaf_report entry) holds a table-sized array split into `parts` row blocks."""
+    if path.startswith("params/"):
+        assert leaf["shape"][0] == rows, path
+        assert leaf["shard_shapes"] == [[rows // parts, leaf["shape"][1]]], path
+    else:  # flat [rows * d]
+        assert leaf["shape"][0] % rows == 0, path
+        assert leaf["shard_shapes"] == [[leaf["shape"][0] // parts]], path
+
+
 def test_state_is_created_sharded_and_stays_sharded(runs, data_dir):
     _, report = runs
     inspect = report["inspect"]
@@ -214,10 +228,11 @@ def test_state_is_created_sharded_and_stays_sharded(runs, data_dir):
     for moment in ("after_init", "after_step"):
         leaves = inspect[moment]
         split = {path for path in leaves if leaves[path]["spec"] == "('model',)"}
-        # Item and category tables of both DARE roles, in params and in both Adam moments.
+        # Item and category tables of both DARE roles: the params, and the row-sparse Adam's
+        # moments and scratch buffers (flat: row-major, so rows stay whole per device).
         expected = {
             f"{prefix}embed/{role}/{field}"
-            for prefix in ("params/", "opt_state/0/mu/", "opt_state/0/nu/")
+            for prefix in ("params/", *ROW_SPARSE_FLAT_PREFIXES)
             for role in ("attention", "representation")
             for field in ("item", "category")
         }
@@ -226,10 +241,10 @@ def test_state_is_created_sharded_and_stays_sharded(runs, data_dir):
             assert leaf["devices"] == 8, path
             if path in split:
                 rows = item_rows if path.endswith("item") else cate_rows
-                assert leaf["shape"][0] == rows
-                assert leaf["shard_shapes"] == [[rows // 2, leaf["shape"][1]]], path
+                assert_rows_split(path, leaf, rows, 2)
             else:
-                assert leaf["spec"] == "()", path  # replicated: time tables, MLPs, counts
+                # replicated: time tables, MLPs, counts, the scratch id lists
+                assert leaf["spec"] == "()", path
                 assert leaf["shard_shapes"] == [leaf["shape"]], path
     assert all(np.isfinite(inspect["losses"]))
 
@@ -241,9 +256,9 @@ def test_checkpoint_restores_across_meshes(runs, data_dir):
     for restored in report["restore"]:
         for path, leaf in restored["leaves"].items():
             table = path.endswith(("/item", "/category")) and "/embed/" in f"/{path}"
-            if table and path.startswith(("params/", "opt_state/0/mu/", "opt_state/0/nu/")):
+            if table and path.startswith(("params/", *ROW_SPARSE_FLAT_PREFIXES)):
                 assert leaf["spec"] == "('model',)", path
-                assert leaf["shard_shapes"] == [[leaf["shape"][0] // 4, leaf["shape"][1]]]
+                assert leaf["shard_shapes"] == [[leaf["shape"][0] // 4, *leaf["shape"][1:]]]
             else:
                 assert leaf["spec"] == "()", path
         assert restored["progress"]["data_iterator"] is not None
@@ -254,9 +269,11 @@ def test_checkpoint_restores_across_meshes(runs, data_dir):
         open_dataset(data_dir),
     )
     for devices, restored in zip((1, 8), report["restore"]):
-        here, progress = checkpointing.RunCheckpoints(
-            root / f"twin_sharded_{devices}/seed_0/checkpoints"
-        ).restore(checkpointing.LATEST, twin.abstract_state(0))
+        here, progress = twin.restore(
+            checkpointing.RunCheckpoints(root / f"twin_sharded_{devices}/seed_0/checkpoints"),
+            checkpointing.LATEST,
+            twin.checkpoint_template(0),
+        )
         assert progress == restored["progress"] and int(here["step"]) == 10
         assert all(leaf.sharding.num_devices == 1 for leaf in jax.tree.leaves(here))
         mine = gathered(here, twin.partitioner)

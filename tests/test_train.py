@@ -280,7 +280,7 @@ def test_nonfinite_loss_names_the_step(tiny_data, tmp_path, monkeypatch):
     real = train._compiled_functions
 
     def with_nan_at_step_3(*args):
-        model, optimizer, init_state, train_step, eval_step = real(*args)
+        model, optimizer, init_state, train_step, eval_step, from_checkpoint = real(*args)
 
         def poisoned(state, batch):
             new_state, out = train_step(state, batch)
@@ -288,7 +288,7 @@ def test_nonfinite_loss_names_the_step(tiny_data, tmp_path, monkeypatch):
                 out = {**out, "total": out["total"] * float("nan")}
             return new_state, out
 
-        return model, optimizer, init_state, poisoned, eval_step
+        return model, optimizer, init_state, poisoned, eval_step, from_checkpoint
 
     monkeypatch.setattr(train, "_compiled_functions", with_nan_at_step_3)
     with pytest.raises(FloatingPointError, match="nan at step 3"):
