@@ -16,8 +16,9 @@
 # highest; must pass at the default tolerance) and at the GPU's default precision, which
 # may use TF32 tensor cores (reported, not required to pass). The throughput figures are
 # medians over 5 timed steps after 2 warm-up steps, compilation excluded
-# (benchmarks/step_throughput.py, variants "full" = forward + backward + dense Adam of every
-# parameter, and "forward").
+# (benchmarks/step_throughput.py: the driver's training step, forward + backward + dense Adam of
+# every parameter, with optax.adam ("optax") and with dare_jax.optim.RowSparseAdam
+# ("row_sparse", the default), and the evaluation pass "forward").
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
@@ -96,7 +97,7 @@ else
   SCALE=(--steps 5 --warmup 2)  # Taobao scale: the script's defaults
 fi
 timeout 300 "$PYTHON" benchmarks/step_throughput.py --models din twin dare \
-  --variants full,forward "${SCALE[@]}" || { echo "THROUGHPUT FAILED"; STATUS=1; }
+  --variants optax,row_sparse,forward "${SCALE[@]}" || { echo "THROUGHPUT FAILED"; STATUS=1; }
 
 step "done (status $STATUS); log: $LOG"
 exit $STATUS

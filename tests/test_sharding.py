@@ -374,7 +374,7 @@ def test_gpu_check_script_dry_run(tmp_path):
     log = (tmp_path / "gpu_check.log").read_text()
     assert "dry run: CPU only" in log and "done (status 0)" in log
     for model in ("din", "twin", "dare"):
-        for variant in ("full", "forward"):
+        for variant in ("optax", "row_sparse", "forward"):
             assert re.search(rf"{model}\s+{variant}\s+\d+ samples/s", log), (model, variant)
     if (REPO.parent / "shared/fixtures/reference_parity").is_dir():
         assert "PASS" in log and "PARITY FAILED" not in log
