@@ -13,17 +13,19 @@ The first run writes a synthetic `UserBehavior.csv`-format log
 top-20) with a small setup (batch 256, 1 epoch, histories of 100) and tests
 its best-validation checkpoint.
 
-What it should give (measured 2026-11-27 at commit ff862cf on the shared 2-core
-machine, load average 3-5; `--config configs/demo.py:model=M`, seed 0, test AUC of
-the best-validation checkpoint, wall time including data check and compilation):
+What it should give (measured 2026-11-27 on the shared 2-core machine, load average
+1.2-1.8; dare, twin, din and target_only at commit 2e1dc94 (row-sparse Adam, per-part
+behaviour vectors), eta, sdim and twin_v2 unchanged since ff862cf (they train with
+optax.adam); `--config configs/demo.py:model=M`, seed 0, test AUC of the best-validation
+checkpoint, wall time including data check and compilation):
 
-    model=dare         0.8287   (37 s)
-    model=twin         0.8105   (27 s)
-    model=din          0.8291   (38 s)
-    model=eta          0.8290   (48 s)
-    model=sdim         0.8068   (37 s)
-    model=twin_v2      0.8021   (98 s)
-    model=target_only  0.5604   (61 s)   history-blind baseline
+    model=dare         0.8289   (16 s)
+    model=twin         0.8228   (12 s)
+    model=din          0.8328   (16 s)
+    model=eta          0.8290   (19 s)
+    model=sdim         0.8068   (15 s)
+    model=twin_v2      0.8021   (39 s)
+    model=target_only  0.5566   (14 s)   history-blind baseline
 
 so every history-using model beats the history-blind baseline by more than
 0.24 AUC. (One seed of this demo does not rank the models: seeds differ by about

@@ -25,6 +25,7 @@ from dare_jax.data.synthetic import write_taobao_log
 from dare_jax.run_logging import read_jsonl
 from crash_support import SimulatedCrash, crashing_train_iterator
 from sharding_worker import gathered, make_config
+from tiny_setup import tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 TABLES = "embed/.*/(item|category)$"  # item and category tables split by rows
@@ -60,27 +61,8 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 def overrides(data_dir: Path, workdir: Path, **extra) -> dict:
-    """The tiny setup (10 steps, evaluations at 4, 8, 10) as dotted config fields."""
-    return {
-        "data.dir": str(data_dir),
-        "data.raw_path": str(data_dir.parent / "missing.csv"),
-        "data.synthetic_users": 0,
-        "data.max_length": 20,
-        "model.item_embedding_dim": 4,
-        "model.category_embedding_dim": 4,
-        "model.time_embedding_dim": 4,
-        "model.top_k": 5,
-        "train.batch_size": 64,
-        "train.eval_batch_size": 512,
-        "train.eval_every_steps": 4,
-        "train.max_steps": 10,
-        "train.num_seeds": 1,
-        "log.every_steps": 1,
-        "log.progress_bar": False,
-        "log.tensorboard": False,
-        "workdir": str(workdir),
-        **extra,
-    }
+    """The tiny setup, with the training loss logged at every step."""
+    return tiny_overrides(data_dir, workdir, **{"log.every_steps": 1, **extra})
 
 
 def run_child(job: dict, tmp: Path, devices: int = 8) -> dict:

@@ -21,6 +21,7 @@ from dare_jax.data import open_dataset, pipeline, preprocess_log
 from dare_jax.data.synthetic import write_taobao_log
 from dare_jax.run_logging import read_jsonl
 from crash_support import SimulatedCrash, crashing_train_iterator
+from tiny_setup import tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -45,29 +46,6 @@ def tiny_data(tmp_path_factory):
             dataset.gather(split, np.arange(50), 20)["hist_iid"],
         )
     return root / "pre"
-
-
-def tiny_overrides(data_dir, workdir):
-    """Dotted config overrides of the tiny test setup (also usable as --config.* flags)."""
-    return {
-        "data.dir": str(data_dir),
-        "data.raw_path": str(Path(data_dir).parent / "missing.csv"),
-        "data.synthetic_users": 0,
-        "data.max_length": 20,
-        "model.item_embedding_dim": 4,
-        "model.category_embedding_dim": 4,
-        "model.time_embedding_dim": 4,
-        "model.top_k": 5,
-        "train.batch_size": 64,
-        "train.eval_batch_size": 512,
-        "train.eval_every_steps": 4,
-        "train.max_steps": 10,
-        "train.num_seeds": 1,
-        "log.every_steps": 2,
-        "log.progress_bar": False,
-        "log.tensorboard": False,
-        "workdir": str(workdir),
-    }
 
 
 def tiny_config(data_dir, workdir, arg="", **train_overrides):

@@ -85,7 +85,8 @@ def default_model_config() -> ml_collections.ConfigDict:
         training step never forms a dense table gradient (dare_jax.optim applies the exact
         dense Adam from the rows). Only active when `perturbations` are passed to apply;
         a plain `jax.grad` step still gets dense table gradients. Same forward values.
-        Default False.
+        Default False; the trainer sets it from `optim.sparse_table_updates`
+        (`dare_jax.steps.training_model_config`).
     """
     cfg = ml_collections.ConfigDict()
     cfg.name = "dare"
