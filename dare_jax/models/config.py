@@ -9,23 +9,6 @@ from __future__ import annotations
 
 import ml_collections
 
-# Our variant names. Each maps to exactly one official `model_name`.
-CANONICAL_NAMES: tuple[str, ...] = (
-    "dare",
-    "twin",
-    "din",
-    "twin_4e",
-    "three_embedding",
-    "projection",
-    "projection_two_linear",
-    "projection_with_mlp",
-    "projection_no_item",
-    "projection_only_time",
-    "projection_only_category",
-    "projection_only_item",
-    "projection_large_emb_small_output",
-)
-
 # Models of the paper's comparison that the official code lacks (no official `model_name`),
 # built by `dare_jax.models.long_model.LongHistoryModel` (written from their own papers).
 LONG_HISTORY_NAMES: tuple[str, ...] = ("eta", "sdim", "twin_v2")
@@ -47,6 +30,8 @@ OFFICIAL_TO_CANONICAL: dict[str, str] = {
     "projection_large_emb_small_output": "projection_large_emb_small_output",
 }
 
+# Our variant names. Each maps to exactly one official `model_name`.
+CANONICAL_NAMES: tuple[str, ...] = tuple(OFFICIAL_TO_CANONICAL.values())
 CANONICAL_TO_OFFICIAL: dict[str, str] = {v: k for k, v in OFFICIAL_TO_CANONICAL.items()}
 
 # Variants whose attention and representation share one table per field (the ones the
