@@ -110,15 +110,16 @@ def _optim_cfg(sparse: bool) -> ml_collections.ConfigDict:
     )
 
 
+# TWIN and DARE in the default run; the other variants (~10 s each) in the slow pass.
 @pytest.mark.parametrize(
     "name,overrides",
     [
         ("twin", {}),
         ("dare", {}),
-        ("din", {"use_time": False}),
-        ("twin", {"soft_search": False}),  # SIM-style hard search
-        ("projection", {"mlp_position_after_concat": True}),
-        ("four_embedding", {"use_long_seq_average": True}),
+        pytest.param("din", {"use_time": False}, marks=pytest.mark.slow),
+        pytest.param("twin", {"soft_search": False}, marks=pytest.mark.slow),  # SIM hard search
+        pytest.param("projection", {"mlp_position_after_concat": True}, marks=pytest.mark.slow),
+        pytest.param("four_embedding", {"use_long_seq_average": True}, marks=pytest.mark.slow),
     ],
 )
 def test_driver_step_matches_the_dense_optax_step(name, overrides):
