@@ -254,15 +254,31 @@ def embedding_update_breakdown(args: argparse.Namespace) -> None:
         ms = 1000 * statistics.median(time_calls(lambda fn=fn: fn(rows, ids), 1, args.steps))
         print(f"  gradient: {label:50s} {ms:8.1f} ms", flush=True)
 
-    in_place = jax.jit(lambda t, r, i: t.at[i].add(r), donate_argnums=0)
-    box = {"table": jnp.zeros(shape)}
+    def report(label: str, update, state) -> None:
+        """Time `state = update(state, rows, ids)` (state donated) and print it with its
+        page faults and CPU time per step."""
+        box = {"state": state}
 
-    def scatter_in_place():
-        box["table"] = in_place(box["table"], rows, ids)
-        return box["table"]
+        def run():
+            box["state"] = update(box["state"], rows, ids)
+            return box["state"]
 
-    ms = 1000 * statistics.median(time_calls(scatter_in_place, 1, args.steps))
-    print(f"  gradient: {'scatter-add into an existing table (scatter alone)':50s} {ms:8.1f} ms")
+        cpu: list[float] = []
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        ms = 1000 * statistics.median(time_calls(run, 1, args.steps, cpu))
+        calls = args.steps + 1
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / calls
+        print(
+            f"  {label:60s} {ms:8.1f} ms ({faults:.0f} minor page faults per step; "
+            f"CPU {1000 * statistics.median(cpu):.1f} ms)",
+            flush=True,
+        )
+
+    report(
+        "gradient: scatter-add into an existing table (scatter alone)",
+        jax.jit(lambda t, r, i: t.at[i].add(r), donate_argnums=0),
+        jnp.zeros(shape),
+    )
 
     optimizer = optax.adam(LEARNING_RATE)
 
@@ -272,20 +288,11 @@ def embedding_update_breakdown(args: argparse.Namespace) -> None:
         updates, opt_state = optimizer.update(grad, opt_state, table)
         return optax.apply_updates(table, updates), opt_state
 
-    adam = jax.jit(adam_step, donate_argnums=0)
     table = jnp.zeros(shape)
-    box = {"state": (table, optimizer.init(table))}
-
-    def run_adam():
-        box["state"] = adam(box["state"], rows, ids)
-        return box["state"]
-
-    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    ms = 1000 * statistics.median(time_calls(run_adam, 1, args.steps))
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / (args.steps + 1)
-    print(
-        f"  {'scatter-add + dense Adam of the whole table (donated)':60s} {ms:8.1f} ms "
-        f"({faults:.0f} minor page faults per step)"
+    report(
+        "scatter-add + dense Adam of the whole table (donated)",
+        jax.jit(adam_step, donate_argnums=0),
+        (table, optimizer.init(table)),
     )
 
     # The same gradient and Adam update, but the dense gradient is formed in a persistent
@@ -296,50 +303,26 @@ def embedding_update_breakdown(args: argparse.Namespace) -> None:
         updates, opt_state = optimizer.update(grad, opt_state, table)
         return optax.apply_updates(table, updates), opt_state, grad
 
-    adam_reused = jax.jit(adam_step_reused, donate_argnums=0)
     table = jnp.zeros(shape)
-    box = {"state": (table, optimizer.init(table), jnp.zeros(shape))}
-
-    def run_adam_reused():
-        box["state"] = adam_reused(box["state"], rows, ids)
-        return box["state"]
-
-    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    ms = 1000 * statistics.median(time_calls(run_adam_reused, 1, args.steps))
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / (args.steps + 1)
-    label = "same, gradient formed in a reused donated buffer"
-    print(f"  {label:60s} {ms:8.1f} ms ({faults:.0f} minor page faults per step)", flush=True)
+    report(
+        "same, gradient formed in a reused donated buffer",
+        jax.jit(adam_step_reused, donate_argnums=0),
+        (table, optimizer.init(table), jnp.zeros(shape)),
+    )
 
     # dare_jax.optim.RowSparseAdam: previous rows re-zeroed and new rows added in the carried
     # buffer, moments and step in flat (vectorised) passes; params, state, scratch donated.
+    key = "embed/representation/item"
     params = {"embed": {"representation": {"item": jnp.zeros(shape)}}}
     adam = optim.RowSparseAdam(LEARNING_RATE)
-    sparse_update = jax.jit(
-        lambda p, s, c, r, i: adam.update(p, {}, {"embed/representation/item": [(i, r)]}, s, c),
-        donate_argnums=(0, 1, 2),
-        keep_unused=True,
-    )
-    box = {
-        "state": (
-            params,
-            adam.init(params),
-            adam.init_scratch(params, {"embed/representation/item": n_rows}),
-        )
-    }
-
-    def run_sparse_update():
-        box["state"] = sparse_update(*box["state"], rows, ids)
-        return box["state"]
-
-    cpu: list[float] = []
-    faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    ms = 1000 * statistics.median(time_calls(run_sparse_update, 1, args.steps, cpu))
-    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / (args.steps + 1)
-    label = "dare_jax.optim.RowSparseAdam.update (flat passes), donated"
-    print(
-        f"  {label:60s} {ms:8.1f} ms ({faults:.0f} minor page faults per step; "
-        f"CPU {1000 * statistics.median(cpu):.1f} ms)",
-        flush=True,
+    report(
+        "dare_jax.optim.RowSparseAdam.update (flat passes), donated",
+        jax.jit(
+            lambda state, r, i: adam.update(state[0], {}, {key: [(i, r)]}, *state[1:]),
+            donate_argnums=0,
+            keep_unused=True,  # the step buffer is only written
+        ),
+        (params, adam.init(params), adam.init_scratch(params, {key: n_rows})),
     )
 
 
