@@ -30,7 +30,7 @@ import ml_collections
 from dare_jax.models import config as config_lib
 from dare_jax.models import eta, long_search, sdim, twin_v2
 from dare_jax.models.embeddings import EmbeddingTables, compose, lookup
-from dare_jax.models.model import history_time_ids, main_features, predict
+from dare_jax.models.model import main_features, predict, read_batch
 from dare_jax.models.search import PADDING_SCORE, mask_scores
 from dare_jax.models.variants import ROLES, VariantSpec
 
@@ -150,24 +150,13 @@ class LongHistoryModel(nn.Module):
     @nn.compact
     def __call__(self, batch: dict[str, jax.Array], train: bool = False) -> dict[str, jax.Array]:
         cfg, spec = self.cfg, self.spec
-        iid = jnp.asarray(batch["iid"], jnp.int32)
-        cid = jnp.asarray(batch["cid"], jnp.int32)
-        hist_iid = jnp.asarray(batch["hist_iid"], jnp.int32)
-        batch_size, length = hist_iid.shape
-        tid = batch.get("tid")
-        tid = jnp.zeros((batch_size,), jnp.int32) if tid is None else jnp.asarray(tid, jnp.int32)
-        hist_tid = batch.get("hist_tid")
-        hist_tid = (
-            jnp.broadcast_to(history_time_ids(length), (batch_size, length))
-            if hist_tid is None
-            else jnp.asarray(hist_tid, jnp.int32)
-        )
-        valid = batch.get("mask")
-        valid = hist_iid > 0 if valid is None else jnp.asarray(valid).astype(bool)
+        inputs = read_batch(batch, batched_time=True)
+        iid, cid, tid, valid = (inputs[k] for k in ("iid", "cid", "tid", "valid"))
+        length = inputs["hist_iid"].shape[1]
         history = {
-            "item": hist_iid,
-            "category": jnp.asarray(batch["hist_cid"], jnp.int32),
-            "time": hist_tid,
+            "item": inputs["hist_iid"],
+            "category": inputs["hist_cid"],
+            "time": inputs["hist_tid"],
             "valid": valid,
         }
 

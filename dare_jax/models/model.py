@@ -32,6 +32,29 @@ def history_time_ids(length: int) -> jax.Array:
     return length - jnp.arange(length, dtype=jnp.int32)
 
 
+def read_batch(batch: dict[str, jax.Array], batched_time: bool) -> dict[str, jax.Array]:
+    """The model inputs of `batch` (see the module docstring) as int32 / bool arrays.
+
+    Keys iid, cid `[B]`; hist_iid, hist_cid `[B, L]`; tid, hist_tid: the batch's overrides,
+    else the derived ids (target 0, history `history_time_ids`), unbatched `[]` / `[L]` (the
+    same for every example) or, with `batched_time`, broadcast to `[B]` / `[B, L]`; valid
+    `[B, L]`: the batch's `mask`, else hist_iid > 0.
+    """
+    ids = {k: jnp.asarray(batch[k], jnp.int32) for k in ("iid", "cid", "hist_iid", "hist_cid")}
+    batch_size, length = ids["hist_iid"].shape
+    tid, hist_tid = jnp.zeros((), jnp.int32), history_time_ids(length)
+    if batched_time:
+        tid, hist_tid = (
+            jnp.zeros((batch_size,), jnp.int32),
+            jnp.broadcast_to(hist_tid, (batch_size, length)),
+        )
+    ids["tid"] = jnp.asarray(batch["tid"], jnp.int32) if "tid" in batch else tid
+    ids["hist_tid"] = jnp.asarray(batch["hist_tid"], jnp.int32) if "hist_tid" in batch else hist_tid
+    mask = batch.get("mask")
+    ids["valid"] = ids["hist_iid"] > 0 if mask is None else jnp.asarray(mask).astype(bool)
+    return ids
+
+
 class TwoStageModel(nn.Module):
     """Search (top-k or SIM hard) over the history, aggregate, predict with an MLP.
 
@@ -66,21 +89,13 @@ class TwoStageModel(nn.Module):
     @nn.compact
     def __call__(self, batch: dict[str, jax.Array], train: bool = False) -> dict[str, jax.Array]:
         cfg, spec = self.cfg, self.spec
-        iid = jnp.asarray(batch["iid"], jnp.int32)
-        cid = jnp.asarray(batch["cid"], jnp.int32)
-        hist_iid = jnp.asarray(batch["hist_iid"], jnp.int32)
-        hist_cid = jnp.asarray(batch["hist_cid"], jnp.int32)
-        batch_size, length = hist_iid.shape
         # Derived time ids are the same for every example: keep them unbatched (target: 0,
         # history: [L]) so their lookups are gathered once (see gather_roles).
-        tid = batch.get("tid")
-        tid = jnp.zeros((), jnp.int32) if tid is None else jnp.asarray(tid, jnp.int32)
-        hist_tid = batch.get("hist_tid")
-        hist_tid = (
-            history_time_ids(length) if hist_tid is None else jnp.asarray(hist_tid, jnp.int32)
+        inputs = read_batch(batch, batched_time=False)
+        iid, cid, hist_iid, hist_cid, tid, hist_tid, valid = (
+            inputs[k] for k in ("iid", "cid", "hist_iid", "hist_cid", "tid", "hist_tid", "valid")
         )
-        valid = batch.get("mask")
-        valid = hist_iid > 0 if valid is None else jnp.asarray(valid).astype(bool)
+        batch_size = hist_iid.shape[0]
 
         # Embedding tables (time tables exist even without time when official_parameters_always).
         with_time_tables = cfg.use_time or cfg.official_parameters_always
