@@ -16,7 +16,8 @@ measure what the embedding gradients and their dense Adam update cost.
 `forward` is the jit-compiled evaluation forward pass (BatchNorm with running statistics).
 `--breakdown` also times the pieces of one item table's update: the gradient as autodiff forms
 it (scatter-add into a zero table) and exact alternatives (segment_sum, sorted ids), the
-scatter alone, scatter + dense Adam, and `RowSparseAdam.update`.
+scatter alone, Adam's square-root-and-divide pass over the table shaped `[rows, d]` and
+flat, scatter + dense Adam, and `RowSparseAdam.update`.
 `--host-devices 2 --mesh 1,2` splits the CPU into two XLA host devices and the item tables
 (with their Adam moments) by rows over them (`dare_jax.sharding.Partitioner`; the same maths):
 XLA:CPU runs each device on its own thread, so the dense table update uses both cores.
@@ -279,6 +280,20 @@ def embedding_update_breakdown(args: argparse.Namespace) -> None:
         jax.jit(lambda t, r, i: t.at[i].add(r), donate_argnums=0),
         jnp.zeros(shape),
     )
+
+    # Adam's square root and division: XLA:CPU emits scalar code for the loop over a
+    # `[rows, d]` array but vector code over the same memory viewed 1-D (why RowSparseAdam
+    # stores the table moments flat). Same values, same bytes.
+    def sqrt_divide(state, r, i):
+        x, y = state
+        return x / (jnp.sqrt(y) + 1e-8), y
+
+    for layout in (shape, (shape[0] * shape[1],)):
+        report(
+            f"x / (sqrt(y) + eps) in place on {list(layout)}",
+            jax.jit(sqrt_divide, donate_argnums=0),
+            (jnp.ones(layout), jnp.full(layout, 2.0)),
+        )
 
     optimizer = optax.adam(LEARNING_RATE)
 
