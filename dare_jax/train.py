@@ -44,6 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dare_jax import checkpointing, metrics, run_logging, sharding, steps
+from dare_jax.phase_timer import PhaseTimer, peak_memory
 from dare_jax.data import pipeline
 
 # Config fields that may change between a run and its resumption: they do not
@@ -479,16 +480,19 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
         "best_step": None,
         "best_val": None,
     }
+    timer = PhaseTimer()
     resume_step = checkpoints.step(checkpointing.LATEST)
     # Bests newer than the latest checkpoint (a kill between the two saves) are stale.
     checkpoints.discard_best_after(-1 if resume_step is None else resume_step)
-    if resume_step is not None:
-        state, progress = trainer.restore(checkpoints, checkpointing.LATEST, template)
-        if main_process:
-            print(f"seed {seed}: resuming from step {resume_step}", flush=True)
-    else:
-        state = trainer.initial_state(seed)
-    step = int(state["step"])
+    with timer.phase("init"):
+        if resume_step is not None:
+            state, progress = trainer.restore(checkpoints, checkpointing.LATEST, template)
+            if main_process:
+                print(f"seed {seed}: resuming from step {resume_step}", flush=True)
+        else:
+            state = trainer.initial_state(seed)
+        step = int(state["step"])
+    first_step = step
     if main_process:
         log = run_logging.MetricsLog(seed_dir / "metrics.jsonl", resume_step)
         board = run_logging.TensorBoard(
@@ -519,25 +523,32 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
     pending = None  # (step, loss array) checked one step late so the host never stalls
     try:
         while step < trainer.total_steps:
-            batch = trainer.shard_batch(next(iterator))
-            state, out = trainer.train_step(state, batch)
-            step += 1
-            if pending is not None:
-                steps.check_finite(float(pending[1]), pending[0])
-            pending = (step, out["total"])
+            with timer.phase("input"):
+                batch = trainer.shard_batch(next(iterator))
+            with timer.phase("train_steps"):
+                state, out = trainer.train_step(state, batch)
+                step += 1
+                if pending is not None:
+                    steps.check_finite(float(pending[1]), pending[0])
+                pending = (step, out["total"])
             bar.update(batch_size)
             if config.export.gradients and step % int(config.export.gradients_every_steps) == 0:
-                export_gradients(out["observed"], step, seed_dir / "gradients", trainer.real_rows)
+                with timer.phase("export"):
+                    export_gradients(
+                        out["observed"], step, seed_dir / "gradients", trainer.real_rows
+                    )
             if step % int(config.log.every_steps) == 0:
                 losses = {k: float(v) for k, v in out.items() if k != "observed"}
                 log.write({"step": step, "split": "train", **losses})
                 board.scalars("train", losses, step)
                 bar.set_postfix(step=step, loss=f"{losses['total']:.4f}")
             if step % int(config.train.eval_every_steps) == 0 or step == trainer.total_steps:
-                steps.check_finite(float(pending[1]), pending[0])
-                val = evaluate(
-                    trainer.eval_step, state, dataset, "val", config, trainer.partitioner
-                )
+                with timer.phase("train_steps"):
+                    steps.check_finite(float(pending[1]), pending[0])
+                with timer.phase("eval"):
+                    val = evaluate(
+                        trainer.eval_step, state, dataset, "val", config, trainer.partitioner
+                    )
                 log.write({"step": step, "split": "val", **val})
                 board.scalars("val", val, step)
                 # A NaN AUC (one class only) never beats a number; kept as None, as in JSON.
@@ -554,10 +565,11 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
                 # resume from an older latest discards bests newer than it (they are
                 # recomputed identically) and still finds the best that latest records.
                 saved_progress = run_logging.to_jsonable(progress)
-                if improved:
-                    trainer.save(checkpoints, checkpointing.BEST, step, state, saved_progress)
-                trainer.save(checkpoints, checkpointing.LATEST, step, state, saved_progress)
-                checkpoints.keep_only(checkpointing.BEST, int(progress["best_step"]))
+                with timer.phase("checkpoint"):
+                    if improved:
+                        trainer.save(checkpoints, checkpointing.BEST, step, state, saved_progress)
+                    trainer.save(checkpoints, checkpointing.LATEST, step, state, saved_progress)
+                    checkpoints.keep_only(checkpointing.BEST, int(progress["best_step"]))
                 best = progress["best_auc"]
                 best_text = "nan" if best is None else f"{best:.5f}"
                 if main_process:
@@ -567,28 +579,41 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
                     )
     finally:
         bar.close()
-    best_state, best_progress = trainer.restore(
-        checkpoints, checkpointing.BEST, template, step=int(progress["best_step"])
-    )
-    test = evaluate(trainer.eval_step, best_state, dataset, "test", config, trainer.partitioner)
+    with timer.phase("checkpoint"):
+        best_state, best_progress = trainer.restore(
+            checkpoints, checkpointing.BEST, template, step=int(progress["best_step"])
+        )
+    with timer.phase("eval"):
+        test = evaluate(
+            trainer.eval_step, best_state, dataset, "test", config, trainer.partitioner
+        )
     log.write({"step": step, "split": "test", "best_step": best_progress["best_step"], **test})
     board.scalars("test", test, int(best_progress["best_step"]))
     if config.export.embeddings:
-        export_embeddings(
-            best_state["params"],
-            seed_dir / "embeddings",
-            trainer.real_rows,
-            _replicate_fn(trainer.partitioner),
-        )
+        with timer.phase("export"):
+            export_embeddings(
+                best_state["params"],
+                seed_dir / "embeddings",
+                trainer.real_rows,
+                _replicate_fn(trainer.partitioner),
+            )
     log.close()
     board.close()
-    checkpoints.close()
+    with timer.phase("checkpoint"):
+        checkpoints.close()  # waits for any checkpoint still being written
     result = {
         "seed": seed,
         "steps": step,
         "best_step": best_progress["best_step"],
         "val": best_progress["best_val"],
         "test": test,
+        # This invocation's wall time by phase (a resumed seed: only the resumed part).
+        "timings": {
+            **timer.summary(),
+            "steps_timed": step - first_step,
+            "samples_timed": (step - first_step) * batch_size,
+            **peak_memory(),
+        },
     }
     if main_process:
         run_logging.write_json_atomic(result_path, result)
@@ -633,15 +658,18 @@ def run(config: ml_collections.ConfigDict) -> dict:
                 + "\n  ".join(differences)
                 + "\nUse another --config.workdir, or delete the directory to start over."
             )
-    if jax.process_count() > 1:
-        # Process 0 generates/preprocesses the data (once); the others open it after.
-        from jax.experimental import multihost_utils
+    timer = PhaseTimer()
+    with timer.phase("prepare_data"):
+        if jax.process_count() > 1:
+            # Process 0 generates/preprocesses the data (once); the others open it after.
+            from jax.experimental import multihost_utils
 
-        if sharding.is_main_process():
-            prepare_dataset(config)
-        multihost_utils.sync_global_devices("dare_jax.prepare_dataset")
-    dataset = prepare_dataset(config)
-    trainer = _Trainer(config, dataset)  # validates the model config against the data
+            if sharding.is_main_process():
+                prepare_dataset(config)
+            multihost_utils.sync_global_devices("dare_jax.prepare_dataset")
+        dataset = prepare_dataset(config)
+    with timer.phase("setup"):
+        trainer = _Trainer(config, dataset)  # validates the model config against the data
     main_process = sharding.is_main_process()
     if main_process:
         workdir.mkdir(parents=True, exist_ok=True)
@@ -659,6 +687,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
         "gauc_weighting": "per-user AUC weighted by the user's sample count; one-class users "
         "skipped (category_auc likewise per target category)",
         "seconds_this_invocation": round(time.time() - started, 1),
+        # Data preparation and setup of this invocation; each seed has its own "timings".
+        "timings": timer.summary(),
         "config": config.to_dict(),
     }
     if main_process:

@@ -81,6 +81,13 @@ def test_interrupted_run_resumes_to_identical_results(tiny_data, tmp_path, monke
     for result in reference["seeds"]:
         assert result["steps"] == 10 and result["best_step"] in (4, 8, 10)
         assert 0.0 <= result["test"]["auc"] <= 1.0
+        timings = result["timings"]
+        phases = {"init", "input", "train_steps", "eval", "checkpoint", "export"}
+        assert set(timings["seconds"]) == phases
+        assert all(seconds > 0 for seconds in timings["seconds"].values())
+        assert timings["steps_timed"] == 10
+        assert timings["samples_timed"] == 10 * reference["config"]["train"]["batch_size"]
+    assert set(reference["timings"]["seconds"]) == {"prepare_data", "setup"}
 
     workdir = tmp_path / "interrupted"
     # Crash in seed 0 between checkpoints (after step 6; latest is step 4) ...
