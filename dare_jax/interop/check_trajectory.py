@@ -80,12 +80,17 @@ class StepComparison:
 
 @dataclasses.dataclass
 class TestComparison:
-    """Final test predictions of one BatchNorm mode against the official ones."""
+    """Final test predictions of one BatchNorm mode against the official ones. The official
+    AUCs are the exact rank AUC (`dare_jax.metrics.auc`) of the official predictions; the
+    fixtures' own `test_auc_*` figures (`recorded_*`) come from the official evaluation code
+    and are 0.0032 lower on every fixture (38.5 to 39 of the 12,168 positive-negative pairs)."""
 
     mode: str
     auc: float
     auc_f32: float
     auc_f64: float
+    recorded_f32: float
+    recorded_f64: float
     max_abs_diff_f64: float  # max |p - p_f64| over the test samples
     required: bool
     ok: bool
@@ -233,6 +238,8 @@ def check_fixture(
                 TestComparison(
                     mode,
                     metrics.auc(label, prob),
+                    metrics.auc(label, np.asarray(fixture[f"test_prob_f32/{mode}"])),
+                    metrics.auc(label, ref64),
                     float(fixture[f"test_auc_f32/{mode}"]),
                     float(fixture[f"test_auc_f64/{mode}"]),
                     diff,
@@ -273,7 +280,8 @@ def format_result(result: TrajectoryResult) -> str:
     for t in result.tests:
         lines.append(
             f"   test AUC ({t.mode:13s}) ours {t.auc:.5f}   official f32 {t.auc_f32:.5f}  "
-            f"f64 {t.auc_f64:.5f}   max |p - p_f64| {t.max_abs_diff_f64:.2e}"
+            f"f64 {t.auc_f64:.5f} (recorded {t.recorded_f32:.5f}, {t.recorded_f64:.5f})   "
+            f"max |p - p_f64| {t.max_abs_diff_f64:.2e}"
             + (("  ok" if t.ok else "  FAIL") if t.required else "")
         )
     required = [s for s in result.steps if s.required]
