@@ -227,9 +227,8 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_coll
     # Lazy (ml_collections FieldReferences): overrides of model.name or data.name, applied
     # after this function, still rename the default run directory. `_apply_op` is the
     # FieldReference hook its own arithmetic operators use.
-    config.workdir = (
-        "runs/" + config.data.get_ref("name") + "/" + config.model.get_ref("name")._apply_op(run_name)
-    )
+    model_run_name = config.model.get_ref("name")._apply_op(run_name)
+    config.workdir = "runs/" + config.data.get_ref("name") + "/" + model_run_name
     return config
 
 
