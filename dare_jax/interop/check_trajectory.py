@@ -209,9 +209,8 @@ def check_fixture(
         comparisons = []
         for step in range(trainer.total_steps):
             state, out = trainer.train_step(state, trainer.shard_batch(next(iterator)))
-            values = {k: np.float64(v) for k, v in jax.device_get(out).items()}
-            ours = np.array([values["total"], values["ctr"] + values["aux"], values["aux"],
-                             values["l2"]])
+            v = {k: np.float64(x) for k, x in jax.device_get(out).items()}
+            ours = np.array([v["total"], v["ctr"] + v["aux"], v["aux"], v["l2"]])  # TERMS
             if float64:
                 tolerance = FLOAT64_RTOL * np.abs(f64[step])
             else:
@@ -220,9 +219,9 @@ def check_fixture(
                     REFERENCE_DRIFT_FACTOR * np.abs(f32[step] - f64[step]),
                 )
             tolerance = np.maximum(tolerance, np.finfo(np.float64).tiny)
+            required_step = float64 or step < required
             comparisons.append(
-                StepComparison(step, ours, f32[step], f64[step], tolerance,
-                               float64 or step < required)
+                StepComparison(step, ours, f32[step], f64[step], tolerance, required_step)
             )
         label = np.asarray(fixture["test_label"])
         tests = []
