@@ -7,8 +7,9 @@
 Random int batches (ids drawn uniformly, about 10% left padding). A training step is the
 driver's (`dare_jax.steps.make_train_step`, one jitted program, state donated): forward +
 backward + a dense Adam update of ALL parameters (every table row, as the official PyTorch
-training with dense embedding gradients). `optax` runs it with `optax.adam` on autodiff's
-gradient (config `optim.sparse_table_updates=False`); `row_sparse` with
+training with dense embedding gradients). `optax` runs it with `dare_jax.optim.adam` (optax's
+Adam with PyTorch's bias corrections) on autodiff's gradient (config
+`optim.sparse_table_updates=False`); `row_sparse` with
 `dare_jax.optim.RowSparseAdam` (the default: the same maths, table gradients as looked-up
 rows summed into carried buffers, moments in flat vectorised passes).
 `frozen_embeddings` differentiates and updates everything except the embedding tables, to
@@ -192,7 +193,7 @@ def _variant_callable(model_cfg, model, variant: str, init_batch, batches, parti
 
 
 def _driver_callable(model_cfg, model, variant, init_batch, next_batch, partitioner):
-    """The driver's training step (`dare_jax.steps`) with optax.adam or RowSparseAdam."""
+    """The driver's training step (`dare_jax.steps`) with `optim.adam` or RowSparseAdam."""
     optim_cfg = ml_collections.ConfigDict(
         {
             "lr": LEARNING_RATE,

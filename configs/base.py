@@ -19,7 +19,7 @@ from typing import Any
 
 import ml_collections
 
-from dare_jax.models import default_model_config
+from dare_jax.models import canonical_name, default_model_config
 
 # name -> (model config overrides, other config overrides). Each row is one paper experiment.
 MODEL_VARIANTS: dict[str, tuple[dict, dict]] = {
@@ -88,6 +88,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.preprocess_seed = 0  # negative-sampling seed of the preprocessing
     config.data.max_length = 200  # history length L fed to the model
     config.data.blind_history = False  # zero every history (the history-blind baseline)
+    # True: a fresh permutation of the training samples every epoch (seeded by the run seed).
+    # False: the training file in file order, the same every epoch, as the official code
+    # trains (its preprocessing shuffles the file once; so does ours).
+    config.data.shuffle = True
     config.data.synthetic_users = 0  # > 0: generate a synthetic Taobao-format log first
     config.data.synthetic_rows = 0  # target row count of that log (0: generator default)
 
@@ -136,7 +140,10 @@ def base_config() -> ml_collections.ConfigDict:
     # model.observe_attn_repr_grad)
     config.export.gradients_every_steps = 1
 
-    config.workdir = ""  # run directory; default runs/<dataset>/<variant>
+    # Run directory; `apply_variant` makes the default runs/<data.name>/<run name>, the run
+    # name being the `model=` variant (+ _d<dim>, _attn<dim>), or the model's name when
+    # --config.model.name overrides the variant's model.
+    config.workdir = ""
     return config
 
 
@@ -209,5 +216,26 @@ def apply_variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_coll
         config.train.max_steps = _positive_int("steps", parsed["steps"])
     suffix = "" if "dim" not in parsed else f"_d{parsed['dim']}"
     suffix += "" if "attn_dim" not in parsed else f"_attn{parsed['attn_dim']}"
-    config.workdir = f"runs/{config.data.name}/{variant}{suffix}"
+    variant_model = _canonical(model_overrides["name"])
+
+    def run_name(model_name: str) -> str:
+        # The variant names the run while it trains the variant's model; a run whose
+        # --config.model.name says otherwise is named after the model it trains.
+        model = _canonical(model_name)
+        return (variant if model == variant_model else model) + suffix
+
+    # Lazy (ml_collections FieldReferences): overrides of model.name or data.name, applied
+    # after this function, still rename the default run directory. `_apply_op` is the
+    # FieldReference hook its own arithmetic operators use.
+    model_run_name = config.model.get_ref("name")._apply_op(run_name)
+    config.workdir = "runs/" + config.data.get_ref("name") + "/" + model_run_name
     return config
+
+
+def _canonical(model_name: str) -> str:
+    """Our name of a model (ours or official); unknown names as they are (the driver then
+    refuses them with the list of known ones)."""
+    try:
+        return canonical_name(model_name)
+    except ValueError:
+        return model_name

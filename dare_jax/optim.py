@@ -1,8 +1,9 @@
 """The official dense Adam on embedding tables, without building a dense table gradient.
 
 The official training updates every table row every step (dense embedding gradients, torch
-Adam: b1 0.9, b2 0.999, eps 1e-8, bias correction; the maths of `optax.adam`). Here
-(`RowSparseAdam`, used by the driver when `optim.sparse_table_updates` is on):
+Adam: b1 0.9, b2 0.999, eps 1e-8, bias correction). `adam` is that optimizer as an optax
+transformation (the driver's path for models without row gradients); `RowSparseAdam`, used by
+the driver when `optim.sparse_table_updates` is on, computes the same update differently:
   * the model (config `row_sparse_embedding_grads`) passes each table gather through a Flax
     perturbation, so `jax.grad` w.r.t. `perturbations` yields the looked-up rows' cotangents
     `[..., d]` (ids sown in `embedding_ids`) and autodiff never forms a dense table gradient;
@@ -16,11 +17,19 @@ Adam: b1 0.9, b2 0.999, eps 1e-8, bias correction; the maths of `optax.adam`). H
     so the Adam step `(m / bc1) / (sqrt(v / bc2) + eps)` is written to the flat step buffer
     and the params move by `-lr` times it in a second, sqrt-free pass.
 The result is the dense Adam on the dense gradient, operation for operation (tests compare
-with optax). Non-table leaves get the same Adam expression on their dense gradient.
+with `adam`). Non-table leaves get the same Adam expression on their dense gradient.
 
-Checkpoints hold the optimizer state in optax.adam's layout (`to_optax_state`), so a run
-can be resumed, or analysed, with either optimizer; the scratch buffers are not saved
-(`init_scratch` rebuilds them: a zero buffer with nothing to re-zero is the same state).
+Bias correction: both compute `1 - b**t` with `bias_correction`, as accurately as the
+moments' dtype allows. `optax.adam` evaluates `1 - 0.999**t` in float32, where 0.999 is
+already rounded: its second-moment correction is 1.3e-5 to 2e-5 too small for the first
+thousand steps, so every early Adam step is off by ~1e-5 relative. PyTorch evaluates the
+corrections in double precision; with optax's expression the driver drifted away from the
+official float32 training within two steps (`dare_jax.interop.check_trajectory`, issue 13).
+
+Checkpoints hold the optimizer state in optax.adam's layout (`adam` shares it;
+`to_optax_state`), so a run can be resumed, or analysed, with either optimizer; the scratch
+buffers are not saved (`init_scratch` rebuilds them: a zero buffer with nothing to re-zero is
+the same state).
 
 Measured and rejected (benchmarks/README.md): a "decay every row with g = 0, then fix up the
 touched rows from their old values" form is also exact, but XLA:CPU fuses the old-row
@@ -141,9 +150,49 @@ def lookup_sizes(model: Any, variables: dict[str, Any], batch: Any, **kwargs) ->
     return sizes
 
 
+def bias_correction(decay: float, count: jax.Array, dtype: Any) -> jax.Array:
+    """`1 - decay**count` in `dtype`, accurate to that dtype's rounding.
+
+    Computed as `-expm1(count * log(decay))` with `log(decay)` taken in double precision on
+    the host (PyTorch's Adam takes `1 - beta**step` in Python floats). optax's float32
+    `1 - decay**count` rounds decay first: for 0.999 it is 1.3e-5 relative too small.
+    """
+    return -jnp.expm1(jnp.asarray(count).astype(dtype) * math.log(decay))
+
+
+def adam_direction(m: jax.Array, v: jax.Array, count: jax.Array, b1: float, b2: float, eps):
+    """The bias-corrected Adam step direction `m_hat / (sqrt(v_hat) + eps)` after `count`
+    updates of the moments (eps_root 0; scaled by -lr afterwards)."""
+    bc1, bc2 = bias_correction(b1, count, m.dtype), bias_correction(b2, count, v.dtype)
+    return (m / bc1) / (jnp.sqrt(v / bc2) + eps)
+
+
+def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+    """`optax.scale_by_adam(b1, b2, eps)` (same moments, same state) with `bias_correction`."""
+    base = optax.scale_by_adam(b1, b2, eps)
+
+    def update(updates, state, params=None):
+        del params
+        mu = optax.tree.update_moment(updates, state.mu, b1, 1)
+        nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
+        count = optax.safe_increment(state.count)
+        directions = jax.tree.map(lambda m, v: adam_direction(m, v, count, b1, b2, eps), mu, nu)
+        return directions, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(base.init, update)
+
+
+def adam(
+    lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> optax.GradientTransformation:
+    """PyTorch's Adam (the official optimizer) as an optax transformation: `optax.adam`'s
+    maths and state layout, with bias corrections accurate in float32 (`bias_correction`)."""
+    return optax.chain(scale_by_adam(b1, b2, eps), optax.scale_by_learning_rate(lr))
+
+
 @dataclasses.dataclass(frozen=True)
 class RowSparseAdam:
-    """optax.adam(lr, b1, b2, eps) for models with row gradients (eps_root 0)."""
+    """`adam(lr, b1, b2, eps)` for models with row gradients."""
 
     lr: float
     b1: float = 0.9
@@ -183,8 +232,6 @@ class RowSparseAdam:
         the total rows of a table must equal its `touched` length (fixed shapes).
         """
         count = state.count + 1
-        # The same expressions as optax (`1 - decay**count`, float32), so the same rounding.
-        bc1, bc2 = 1 - self.b1**count, 1 - self.b2**count
         flat_p = flatten_params(params)
         flat_m, flat_v = flatten_params(state.mu), flatten_params(state.nu)
         unknown = set(table_rows) - set(scratch.touched)
@@ -198,7 +245,7 @@ class RowSparseAdam:
                 if key not in dense_grads:
                     raise KeyError(f"no gradient for the non-table parameter {key!r}")
                 new_m[key], new_v[key] = self._moments(m, v, dense_grads[key])
-                new_p[key] = p + (-self.lr) * self._step(new_m[key], new_v[key], bc1, bc2)
+                new_p[key] = p + (-self.lr) * self._step(new_m[key], new_v[key], count)
                 continue
             pairs = table_rows.get(key, [])
             ids = [i for i, _ in pairs]
@@ -216,7 +263,7 @@ class RowSparseAdam:
                 grad = grad.at[i].add(r.astype(p.dtype), mode="drop")
             g = grad.reshape(-1)
             new_m[key], new_v[key] = self._moments(m, v, g)
-            steps[key] = self._step(new_m[key], new_v[key], bc1, bc2)
+            steps[key] = self._step(new_m[key], new_v[key], count)
             new_p[key] = p + (-self.lr) * steps[key].reshape(p.shape)
             grad_sum[key], touched[key] = g, new_touched
         for key in scratch.touched.keys() - touched.keys():
@@ -228,9 +275,8 @@ class RowSparseAdam:
         """optax.adam's first and second moment updates, in its order."""
         return (1 - self.b1) * g + self.b1 * m, (1 - self.b2) * (g * g) + self.b2 * v
 
-    def _step(self, m, v, bc1, bc2):
-        """The bias-corrected Adam direction, as optax computes it (eps_root 0)."""
-        return (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype) + 0.0) + self.eps)
+    def _step(self, m, v, count):
+        return adam_direction(m, v, count, self.b1, self.b2, self.eps)
 
     def to_optax_state(self, state: RowSparseAdamState, params: Any) -> Any:
         """The same state in optax.adam's layout (moments shaped like the params)."""
@@ -238,7 +284,7 @@ class RowSparseAdam:
         def reshape(moment, p):
             return moment.reshape(p.shape)
 
-        template = optax.adam(self.lr, self.b1, self.b2, self.eps).init(
+        template = adam(self.lr, self.b1, self.b2, self.eps).init(
             jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
         )
         adam_state = template[0]._replace(

@@ -13,7 +13,8 @@ shapes, and the step number is traced data (not a Python int), so nothing
 recompiles between steps.
 
 Two optimizers give the same Adam (the official dense update of every parameter,
-every table row included): `optax.adam` on autodiff's gradient, and
+every table row included): `dare_jax.optim.adam` (an optax transformation) on
+autodiff's gradient, and
 `dare_jax.optim.RowSparseAdam` (config `optim.sparse_table_updates`, the default
 where the model supports it), which takes the tables' gradients as looked-up rows
 and carries per-table buffers in `state["scratch"]`. Checkpoints always hold the
@@ -69,16 +70,17 @@ def make_optimizer(
     optim: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict | None = None
 ) -> Optimizer:
     """Adam as in the official code (the L2 penalty is part of the loss, not of Adam):
-    `RowSparseAdam` when `uses_row_sparse_updates(model_cfg, optim)`, else optax.adam."""
+    `RowSparseAdam` when `uses_row_sparse_updates(model_cfg, optim)`, else `optim.adam` (the
+    optax transformation; its bias corrections are accurate in float32, unlike optax.adam's)."""
     if model_cfg is not None and uses_row_sparse_updates(model_cfg, optim):
         return row_sparse.RowSparseAdam(optim.lr, optim.b1, optim.b2, optim.eps)
-    return optax.adam(learning_rate=optim.lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
+    return row_sparse.adam(optim.lr, optim.b1, optim.b2, optim.eps)
 
 
 def checkpoint_optimizer(optimizer: Optimizer) -> optax.GradientTransformation:
     """The optax optimizer whose state layout the checkpoints of `optimizer` use."""
     if isinstance(optimizer, row_sparse.RowSparseAdam):
-        return optax.adam(optimizer.lr, optimizer.b1, optimizer.b2, optimizer.eps)
+        return row_sparse.adam(optimizer.lr, optimizer.b1, optimizer.b2, optimizer.eps)
     return optimizer
 
 

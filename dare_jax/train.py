@@ -224,20 +224,23 @@ def build(config: ml_collections.ConfigDict, manifest: dict):
 # ------------------------------------------------------------------------- evaluation
 
 
-def evaluate(
+def predict(
     eval_step,
     state,
     dataset,
     split: str,
     config: ml_collections.ConfigDict,
     partitioner: sharding.Partitioner | None = None,
-) -> dict:
-    """Metrics of `state` over every sample of `split` (the last batch padded and masked).
+) -> dict[str, np.ndarray]:
+    """Click probability of every sample of `split`, in file order, with its columns:
+    {"prob" (float64), "label", "uid", "cid"} `[N]` (the last batch padded and masked).
 
+    Each batch carries `example_mask` (its valid rows), so that BatchNorm's batch statistics
+    (`model.eval_batchnorm_uses_batch_stats`) leave out the filler rows of the last batch.
     With a `partitioner`, the eval batch is rounded up to a multiple of the data
     axis (and process count), each process gathers its rows, and the step's
     probabilities, with the label, user and category columns, come back
-    replicated: every process computes the same exact metrics over all samples.
+    replicated: every process gets the same arrays over all samples.
     """
     batch_size = min(int(config.train.eval_batch_size), dataset.num_samples(split))
     rows, replicate = None, None
@@ -255,17 +258,29 @@ def evaluate(
         blind_history=bool(config.data.blind_history),
         rows=rows,
     ):
+        batch = {**batch, "example_mask": valid if rows is None else valid[rows[0] : rows[1]]}
         columns = {key: batch[key] for key in ("label", "uid", "cid")}
         if partitioner is not None:
             batch = partitioner.shard_batch(batch, batch_size)
             columns = replicate({key: batch[key] for key in columns})
         outputs.append((eval_step(state, batch), columns, valid))  # dispatch now, fetch later
-    prob = np.concatenate([np.asarray(p, np.float64)[v] for p, _, v in outputs])
-    label, user, category = (
-        np.concatenate([np.asarray(c[key])[v] for _, c, v in outputs])
-        for key in ("label", "uid", "cid")
-    )
-    return metrics.ctr_metrics(label, prob, user, category)
+    out = {"prob": np.concatenate([np.asarray(p, np.float64)[v] for p, _, v in outputs])}
+    for key in ("label", "uid", "cid"):
+        out[key] = np.concatenate([np.asarray(c[key])[v] for _, c, v in outputs])
+    return out
+
+
+def evaluate(
+    eval_step,
+    state,
+    dataset,
+    split: str,
+    config: ml_collections.ConfigDict,
+    partitioner: sharding.Partitioner | None = None,
+) -> dict:
+    """Metrics of `state` over every sample of `split` (`predict`'s arrays)."""
+    out = predict(eval_step, state, dataset, split, config, partitioner)
+    return metrics.ctr_metrics(out["label"], out["prob"], out["uid"], out["cid"])
 
 
 @functools.lru_cache(maxsize=8)
@@ -428,6 +443,7 @@ class _Trainer:
         if int(config.train.max_steps) > 0:
             total = min(total, int(config.train.max_steps))
         self.total_steps = total
+        self.initial_weights = self._load_initial_weights(example)
 
     def _example_batch(self) -> dict:
         # The same first training samples on every process: numpy inputs of a jitted
@@ -440,9 +456,52 @@ class _Trainer:
         init_rng, step_rng = np.asarray(jax.random.split(jax.random.PRNGKey(seed)))
         return init_rng, self._example_batch(), step_rng
 
+    def _load_initial_weights(self, example: dict) -> dict | None:
+        """`model.init_from`'s official weights as our {'params', 'batch_stats'} (numpy),
+        checked against the model's shapes now, before anything is trained or written."""
+        path = str(self.config.model.init_from)
+        if not path:
+            return None
+        from dare_jax.interop import torch_weights
+        from dare_jax.models import resolve_variant
+
+        template = jax.eval_shape(
+            lambda batch: self.model.init(jax.random.PRNGKey(0), batch, train=False), example
+        )
+        try:
+            state_dict = torch_weights.load_state(path)
+            variables, _unused = torch_weights.import_state_dict(
+                resolve_variant(self.config.model), template, state_dict
+            )
+        except (OSError, ImportError, KeyError, TypeError, ValueError) as error:
+            raise RunError(f"config field model.init_from = {path!r}: {error}") from error
+        return variables
+
     def initial_state(self, seed: int) -> dict:
-        """The seed's fresh state, created directly in its shardings (jit out_shardings)."""
-        return self.init_state(*self._init_args(seed))
+        """The seed's fresh state, created directly in its shardings (jit out_shardings);
+        with `model.init_from`, its params and BatchNorm statistics are those weights."""
+        state = self.init_state(*self._init_args(seed))
+        if self.initial_weights is not None:
+            for collection, values in self.initial_weights.items():
+                state[collection] = jax.tree.map(_put_like, values, state[collection])
+        return state
+
+    def train_iterator(self, seed: int, position: dict | None = None):
+        """The seed's checkpointable iterator over this process's rows of every training
+        batch (shuffled per epoch, or file order with `data.shuffle` off), from `position`
+        (a saved `get_state()`) or the start."""
+        config = self.config
+        batches = pipeline.train_dataset(
+            self.dataset,
+            batch_size=self.batch_size,
+            seed=seed,
+            num_epochs=int(config.train.num_epochs),
+            max_length=int(config.data.max_length),
+            blind_history=bool(config.data.blind_history),
+            rows=self.rows,
+            shuffle=bool(config.data.shuffle),
+        )
+        return pipeline.train_iterator(batches, position)
 
     def checkpoint_template(self, seed: int) -> dict:
         """Shapes, dtypes and shardings of the state as checkpoints hold it
@@ -500,16 +559,7 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
         )
     else:  # other processes compute the same numbers and write nothing
         log, board = _Silent(), _Silent()
-    train_data = pipeline.train_dataset(
-        dataset,
-        batch_size=int(config.train.batch_size),
-        seed=seed,
-        num_epochs=int(config.train.num_epochs),
-        max_length=int(config.data.max_length),
-        blind_history=bool(config.data.blind_history),
-        rows=trainer.rows,
-    )
-    iterator = pipeline.train_iterator(train_data, progress["data_iterator"])
+    iterator = trainer.train_iterator(seed, progress["data_iterator"])
     batch_size = int(config.train.batch_size)
     bar = tqdm(
         total=trainer.total_steps * batch_size,
@@ -618,6 +668,13 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
     if main_process:
         run_logging.write_json_atomic(result_path, result)
     return result
+
+
+def _put_like(value: np.ndarray, like: jax.Array) -> jax.Array:
+    """`value` as a global array in `like`'s sharding and dtype (each process supplies the
+    shards its devices hold)."""
+    value = np.asarray(value, like.dtype)
+    return jax.make_array_from_callback(value.shape, like.sharding, lambda index: value[index])
 
 
 class _Silent:

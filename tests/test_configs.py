@@ -1,6 +1,9 @@
 """Config files: paper defaults, every variant valid, flag overrides, clear errors."""
 
 import importlib
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +101,37 @@ def test_config_flags_load_variants_and_overrides():
     assert config.model.name == "twin" and not config.model.soft_search
     assert config.optim.lr == 0.005 and config.model.top_k == 10
     assert config.train.num_seeds == 1 and config.data.dir == "/tmp/elsewhere"
+
+
+def _workdir_after_main_flag_parsing(*args: str) -> str:
+    """config.workdir after `dare_jax.main`'s own flag parsing of `args` (a fresh process:
+    absl registers the override flags once per process)."""
+    code = (
+        "import sys; from dare_jax import main; main._parse_flags(['main', *sys.argv[1:]]); "
+        "print(main._CONFIG.value.workdir)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    "args, workdir",
+    [
+        (["--config=configs/taobao.py"], "runs/taobao/dare"),
+        # Issue 13: the default run directory followed `model=`, not the model trained.
+        (["--config=configs/taobao.py", "--config.model.name=twin"], "runs/taobao/twin"),
+        (["--config=configs/tmall.py:model=twin_hard,dim=64"], "runs/tmall/twin_hard_d64"),
+        (
+            ["--config=configs/tmall.py:model=twin_hard,dim=64", "--config.model.name=DARE"],
+            "runs/tmall/dare_d64",
+        ),
+        (["--config=configs/demo.py", "--config.model.name=din", "--config.workdir=elsewhere"],
+         "elsewhere"),
+    ],
+)
+def test_default_run_directory_follows_the_model_trained(args, workdir):
+    assert _workdir_after_main_flag_parsing(*args) == workdir

@@ -342,6 +342,25 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path):
     assert run_cli("preprocessing.taobao").returncode == 2  # argparse: missing arguments
 
 
+def test_cli_log_without_long_users_names_the_threshold_and_the_closest_users(tmp_path):
+    # Users 1..7 with 200, 150, 120, 100, 80, 60, 40 pv events (and buys that do not count).
+    counts = [200, 150, 120, 100, 80, 60, 40]
+    rows = [f"{u},{u * 1000 + i},{i % 9 + 1},pv,{i}\n" for u, n in enumerate(counts, 1)
+            for i in range(n)]
+    rows += [f"1,{50_000 + i},1,buy,{i}\n" for i in range(30)]
+    log = write(tmp_path / "short.csv", "".join(rows))
+    with pytest.raises(ProtocolError) as error:
+        preprocess_log("taobao", log, tmp_path / "lib", progress=False)
+    assert "at least 210 kept events" in str(error.value)
+    assert "200, 150, 120, 100 and 80 events" in str(error.value)
+    assert "of the 7 users" in str(error.value)
+    proc = run_cli("preprocessing.taobao", "--input", str(log), "--output", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "210" in proc.stderr and "200, 150, 120, 100 and 80 events" in proc.stderr
+    assert not (tmp_path / "o").exists() and not (tmp_path / "lib").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short.csv"]  # no temporary left
+
+
 def test_cli_writes_dataset(tmp_path):
     out = tmp_path / "ds"
     proc = run_cli("preprocessing.taobao", "--input", str(shared_path(*TAOBAO)), "--output",

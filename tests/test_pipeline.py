@@ -52,6 +52,21 @@ def test_epochs_are_fresh_permutations_with_remainder_dropped():
     assert not np.array_equal(_uids(pipeline.train_iterator(other), 1)[0], batches[0])
 
 
+def test_unshuffled_training_is_file_order_in_every_epoch():
+    source = FakeSource({"train": 53})
+    dataset = pipeline.train_dataset(
+        source, batch_size=10, seed=3, num_epochs=2, max_length=4, shuffle=False
+    )
+    batches = _uids(pipeline.train_iterator(dataset), 10)
+    expected = [np.arange(b * 10, (b + 1) * 10) for b in range(5)]  # samples 50-52 dropped
+    for got, want in zip(batches, expected + expected):
+        np.testing.assert_array_equal(got, want)
+    other_seed = pipeline.train_dataset(
+        source, batch_size=10, seed=4, num_epochs=1, max_length=4, shuffle=False
+    )
+    np.testing.assert_array_equal(_uids(pipeline.train_iterator(other_seed), 1)[0], expected[0])
+
+
 def test_iterator_state_resumes_exactly_across_epoch_boundary():
     source = FakeSource({"train": 50})
     dataset = pipeline.train_dataset(source, batch_size=8, seed=0, num_epochs=2, max_length=3)

@@ -261,6 +261,78 @@ def test_eval_batchnorm_modes(tiny_data):
     assert not np.allclose(official, running)
 
 
+def test_eval_batch_statistics_leave_out_the_filler_rows(tiny_data):
+    """With the official BatchNorm mode, a padded last batch is normalised with the
+    statistics of its valid rows only: the same probabilities as a batch of just them."""
+    from dare_jax.models import build_model
+
+    config = tiny_config(tiny_data, "unused")
+    config.model.eval_batchnorm_uses_batch_stats = True
+    dataset = open_dataset(tiny_data)
+    trainer = train._Trainer(config, dataset)
+    state = trainer.initial_state(0)
+    # Weights of a trained model's size: unit BatchNorm scales, kernels ~N(0, 0.1) (the
+    # official init, ~N(0, 0.01), makes every output nearly the same).
+    def enlarge(path, x):
+        name = jax.tree_util.keystr(path)
+        if "batch_norm" in name and "scale" in name:
+            return np.ones_like(x)
+        return x * 10 if "kernel" in name else x
+
+    state["params"] = jax.tree_util.tree_map_with_path(enlarge, state["params"])
+    n_val = dataset.num_samples("val")
+    config.train.eval_batch_size = 256  # the last batch is padded with filler rows
+    last = n_val - (n_val % 256 or 256)
+    assert 0 < n_val - last < 256
+    got = train.predict(trainer.eval_step, state, dataset, "val", config)
+    assert got["prob"].shape == (n_val,)
+    # Oracle: the model on exactly the last batch's real samples (no filler, no mask).
+    item_n, cate_n = dataset.manifest["item_n"], dataset.manifest["cate_n"]
+    model = build_model(config.model, item_n, cate_n, 20)
+    real = dataset.gather("val", np.arange(last, n_val), 20)
+    want = np.asarray(steps.make_eval_step(model, config.model)(state, real))
+    np.testing.assert_allclose(got["prob"][last:], want, rtol=2e-5, atol=1e-7)
+    # Without the mask the filler rows move the statistics (what the driver did before).
+    padded, _ = list(pipeline.eval_batches(dataset, "val", batch_size=256, max_length=20))[-1]
+    unmasked = np.asarray(trainer.eval_step(state, padded))[: n_val - last]
+    assert np.max(np.abs(unmasked - want)) > 1e-3
+
+
+def test_training_from_official_weights_in_file_order(tiny_data, tmp_path):
+    """model.init_from: every seed starts from the given official state_dict;
+    data.shuffle=False: the batches are the training file in order."""
+    from dare_jax.interop import torch_weights
+    from dare_jax.models import resolve_variant
+
+    config = tiny_config(tiny_data, tmp_path / "run", arg="model=twin")
+    dataset = open_dataset(tiny_data)
+    donor = train._Trainer(config, dataset).initial_state(7)
+    official = torch_weights.export_state_dict(
+        resolve_variant(config.model),
+        {"params": donor["params"], "batch_stats": donor["batch_stats"]},
+    )
+    weights = tmp_path / "official.npz"
+    np.savez(weights, **{f"state/{k}": v for k, v in official.items()})
+    config.model.init_from = str(weights)
+    config.data.shuffle = False
+    trainer = train._Trainer(config, dataset)
+    for seed in (0, 1):
+        state = trainer.initial_state(seed)
+        for want, got in zip(jax.tree.leaves(donor["params"]), jax.tree.leaves(state["params"])):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        batch = next(trainer.train_iterator(seed))
+        np.testing.assert_array_equal(batch["uid"], dataset.gather("train", np.arange(64))["uid"])
+    # A missing file, or weights of another shape, are refused before anything is written.
+    config.model.init_from = str(tmp_path / "missing.npz")
+    with pytest.raises(train.RunError, match="model.init_from = .*missing.npz"):
+        train.run(config)
+    config.model.init_from = str(weights)
+    config.model.time_embedding_dim = 8
+    with pytest.raises(train.RunError, match=r"init_from = .*shape \(2000, 4\) does not fit"):
+        train.run(config)
+    assert not (tmp_path / "run").exists()
+
+
 def test_nonfinite_loss_names_the_step(tiny_data, tmp_path, monkeypatch):
     real = train._compiled_functions
 

@@ -12,6 +12,9 @@ per sample).
   the paper). Element `j` is the same batch whatever happened before it, so
   the iterator's state (`{"next_index": j}`) is the exact position to resume
   from.
+  Without shuffling (`shuffle=False`, config `data.shuffle`), every epoch is the
+  training file in file order, as the official code trains (its training files
+  are shuffled once by its preprocessing).
 - Evaluation: every sample exactly once, in file order; the last batch is
   filled up to the static batch size by repeating its own samples and comes
   with a `valid` mask `[B]` that is False on the filler rows.
@@ -103,15 +106,19 @@ def train_dataset(
     max_length: int,
     blind_history: bool = False,
     rows: tuple[int, int] | None = None,
+    shuffle: bool = True,
 ) -> grain.MapDataset:
     """All training batches of `num_epochs` epochs, `steps_per_epoch * num_epochs` elements.
 
     Each element holds `batch_size` samples, or only rows `[start, stop)` of
-    that global batch with `rows` (this process's slice).
+    that global batch with `rows` (this process's slice). `shuffle=False`: file
+    order in every epoch (`seed` unused).
     """
     steps_per_epoch(source, batch_size)  # validates the batch size
     _check_rows(rows, batch_size)
-    indices = grain.MapDataset.range(source.num_samples("train")).shuffle(seed=shuffle_seed(seed))
+    indices = grain.MapDataset.range(source.num_samples("train"))
+    if shuffle:
+        indices = indices.shuffle(seed=shuffle_seed(seed))
     batches = indices.batch(batch_size, drop_remainder=True).repeat(num_epochs)
     return batches.map(_GatherBatch(source, "train", max_length, blind_history, rows))
 

@@ -290,6 +290,12 @@ def _split_samples(
     return SplitSamples(row, pos, iid.ravel(), cid.ravel(), label.ravel(), uid)
 
 
+def _listing(numbers: list[int]) -> str:
+    """[5, 4, 3] -> '5, 4 and 3'."""
+    words = [f"{n:,}" for n in numbers]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
 def build_samples(
     log: EventLog,
     *,
@@ -349,9 +355,11 @@ def build_samples(
     del user_dense
     keep_user = user_len >= min_events
     if not keep_user.any():
+        closest = np.sort(user_len)[::-1][:5].tolist()
         raise ProtocolError(
-            f"{source}: no user has at least {min_events} kept events "
-            f"(longest history: {int(user_len.max())}); the dataset would be empty"
+            f"{source}: no user has at least {min_events} kept events, so the dataset would "
+            f"be empty (nothing written); the {len(closest)} longest of the "
+            f"{len(user_len)} users' histories have {_listing(closest)} events"
         )
     event_keep = np.repeat(keep_user, user_len)
     seq_iid = items.dense[event_keep]

@@ -176,10 +176,20 @@ def export_state_dict(spec: VariantSpec, variables: Mapping[str, Any]) -> dict[s
     return state
 
 
+# Prefixes under which fixture files hold a state_dict: parity fixtures (`state/`), training
+# trajectory fixtures (the initial weights, `init/`).
+NPZ_STATE_PREFIXES = ("state/", "init/")
+
+
 def state_from_npz(path: str | Path) -> dict[str, np.ndarray]:
-    """The `state/<name>` entries of a parity-fixture `.npz`, keyed by `<name>`."""
+    """The state_dict in an `.npz`: its `state/<name>` or `init/<name>` entries (fixtures),
+    keyed by `<name>`, or else every entry (a state_dict saved with `np.savez(**sd)`)."""
     with np.load(path, allow_pickle=False) as data:
-        return {k[len("state/") :]: data[k] for k in data.files if k.startswith("state/")}
+        for prefix in NPZ_STATE_PREFIXES:
+            names = [k for k in data.files if k.startswith(prefix)]
+            if names:
+                return {k[len(prefix) :]: data[k] for k in names}
+        return {k: data[k] for k in data.files if k != "meta_json"}
 
 
 def state_from_pth(path: str | Path) -> dict[str, np.ndarray]:

@@ -72,6 +72,9 @@ def default_model_config() -> ml_collections.ConfigDict:
         a plain `jax.grad` step still gets dense table gradients. Same forward values.
         Default False; the trainer sets it from `optim.sparse_table_updates`
         (`dare_jax.steps.training_model_config`).
+      init_from: path of initial weights from the official code, a PyTorch `state_dict`
+        (`.pth`, needs torch) or an `.npz` of it (`dare_jax.interop.torch_weights`); the
+        trainer starts every seed from them instead of its own initialisation. '' = ours.
     """
     cfg = ml_collections.ConfigDict()
     cfg.name = "dare"
@@ -99,6 +102,7 @@ def default_model_config() -> ml_collections.ConfigDict:
     cfg.time_table_size = 2000
     cfg.official_parameters_always = True
     cfg.row_sparse_embedding_grads = False
+    cfg.init_from = ""
     # ETA / SDIM / TWIN-V2 and long histories (chunked search, bfloat16 scores): the fields
     # and their meaning are in dare_jax.models.long_model.LONG_MODEL_DEFAULTS.
     from dare_jax.models.long_model import LONG_MODEL_DEFAULTS

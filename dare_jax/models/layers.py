@@ -74,24 +74,34 @@ class BatchNorm1d(nn.Module):
     variance (as PyTorch does; flax.linen.BatchNorm would use the biased one and the opposite
     momentum convention). Evaluation uses the running statistics unless
     `use_batch_stats_at_eval` (the official code never switches to evaluation mode).
+    `mask` `[B]` (bool; None = every row): the rows the batch statistics are taken over, so
+    the filler rows of a padded evaluation batch do not move them; every row is normalised.
     """
 
     init_std: float = 0.01
     use_batch_stats_at_eval: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
         features = x.shape[-1]
         scale = self.param("scale", normal_init(self.init_std), (features,))
         bias = self.param("bias", nn.initializers.zeros, (features,))
         running_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
         running_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
         if train or self.use_batch_stats_at_eval:
-            mean = jnp.mean(x, axis=0)
-            var = jnp.mean(jnp.square(x - mean), axis=0)
-            if train and self.is_mutable_collection("batch_stats") and not self.is_initializing():
+            if mask is None:
                 n = x.shape[0]
-                unbiased = var * (n / max(n - 1, 1))
+                mean = jnp.mean(x, axis=0)
+                var = jnp.mean(jnp.square(x - mean), axis=0)
+                bessel = n / max(n - 1, 1)
+            else:
+                weight = jnp.asarray(mask, x.dtype)[:, None]
+                n = jnp.maximum(jnp.sum(weight), 1)
+                mean = jnp.sum(weight * x, axis=0) / n
+                var = jnp.sum(weight * jnp.square(x - mean), axis=0) / n
+                bessel = n / jnp.maximum(n - 1, 1)
+            if train and self.is_mutable_collection("batch_stats") and not self.is_initializing():
+                unbiased = var * bessel
                 m = BATCHNORM_MOMENTUM
                 running_mean.value = (1 - m) * running_mean.value + m * mean
                 running_var.value = (1 - m) * running_var.value + m * unbiased
@@ -112,8 +122,10 @@ class MLPHead(nn.Module):
     use_batch_stats_at_eval: bool = False
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = BatchNorm1d(self.init_std, self.use_batch_stats_at_eval, name="batch_norm")(x, train)
+    def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        """`mask` `[B]`: the rows BatchNorm takes batch statistics over (see BatchNorm1d)."""
+        norm = BatchNorm1d(self.init_std, self.use_batch_stats_at_eval, name="batch_norm")
+        x = norm(x, train, mask)
         for i, width in enumerate(self.hidden):
             x = Linear(width, init_std=self.init_std, name=f"dense_{i}")(x)
             x = PReLU(self.init_std, name=f"prelu_{i}")(x)

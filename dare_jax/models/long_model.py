@@ -274,7 +274,15 @@ class LongHistoryModel(nn.Module):
         representation = main_features(cfg, target_repr, retrieved, average)
         outputs["representation"] = representation
         outputs.update(
-            predict(cfg, representation, target_repr, full_aggregate, train, self.is_initializing())
+            predict(
+                cfg,
+                representation,
+                target_repr,
+                full_aggregate,
+                train,
+                self.is_initializing(),
+                inputs["example_mask"],
+            )
         )
         return outputs
 

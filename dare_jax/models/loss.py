@@ -37,11 +37,17 @@ def is_l2_penalised(path: tuple[str, ...]) -> bool:
 
 
 def l2_penalty(params: Any) -> jax.Array:
-    """Sum of squares of every penalised leaf of `params` (selected by path), float32 scalar."""
-    total = jnp.zeros((), jnp.float32)
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if is_l2_penalised(_path_names(path)):
-            total = total + jnp.sum(jnp.square(leaf.astype(jnp.float32)))
+    """Sum of squares of every penalised leaf of `params` (selected by path): a float32
+    scalar (float64 for float64 params, as `dare_jax.interop.check_trajectory --float64`)."""
+    leaves = [
+        leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+        if is_l2_penalised(_path_names(path))
+    ]
+    dtype = jnp.result_type(jnp.float32, *leaves)
+    total = jnp.zeros((), dtype)
+    for leaf in leaves:
+        total = total + jnp.sum(jnp.square(leaf.astype(dtype)))
     return total
 
 

@@ -2,7 +2,9 @@
 
 Batch (dict of int arrays): `iid, cid [B]`, `hist_iid, hist_cid [B, L]` (left-padded with 0,
 [:, -1] most recent). Derived inside: time ids (target 0, history position j -> L - j) and the
-mask (hist_iid > 0); optional overrides `tid [B]`, `hist_tid [B, L]`, `mask [B, L]`.
+mask (hist_iid > 0); optional overrides `tid [B]`, `hist_tid [B, L]`, `mask [B, L]`; optional
+`example_mask [B]` (bool): the rows BatchNorm takes batch statistics over (evaluation with
+`eval_batchnorm_uses_batch_stats` passes the valid rows of a padded batch; default all).
 
 Outputs: `prob [B, 2]` (column 0 = click; softmax + 1e-8 as official), `logits [B, 2]`,
 `aux_prob [B, 2]` (aux loss on), `attention_scores [B, L]` (first-stage scores over the whole
@@ -38,7 +40,7 @@ def read_batch(batch: dict[str, jax.Array], batched_time: bool) -> dict[str, jax
     Keys iid, cid `[B]`; hist_iid, hist_cid `[B, L]`; tid, hist_tid: the batch's overrides,
     else the derived ids (target 0, history `history_time_ids`), unbatched `[]` / `[L]` (the
     same for every example) or, with `batched_time`, broadcast to `[B]` / `[B, L]`; valid
-    `[B, L]`: the batch's `mask`, else hist_iid > 0.
+    `[B, L]`: the batch's `mask`, else hist_iid > 0; example_mask `[B]` or None.
     """
     ids = {k: jnp.asarray(batch[k], jnp.int32) for k in ("iid", "cid", "hist_iid", "hist_cid")}
     batch_size, length = ids["hist_iid"].shape
@@ -52,6 +54,8 @@ def read_batch(batch: dict[str, jax.Array], batched_time: bool) -> dict[str, jax
     ids["hist_tid"] = jnp.asarray(batch["hist_tid"], jnp.int32) if "hist_tid" in batch else hist_tid
     mask = batch.get("mask")
     ids["valid"] = ids["hist_iid"] > 0 if mask is None else jnp.asarray(mask).astype(bool)
+    example_mask = batch.get("example_mask")
+    ids["example_mask"] = None if example_mask is None else jnp.asarray(example_mask, bool)
     return ids
 
 
@@ -160,7 +164,15 @@ class TwoStageModel(nn.Module):
             "topk_indices": indices,
         }
         outputs.update(
-            predict(cfg, representation, target_repr, full_aggregate, train, self.is_initializing())
+            predict(
+                cfg,
+                representation,
+                target_repr,
+                full_aggregate,
+                train,
+                self.is_initializing(),
+                inputs["example_mask"],
+            )
         )
         return outputs
 
@@ -192,10 +204,12 @@ def predict(
     full_aggregate: jax.Array | None,
     train: bool,
     initializing: bool,
+    example_mask: jax.Array | None = None,
 ) -> dict[str, jax.Array]:
     """The heads, called from inside a model's compact `__call__` (they become its `head/...`
     submodule; `initializing` is the caller's `self.is_initializing()`): `logits`, `prob`
-    `[B, 2]` and, with the aux loss, `aux_logits`, `aux_prob`.
+    `[B, 2]` and, with the aux loss, `aux_logits`, `aux_prob`. `example_mask` `[B]`: the
+    rows their BatchNorm takes batch statistics over (None: all).
 
     The aux head reads `[target repr, full-attention aggregate, their product]` (without TR:
     the first two; `only_odot`: the product). Its parameters also exist when the aux loss is
@@ -220,7 +234,7 @@ def predict(
             )
         else:
             aux_input = jnp.concatenate([target_repr, full_aggregate], axis=-1)
-    main_logits, aux_logits = heads(representation, aux_input, train)
+    main_logits, aux_logits = heads(representation, aux_input, train, example_mask)
     outputs = {"logits": main_logits}
     if cfg.use_aux_loss and aux_logits is not None:
         outputs["aux_logits"] = aux_logits
@@ -238,14 +252,20 @@ class _Heads(nn.Module):
     use_batch_stats_at_eval: bool = False
 
     @nn.compact
-    def __call__(self, main_input: jax.Array, aux_input: jax.Array | None, train: bool):
+    def __call__(
+        self,
+        main_input: jax.Array,
+        aux_input: jax.Array | None,
+        train: bool,
+        example_mask: jax.Array | None = None,
+    ):
         main = MLPHead(self.main_hidden, self.init_std, self.use_batch_stats_at_eval, name="main")(
-            main_input, train
+            main_input, train, example_mask
         )
         aux = None
         if aux_input is not None:
             aux = MLPHead(self.aux_hidden, self.init_std, self.use_batch_stats_at_eval, name="aux")(
-                aux_input, train
+                aux_input, train, example_mask
             )
         return main, aux
 
