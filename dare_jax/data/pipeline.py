@@ -22,9 +22,17 @@ hold (`rows=(start, stop)`, from `Partitioner.local_rows`), so each host reads
 its own slice of the data, and the global batch is the one a single process
 would have read.
 
+Histories (`histories=`): "host" builds each batch's `[B, L]` histories here (the data
+layer's `gather`); "device" sends only each sample's history span (`gather_spans`: six
+`[B]` integer arrays) and `dare_jax.data.device_histories` builds the histories on the
+device from its copy of the sequence arrays. Both give the model the same batches.
+
+Prefetching: `train_iterator(..., threads=N)` runs the gather (and whatever is mapped
+after it, such as the copy to the devices) for the next batches in N background threads.
+
 The source is anything with `num_samples(split) -> int` and
-`gather(split, indices, max_length) -> dict[str, np.ndarray]` (see
-`dare_jax.data.open_dataset`).
+`gather(split, indices, max_length) -> dict[str, np.ndarray]`, plus
+`gather_spans(split, indices)` for device histories (see `dare_jax.data.open_dataset`).
 """
 
 from __future__ import annotations
@@ -38,12 +46,15 @@ import numpy as np
 
 Batch = dict[str, np.ndarray]
 HISTORY_KEYS = ("hist_iid", "hist_cid")
+HISTORIES = ("host", "device")
 
 
 class SampleSource(Protocol):
     def num_samples(self, split: str) -> int: ...
 
     def gather(self, split: str, indices: np.ndarray, max_length: int = 200) -> Batch: ...
+
+    def gather_spans(self, split: str, indices: np.ndarray) -> Batch: ...
 
 
 def shuffle_seed(seed: int) -> int:
@@ -57,7 +68,8 @@ def shuffle_seed(seed: int) -> int:
 
 class _GatherBatch:
     """grain map function: index batch `[B]` -> feature batch of rows `rows` of it
-    (`[stop - start]`; all rows when None), history zeroed if blind."""
+    (`[stop - start]`; all rows when None), history zeroed if blind; with
+    `histories="device"` the histories as int32 spans (`hist_start`, `hist_stop`)."""
 
     def __init__(
         self,
@@ -66,15 +78,24 @@ class _GatherBatch:
         max_length: int,
         blind_history: bool,
         rows: tuple[int, int] | None = None,
+        histories: str = "host",
     ):
+        if histories not in HISTORIES:
+            raise ValueError(f"histories={histories!r}: expected one of {HISTORIES}")
         self.source, self.split = source, split
         self.max_length, self.blind_history = max_length, blind_history
-        self.rows = rows
+        self.rows, self.histories = rows, histories
 
     def __call__(self, indices: np.ndarray) -> Batch:
         indices = np.asarray(indices, np.int64)
         if self.rows is not None:
             indices = indices[self.rows[0] : self.rows[1]]
+        if self.histories == "device":
+            batch = self.source.gather_spans(self.split, indices)
+            start = batch["hist_start"].astype(np.int32)
+            # The history-blind baseline: empty spans, i.e. every position is padding.
+            stop = start if self.blind_history else batch["hist_stop"].astype(np.int32)
+            return {**batch, "hist_start": start, "hist_stop": stop}
         batch = self.source.gather(self.split, indices, self.max_length)
         if self.blind_history:
             # The history-blind baseline: every history position is padding.
@@ -103,27 +124,35 @@ def train_dataset(
     max_length: int,
     blind_history: bool = False,
     rows: tuple[int, int] | None = None,
+    histories: str = "host",
 ) -> grain.MapDataset:
     """All training batches of `num_epochs` epochs, `steps_per_epoch * num_epochs` elements.
 
     Each element holds `batch_size` samples, or only rows `[start, stop)` of
-    that global batch with `rows` (this process's slice).
+    that global batch with `rows` (this process's slice); `histories` as in the
+    module docstring.
     """
     steps_per_epoch(source, batch_size)  # validates the batch size
     _check_rows(rows, batch_size)
     indices = grain.MapDataset.range(source.num_samples("train")).shuffle(seed=shuffle_seed(seed))
     batches = indices.batch(batch_size, drop_remainder=True).repeat(num_epochs)
-    return batches.map(_GatherBatch(source, "train", max_length, blind_history, rows))
+    return batches.map(_GatherBatch(source, "train", max_length, blind_history, rows, histories))
 
 
 def train_iterator(
-    dataset: grain.MapDataset, state: dict[str, Any] | None = None, prefetch: int = 2
+    dataset: grain.MapDataset,
+    state: dict[str, Any] | None = None,
+    prefetch: int = 2,
+    threads: int = 1,
 ) -> grain.DatasetIterator:
     """A checkpointable iterator; `state` is a former `iterator.get_state()`.
 
-    One background thread gathers the next batches while the device trains.
+    `threads` background threads prepare up to `prefetch` next batches while the device
+    trains (in order: element j is the same whatever the thread count); `prefetch=0`
+    prepares each batch when it is asked for.
     """
-    options = grain.ReadOptions(num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)
+    threads = threads if prefetch else 0
+    options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=prefetch)
     iterator = dataset.to_iter_dataset(options).__iter__()
     if state is not None:
         iterator.set_state(state)
@@ -138,11 +167,13 @@ def eval_batches(
     max_length: int,
     blind_history: bool = False,
     rows: tuple[int, int] | None = None,
+    histories: str = "host",
 ) -> Iterator[tuple[Batch, np.ndarray]]:
     """(batch, valid `[B]` bool) over every sample of `split`, in order.
 
     With `rows`, the batch holds only rows `[start, stop)` of each global
     batch (this process's slice); `valid` always covers the global batch.
+    `histories` as in the module docstring.
     """
     num = source.num_samples(split)
     if num == 0:
@@ -153,7 +184,7 @@ def eval_batches(
         real = np.arange(batch_index * batch_size, min(num, (batch_index + 1) * batch_size))
         return np.resize(real, batch_size)  # repeats the batch's own samples as filler
 
-    gather = _GatherBatch(source, split, max_length, blind_history, rows)
+    gather = _GatherBatch(source, split, max_length, blind_history, rows, histories)
     dataset = grain.MapDataset.range(math.ceil(num / batch_size))
     dataset = dataset.map(lambda b: (gather(indices_of(b)), _valid(b, batch_size, num)))
     options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
