@@ -4,10 +4,10 @@ The host pipeline then sends each batch as uid, iid, cid, label and the span
 `[hist_start, hist_stop)` of every sample's history in the sequence arrays
 (`Dataset.gather_spans`: six `[B]` integer arrays) instead of two `[B, L]` arrays;
 `DeviceHistories` keeps `seq_iid` and `seq_cid` on every device (replicated, int32 `[E]`
-each: 8 bytes per stored event) and builds the `[B, L]` histories there with
-`storage.build_histories` (the same arithmetic as on the host), so the model sees the same
-batches. What it saves per batch of 2048 x 200: the host's history gather and the copy of
-2 x B x L int32 (3.3 MB) to the device (`benchmarks/input_pipeline.py` times both).
+each: 8 bytes per stored event) and builds the `[B, L]` histories there with the
+arithmetic of `storage.build_histories`, so the model sees the same batches. What it saves
+per batch of 2048 x 200: the host's history gather and the copy of 2 x B x L int32
+(3.3 MB) to the device (`benchmarks/input_pipeline.py` times both).
 """
 
 from __future__ import annotations
@@ -18,8 +18,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dare_jax.data.storage import build_histories
-
 SEQUENCE_ARRAYS = ("seq_iid", "seq_cid")
 HISTORY_KEYS = ("hist_iid", "hist_cid")
 SPAN_KEYS = ("hist_start", "hist_stop")
@@ -27,12 +25,23 @@ SPAN_KEYS = ("hist_start", "hist_stop")
 MAX_EVENTS = 2**31 - 1
 
 
+def build_histories(
+    sequences: tuple[jax.Array, ...], start: jax.Array, stop: jax.Array, max_length: int
+) -> tuple[jax.Array, ...]:
+    """`dare_jax.data.storage.build_histories` in jax: for each sequence `[E]`, the last
+    `max_length` events of `seq[start:stop]` (`start`, `stop` `[B]`) as `[B, max_length]`,
+    left-padded with 0, `[:, -1]` the event just before `stop`."""
+    start = start[:, None]
+    flat = stop[:, None] + jnp.arange(-max_length, 0, dtype=stop.dtype)[None, :]
+    valid = flat >= start  # False where the history is shorter than L: left padding
+    flat = jnp.maximum(flat, start)  # any in-bounds index; masked to 0 below
+    return tuple(sequence.at[flat].get(mode="clip") * valid for sequence in sequences)
+
+
 def _expand(sequences: tuple[jax.Array, ...], batch: dict, max_length: int) -> dict:
     """A span batch -> the model's batch (spans replaced by `[B, L]` histories)."""
     out = {key: value for key, value in batch.items() if key not in SPAN_KEYS}
-    histories = build_histories(
-        sequences, batch["hist_start"], batch["hist_stop"], max_length, xp=jnp
-    )
+    histories = build_histories(sequences, batch["hist_start"], batch["hist_stop"], max_length)
     out.update(zip(HISTORY_KEYS, histories))
     return out
 

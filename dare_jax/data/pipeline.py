@@ -5,13 +5,15 @@ then the data layer's vectorised `gather` builds the `[B, L]` histories for
 all of them in one call (a per-example `__getitem__` would cost a Python call
 per sample).
 
-- Training: `MapDataset.range(N).shuffle(seed).batch(B, drop_remainder=True)
-  .repeat(epochs)`. Grain's shuffle uses the seed `seed + epoch` for each epoch,
-  and batching is done inside an epoch, so every epoch is a fresh permutation
-  cut into `N // B` full batches (the remainder of each epoch is dropped, as in
-  the paper). Element `j` is the same batch whatever happened before it, so
-  the iterator's state (`{"next_index": j}`) is the exact position to resume
-  from.
+- Training: the batches of `MapDataset.range(N).shuffle(seed).batch(B,
+  drop_remainder=True).repeat(epochs)`: grain's shuffle uses the seed `seed + epoch`
+  for each epoch, and batching is done inside an epoch, so every epoch is a fresh
+  permutation cut into `N // B` full batches (the remainder of each epoch is dropped,
+  as in the paper). Grain computes that permutation one sample at a time (a Python
+  call each, 10-100 ms per batch of 2048), so element `j` is computed directly, all
+  its samples at once, with `index_shuffle` (the same permutation). Element `j` is
+  the same batch whatever happened before it, so the iterator's state
+  (`{"next_index": j}`) is the exact position to resume from.
 - Evaluation: every sample exactly once, in file order; the last batch is
   filled up to the static batch size by repeating its own samples and comes
   with a `valid` mask `[B]` that is False on the filler rows.
@@ -43,6 +45,8 @@ from typing import Any, Protocol
 
 import grain
 import numpy as np
+
+from dare_jax.data.index_shuffle import index_shuffle
 
 Batch = dict[str, np.ndarray]
 HISTORY_KEYS = ("hist_iid", "hist_cid")
@@ -105,6 +109,21 @@ class _GatherBatch:
         return batch
 
 
+class _ShuffledBatch:
+    """grain map function: training batch number `j` -> its sample indices `[B]` (int64),
+    those of element `j` of `MapDataset.range(num).shuffle(seed).batch(B, drop_remainder
+    =True).repeat(...)`, computed for the whole batch at once."""
+
+    def __init__(self, num: int, batch_size: int, seed: int):
+        self.num, self.batch_size, self.seed = num, batch_size, seed
+        self.per_epoch = num // batch_size
+
+    def __call__(self, j: int) -> np.ndarray:
+        epoch, index_in_epoch = divmod(int(j), self.per_epoch)
+        positions = index_in_epoch * self.batch_size + np.arange(self.batch_size)
+        return index_shuffle(positions, self.num - 1, (self.seed + epoch) % 2**32)
+
+
 def steps_per_epoch(source: SampleSource, batch_size: int) -> int:
     """Full training batches per epoch (the remainder is dropped)."""
     num = source.num_samples("train")
@@ -132,10 +151,10 @@ def train_dataset(
     that global batch with `rows` (this process's slice); `histories` as in the
     module docstring.
     """
-    steps_per_epoch(source, batch_size)  # validates the batch size
+    per_epoch = steps_per_epoch(source, batch_size)  # validates the batch size
     _check_rows(rows, batch_size)
-    indices = grain.MapDataset.range(source.num_samples("train")).shuffle(seed=shuffle_seed(seed))
-    batches = indices.batch(batch_size, drop_remainder=True).repeat(num_epochs)
+    shuffled = _ShuffledBatch(source.num_samples("train"), batch_size, shuffle_seed(seed))
+    batches = grain.MapDataset.range(per_epoch * num_epochs).map(shuffled)
     return batches.map(_GatherBatch(source, "train", max_length, blind_history, rows, histories))
 
 

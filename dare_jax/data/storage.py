@@ -306,20 +306,23 @@ class Dataset:
 
 
 def build_histories(
-    sequences: tuple[Any, ...], start: Any, stop: Any, max_length: int, xp: Any = np
-) -> tuple[Any, ...]:
+    sequences: tuple[np.ndarray, ...], start: np.ndarray, stop: np.ndarray, max_length: int
+) -> tuple[np.ndarray, ...]:
     """The last ``max_length`` events of ``seq[start:stop]`` for each sequence array.
 
     ``start``, ``stop`` [B]; returns one [B, max_length] array per sequence, left-padded
-    with 0 where the span is shorter, ``[:, -1]`` the event just before ``stop``. ``xp`` is
-    the array module: numpy on the host, ``jax.numpy`` on a device
-    (``dare_jax.data.device_histories``), the same arithmetic for both.
+    with 0 where the span is shorter, ``[:, -1]`` the event just before ``stop``.
+    ``dare_jax.data.device_histories.build_histories`` is the same arithmetic in jax; this
+    one works in place (a second ``[B, L]`` array costs more than the gather: page faults).
     """
-    start = start[:, None]
-    flat = stop[:, None] + xp.arange(-max_length, 0, dtype=stop.dtype)[None, :]  # [B, L]
+    start = np.asarray(start)[:, None]
+    flat = np.asarray(stop)[:, None] + np.arange(-max_length, 0, dtype=np.int64)[None, :]
     valid = flat >= start  # False where the history is shorter than L: left padding
-    flat = xp.maximum(flat, start)  # any in-bounds index; masked to 0 below
-    return tuple(xp.where(valid, xp.take(seq, flat, mode="clip"), 0) for seq in sequences)
+    np.maximum(flat, start, out=flat)  # any in-bounds index; masked to 0 below
+    histories = tuple(np.take(sequence, flat) for sequence in sequences)
+    for history in histories:
+        history *= valid
+    return histories
 
 
 def open_dataset(directory: str | Path) -> Dataset:
