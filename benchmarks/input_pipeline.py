@@ -7,7 +7,9 @@ On a preprocessed dataset (`--data`, or a synthetic log of `--users` users gener
 preprocessed once under `data/bench/input_pipeline_<users>`), with the training loop's own
 code (`dare_jax.train._Trainer.device_batch` mapped over `dare_jax.data.pipeline`):
 
-* per batch of shuffled training samples, medians over `--batches` batches: the host's work
+* per batch of shuffled training samples, medians over `--batches` batches: drawing the
+  batch's sample indices (grain's per-sample shuffle, as the pipeline did before, and the
+  same indices computed at once, as it does now), the host's work
   for `data.histories = "host"` (`Dataset.gather`: `[B, L]` histories) and for "device"
   (`Dataset.gather_spans`: six `[B]` columns), the copy of each batch to the device
   (`Partitioner.shard_batch`, waited for), and building the histories on the device from
@@ -30,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+import grain
 import jax
 import numpy as np
 
@@ -75,7 +78,12 @@ def per_batch_costs(dataset, trainer_host, trainer_device, args) -> dict[str, fl
     spans = trainer_device.dataset.gather_spans("train", indices())
     spans = {**spans, **{k: spans[k].astype(np.int32) for k in ("hist_start", "hist_stop")}}
     on_device_spans = trainer_device.shard_batch(spans)
+    seed = pipeline.shuffle_seed(0)
+    grains = grain.MapDataset.range(n).shuffle(seed=seed).batch(args.batch, drop_remainder=True)
+    ours = pipeline.ShuffledBatch(n, args.batch, seed)
     return {
+        "grain_shuffle_indices_ms": median_ms(lambda: grains[next(cursor) % 50], args.batches),
+        "index_shuffle_indices_ms": median_ms(lambda: ours(next(cursor) % 50), args.batches),
         "host_gather_histories_ms": median_ms(
             lambda: dataset.gather("train", indices(), args.length), args.batches
         ),

@@ -109,7 +109,7 @@ class _GatherBatch:
         return batch
 
 
-class _ShuffledBatch:
+class ShuffledBatch:
     """grain map function: training batch number `j` -> its sample indices `[B]` (int64),
     those of element `j` of `MapDataset.range(num).shuffle(seed).batch(B, drop_remainder
     =True).repeat(...)`, computed for the whole batch at once."""
@@ -153,7 +153,7 @@ def train_dataset(
     """
     per_epoch = steps_per_epoch(source, batch_size)  # validates the batch size
     _check_rows(rows, batch_size)
-    shuffled = _ShuffledBatch(source.num_samples("train"), batch_size, shuffle_seed(seed))
+    shuffled = ShuffledBatch(source.num_samples("train"), batch_size, shuffle_seed(seed))
     batches = grain.MapDataset.range(per_epoch * num_epochs).map(shuffled)
     return batches.map(_GatherBatch(source, "train", max_length, blind_history, rows, histories))
 
