@@ -19,7 +19,8 @@
 #
 # Writes device_check.log and device_check.json (every figure, each stage's status) to $OUT
 # (default runs/device_check). Environment: PYTHON (default python3: the machine's), OUT,
-# BUDGET_SECONDS (default 470: the stages' total), REHEARSAL_PYTHON (default python3, a
+# BUDGET_SECONDS (default 470: the stages' total), STAGES (default all: a comma-separated
+# subset, benchmarks/device_check.py lists them), REHEARSAL_PYTHON (default python3, a
 # CPython 3.11 for --rehearse). Exit status 0 only if parity at full precision passes and
 # every stage that ran succeeded.
 set -uo pipefail
@@ -30,7 +31,7 @@ case "${1:-}" in
   "") ;;
   --tiny) MODE=tiny ;;
   --rehearse) MODE=rehearse ;;
-  -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
   *) echo "unknown argument: $1 (expected --rehearse or --tiny)" >&2; exit 2 ;;
 esac
 OUT="${OUT:-runs/device_check}"
@@ -105,4 +106,4 @@ SITE="$(mktemp -d)/site"
 export PYTHONPATH="$SITE:$PWD"
 export PYTHONUNBUFFERED=1
 exec "$PYTHON" benchmarks/device_check.py --mode "$MODE" --out "$OUT" --site "$SITE" \
-  --budget "${BUDGET_SECONDS:-470}"
+  --budget "${BUDGET_SECONDS:-470}" ${STAGES:+--stages "$STAGES"}
