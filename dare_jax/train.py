@@ -60,6 +60,9 @@ RESUMABLE_FIELDS = (
     "data.prefetch_threads",
     "train.dispatch_ahead",
 )
+# Non-resumable fields added after runs were saved without them, with the value that
+# gives what those runs computed: an older run resumes when the command keeps it.
+FIELDS_ADDED_LATER = {"data.min_item_rows": 0, "data.min_category_rows": 0}
 METRIC_NAMES = ("auc", "gauc", "category_auc", "log_loss", "accuracy")
 DOWNLOADS = {
     "taobao": (
@@ -98,16 +101,15 @@ def flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two flattened configs (resumable fields ignored)."""
+    """Human-readable differences between two flattened configs (resumable fields ignored;
+    a field added after the run was saved counts as its `FIELDS_ADDED_LATER` value)."""
     out = []
     for key in sorted(set(saved) | set(current)):
         if key in RESUMABLE_FIELDS:
             continue
-        if saved.get(key, "<absent>") != current.get(key, "<absent>"):
-            out.append(
-                f"{key}: run has {saved.get(key, '<absent>')!r}, "
-                f"command has {current.get(key, '<absent>')!r}"
-            )
+        before = saved.get(key, FIELDS_ADDED_LATER.get(key, "<absent>"))
+        if before != current.get(key, "<absent>"):
+            out.append(f"{key}: run has {before!r}, command has {current.get(key, '<absent>')!r}")
     return out
 
 

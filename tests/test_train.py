@@ -165,10 +165,16 @@ def test_device_histories_threads_and_dispatch_change_no_number(tiny_data, tmp_p
     assert read_jsonl(tmp_path / "device/seed_0/metrics.jsonl") == read_jsonl(
         straight_dir / "seed_0/metrics.jsonl"
     )
-    # None of them changes a number, so a run may resume with them changed.
-    assert {"data.histories", "data.prefetch_threads", "train.dispatch_ahead"} <= set(
-        train.RESUMABLE_FIELDS
-    )
+    # None of them changes a number, so a run may resume with them changed; a run saved
+    # before the options existed resumes too (unless the table sizes now differ).
+    flat = train.flatten_config(config)
+    older = {k: v for k, v in flat.items() if not k.startswith(("data.min_", "train.dispatch"))}
+    older.pop("data.histories"), older.pop("data.prefetch_threads")
+    assert train.config_differences(older, flat) == []
+    flat["data.min_item_rows"] = 10**6
+    assert train.config_differences(older, flat) == [
+        "data.min_item_rows: run has 0, command has 1000000"
+    ]
 
 
 def test_minimum_table_rows(tiny_data):
