@@ -168,6 +168,7 @@ class Check:
     def __init__(self, args: argparse.Namespace) -> None:
         self.mode, self.scale = args.mode, SCALES[args.mode]
         self.out = Path(args.out)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.site = args.site
         self.budget = Budget(args.budget)
         self.scratch = Path(tempfile.mkdtemp(prefix="dare_device_check_"))
