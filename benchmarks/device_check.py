@@ -147,7 +147,8 @@ class Budget:
 def run_stage(command: list[str], timeout: float, env: dict | None = None) -> tuple[str, float]:
     """Run `command` (its output goes to ours), killing its whole process group after
     `timeout` seconds; ("ok" | "failed (exit N)" | "timeout", seconds)."""
-    print(f"$ {' '.join(command)}", flush=True)
+    shown = [arg if len(arg) < 200 else "<script>" for arg in command]
+    print(f"$ {' '.join(shown)}", flush=True)
     started = time.monotonic()
     process = subprocess.Popen(
         command, cwd=REPO, env={**os.environ, **(env or {})}, start_new_session=True

@@ -48,15 +48,15 @@ if [[ $MODE == rehearse ]]; then
   done
   WORK="$(mktemp -d)"
   trap 'rm -rf "$WORK"' EXIT
-  # The packages the GPU machine has (requirements.txt's run-time lines without the carried
-  # and absent ones), from the registry as CI installs them, and nothing else.
+  # The packages the GPU machine has that the check uses (requirements.txt's run-time lines
+  # without the carried, absent and unused ones), from the registry as CI installs them.
   PY311="${REHEARSAL_PYTHON:-python3}"
   "$PY311" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || {
     echo "--rehearse needs CPython 3.11 (the cp311 wheels): set REHEARSAL_PYTHON" >&2
     exit 1
   }
   sed '/^# test-only/,$d' requirements.txt | grep -v -i -w -E "^($(awk \
-    '$1 == "carry" || $1 == "absent" {printf "%s%s", sep, $2; sep = "|"}' \
+    '$1 ~ /^(carry|absent|unused)$/ {printf "%s%s", sep, $2; sep = "|"}' \
     benchmarks/device_packages.txt))" | grep -v '^#' > "$WORK/preinstalled.txt"
   echo "== rehearsal: a fresh virtual environment with $(grep -c == "$WORK/preinstalled.txt")" \
     "packages ($(date -u +%H:%M:%S) UTC)"
