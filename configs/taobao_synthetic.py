@@ -19,9 +19,9 @@ of the best checkpoint, ~6,800 samples each, far fewer than Taobao's) at the las
 What it should give: not an AUC (a few hundred steps on a small log) but each seed's
 `result.json` "timings" (seconds per phase, compile seconds, peak memory), from which
 `benchmarks/training_loop.py` reports samples/s of the steps, of the loop with its input
-pipeline, and of the whole run with evaluation and checkpoint; its figures are in
-`benchmarks/README.md` (on a 2-core CPU the DARE steps run at about 10,000 samples/s, the
-figure of `benchmarks/step_throughput.py`).
+pipeline, and of the whole run with its evaluation and checkpoint. No such figure at this
+scale is recorded yet (`benchmarks/device_check.sh` measures it on a GPU); on a quiet 2-core
+CPU, DARE's training step alone runs at about 10,000 samples/s (`benchmarks/README.md`).
 """
 
 from configs.base import apply_variant, base_config
