@@ -2,8 +2,9 @@
 
 `grain.MapDataset.range(n).shuffle(seed)` sends position `i` of epoch `e` to
 `index_shuffle(i, max_index=n - 1, seed=(seed + e) % 2**32, rounds=4)`, a pseudorandom
-permutation of `[0, n)` that grain computes one position per Python call (about 5-50 us
-each: 10-100 ms for a batch of 2048, more than everything else the input pipeline does).
+permutation of `[0, n)` that grain computes one position per Python call (57-230 ms for
+a batch of 2048 on a loaded 2-core machine, more than everything else the input pipeline
+does; `benchmarks/input_pipeline.py`).
 This module computes the same permutation with numpy over an array of positions, so the
 pipeline draws each batch's sample indices in one call and trains on exactly the batches
 grain's shuffle gives (`tests/test_pipeline.py` checks it against grain's own function).
