@@ -60,8 +60,11 @@ if [[ $MODE == rehearse ]]; then
     benchmarks/device_packages.txt))" | grep -v '^#' > "$WORK/preinstalled.txt"
   echo "== rehearsal: a fresh virtual environment with $(grep -c == "$WORK/preinstalled.txt")" \
     "packages ($(date -u +%H:%M:%S) UTC)"
-  "$PY311" -m venv "$WORK/venv" && "$WORK/venv/bin/pip" install -q --no-deps \
-    -r "$WORK/preinstalled.txt" || { echo "installing the rehearsal environment failed" >&2; exit 1; }
+  if ! "$PY311" -m venv "$WORK/venv" \
+    || ! "$WORK/venv/bin/pip" install -q --no-deps -r "$WORK/preinstalled.txt"; then
+    echo "installing the rehearsal environment failed" >&2
+    exit 1
+  fi
   # What travels to the GPU machine: tracked and untracked-not-ignored files, and .device
   # (its cp311 wheels standing in for the cp312 ones); ../shared stays behind.
   mkdir -p "$WORK/checkout/.device"
@@ -101,8 +104,11 @@ done
 # The carried wheels, offline, into a folder of their own (pip's configuration and the
 # environment's index settings ignored: --isolated); jax and the rest stay the machine's.
 SITE="$(mktemp -d)/site"
-"$PYTHON" -m pip install --isolated -q --no-index --no-deps --no-compile --no-cache-dir \
-  --target "$SITE" .device/wheels/*.whl || { echo "offline install of .device/wheels failed" >&2; exit 1; }
+if ! "$PYTHON" -m pip install --isolated -q --no-index --no-deps --no-compile --no-cache-dir \
+  --target "$SITE" .device/wheels/*.whl; then
+  echo "offline install of .device/wheels failed" >&2
+  exit 1
+fi
 export PYTHONPATH="$SITE:$PWD"
 export PYTHONUNBUFFERED=1
 exec "$PYTHON" benchmarks/device_check.py --mode "$MODE" --out "$OUT" --site "$SITE" \
