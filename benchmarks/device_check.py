@@ -34,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,7 +99,7 @@ SCALES = {
 
 CARRIED_MODULES = ("grain", "ml_collections", "tensorboardX", "array_record", "portpicker")
 MACHINE_MODULES = ("jax", "jaxlib", "flax", "optax", "orbax.checkpoint", "numpy")
-# Run in a child process: `python - SITE RESULT`; writes the environment as JSON to RESULT.
+# Run as `python -c ENVIRONMENT SITE RESULT`; writes the environment as JSON to RESULT.
 ENVIRONMENT = f"""
 import importlib, importlib.metadata as md, json, os, sys
 import jax
@@ -135,7 +136,7 @@ print(json.dumps(report, indent=1))
 
 
 class Budget:
-    """The seconds left of `total`, and each stage's share of them."""
+    """The seconds left of `total` since it was created."""
 
     def __init__(self, total: float) -> None:
         self.total, self.start = total, time.monotonic()
@@ -254,6 +255,7 @@ class Check:
             *self.scale.loop,
         ]  # fmt: skip
         self.stage(f"loop_{model}", "loop", command, result=result)
+        shutil.rmtree(self.scratch / "runs", ignore_errors=True)  # GBs of checkpoints
 
     def step(self, model: str) -> None:
         result = self.scratch / f"step_{model}.json"
@@ -300,6 +302,7 @@ class Check:
             }
 
     def finish(self) -> int:
+        shutil.rmtree(self.scratch, ignore_errors=True)
         self.report["summary"] = summarize(self.report)
         self.report["seconds"] = round(self.budget.total - self.budget.left(), 1)
         self.save()
