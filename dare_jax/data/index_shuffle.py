@@ -7,7 +7,9 @@ a batch of 2048 on a loaded 2-core machine, more than everything else the input 
 does; `benchmarks/input_pipeline.py`).
 This module computes the same permutation with numpy over an array of positions, so the
 pipeline draws each batch's sample indices in one call and trains on exactly the batches
-grain's shuffle gives (`tests/test_pipeline.py` checks it against grain's own function).
+grain's shuffle gives (`tests/test_pipeline.py` checks it against the installed grain's own
+function; written against grain 0.2.18, the pinned version: a grain that changed its
+permutation would fail that test, and this module keeps the data order of existing runs).
 
 The permutation, as grain defines it: a Simon-style Feistel cipher on blocks of `2w` bits
 (`2w` = ceil(log2(n - 1)) rounded up to even, at least 16), `rounds` round keys drawn from
