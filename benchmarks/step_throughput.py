@@ -2,7 +2,7 @@
 
     python benchmarks/step_throughput.py [--models din twin dare] [--steps 5] [--warmup 2]
         [--batch 2048] [--length 200] [--item-n 4068791] [--cate-n 9408] [--dim 16]
-        [--variants optax,row_sparse,frozen_embeddings,forward] [--breakdown]
+        [--variants optax,row_sparse,frozen_embeddings,forward] [--breakdown] [--json PATH]
 
 Random int batches (ids drawn uniformly, about 10% left padding). A training step is the
 driver's (`dare_jax.steps.make_train_step`, one jitted program, state donated): forward +
@@ -23,14 +23,18 @@ flat, scatter + dense Adam, and `RowSparseAdam.update`.
 (with their Adam moments) by rows over them (`dare_jax.sharding.Partitioner`; the same maths):
 XLA:CPU runs each device on its own thread, so the dense table update uses both cores.
 Compilation and warm-up steps are excluded from the timings; each figure is the median over
-`--steps` timed steps of samples per second. The machine load (1-minute load average) is
-printed before and after, since shared machines skew the figures.
+`--steps` timed steps of samples per second. The first call of each variant is timed apart
+with the XLA compile seconds inside it (`dare_jax.phase_timer`), and after each model the
+device's memory in use and its peak so far (GPU/TPU only). `--json PATH` writes every figure
+there. The machine load (1-minute load average) is printed before and after, since shared
+machines skew the figures.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import resource
 import statistics
@@ -64,6 +68,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ml_collections
 
 from dare_jax import optim, steps
+from dare_jax.phase_timer import PhaseTimer
 from dare_jax.models import build_model, default_model_config, loss_terms
 from dare_jax.sharding import Partitioner, padded_rows
 
@@ -342,7 +347,7 @@ def embedding_update_breakdown(args: argparse.Namespace) -> None:
     )
 
 
-def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, float]:
+def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, dict]:
     cfg = model_config(name, args.dim)
     partitioner = None
     item_rows = args.item_n
@@ -358,21 +363,48 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, float]:
         random_batch(rng, args.batch, args.length, args.item_n, args.cate_n) for _ in range(2)
     ]
     init_batch = {k: v[:8] for k, v in batches[0].items()}
-    results: dict[str, float] = {}
+    results: dict[str, dict] = {}
     for variant in args.variants:
-        fn = _variant_callable(cfg, model, variant, init_batch, batches, partitioner)
+        timer = PhaseTimer()
+        with timer.phase("first_call"):  # state creation, compilation and one step
+            fn = _variant_callable(cfg, model, variant, init_batch, batches, partitioner)
+            jax.block_until_ready(fn())
         cpu: list[float] = []
-        durations = time_calls(fn, args.warmup, args.steps, cpu)
+        durations = time_calls(fn, max(0, args.warmup - 1), args.steps, cpu)
         median = statistics.median(durations)
-        results[variant] = args.batch / median
+        first = timer.summary()
+        results[variant] = {
+            "samples_per_s": args.batch / median,
+            "median_step_ms": 1000 * median,
+            "min_step_ms": 1000 * min(durations),
+            "cpu_ms_per_step": 1000 * statistics.median(cpu),
+            "first_call_seconds": first["seconds"]["first_call"],
+            "compile_seconds": first["compile_seconds"].get("first_call", 0.0),
+        }
         print(
             f"  {name:5s} {variant:18s} {args.batch / median:8.0f} samples/s  "
             f"(median step {1000 * median:7.1f} ms, min {1000 * min(durations):7.1f} ms "
-            f"over {len(durations)} steps; CPU {1000 * statistics.median(cpu):7.1f} ms/step)",
+            f"over {len(durations)} steps; CPU {1000 * statistics.median(cpu):7.1f} ms/step; "
+            f"first call {first['seconds']['first_call']:.1f} s, of which compile "
+            f"{results[variant]['compile_seconds']:.1f} s)",
             flush=True,
         )
         del fn
+    memory = device_memory()
+    if memory:
+        results["device_memory"] = memory
+        print(
+            f"  {name:5s} device memory: {memory['bytes_in_use'] / 2**30:.2f} GiB in use, "
+            f"peak so far {memory['peak_bytes_in_use'] / 2**30:.2f} GiB",
+            flush=True,
+        )
     return results
+
+
+def device_memory() -> dict[str, int]:
+    """Bytes in use and the peak so far on the first device ({} where not reported: CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return {key: int(stats[key]) for key in ("bytes_in_use", "peak_bytes_in_use") if key in stats}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -387,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--breakdown", action="store_true", help="also time the item-table update pieces"
     )
+    parser.add_argument("--json", help="also write every figure to this JSON file")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2048)
     parser.add_argument("--length", type=int, default=200)
@@ -431,13 +464,30 @@ def main(argv: list[str] | None = None) -> int:
         f"load average before: {os.getloadavg()[0]:.2f}",
         flush=True,
     )
+    report = {
+        "jax": jax.__version__,
+        "platform": jax.devices()[0].platform,
+        "device": str(jax.devices()[0].device_kind),
+        "setup": {k: v for k, v in vars(args).items() if k not in ("json",)},
+        "load_before": os.getloadavg()[0],
+        "models": {},
+    }
     for name in args.models:
-        benchmark_model(name, args)
+        report["models"][name] = benchmark_model(name, args)
+        _write_json(args.json, report)
     if args.breakdown:
         print(f"item-table update pieces ({args.item_n} x {args.dim}):", flush=True)
         embedding_update_breakdown(args)
-    print(f"load average after: {os.getloadavg()[0]:.2f}")
+    report["load_after"] = os.getloadavg()[0]
+    _write_json(args.json, report)
+    print(f"load average after: {report['load_after']:.2f}")
     return 0
+
+
+def _write_json(path: str | None, report: dict) -> None:
+    if path:
+        with open(path, "w") as fh:
+            json.dump(report, fh, indent=1, default=str)
 
 
 if __name__ == "__main__":

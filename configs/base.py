@@ -94,6 +94,16 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.shuffle = True
     config.data.synthetic_users = 0  # > 0: generate a synthetic Taobao-format log first
     config.data.synthetic_rows = 0  # target row count of that log (0: generator default)
+    # Where each batch's [B, L] histories are built (the same batches either way):
+    # "host" gathers them in the input pipeline; "device" keeps the sequence arrays on the
+    # devices (8 bytes per stored event) and sends only each sample's history span.
+    config.data.histories = "host"
+    config.data.prefetch_threads = 2  # threads preparing (and copying) the next batches
+    # Tables of at least this many rows (0: the dataset's item_n / cate_n). The extra rows
+    # are never looked up but cost what every row costs (dense Adam): for measuring speed
+    # at a larger catalogue's table size on a small dataset (configs/taobao_synthetic.py).
+    config.data.min_item_rows = 0
+    config.data.min_category_rows = 0
 
     config.model = default_model_config()
 
@@ -112,6 +122,10 @@ def base_config() -> ml_collections.ConfigDict:
     config.train.batch_size = 2048
     config.train.num_epochs = 2
     config.train.max_steps = -1  # > 0: stop after this many steps
+    # Each step's loss is checked (a NaN stops the run, naming the step) this many steps
+    # after it was dispatched, so the host queues up to this many steps on the device
+    # instead of waiting for each (1: wait for the previous step).
+    config.train.dispatch_ahead = 4
     config.train.eval_every_steps = 150  # validation (and the latest checkpoint) every N steps
     config.train.eval_batch_size = 2048
     config.train.first_seed = 0

@@ -148,7 +148,8 @@ class Partitioner:
         # Auto axes: XLA's partitioner propagates shardings inside the step, so the
         # model code needs no sharding annotations.
         self.mesh = jax.make_mesh(
-            (data, model), (DATA, MODEL), (jax.sharding.AxisType.Auto,) * 2, devices=devices
+            (data, model), (DATA, MODEL), axis_types=(jax.sharding.AxisType.Auto,) * 2,
+            devices=devices,
         )
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(DATA))

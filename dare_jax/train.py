@@ -31,6 +31,7 @@ its numbers then agree to float tolerance (the reduction order changes).
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import math
@@ -46,10 +47,22 @@ from tqdm import tqdm
 from dare_jax import checkpointing, metrics, run_logging, sharding, steps
 from dare_jax.phase_timer import PhaseTimer, peak_memory
 from dare_jax.data import pipeline
+from dare_jax.data.device_histories import DeviceHistories
 
 # Config fields that may change between a run and its resumption: they do not
 # change any number the run computes.
-RESUMABLE_FIELDS = ("workdir", "log.progress_bar", "mesh.data", "mesh.model")
+RESUMABLE_FIELDS = (
+    "workdir",
+    "log.progress_bar",
+    "mesh.data",
+    "mesh.model",
+    "data.histories",
+    "data.prefetch_threads",
+    "train.dispatch_ahead",
+)
+# Non-resumable fields added after runs were saved without them, with the value that
+# gives what those runs computed: an older run resumes when the command keeps it.
+FIELDS_ADDED_LATER = {"data.min_item_rows": 0, "data.min_category_rows": 0}
 METRIC_NAMES = ("auc", "gauc", "category_auc", "log_loss", "accuracy")
 DOWNLOADS = {
     "taobao": (
@@ -88,16 +101,15 @@ def flatten_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human-readable differences between two flattened configs (resumable fields ignored)."""
+    """Human-readable differences between two flattened configs (resumable fields ignored;
+    a field added after the run was saved counts as its `FIELDS_ADDED_LATER` value)."""
     out = []
     for key in sorted(set(saved) | set(current)):
         if key in RESUMABLE_FIELDS:
             continue
-        if saved.get(key, "<absent>") != current.get(key, "<absent>"):
-            out.append(
-                f"{key}: run has {saved.get(key, '<absent>')!r}, "
-                f"command has {current.get(key, '<absent>')!r}"
-            )
+        before = saved.get(key, FIELDS_ADDED_LATER.get(key, "<absent>"))
+        if before != current.get(key, "<absent>"):
+            out.append(f"{key}: run has {before!r}, command has {current.get(key, '<absent>')!r}")
     return out
 
 
@@ -115,6 +127,20 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise RunError(f"config field log.every_steps = {config.log.every_steps!r}: must be >= 1")
     if int(config.data.max_length) < 1:
         raise RunError(f"config field data.max_length = {config.data.max_length!r}: must be >= 1")
+    if config.data.histories not in pipeline.HISTORIES:
+        raise RunError(
+            f"config field data.histories = {config.data.histories!r}: "
+            f"expected one of {list(pipeline.HISTORIES)}"
+        )
+    for field, least in (
+        ("data.prefetch_threads", 0),
+        ("data.min_item_rows", 0),
+        ("data.min_category_rows", 0),
+        ("train.dispatch_ahead", 1),
+    ):
+        section, name = field.split(".")
+        if int(config[section][name]) < least:
+            raise RunError(f"config field {field} = {config[section][name]!r}: must be >= {least}")
     if config.data.kind not in DOWNLOADS:
         raise RunError(
             f"config field data.kind = {config.data.kind!r}: expected one of {sorted(DOWNLOADS)}"
@@ -198,9 +224,12 @@ def prepare_dataset(config: ml_collections.ConfigDict):
 
 def table_rows(config: ml_collections.ConfigDict, manifest: dict) -> tuple[int, int]:
     """(item rows, category rows) of the model's tables: the dataset's item_n and
-    cate_n, padded up to a multiple of `mesh.table_rows_multiple` when some table is
-    row-sharded (`mesh.row_sharded` set), so the rows split evenly over `model`."""
-    item_n, cate_n = int(manifest["item_n"]), int(manifest["cate_n"])
+    cate_n, or `data.min_item_rows` / `data.min_category_rows` when larger (rows no id
+    reaches, for measuring speed at a larger catalogue's table size), padded up to a
+    multiple of `mesh.table_rows_multiple` when some table is row-sharded
+    (`mesh.row_sharded` set), so the rows split evenly over `model`."""
+    item_n = max(int(manifest["item_n"]), int(config.data.min_item_rows))
+    cate_n = max(int(manifest["cate_n"]), int(config.data.min_category_rows))
     if not config.mesh.row_sharded:
         return item_n, cate_n
     multiple = int(config.mesh.table_rows_multiple)
@@ -231,6 +260,7 @@ def predict(
     split: str,
     config: ml_collections.ConfigDict,
     partitioner: sharding.Partitioner | None = None,
+    histories: DeviceHistories | None = None,
 ) -> dict[str, np.ndarray]:
     """Click probability of every sample of `split`, in file order, with its columns:
     {"prob" (float64), "label", "uid", "cid"} `[N]` (the last batch padded and masked).
@@ -241,6 +271,8 @@ def predict(
     axis (and process count), each process gathers its rows, and the step's
     probabilities, with the label, user and category columns, come back
     replicated: every process gets the same arrays over all samples.
+    With `histories` (needs the `partitioner`), the batches' histories are built on
+    the devices from spans (`data.histories = "device"`).
     """
     batch_size = min(int(config.train.eval_batch_size), dataset.num_samples(split))
     rows, replicate = None, None
@@ -257,12 +289,15 @@ def predict(
         max_length=int(config.data.max_length),
         blind_history=bool(config.data.blind_history),
         rows=rows,
+        histories="host" if histories is None else "device",
     ):
         batch = {**batch, "example_mask": valid if rows is None else valid[rows[0] : rows[1]]}
         columns = {key: batch[key] for key in ("label", "uid", "cid")}
         if partitioner is not None:
             batch = partitioner.shard_batch(batch, batch_size)
             columns = replicate({key: batch[key] for key in columns})
+        if histories is not None:
+            batch = histories(batch)
         outputs.append((eval_step(state, batch), columns, valid))  # dispatch now, fetch later
     out = {"prob": np.concatenate([np.asarray(p, np.float64)[v] for p, _, v in outputs])}
     for key in ("label", "uid", "cid"):
@@ -277,9 +312,10 @@ def evaluate(
     split: str,
     config: ml_collections.ConfigDict,
     partitioner: sharding.Partitioner | None = None,
+    histories: DeviceHistories | None = None,
 ) -> dict:
     """Metrics of `state` over every sample of `split` (`predict`'s arrays)."""
-    out = predict(eval_step, state, dataset, split, config, partitioner)
+    out = predict(eval_step, state, dataset, split, config, partitioner, histories)
     return metrics.ctr_metrics(out["label"], out["prob"], out["uid"], out["cid"])
 
 
@@ -444,6 +480,14 @@ class _Trainer:
             total = min(total, int(config.train.max_steps))
         self.total_steps = total
         self.initial_weights = self._load_initial_weights(example)
+        self.histories = None
+        if config.data.histories == "device":
+            try:
+                self.histories = DeviceHistories(
+                    dataset, int(config.data.max_length), self.partitioner
+                )
+            except ValueError as error:
+                raise RunError(str(error)) from error
 
     def _example_batch(self) -> dict:
         # The same first training samples on every process: numpy inputs of a jitted
@@ -500,8 +544,10 @@ class _Trainer:
             blind_history=bool(config.data.blind_history),
             rows=self.rows,
             shuffle=bool(config.data.shuffle),
-        )
-        return pipeline.train_iterator(batches, position)
+            histories=str(config.data.histories),
+        ).map(self.device_batch)
+        threads = int(config.data.prefetch_threads)
+        return pipeline.train_iterator(batches, position, prefetch=2 * threads, threads=threads)
 
     def checkpoint_template(self, seed: int) -> dict:
         """Shapes, dtypes and shardings of the state as checkpoints hold it
@@ -522,6 +568,14 @@ class _Trainer:
     def shard_batch(self, local_batch: dict) -> dict:
         """This process's rows of a training batch -> the global batch split on `data`."""
         return self.partitioner.shard_batch(local_batch, self.batch_size)
+
+    def device_batch(self, local_batch: dict) -> dict:
+        """This process's rows of a pipeline batch -> the model's global batch on the
+        devices (histories built there from spans with `data.histories = "device"`).
+        Runs in the pipeline's prefetch threads, so the copy to the devices overlaps the
+        training steps."""
+        batch = self.shard_batch(local_batch)
+        return batch if self.histories is None else self.histories(batch)
 
 
 def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
@@ -570,17 +624,26 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
         disable=not (config.log.progress_bar and main_process),
         dynamic_ncols=True,
     )
-    pending = None  # (step, loss array) checked one step late so the host never stalls
+    # (step, loss array) of steps whose loss is not checked yet: each is checked
+    # `train.dispatch_ahead` steps late, so the host queues that many steps on the device
+    # instead of waiting for each one (a NaN still stops the run naming its step).
+    pending: collections.deque = collections.deque()
+    ahead = int(config.train.dispatch_ahead)
+
+    def check_pending(keep: int) -> None:
+        while len(pending) > keep:
+            steps.check_finite(float(pending[0][1]), pending[0][0])
+            pending.popleft()
+
     try:
         while step < trainer.total_steps:
             with timer.phase("input"):
-                batch = trainer.shard_batch(next(iterator))
+                batch = next(iterator)
             with timer.phase("train_steps"):
                 state, out = trainer.train_step(state, batch)
                 step += 1
-                if pending is not None:
-                    steps.check_finite(float(pending[1]), pending[0])
-                pending = (step, out["total"])
+                pending.append((step, out["total"]))
+                check_pending(ahead)
             bar.update(batch_size)
             if config.export.gradients and step % int(config.export.gradients_every_steps) == 0:
                 with timer.phase("export"):
@@ -594,10 +657,16 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
                 bar.set_postfix(step=step, loss=f"{losses['total']:.4f}")
             if step % int(config.train.eval_every_steps) == 0 or step == trainer.total_steps:
                 with timer.phase("train_steps"):
-                    steps.check_finite(float(pending[1]), pending[0])
+                    check_pending(0)
                 with timer.phase("eval"):
                     val = evaluate(
-                        trainer.eval_step, state, dataset, "val", config, trainer.partitioner
+                        trainer.eval_step,
+                        state,
+                        dataset,
+                        "val",
+                        config,
+                        trainer.partitioner,
+                        trainer.histories,
                     )
                 log.write({"step": step, "split": "val", **val})
                 board.scalars("val", val, step)
@@ -635,7 +704,13 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
         )
     with timer.phase("eval"):
         test = evaluate(
-            trainer.eval_step, best_state, dataset, "test", config, trainer.partitioner
+            trainer.eval_step,
+            best_state,
+            dataset,
+            "test",
+            config,
+            trainer.partitioner,
+            trainer.histories,
         )
     log.write({"step": step, "split": "test", "best_step": best_progress["best_step"], **test})
     board.scalars("test", test, int(best_progress["best_step"]))

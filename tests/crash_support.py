@@ -20,8 +20,8 @@ def crashing_train_iterator(after: int) -> Callable[..., Any]:
     """
     original = pipeline.train_iterator
 
-    def make(dataset, state=None, prefetch=2):
-        inner = original(dataset, state, prefetch)
+    def make(dataset, state=None, **options):
+        inner = original(dataset, state, **options)
 
         class Dying:
             count = 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -339,28 +338,3 @@ def test_single_process_needs_no_coordinator(monkeypatch):
     monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
     with pytest.raises(sharding.ShardingError, match="coordinator"):
         sharding.initialize_distributed()
-
-
-@pytest.mark.slow  # parity on every fixture plus a small throughput run, about 1.5 minutes
-def test_gpu_check_script_dry_run(tmp_path):
-    """The CPU-runnable parts of benchmarks/gpu_check.sh (no install, no GPU)."""
-    result = subprocess.run(
-        ["bash", str(REPO / "benchmarks/gpu_check.sh"), "--dry-run"],
-        cwd=REPO,
-        env={**os.environ, "GPU_CHECK_LOG": str(tmp_path / "gpu_check.log")},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    log = (tmp_path / "gpu_check.log").read_text()
-    assert "dry run: CPU only" in log and "done (status 0)" in log
-    for model in ("din", "twin", "dare"):
-        for variant in ("optax", "row_sparse", "forward"):
-            assert re.search(rf"{model}\s+{variant}\s+\d+ samples/s", log), (model, variant)
-    if (REPO.parent / "shared/fixtures/reference_parity").is_dir():
-        assert "PASS" in log and "PARITY FAILED" not in log
-    unknown = subprocess.run(
-        ["bash", str(REPO / "benchmarks/gpu_check.sh"), "--bogus"], capture_output=True, text=True
-    )
-    assert unknown.returncode == 2 and "unknown argument" in unknown.stderr

@@ -152,6 +152,46 @@ def test_kill_between_best_and_latest_saves(tiny_data, tmp_path, monkeypatch, re
     assert resumed["seeds"][0]["best_step"] == best_step
 
 
+def test_device_histories_threads_and_dispatch_change_no_number(tiny_data, tmp_path, reference):
+    """The input-path options (histories built on the device, more prefetch threads, losses
+    checked later) train on the same batches: the same losses, metrics and checkpoints."""
+    straight_dir, reference = reference
+    config = tiny_config(tiny_data, tmp_path / "device")
+    config.data.histories = "device"
+    config.data.prefetch_threads = 3
+    config.train.dispatch_ahead = 3
+    results = train.run(config)
+    assert results["seeds"][0]["test"] == reference["seeds"][0]["test"]
+    assert read_jsonl(tmp_path / "device/seed_0/metrics.jsonl") == read_jsonl(
+        straight_dir / "seed_0/metrics.jsonl"
+    )
+    # None of them changes a number, so a run may resume with them changed; a run saved
+    # before the options existed resumes too (unless the table sizes now differ).
+    flat = train.flatten_config(config)
+    older = {k: v for k, v in flat.items() if not k.startswith(("data.min_", "train.dispatch"))}
+    older.pop("data.histories"), older.pop("data.prefetch_threads")
+    assert train.config_differences(older, flat) == []
+    flat["data.min_item_rows"] = 10**6
+    assert train.config_differences(older, flat) == [
+        "data.min_item_rows: run has 0, command has 1000000"
+    ]
+
+
+def test_minimum_table_rows(tiny_data):
+    """`data.min_item_rows` / `min_category_rows` enlarge the tables, never shrink them."""
+    dataset = open_dataset(tiny_data)
+    item_n, cate_n = dataset.manifest["item_n"], dataset.manifest["cate_n"]
+    config = tiny_config(tiny_data, "unused")
+    config.data.min_item_rows = item_n + 1000
+    config.data.min_category_rows = 2
+    assert train.table_rows(config, dataset.manifest) == (item_n + 1000, cate_n)
+    trainer = train._Trainer(config, dataset)
+    tables = trainer.checkpoint_template(0)["params"]["embed"]
+    assert tables["attention"]["item"].shape == (item_n + 1000, 4)
+    assert tables["attention"]["category"].shape == (cate_n, 4)
+    assert trainer.real_rows == {"item": item_n, "category": cate_n}  # exports are trimmed
+
+
 @pytest.mark.slow  # two fresh processes, each compiling the model
 def test_kill_9_and_restart_with_the_same_command(tiny_data, tmp_path):
     """A real `kill -9` of the command-line run, then the same command again."""
@@ -387,6 +427,8 @@ def test_refuses_to_resume_with_another_config(tiny_data, tmp_path):
         ("model.attention_item_embedding_dim", 3, "attention_item_embedding_dim"),
         ("train.batch_size", 0, "train.batch_size"),
         ("train.batch_size", 10**6, "batch_size=1000000"),
+        ("data.histories", "gpu", "data.histories = 'gpu'"),
+        ("train.dispatch_ahead", 0, "train.dispatch_ahead = 0: must be >= 1"),
     ],
 )
 def test_bad_config_is_named_and_writes_nothing(tiny_data, tmp_path, field, value, message):

@@ -8,6 +8,8 @@ Public API (used by the training pipeline; keep stable)::
     ds.gather(split, indices, max_length=200)
         # -> uid, iid, cid, label: int32 [B] (label 1 = click);
         #    hist_iid, hist_cid: int32 [B, max_length], left-padded with 0, [:, -1] most recent
+    ds.gather_spans(split, indices)     # the same with each history as a span of the
+        #    sequence arrays: hist_start, hist_stop int64 [B] (for histories built on a device)
     load_split(directory, split, max_length=200)   # same dict for the whole split
     preprocess_log(kind, input_path, output_dir, seed=0, overwrite=False) -> Path
 """

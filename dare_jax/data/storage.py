@@ -252,14 +252,28 @@ class Dataset:
             hist_iid, hist_cid: int32 [B, max_length], left-padded with 0,
             ``[:, -1]`` the most recent behaviour before the target.
         """
+        self._check_max_length(max_length)
+        batch = self.gather_spans(split, indices)
+        start, stop = batch.pop("hist_start"), batch.pop("hist_stop")
+        a = self._arrays
+        batch["hist_iid"], batch["hist_cid"] = build_histories(
+            (a["seq_iid"], a["seq_cid"]), start, stop, max_length
+        )
+        return batch
+
+    def gather_spans(
+        self, split: str, indices: np.ndarray | list[int] | slice
+    ) -> dict[str, np.ndarray]:
+        """Samples ``indices`` of ``split`` with their histories as spans of the sequence
+        arrays instead of ``[B, L]`` arrays (what the pipeline sends to a device that holds
+        ``seq_iid`` / ``seq_cid`` and builds the histories there).
+
+        Returns:
+            uid, iid, cid, label: int32 [B];
+            hist_start, hist_stop: int64 [B], the whole history before the target is
+            ``seq_*[hist_start:hist_stop]`` (:func:`build_histories` keeps its last L).
+        """
         self._check_split(split)
-        if not isinstance(max_length, (int, np.integer)) or max_length < 1:
-            raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
-        if self._max_length is not None and max_length > self._max_length:
-            raise ValueError(
-                f"this dataset stores histories of at most {self._max_length} behaviours "
-                f"(manifest max_length); got max_length={max_length}"
-            )
         a = self._arrays
         n = self.num_samples(split)
         if isinstance(indices, slice):
@@ -271,23 +285,44 @@ class Dataset:
             if idx.size and (int(idx.min()) < -n or int(idx.max()) >= n):
                 raise IndexError(f"sample index out of range for {split} split of {n} samples")
         row = np.asarray(a[f"{split}_row"][idx])
-        start = np.asarray(a["seq_offsets"][row])[:, None]  # [B, 1] first event of the row
-        end = start + np.asarray(a[f"{split}_pos"][idx])[:, None]  # exclusive end of history
-        flat = end + np.arange(-max_length, 0, dtype=np.int64)[None, :]  # [B, L]
-        valid = flat >= start  # False where the history is shorter than L: left padding
-        np.maximum(flat, start, out=flat)  # any in-bounds index; masked to 0 below
-        hist_iid = np.take(a["seq_iid"], flat)
-        hist_cid = np.take(a["seq_cid"], flat)
-        hist_iid *= valid
-        hist_cid *= valid
+        start = np.asarray(a["seq_offsets"][row])  # first event of the row
         return {
             "uid": np.asarray(a[f"{split}_uid"][idx]),
             "iid": np.asarray(a[f"{split}_iid"][idx]),
             "cid": np.asarray(a[f"{split}_cid"][idx]),
             "label": np.asarray(a[f"{split}_label"][idx]),
-            "hist_iid": hist_iid,
-            "hist_cid": hist_cid,
+            "hist_start": start,
+            "hist_stop": start + np.asarray(a[f"{split}_pos"][idx]),  # exclusive
         }
+
+    def _check_max_length(self, max_length: int) -> None:
+        if not isinstance(max_length, (int, np.integer)) or max_length < 1:
+            raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+        if self._max_length is not None and max_length > self._max_length:
+            raise ValueError(
+                f"this dataset stores histories of at most {self._max_length} behaviours "
+                f"(manifest max_length); got max_length={max_length}"
+            )
+
+
+def build_histories(
+    sequences: tuple[np.ndarray, ...], start: np.ndarray, stop: np.ndarray, max_length: int
+) -> tuple[np.ndarray, ...]:
+    """The last ``max_length`` events of ``seq[start:stop]`` for each sequence array.
+
+    ``start``, ``stop`` [B]; returns one [B, max_length] array per sequence, left-padded
+    with 0 where the span is shorter, ``[:, -1]`` the event just before ``stop``.
+    ``dare_jax.data.device_histories.build_histories`` is the same arithmetic in jax; this
+    one works in place (a second ``[B, L]`` array costs more than the gather: page faults).
+    """
+    start = np.asarray(start)[:, None]
+    flat = np.asarray(stop)[:, None] + np.arange(-max_length, 0, dtype=np.int64)[None, :]
+    valid = flat >= start  # False where the history is shorter than L: left padding
+    np.maximum(flat, start, out=flat)  # any in-bounds index; masked to 0 below
+    histories = tuple(np.take(sequence, flat) for sequence in sequences)
+    for history in histories:
+        history *= valid
+    return histories
 
 
 def open_dataset(directory: str | Path) -> Dataset:
