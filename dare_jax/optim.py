@@ -1,11 +1,17 @@
-"""The official dense Adam on embedding tables, without building a dense table gradient.
+"""Adam for models whose tables' gradients come as looked-up rows: dense (the paper's maths) or
+lazy (only the rows a batch looks up move).
 
 The official training updates every table row every step (dense embedding gradients, torch
-Adam: b1 0.9, b2 0.999, eps 1e-8, bias correction; the maths of `optax.adam`). Here
-(`RowSparseAdam`, used by the driver when `optim.sparse_table_updates` is on):
-  * the model (config `row_sparse_embedding_grads`) passes each table gather through a Flax
-    perturbation, so `jax.grad` w.r.t. `perturbations` yields the looked-up rows' cotangents
-    `[..., d]` (ids sown in `embedding_ids`) and autodiff never forms a dense table gradient;
+Adam: b1 0.9, b2 0.999, eps 1e-8, bias correction; the maths of `optax.adam`). Both optimizers
+here take the tables' gradients as rows: the model (config `row_sparse_embedding_grads`)
+passes each table gather through a Flax perturbation, so `jax.grad` w.r.t. `perturbations`
+yields the looked-up rows' cotangents `[..., d]` (ids sown in `embedding_ids`) and autodiff
+never forms a dense table gradient. Non-table leaves (MLPs, BatchNorm, PReLU) get optax's
+Adam expression on their dense gradient in both.
+
+`RowSparseAdam` (config `optim.table_updates="dense"`, the default, with
+`optim.sparse_table_updates` on) is the dense Adam on the dense gradient, operation for
+operation (tests compare with optax):
   * each table's dense gradient lives in a buffer carried from step to step (`TableScratch`):
     the previous step's rows are set back to 0 and this step's rows scatter-added
     (duplicates summed), both in place: no fresh 260 MB buffer (page faults) per step;
@@ -15,17 +21,50 @@ Adam: b1 0.9, b2 0.999, eps 1e-8, bias correction; the maths of `optax.adam`). H
     The params keep their `[rows, d]` shape (the model, checkpoints and analyses read them),
     so the Adam step `(m / bc1) / (sqrt(v / bc2) + eps)` is written to the flat step buffer
     and the params move by `-lr` times it in a second, sqrt-free pass.
-The result is the dense Adam on the dense gradient, operation for operation (tests compare
-with optax). Non-table leaves get the same Adam expression on their dense gradient.
-
-Checkpoints hold the optimizer state in optax.adam's layout (`to_optax_state`), so a run
-can be resumed, or analysed, with either optimizer; the scratch buffers are not saved
+Checkpoints hold its state in optax.adam's layout (`to_optax_state`), so a run can be
+resumed, or analysed, with either optimizer; the scratch buffers are not saved
 (`init_scratch` rebuilds them: a zero buffer with nothing to re-zero is the same state).
 
+`LazyAdam` (config `optim.table_updates="lazy"`) changes a table row only at the steps whose
+batch looks it up. The rule, for table row r at step t, with G_r the sum of the cotangents of
+all of this batch's lookups of r (duplicates summed: the row of the dense gradient) and k_r the
+number of steps so far that looked r up:
+
+    if the batch looks r up:  k_r += 1
+                              m_r = b1 m_r + (1 - b1) G_r
+                              v_r = b2 v_r + (1 - b2) G_r^2
+                              p_r -= lr (m_r / (1 - b1^k_r)) / (sqrt(v_r / (1 - b2^k_r)) + eps)
+    otherwise:                p_r, m_r, v_r, k_r unchanged.
+
+The bias correction uses the row's own count k_r, not the global step t. Why: a row's moments
+are then exactly Adam's moments over the sequence of gradients that row has received, so the
+correction removes exactly their zero-initialisation bias (1 - b^k_r is the weight the k_r
+updates put on real gradients). TensorFlow Addons' LazyAdam and PyTorch's SparseAdam use the
+global step instead: a row first seen at step 1,000 then gets m = 0.1 G, v = 0.001 G^2 but
+corrections 1 - 0.9^1000 = 1 and 1 - 0.999^1000 = 0.63, so its first step is
+0.1 / sqrt(0.0016) = 2.5 times the lr-sized first step Adam gives any fresh parameter, and
+rarely looked-up rows (most of a long-tailed catalogue) take such over-sized early steps. With
+k_r, a row looked up at every step follows dense Adam exactly (k_r = t); tests check both
+that and a numpy transcription of the rule. The per-row counts are part of the optimizer
+state and of the checkpoints (`LazyAdamState.row_count`), so a resumed run is bit-identical.
+"Looked up" means looked up by the batch, whatever the row's gradient (the padding row 0,
+looked up by padded history positions, counts as touched, with its zero gradient).
+
+Memory and time follow the data: a lazy step reads and writes only the looked-up rows of a
+table and of its moments and counts; nothing of a table's size is allocated or streamed
+(`tests/test_lazy_adam.py` checks the compiled step's temporaries do not grow with the table).
+Duplicate lookups are merged without sorting (XLA:CPU sorts 411,648 ids in ~130 ms): the
+looked-up rows' count slots briefly hold the position of one of their lookups, so every
+lookup of a row finds the same representative, whose slot of a batch-sized buffer receives the
+summed gradient; the counts are then written back, incremented. A table with no more rows
+than one batch's lookups (category, time) is instead updated whole with a looked-up mask:
+its cost is still at most that of the lookups.
+
 Measured and rejected (benchmarks/README.md): a "decay every row with g = 0, then fix up the
-touched rows from their old values" form is also exact, but XLA:CPU fuses the old-row
-gathers into consumers scheduled after the in-place table writes and so inserts table-sized
-copies; storing the params flat as well is faster still but changes their shape everywhere.
+touched rows from their old values" form of the dense update is also exact, but XLA:CPU fuses
+the old-row gathers into consumers scheduled after the in-place table writes and so inserts
+table-sized copies; storing the params flat as well is faster still but changes their shape
+everywhere.
 """
 
 from __future__ import annotations
@@ -70,6 +109,18 @@ class TableScratch(NamedTuple):
     grad_sum: Flat
     step: Flat
     touched: Flat
+
+
+class LazyAdamState(NamedTuple):
+    """count: int32 `[]` steps done (the bias correction of non-table leaves); mu, nu: nested
+    like the params (tables `[rows, d]`); row_count: {"embed": {group: {field: int32
+    `[rows]`}}}, how many steps have looked each table row up (its bias correction). All of
+    it is checkpointed as is."""
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+    row_count: Any
 
 
 def flatten_params(params: Any) -> Flat:
@@ -142,13 +193,38 @@ def lookup_sizes(model: Any, variables: dict[str, Any], batch: Any, **kwargs) ->
 
 
 @dataclasses.dataclass(frozen=True)
-class RowSparseAdam:
-    """optax.adam(lr, b1, b2, eps) for models with row gradients (eps_root 0)."""
+class _Adam:
+    """Adam's hyperparameters and expressions, written as optax.adam computes them (eps_root
+    0), so both optimizers below round as optax does."""
 
     lr: float
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
+
+    def _moments(self, m, v, g):
+        """optax.adam's first and second moment updates, in its order."""
+        return (1 - self.b1) * g + self.b1 * m, (1 - self.b2) * (g * g) + self.b2 * v
+
+    def _step(self, m, v, bc1, bc2):
+        """The bias-corrected Adam direction, as optax computes it (eps_root 0)."""
+        return (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype) + 0.0) + self.eps)
+
+    def _bias_corrections(self, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(1 - b1^count, 1 - b2^count), optax's expressions (float32); count int32, any shape."""
+        return 1 - self.b1**count, 1 - self.b2**count
+
+    def _dense_leaf(self, key, p, m, v, dense_grads: Flat, bc1, bc2):
+        """(p, m, v) of a non-table leaf after the Adam step on its dense gradient."""
+        if key not in dense_grads:
+            raise KeyError(f"no gradient for the non-table parameter {key!r}")
+        m, v = self._moments(m, v, dense_grads[key])
+        return p + (-self.lr) * self._step(m, v, bc1, bc2), m, v
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSparseAdam(_Adam):
+    """optax.adam(lr, b1, b2, eps) for models with row gradients (eps_root 0)."""
 
     def init(self, params: Any) -> RowSparseAdamState:
         """Zero moments; table leaves flat."""
@@ -183,8 +259,7 @@ class RowSparseAdam:
         the total rows of a table must equal its `touched` length (fixed shapes).
         """
         count = state.count + 1
-        # The same expressions as optax (`1 - decay**count`, float32), so the same rounding.
-        bc1, bc2 = 1 - self.b1**count, 1 - self.b2**count
+        bc1, bc2 = self._bias_corrections(count)
         flat_p = flatten_params(params)
         flat_m, flat_v = flatten_params(state.mu), flatten_params(state.nu)
         unknown = set(table_rows) - set(scratch.touched)
@@ -195,10 +270,9 @@ class RowSparseAdam:
         for key, p in flat_p.items():
             m, v = flat_m[key], flat_v[key]
             if not is_table(key):
-                if key not in dense_grads:
-                    raise KeyError(f"no gradient for the non-table parameter {key!r}")
-                new_m[key], new_v[key] = self._moments(m, v, dense_grads[key])
-                new_p[key] = p + (-self.lr) * self._step(new_m[key], new_v[key], bc1, bc2)
+                new_p[key], new_m[key], new_v[key] = self._dense_leaf(
+                    key, p, m, v, dense_grads, bc1, bc2
+                )
                 continue
             pairs = table_rows.get(key, [])
             ids = [i for i, _ in pairs]
@@ -224,14 +298,6 @@ class RowSparseAdam:
         state = RowSparseAdamState(count, unflatten_params(new_m), unflatten_params(new_v))
         return unflatten_params(new_p), state, TableScratch(grad_sum, steps, touched)
 
-    def _moments(self, m, v, g):
-        """optax.adam's first and second moment updates, in its order."""
-        return (1 - self.b1) * g + self.b1 * m, (1 - self.b2) * (g * g) + self.b2 * v
-
-    def _step(self, m, v, bc1, bc2):
-        """The bias-corrected Adam direction, as optax computes it (eps_root 0)."""
-        return (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype) + 0.0) + self.eps)
-
     def to_optax_state(self, state: RowSparseAdamState, params: Any) -> Any:
         """The same state in optax.adam's layout (moments shaped like the params)."""
 
@@ -253,6 +319,120 @@ class RowSparseAdam:
         adam_state = optax_state[0]
         return RowSparseAdamState(
             adam_state.count, _flat_tables(adam_state.mu), _flat_tables(adam_state.nu)
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyAdam(_Adam):
+    """Adam whose table rows move only at steps that look them up, with per-row bias
+    corrections (the rule in the module docstring); non-table leaves: optax.adam's update."""
+
+    def init(self, params: Any) -> LazyAdamState:
+        """Zero moments shaped like the params, zero row counts, count 0."""
+        flat = flatten_params(params)
+        counts = {k: jnp.zeros((v.shape[0],), jnp.int32) for k, v in flat.items() if is_table(k)}
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return LazyAdamState(
+            jnp.zeros((), jnp.int32),
+            zeros,
+            jax.tree.map(jnp.copy, zeros),
+            unflatten_params(counts),
+        )
+
+    def update(
+        self, params: Any, dense_grads: Flat, table_rows: Rows, state: LazyAdamState
+    ) -> tuple[Any, LazyAdamState]:
+        """One step. params: nested; dense_grads: {key: gradient} of every non-table leaf;
+        table_rows: `table_gradient_rows` (a table without rows is left as it is). Returns
+        (params, state). Jit with both donated so that the row writes happen in place."""
+        count = state.count + 1
+        bc1, bc2 = self._bias_corrections(count)
+        flat_p = flatten_params(params)
+        flat_m, flat_v = flatten_params(state.mu), flatten_params(state.nu)
+        flat_k = flatten_params(state.row_count)
+        unknown = set(table_rows) - set(flat_k)
+        if unknown:
+            raise KeyError(f"gradient rows for unknown tables {sorted(unknown)}")
+        new_p, new_m, new_v, new_k = {}, {}, {}, dict(flat_k)
+        for key, p in flat_p.items():
+            m, v = flat_m[key], flat_v[key]
+            if not is_table(key):
+                new_p[key], new_m[key], new_v[key] = self._dense_leaf(
+                    key, p, m, v, dense_grads, bc1, bc2
+                )
+                continue
+            pairs = table_rows.get(key, [])
+            lookups = sum(ids.shape[0] for ids, _ in pairs)
+            if lookups == 0:
+                new_p[key], new_m[key], new_v[key] = p, m, v
+            elif p.shape[0] <= lookups:
+                update = self._small_table(p, m, v, flat_k[key], pairs)
+                new_p[key], new_m[key], new_v[key], new_k[key] = update
+            else:
+                update = self._large_table(p, m, v, flat_k[key], pairs)
+                new_p[key], new_m[key], new_v[key], new_k[key] = update
+        state = LazyAdamState(
+            count, unflatten_params(new_m), unflatten_params(new_v), unflatten_params(new_k)
+        )
+        return unflatten_params(new_p), state
+
+    def _small_table(self, p, m, v, row_count, pairs):
+        """A table with no more rows than the batch's lookups: the dense gradient and a
+        looked-up mask `[rows]`, then every row updated under the mask (cost ~ the lookups)."""
+        grad = jnp.zeros_like(p)
+        looked_up = jnp.zeros(p.shape[:1], jnp.bool_)
+        for ids, rows in pairs:
+            grad = grad.at[ids].add(rows.astype(p.dtype), mode="drop")
+            looked_up = looked_up.at[ids].set(True, mode="drop")
+        row_count = row_count + looked_up.astype(row_count.dtype)
+        bc1, bc2 = self._bias_corrections(row_count)
+        m_new, v_new = self._moments(m, v, grad)
+        step = self._step(m_new, v_new, bc1[:, None], bc2[:, None])
+        mask = looked_up[:, None]
+        return (
+            jnp.where(mask, p + (-self.lr) * step, p),
+            jnp.where(mask, m_new, m),
+            jnp.where(mask, v_new, v),
+            row_count,
+        )
+
+    def _large_table(self, p, m, v, row_count, pairs):
+        """A table with more rows than the batch's lookups: only the looked-up rows of p, m,
+        v and the counts are read and written (in place when donated); temporaries `[n, d]`
+        for the n lookups."""
+        rows_n = p.shape[0]
+        ids = jnp.concatenate([i for i, _ in pairs]) if len(pairs) > 1 else pairs[0][0]
+        n = ids.shape[0]
+        position = jnp.arange(n, dtype=jnp.int32)
+        before = row_count.at[ids].get(mode="fill", fill_value=0)
+        # Merge duplicate lookups without sorting: each looked-up row's count slot briefly
+        # holds -1 - (the position of one of its lookups, whichever write lands), so all
+        # lookups of a row read back the same representative position. `min(before, 0)` is
+        # 0 (counts are >= 0); it makes the write depend on `before`, so XLA reads the old
+        # counts first and writes in place instead of copying the whole count array.
+        marked = row_count.at[ids].set(-1 - position + jnp.minimum(before, 0), mode="drop")
+        # An out-of-range id (which makes the forward pass NaN) reads n: no representative.
+        representative = -1 - marked.at[ids].get(mode="fill", fill_value=-1 - n)
+        # One position per looked-up row carries its update; `rows_n` marks the others (dropped).
+        update_rows = jnp.where(representative == position, ids, rows_n)
+        counts = before + 1
+        row_count = marked.at[update_rows].set(counts, mode="drop")
+        grad = jnp.zeros((n, p.shape[1]), p.dtype)
+        start = 0
+        for lookup_ids, rows in pairs:
+            stop = start + lookup_ids.shape[0]
+            grad = grad.at[representative[start:stop]].add(rows.astype(p.dtype), mode="drop")
+            start = stop
+        m_rows = m.at[update_rows].get(mode="fill", fill_value=0)
+        v_rows = v.at[update_rows].get(mode="fill", fill_value=0)
+        m_rows, v_rows = self._moments(m_rows, v_rows, grad)
+        bc1, bc2 = self._bias_corrections(counts)
+        step = self._step(m_rows, v_rows, bc1[:, None], bc2[:, None])
+        return (
+            p.at[update_rows].add((-self.lr) * step, mode="drop"),
+            m.at[update_rows].set(m_rows, mode="drop"),
+            v.at[update_rows].set(v_rows, mode="drop"),
+            row_count,
         )
 
 

@@ -12,12 +12,16 @@ same functions run on one device or on a mesh, the shardings being passed to
 shapes, and the step number is traced data (not a Python int), so nothing
 recompiles between steps.
 
-Two optimizers give the same Adam (the official dense update of every parameter,
-every table row included): `optax.adam` on autodiff's gradient, and
+Config `optim.table_updates` chooses the maths of the embedding tables' update:
+"dense" (the default, the paper's: Adam updates every parameter and every table row
+at every step) or "lazy" (`dare_jax.optim.LazyAdam`: a row moves only at the steps
+that look it up, with its own bias correction). Two optimizers give the dense Adam:
 `dare_jax.optim.RowSparseAdam` (config `optim.sparse_table_updates`, the default
 where the model supports it), which takes the tables' gradients as looked-up rows
-and carries per-table buffers in `state["scratch"]`. Checkpoints always hold the
-optax layout without scratch (`to_checkpoint` / `make_from_checkpoint`).
+and carries per-table buffers in `state["scratch"]`, and `optax.adam` on autodiff's
+gradient. Their checkpoints hold the optax layout without scratch (`to_checkpoint` /
+`make_from_checkpoint`); LazyAdam's state, per-row counts included, is checkpointed
+as it is.
 """
 
 from __future__ import annotations
@@ -39,20 +43,47 @@ State = dict[str, Any]
 Batch = dict[str, jax.Array]
 
 
-Optimizer = optax.GradientTransformation | row_sparse.RowSparseAdam
+Optimizer = optax.GradientTransformation | row_sparse.RowSparseAdam | row_sparse.LazyAdam
+RowGradientOptimizer = (row_sparse.RowSparseAdam, row_sparse.LazyAdam)
+TABLE_UPDATES = ("dense", "lazy")
+
+
+def lazy_table_updates(optim_cfg: ml_collections.ConfigDict) -> bool:
+    """True for `optim.table_updates = "lazy"`, False for "dense" (or absent); ValueError
+    naming any other value."""
+    mode = optim_cfg.get("table_updates", "dense")
+    if mode not in TABLE_UPDATES:
+        raise ValueError(
+            f"config field optim.table_updates = {mode!r}: expected one of {list(TABLE_UPDATES)}"
+        )
+    return mode == "lazy"
 
 
 def uses_row_sparse_updates(
     model_cfg: ml_collections.ConfigDict, optim_cfg: ml_collections.ConfigDict
 ) -> bool:
-    """`optim.sparse_table_updates` is on and the model can give its tables' gradients as
-    rows: every TwoStageModel variant except the gradient-observation ones (they combine
-    dense path gradients); not the long-history models (ETA, SDIM, TWIN-V2, chunked)."""
-    return (
-        bool(optim_cfg.get("sparse_table_updates", False))
-        and not _observes_gradients(model_cfg)
-        and not uses_long_model(model_cfg)
-    )
+    """The model is trained from its tables' gradients as rows: `optim.table_updates` is
+    "lazy", or `optim.sparse_table_updates` is on and the model can give them: every
+    TwoStageModel variant except the gradient-observation ones (they combine dense path
+    gradients); not the long-history models (ETA, SDIM, TWIN-V2, chunked). ValueError when
+    "lazy" is asked of a model that cannot, or together with `sparse_table_updates` off."""
+    supported = not _observes_gradients(model_cfg) and not uses_long_model(model_cfg)
+    if lazy_table_updates(optim_cfg):
+        if not supported:
+            raise ValueError(
+                "config field optim.table_updates = 'lazy' needs the tables' gradients as "
+                f"looked-up rows, which model {model_cfg.name!r} does not give yet (gradient-"
+                "observation and long-history models train with dense table gradients); use "
+                "optim.table_updates='dense'"
+            )
+        if not optim_cfg.get("sparse_table_updates", True):
+            raise ValueError(
+                "config field optim.table_updates = 'lazy' takes the tables' gradients as "
+                "looked-up rows; optim.sparse_table_updates = False (optax on dense table "
+                "gradients) contradicts it: leave it on"
+            )
+        return True
+    return bool(optim_cfg.get("sparse_table_updates", False)) and supported
 
 
 def training_model_config(
@@ -69,14 +100,21 @@ def make_optimizer(
     optim: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict | None = None
 ) -> Optimizer:
     """Adam as in the official code (the L2 penalty is part of the loss, not of Adam):
-    `RowSparseAdam` when `uses_row_sparse_updates(model_cfg, optim)`, else optax.adam."""
+    `LazyAdam` for `optim.table_updates = "lazy"`; otherwise `RowSparseAdam` when
+    `uses_row_sparse_updates(model_cfg, optim)`, else optax.adam. ValueError for a lazy
+    config without `model_cfg` or with a model that cannot train lazily."""
+    if lazy_table_updates(optim):
+        if model_cfg is None or not uses_row_sparse_updates(model_cfg, optim):
+            raise ValueError("optim.table_updates = 'lazy' needs the model config")
+        return row_sparse.LazyAdam(optim.lr, optim.b1, optim.b2, optim.eps)
     if model_cfg is not None and uses_row_sparse_updates(model_cfg, optim):
         return row_sparse.RowSparseAdam(optim.lr, optim.b1, optim.b2, optim.eps)
     return optax.adam(learning_rate=optim.lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
 
 
 def checkpoint_optimizer(optimizer: Optimizer) -> optax.GradientTransformation:
-    """The optax optimizer whose state layout the checkpoints of `optimizer` use."""
+    """The optimizer whose state layout the checkpoints of `optimizer` use (optax's for
+    RowSparseAdam; LazyAdam and optax checkpoint their own state)."""
     if isinstance(optimizer, row_sparse.RowSparseAdam):
         return optax.adam(optimizer.lr, optimizer.b1, optimizer.b2, optimizer.eps)
     return optimizer
@@ -211,7 +249,7 @@ def make_train_step(
     model observes path gradients, `observed`: the per-path gradients of the
     category and time tables returned by `combine_path_gradients`.
     """
-    if isinstance(optimizer, row_sparse.RowSparseAdam):
+    if isinstance(optimizer, RowGradientOptimizer):
         step = _row_sparse_train_step(model, optimizer, weight_decay)
     else:
         step = _dense_train_step(model, optimizer, model_cfg, weight_decay)
@@ -232,7 +270,7 @@ def _metrics(terms: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {name: terms[name] for name in ("total", "ctr", "aux", "l2")}
 
 
-def _row_sparse_train_step(model: Any, optimizer: row_sparse.RowSparseAdam, weight_decay: float):
+def _row_sparse_train_step(model: Any, optimizer: Optimizer, weight_decay: float):
     grads_fn = row_sparse.make_gradient_fn(model, weight_decay)
 
     def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
@@ -240,17 +278,15 @@ def _row_sparse_train_step(model: Any, optimizer: row_sparse.RowSparseAdam, weig
         terms, batch_stats, dense_grads, rows = grads_fn(
             state["params"], state["batch_stats"], batch, rngs={"dropout": rng}
         )
-        params, opt_state, scratch = optimizer.update(
-            state["params"], dense_grads, rows, state["opt_state"], state["scratch"]
-        )
-        new_state = {
-            "step": state["step"] + 1,
-            "rng": state["rng"],
-            "params": params,
-            "batch_stats": batch_stats,
-            "opt_state": opt_state,
-            "scratch": scratch,
-        }
+        new_state = {"step": state["step"] + 1, "rng": state["rng"], "batch_stats": batch_stats}
+        if "scratch" in state:  # RowSparseAdam's carried buffers
+            new_state["params"], new_state["opt_state"], new_state["scratch"] = optimizer.update(
+                state["params"], dense_grads, rows, state["opt_state"], state["scratch"]
+            )
+        else:
+            new_state["params"], new_state["opt_state"] = optimizer.update(
+                state["params"], dense_grads, rows, state["opt_state"]
+            )
         return new_state, _metrics(terms)
 
     return train_step

@@ -138,6 +138,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise RunError("config field export.gradients_every_steps must be >= 1")
     if not math.isfinite(config.optim.lr) or config.optim.lr <= 0:
         raise RunError(f"config field optim.lr = {config.optim.lr!r}: must be positive")
+    try:  # optim.table_updates: a known value, and "lazy" only for models that support it
+        steps.uses_row_sparse_updates(config.model, config.optim)
+    except ValueError as error:
+        raise RunError(str(error)) from error
     multiple = int(config.mesh.table_rows_multiple)
     if multiple < 1:
         raise RunError(f"config field mesh.table_rows_multiple = {multiple!r}: must be >= 1")

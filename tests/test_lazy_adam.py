@@ -1,0 +1,267 @@
+"""dare_jax.optim.LazyAdam (config optim.table_updates="lazy") against a numpy transcription of
+its rule, alone and inside the driver's training step; dense Adam where every row is looked up;
+memory that does not grow with the table; the config refusals."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from dare_jax import optim, sharding, steps, train
+from dare_jax.models import build_model, default_model_config
+
+LR, B1, B2, EPS = 0.01, 0.9, 0.999, 1e-8
+
+
+def _close(have, want, what, atol=1e-7):
+    np.testing.assert_allclose(np.asarray(have), np.asarray(want), rtol=2e-6, atol=atol, err_msg=what)
+
+
+class NumpyLazyAdam:
+    """The rule of dare_jax/optim.py, row by row in plain numpy (float32)."""
+
+    def __init__(self, params: dict[str, np.ndarray]):
+        self.p = {k: np.array(v, np.float32) for k, v in params.items()}
+        self.m = {k: np.zeros_like(v) for k, v in self.p.items()}
+        self.v = {k: np.zeros_like(v) for k, v in self.p.items()}
+        self.k = {k: np.zeros(len(v), np.int64) for k, v in self.p.items() if k.startswith("embed/")}
+        self.t = 0
+
+    def _adam(self, p, m, v, g, t):
+        m = np.float32(1 - B1) * g + np.float32(B1) * m
+        v = np.float32(1 - B2) * (g * g) + np.float32(B2) * v
+        bc1 = np.float32(1 - np.float32(B1) ** np.float32(t))
+        bc2 = np.float32(1 - np.float32(B2) ** np.float32(t))
+        step = (m / bc1) / (np.sqrt(v / bc2) + np.float32(EPS))
+        return p - np.float32(LR) * step, m, v
+
+    def step(self, dense_grads: dict[str, np.ndarray], lookups: dict[str, list]):
+        """lookups: {table: [(ids, rows), ...]}: every lookup of this batch, duplicates kept."""
+        self.t += 1
+        for key, p in self.p.items():
+            if key in self.k:
+                summed: dict[int, np.ndarray] = {}
+                for ids, rows in lookups.get(key, []):
+                    for i, r in zip(np.asarray(ids).tolist(), np.asarray(rows, np.float32)):
+                        summed[i] = summed.get(i, np.zeros_like(r)) + r
+                for i, g in summed.items():
+                    self.k[key][i] += 1
+                    p[i], self.m[key][i], self.v[key][i] = self._adam(
+                        p[i], self.m[key][i], self.v[key][i], g, self.k[key][i]
+                    )
+            else:
+                g = np.asarray(dense_grads[key], np.float32)
+                self.p[key], self.m[key], self.v[key] = self._adam(p, self.m[key], self.v[key], g, self.t)
+
+
+def _params(rng):
+    return {
+        "embed": {
+            "g": {
+                "item": jnp.asarray(rng.normal(size=(50, 4)), jnp.float32),  # > its lookups
+                "category": jnp.asarray(rng.normal(size=(7, 4)), jnp.float32),  # < its lookups
+                "time": jnp.asarray(rng.normal(size=(9, 4)), jnp.float32),  # never looked up
+            }
+        },
+        "head": {"kernel": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)},
+    }
+
+
+def test_update_follows_the_numpy_rule_with_duplicates_and_untouched_rows():
+    rng = np.random.default_rng(0)
+    params = _params(rng)
+    adam = optim.LazyAdam(LR, B1, B2, EPS)
+    state = adam.init(params)
+    oracle = NumpyLazyAdam(optim.flatten_params(params))
+    update = jax.jit(adam.update)
+    touched: dict[str, set] = {"embed/g/item": set(), "embed/g/category": set()}
+    for t in range(5):
+        item_ids = rng.integers(0, 25, size=30).astype(np.int32)  # rows 25.. never looked up
+        item_ids[:3] = item_ids[3]  # a quadruple duplicate
+        category_ids = rng.integers(0, 5, size=12).astype(np.int32)  # rows 5, 6 never
+        if t == 2:
+            item_ids[:] = 1  # one row looked up 30 times
+        lookups = {
+            # A table's rows come as several lookups (target, history).
+            "embed/g/item": [(item_ids[:10], rng.normal(size=(10, 4))), (item_ids[10:], rng.normal(size=(20, 4)))],
+            "embed/g/category": [(category_ids, rng.normal(size=(12, 4)))],
+        }
+        lookups = {k: [(i, r.astype(np.float32)) for i, r in v] for k, v in lookups.items()}
+        for key, pairs in lookups.items():
+            touched[key] |= {int(i) for ids, _ in pairs for i in ids}
+        head = rng.normal(size=(3, 2)).astype(np.float32)
+        oracle.step({"head/kernel": head}, lookups)
+        rows = {k: [(jnp.asarray(i), jnp.asarray(r)) for i, r in v] for k, v in lookups.items()}
+        params, state = update(params, {"head/kernel": jnp.asarray(head)}, rows, state)
+        flat = optim.flatten_params(params)
+        mu, nu = optim.flatten_params(state.mu), optim.flatten_params(state.nu)
+        counts = optim.flatten_params(state.row_count)
+        for key in oracle.p:
+            _close(flat[key], oracle.p[key], f"step {t} params {key}")
+            _close(mu[key], oracle.m[key], f"step {t} mu {key}")
+            _close(nu[key], oracle.v[key], f"step {t} nu {key}")
+            if key in oracle.k:
+                np.testing.assert_array_equal(np.asarray(counts[key]), oracle.k[key], key)
+    assert int(state.count) == 5
+    # Rows never looked up kept their initial values exactly, with zero moments and counts.
+    initial = optim.flatten_params(_params(np.random.default_rng(0)))
+    flat = optim.flatten_params(params)
+    for key, rows_n in (("embed/g/item", 50), ("embed/g/category", 7), ("embed/g/time", 9)):
+        never = sorted(set(range(rows_n)) - touched.get(key, set()))
+        assert never
+        np.testing.assert_array_equal(np.asarray(flat[key])[never], np.asarray(initial[key])[never])
+        assert not np.any(np.asarray(optim.flatten_params(state.mu)[key])[never])
+        assert not np.any(np.asarray(optim.flatten_params(state.row_count)[key])[never])
+
+
+def test_rows_looked_up_at_every_step_follow_dense_adam():
+    """Rows looked up at every step have the global step as their count, and rows never looked
+    up have zero gradients, which dense Adam leaves in place: on such lookups the lazy rule is
+    optax.adam on the dense gradient, for a table updated whole (6 rows, 10 lookups) and one
+    updated row by row (40 rows, 25 lookups of rows 0-9)."""
+    rng = np.random.default_rng(3)
+    params = {
+        "embed": {
+            "g": {
+                "item": jnp.asarray(rng.normal(size=(6, 3)), jnp.float32),
+                "time": jnp.asarray(rng.normal(size=(40, 3)), jnp.float32),
+            }
+        }
+    }
+    adam = optim.LazyAdam(LR)
+    state = adam.init(params)
+    reference, ref_state = params, optax.adam(LR).init(params)
+    for _ in range(4):
+        ids = {
+            "item": np.concatenate([np.arange(6), rng.integers(0, 6, size=4)]),
+            "time": np.concatenate([rng.permutation(10), rng.integers(0, 10, size=15)]),
+        }
+        ids = {k: v.astype(np.int32) for k, v in ids.items()}
+        rows = {k: rng.normal(size=(len(v), 3)).astype(np.float32) for k, v in ids.items()}
+        dense = {k: np.zeros(np.shape(params["embed"]["g"][k]), np.float32) for k in ids}
+        for key in ids:
+            np.add.at(dense[key], ids[key], rows[key])
+        table_rows = {
+            f"embed/g/{k}": [(jnp.asarray(ids[k][:7]), jnp.asarray(rows[k][:7])),
+                             (jnp.asarray(ids[k][7:]), jnp.asarray(rows[k][7:]))]
+            for k in ids
+        }
+        params, state = adam.update(params, {}, table_rows, state)
+        updates, ref_state = optax.adam(LR).update({"embed": {"g": dense}}, ref_state, reference)
+        reference = optax.apply_updates(reference, updates)
+        for key in ids:
+            _close(params["embed"]["g"][key], reference["embed"]["g"][key], key)
+            _close(state.mu["embed"]["g"][key], ref_state[0].mu["embed"]["g"][key], key)
+            _close(state.nu["embed"]["g"][key], ref_state[0].nu["embed"]["g"][key], key)
+
+
+def _batch(rng, b, length, item_n, cate_n):
+    hist = rng.integers(1, item_n, size=(b, length)).astype(np.int32)
+    hist[:, :2] = 0  # padding: row 0 is looked up (with a zero gradient)
+    hist[0, 5] = hist[1, 7] = hist[2, 2]  # duplicate ids across examples
+    return {
+        "iid": jnp.asarray(rng.integers(1, item_n, size=b), jnp.int32),
+        "cid": jnp.asarray(rng.integers(1, cate_n, size=b), jnp.int32),
+        "hist_iid": jnp.asarray(hist),
+        "hist_cid": jnp.asarray(np.where(hist > 0, rng.integers(1, cate_n, hist.shape), 0)),
+        "label": jnp.asarray(rng.integers(0, 2, size=b), jnp.int32),
+    }
+
+
+def _optim_cfg(table_updates="lazy", sparse=True) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(
+        {"lr": LR, "b1": B1, "b2": B2, "eps": EPS, "sparse_table_updates": sparse,
+         "table_updates": table_updates}
+    )
+
+
+def _looked_up(key: str, batch, length: int) -> np.ndarray:
+    """The rows of table `key` that the batch looks up: its ids of the field, target and
+    history (padding 0 included); time ids 0 (target) and 1..L (history)."""
+    field = key.rsplit("/", 1)[1]
+    if field == "time":
+        return np.arange(length + 1)
+    name = {"item": "iid", "category": "cid"}[field]
+    return np.unique(np.concatenate([np.ravel(batch[name]), np.ravel(batch[f"hist_{name}"])]))
+
+
+# The rows of the target time id (0 for every example) feed BatchNorm as a constant, so their
+# true gradient is 0 and both sides see float noise that Adam normalises to steps of order lr
+# (see tests/test_optim.py); any wrong update is off by ~lr (0.01).
+STEP_PARAM_ATOL = 3e-5
+
+
+@pytest.mark.parametrize(
+    "name,overrides",
+    [
+        ("twin", {}),
+        ("dare", {}),
+        pytest.param("din", {"use_time": False}, marks=pytest.mark.slow),
+        pytest.param("four_embedding", {}, marks=pytest.mark.slow),
+    ],
+)
+def test_driver_step_follows_the_numpy_rule_on_autodiff_gradients(name, overrides):
+    """The driver's lazy step (row gradients, LazyAdam, one jitted program) against the numpy
+    rule applied to autodiff's dense gradient of the same loss, rows looked up by the batch.
+    The item and time tables have more rows than a batch's lookups (updated row by row), the
+    category table fewer (updated whole under a mask)."""
+    item_n, cate_n, length, wd = 400, 9, 12, 1e-3
+    cfg = default_model_config()
+    cfg.name, cfg.top_k = name, 4
+    cfg.update(overrides)
+    optim_cfg = _optim_cfg()
+    model = build_model(steps.training_model_config(cfg, optim_cfg), item_n, cate_n, length)
+    optimizer = steps.make_optimizer(optim_cfg, cfg)
+    assert isinstance(optimizer, optim.LazyAdam)
+    train_step = steps.make_train_step(model, optimizer, cfg, wd)
+    rng = np.random.default_rng(1)
+    batches = [_batch(rng, 8, length, item_n, cate_n) for _ in range(3)]
+    key = jax.random.PRNGKey(0)
+    state = steps.create_train_state(model, optimizer, key, batches[0], key)
+    oracle = NumpyLazyAdam(optim.flatten_params(state["params"]))
+    batch_stats = state["batch_stats"]
+
+    @jax.jit
+    def dense_gradient(params, batch_stats, batch, rng):
+        def loss(params):
+            outputs, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats}, batch, train=True,
+                mutable=["batch_stats"], rngs={"dropout": rng},
+            )
+            terms = steps.loss_lib.loss_terms(outputs, batch["label"], params, wd)
+            return terms["total"], (terms["total"], updates["batch_stats"])
+
+        return jax.grad(loss, has_aux=True)(params)
+
+    for step, batch in enumerate(batches):
+        rng_step = jax.random.fold_in(state["rng"], step)
+        params = optim.unflatten_params({k: jnp.asarray(v) for k, v in oracle.p.items()})
+        grads, (want_loss, batch_stats) = dense_gradient(params, batch_stats, batch, rng_step)
+        grads = optim.flatten_params(grads)
+        lookups = {}
+        for table in oracle.k:
+            rows = _looked_up(table, batch, length)
+            lookups[table] = [(rows, np.asarray(grads[table])[rows])]
+        oracle.step(grads, lookups)
+        state, metrics = train_step(state, batch)
+        _close(metrics["total"], want_loss, f"{name} step {step} loss", atol=1e-6)
+        flat = optim.flatten_params(state["params"])
+        counts = optim.flatten_params(state["opt_state"].row_count)
+        assert sorted(counts) == sorted(oracle.k)
+        for table, count in counts.items():
+            np.testing.assert_array_equal(np.asarray(count), oracle.k[table], f"{name} {table}")
+        for leaf, want in oracle.p.items():
+            _close(flat[leaf], want, f"{name} step {step} {leaf}", STEP_PARAM_ATOL)
+    assert train_step._cache_size() == 1
+    # Rows no batch looked up did not move.
+    initial = steps.create_train_state(model, optimizer, key, batches[0], key)["params"]
+    item_table = next(k for k in flat if k.endswith("/item"))
+    never = sorted(set(range(item_n)) - {int(i) for b in batches for i in _looked_up(item_table, b, length)})
+    assert never
+    np.testing.assert_array_equal(
+        np.asarray(flat[item_table])[never], np.asarray(optim.flatten_params(initial)[item_table])[never]
+    )
