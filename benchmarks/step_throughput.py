@@ -70,7 +70,7 @@ from dare_jax.sharding import Partitioner, padded_rows
 ROW_SHARDED = r"embed/.*/item"
 
 WEIGHT_DECAY = 1e-6
-DRIVER_VARIANTS = ("optax", "row_sparse")
+DRIVER_VARIANTS = ("optax", "row_sparse", "lazy")
 LEARNING_RATE = 0.01
 
 
@@ -192,14 +192,16 @@ def _variant_callable(model_cfg, model, variant: str, init_batch, batches, parti
 
 
 def _driver_callable(model_cfg, model, variant, init_batch, next_batch, partitioner):
-    """The driver's training step (`dare_jax.steps`) with optax.adam or RowSparseAdam."""
+    """The driver's training step (`dare_jax.steps`) with optax.adam, RowSparseAdam or
+    LazyAdam."""
     optim_cfg = ml_collections.ConfigDict(
         {
             "lr": LEARNING_RATE,
             "b1": 0.9,
             "b2": 0.999,
             "eps": 1e-8,
-            "sparse_table_updates": variant == "row_sparse",
+            "sparse_table_updates": variant != "optax",
+            "table_updates": "lazy" if variant == "lazy" else "dense",
         }
     )
     model = build_model(
@@ -380,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants",
         default="optax,row_sparse,frozen_embeddings,forward",
-        help="comma-separated: optax, row_sparse, frozen_embeddings, forward",
+        help="comma-separated: optax, row_sparse, lazy, frozen_embeddings, forward",
     )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument(

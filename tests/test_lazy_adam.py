@@ -11,8 +11,14 @@ import numpy as np
 import optax
 import pytest
 
-from dare_jax import optim, sharding, steps, train
+from dare_jax import checkpointing, optim, sharding, steps, train
+from dare_jax.data import open_dataset, pipeline, preprocess_log
+from dare_jax.data.synthetic import write_taobao_log
 from dare_jax.models import build_model, default_model_config
+from dare_jax.run_logging import read_jsonl
+from crash_support import SimulatedCrash, crashing_train_iterator
+from sharding_worker import make_config
+from tiny_setup import tiny_overrides
 
 LR, B1, B2, EPS = 0.01, 0.9, 0.999, 1e-8
 
@@ -265,3 +271,136 @@ def test_driver_step_follows_the_numpy_rule_on_autodiff_gradients(name, override
     np.testing.assert_array_equal(
         np.asarray(flat[item_table])[never], np.asarray(optim.flatten_params(initial)[item_table])[never]
     )
+
+
+# ----------------------------------------------------------------- config, memory, driver
+
+
+@pytest.mark.parametrize(
+    "model_overrides,optim_overrides,message",
+    [
+        ({"name": "eta"}, {}, "model 'eta' does not give"),
+        ({"name": "twin", "observe_attn_repr_grad": True}, {}, "gradient-observation"),
+        ({}, {"sparse_table_updates": False}, "contradicts it"),
+        ({}, {"table_updates": "sparse"}, "expected one of \\['dense', 'lazy'\\]"),
+    ],
+)
+def test_lazy_refusals_name_the_field(model_overrides, optim_overrides, message):
+    cfg = default_model_config()
+    cfg.update(model_overrides)
+    optim_cfg = _optim_cfg()
+    optim_cfg.update(optim_overrides)
+    with pytest.raises(ValueError, match=message):
+        steps.make_optimizer(optim_cfg, cfg)
+    config = make_config({f"optim.{k}": v for k, v in optim_overrides.items()}, "model=dare")
+    config.optim.table_updates = optim_cfg.table_updates
+    for key, value in model_overrides.items():
+        config.model[key] = value
+    with pytest.raises(train.RunError, match=message):
+        train.check_config(config)
+
+
+def test_dense_stays_the_default():
+    config = make_config({}, "model=dare")
+    assert config.optim.table_updates == "dense"
+    assert isinstance(steps.make_optimizer(config.optim, config.model), optim.RowSparseAdam)
+
+
+def _compiled_lazy_step(item_n: int):
+    cfg = default_model_config()
+    cfg.name, cfg.top_k = "dare", 4
+    optim_cfg = _optim_cfg()
+    model = build_model(steps.training_model_config(cfg, optim_cfg), item_n, 9, 12)
+    optimizer = steps.make_optimizer(optim_cfg, cfg)
+    batch = _batch(np.random.default_rng(0), 16, 12, item_n, 9)
+    abstract = steps.abstract_state(model, optimizer, batch)
+    step = steps.make_train_step(model, optimizer, cfg, 1e-6)
+    return abstract, step.lower(abstract, batch).compile()
+
+
+def test_step_memory_follows_the_lookups_not_the_table():
+    """The compiled lazy step's temporaries are the same for a 20,000- and a 200,000-row item
+    table (only the looked-up rows are read and written), and its state holds the tables, their
+    moments and counts, nothing else of a table's size."""
+    temps = {}
+    for item_n in (20_000, 200_000):
+        abstract, compiled = _compiled_lazy_step(item_n)
+        temps[item_n] = compiled.memory_analysis().temp_size_in_bytes
+        assert set(abstract) == {"step", "rng", "params", "batch_stats", "opt_state"}
+        flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
+        big = sorted(jax.tree_util.keystr(p) for p, leaf in flat if leaf.shape[:1] == (item_n,))
+        assert len(big) == 2 * 4  # attention and representation: params, mu, nu, row counts
+        assert all("item" in path for path in big)
+    # A dense item-table-sized temporary would be 200,000 x 16 x 4 bytes = 12.8 MB.
+    assert temps[200_000] == temps[20_000], temps
+
+
+def test_row_sharding_rule_splits_the_lazy_state():
+    """With `mesh.row_sharded`, the lazy moments and per-row counts of a table follow its rows."""
+    cfg = default_model_config()
+    cfg.name, cfg.top_k = "dare", 4
+    optim_cfg = _optim_cfg()
+    model = build_model(steps.training_model_config(cfg, optim_cfg), 128, 64, 12)
+    optimizer = steps.make_optimizer(optim_cfg, cfg)
+    abstract = steps.abstract_state(model, optimizer, _batch(np.random.default_rng(0), 4, 12, 128, 64))
+    partitioner = sharding.Partitioner(-1, 1, "embed/.*/(item|category)$")
+    shardings = partitioner.state_shardings(abstract)
+    split = {
+        jax.tree_util.keystr(path)
+        for path, s in jax.tree_util.tree_flatten_with_path(shardings)[0]
+        if s.spec == jax.sharding.PartitionSpec("model")
+    }
+    expected = {
+        f"{prefix}['embed']['{group}']['{field}']"
+        for prefix in ("['params']", "['opt_state'].mu", "['opt_state'].nu", "['opt_state'].row_count")
+        for group in ("attention", "representation")
+        for field in ("item", "category")
+    }
+    assert split == expected
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lazy_data")
+    write_taobao_log(root / "log.csv", 200, seed=0)
+    preprocess_log("taobao", root / "log.csv", root / "pre", progress=False)
+    return root / "pre"
+
+
+def test_killed_lazy_run_resumes_bit_identically(tiny_data, tmp_path, monkeypatch):
+    """A lazy run killed after step 6 (latest checkpoint: step 4, per-row counts included)
+    resumes to the uninterrupted run's losses, metrics and tables, bit for bit; the analyses
+    load its checkpoints."""
+    lazy = {"optim.table_updates": "lazy", "log.every_steps": 1}
+    straight = tmp_path / "straight"
+    train.run(make_config(tiny_overrides(tiny_data, straight, **lazy), "model=dare"))
+    killed = tmp_path / "killed"
+    with monkeypatch.context() as patch:
+        patch.setattr(pipeline, "train_iterator", crashing_train_iterator(6))
+        with pytest.raises(SimulatedCrash):
+            train.run(make_config(tiny_overrides(tiny_data, killed, **lazy), "model=dare"))
+    assert checkpointing.RunCheckpoints(killed / "seed_0/checkpoints").step() == 4
+    train.run(make_config(tiny_overrides(tiny_data, killed, **lazy), "model=dare"))
+    assert read_jsonl(killed / "seed_0/metrics.jsonl") == read_jsonl(straight / "seed_0/metrics.jsonl")
+    for table in sorted((straight / "seed_0/embeddings").iterdir()):
+        np.testing.assert_array_equal(np.load(killed / "seed_0/embeddings" / table.name), np.load(table))
+    from analysis.common import load_run
+
+    loaded = load_run(killed, which="latest")
+    counts = optim.flatten_params(loaded.state["opt_state"].row_count)
+    # Each item row's count is the number of the 10 training batches that looked it up.
+    config = make_config(tiny_overrides(tiny_data, killed, **lazy), "model=dare")
+    batches = pipeline.train_dataset(
+        open_dataset(tiny_data),
+        batch_size=int(config.train.batch_size),
+        seed=0,
+        num_epochs=int(config.train.num_epochs),
+        max_length=int(config.data.max_length),
+    )
+    expected = np.zeros(counts["embed/representation/item"].shape, np.int64)
+    for index in range(10):
+        batch = batches[index]
+        expected[np.unique(np.concatenate([batch["iid"], batch["hist_iid"].ravel()]))] += 1
+    assert expected.max() > 1 and (expected == 0).any()
+    for table in ("embed/representation/item", "embed/attention/item"):
+        np.testing.assert_array_equal(np.asarray(counts[table]), expected, table)
