@@ -363,13 +363,16 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, float]:
     for variant in args.variants:
         fn = _variant_callable(cfg, model, variant, init_batch, batches, partitioner)
         cpu: list[float] = []
+        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         durations = time_calls(fn, args.warmup, args.steps, cpu)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
         median = statistics.median(durations)
         results[variant] = args.batch / median
         print(
             f"  {name:5s} {variant:18s} {args.batch / median:8.0f} samples/s  "
             f"(median step {1000 * median:7.1f} ms, min {1000 * min(durations):7.1f} ms "
-            f"over {len(durations)} steps; CPU {1000 * statistics.median(cpu):7.1f} ms/step)",
+            f"over {len(durations)} steps; CPU {1000 * statistics.median(cpu):7.1f} ms/step; "
+            f"{faults / (args.warmup + args.steps):.0f} page faults/step)",
             flush=True,
         )
         del fn

@@ -82,6 +82,8 @@ from dare_jax.models.embeddings import EMBEDDING_IDS
 from dare_jax.models.loss import loss_terms
 
 TABLE_ROOT = "embed"
+# Looked-up rows per step of LazyAdam's update loop (8,192 x 16 floats: 512 KiB per array).
+UPDATE_CHUNK = 8192
 PERTURBATIONS = "perturbations"
 
 Flat = dict[str, jax.Array]
@@ -385,7 +387,7 @@ class LazyAdam(_Adam):
             grad = grad.at[ids].add(rows.astype(p.dtype), mode="drop")
             looked_up = looked_up.at[ids].set(True, mode="drop")
         row_count = row_count + looked_up.astype(row_count.dtype)
-        bc1, bc2 = self._bias_corrections(row_count)
+        bc1, bc2 = self._row_bias_corrections(row_count)
         m_new, v_new = self._moments(m, v, grad)
         step = self._step(m_new, v_new, bc1[:, None], bc2[:, None])
         mask = looked_up[:, None]
@@ -399,10 +401,12 @@ class LazyAdam(_Adam):
     def _large_table(self, p, m, v, row_count, pairs):
         """A table with more rows than the batch's lookups: only the looked-up rows of p, m,
         v and the counts are read and written (in place when donated); temporaries `[n, d]`
-        for the n lookups."""
-        rows_n = p.shape[0]
+        for the n lookups, and `[UPDATE_CHUNK, d]` for the Adam update itself."""
+        rows_n, width = p.shape
         ids = jnp.concatenate([i for i, _ in pairs]) if len(pairs) > 1 else pairs[0][0]
         n = ids.shape[0]
+        chunk = min(UPDATE_CHUNK, n)
+        padded = -(-n // chunk) * chunk
         position = jnp.arange(n, dtype=jnp.int32)
         before = row_count.at[ids].get(mode="fill", fill_value=0)
         # Merge duplicate lookups without sorting: each looked-up row's count slot briefly
@@ -413,26 +417,49 @@ class LazyAdam(_Adam):
         marked = row_count.at[ids].set(-1 - position + jnp.minimum(before, 0), mode="drop")
         # An out-of-range id (which makes the forward pass NaN) reads n: no representative.
         representative = -1 - marked.at[ids].get(mode="fill", fill_value=-1 - n)
-        # One position per looked-up row carries its update; `rows_n` marks the others (dropped).
+        # One position per looked-up row carries its update; `rows_n` marks the others (and
+        # the padding up to whole chunks): their writes are dropped.
         update_rows = jnp.where(representative == position, ids, rows_n)
         counts = before + 1
         row_count = marked.at[update_rows].set(counts, mode="drop")
-        grad = jnp.zeros((n, p.shape[1]), p.dtype)
+        update_rows = jnp.pad(update_rows, (0, padded - n), constant_values=rows_n)
+        bc1, bc2 = self._row_bias_corrections(jnp.pad(counts, (0, padded - n), constant_values=1))
+        grad = jnp.zeros((padded, width), p.dtype)
         start = 0
         for lookup_ids, rows in pairs:
             stop = start + lookup_ids.shape[0]
             grad = grad.at[representative[start:stop]].add(rows.astype(p.dtype), mode="drop")
             start = stop
-        m_rows = m.at[update_rows].get(mode="fill", fill_value=0)
-        v_rows = v.at[update_rows].get(mode="fill", fill_value=0)
-        m_rows, v_rows = self._moments(m_rows, v_rows, grad)
-        bc1, bc2 = self._bias_corrections(counts)
-        step = self._step(m_rows, v_rows, bc1[:, None], bc2[:, None])
+
+        # The Adam update chunk by chunk, so that its gathered rows and intermediates stay in
+        # the cache instead of streaming `[n, d]` arrays through memory several times.
+        def update_chunk(index, tables):
+            p, m, v = tables
+            rows = jax.lax.dynamic_slice_in_dim(update_rows, index * chunk, chunk)
+            g = jax.lax.dynamic_slice_in_dim(grad, index * chunk, chunk)
+            m_rows = m.at[rows].get(mode="fill", fill_value=0)
+            v_rows = v.at[rows].get(mode="fill", fill_value=0)
+            m_rows, v_rows = self._moments(m_rows, v_rows, g)
+            c1 = jax.lax.dynamic_slice_in_dim(bc1, index * chunk, chunk)[:, None]
+            c2 = jax.lax.dynamic_slice_in_dim(bc2, index * chunk, chunk)[:, None]
+            step = self._step(m_rows, v_rows, c1, c2)
+            return (
+                p.at[rows].add((-self.lr) * step, mode="drop"),
+                m.at[rows].set(m_rows, mode="drop"),
+                v.at[rows].set(v_rows, mode="drop"),
+            )
+
+        p, m, v = jax.lax.fori_loop(0, padded // chunk, update_chunk, (p, m, v))
+        return p, m, v, row_count
+
+    def _row_bias_corrections(self, counts: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(1 - b1^k, 1 - b2^k) per row count k, as -expm1(k ln b): ten times faster than
+        XLA:CPU's pow and more accurate (optax's 1 - b2^t loses 2e-5 of its value at small t
+        to cancellation); float32."""
+        k = counts.astype(jnp.float32)
         return (
-            p.at[update_rows].add((-self.lr) * step, mode="drop"),
-            m.at[update_rows].set(m_rows, mode="drop"),
-            v.at[update_rows].set(v_rows, mode="drop"),
-            row_count,
+            -jnp.expm1(k * jnp.float32(math.log(self.b1))),
+            -jnp.expm1(k * jnp.float32(math.log(self.b2))),
         )
 
 

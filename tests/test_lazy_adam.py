@@ -37,11 +37,9 @@ class NumpyLazyAdam:
         self.k = {k: np.zeros(len(v), np.int64) for k, v in self.p.items() if k.startswith("embed/")}
         self.t = 0
 
-    def _adam(self, p, m, v, g, t):
+    def _adam(self, p, m, v, g, bc1, bc2):
         m = np.float32(1 - B1) * g + np.float32(B1) * m
         v = np.float32(1 - B2) * (g * g) + np.float32(B2) * v
-        bc1 = np.float32(1 - np.float32(B1) ** np.float32(t))
-        bc2 = np.float32(1 - np.float32(B2) ** np.float32(t))
         step = (m / bc1) / (np.sqrt(v / bc2) + np.float32(EPS))
         return p - np.float32(LR) * step, m, v
 
@@ -56,12 +54,19 @@ class NumpyLazyAdam:
                         summed[i] = summed.get(i, np.zeros_like(r)) + r
                 for i, g in summed.items():
                     self.k[key][i] += 1
+                    k = self.k[key][i]
+                    # The row's own count; 1 - b^k exactly (float64), rounded to float32.
+                    bc1, bc2 = np.float32(1 - B1**k), np.float32(1 - B2**k)
                     p[i], self.m[key][i], self.v[key][i] = self._adam(
-                        p[i], self.m[key][i], self.v[key][i], g, self.k[key][i]
+                        p[i], self.m[key][i], self.v[key][i], g, bc1, bc2
                     )
-            else:
+            else:  # optax.adam's expressions: float32 powers of the global step
                 g = np.asarray(dense_grads[key], np.float32)
-                self.p[key], self.m[key], self.v[key] = self._adam(p, self.m[key], self.v[key], g, self.t)
+                bc1 = np.float32(1) - np.float32(B1) ** np.float32(self.t)
+                bc2 = np.float32(1) - np.float32(B2) ** np.float32(self.t)
+                self.p[key], self.m[key], self.v[key] = self._adam(
+                    p, self.m[key], self.v[key], g, bc1, bc2
+                )
 
 
 def _params(rng):
