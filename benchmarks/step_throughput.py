@@ -2,7 +2,7 @@
 
     python benchmarks/step_throughput.py [--models din twin dare] [--steps 5] [--warmup 2]
         [--batch 2048] [--length 200] [--item-n 4068791] [--cate-n 9408] [--dim 16]
-        [--variants optax,row_sparse,frozen_embeddings,forward] [--breakdown]
+        [--variants optax,row_sparse,lazy,frozen_embeddings,forward] [--breakdown]
 
 Random int batches (ids drawn uniformly, about 10% left padding). A training step is the
 driver's (`dare_jax.steps.make_train_step`, one jitted program, state donated): forward +
@@ -10,14 +10,16 @@ backward + a dense Adam update of ALL parameters (every table row, as the offici
 training with dense embedding gradients). `optax` runs it with `optax.adam` on autodiff's
 gradient (config `optim.sparse_table_updates=False`); `row_sparse` with
 `dare_jax.optim.RowSparseAdam` (the default: the same maths, table gradients as looked-up
-rows summed into carried buffers, moments in flat vectorised passes).
+rows summed into carried buffers, moments in flat vectorised passes); `lazy` with
+`dare_jax.optim.LazyAdam` (config `optim.table_updates=lazy`: other maths, only the rows a
+batch looks up move; its cost should not depend on `--item-n`).
 `frozen_embeddings` differentiates and updates everything except the embedding tables, to
 measure what the embedding gradients and their dense Adam update cost.
 `forward` is the jit-compiled evaluation forward pass (BatchNorm with running statistics).
 `--breakdown` also times the pieces of one item table's update: the gradient as autodiff forms
 it (scatter-add into a zero table) and exact alternatives (segment_sum, sorted ids), the
 scatter alone, Adam's square-root-and-divide pass over the table shaped `[rows, d]` and
-flat, scatter + dense Adam, and `RowSparseAdam.update`.
+flat, scatter + dense Adam, `RowSparseAdam.update` and `LazyAdam.update`.
 `--host-devices 2 --mesh 1,2` splits the CPU into two XLA host devices and the item tables
 (with their Adam moments) by rows over them (`dare_jax.sharding.Partitioner`; the same maths):
 XLA:CPU runs each device on its own thread, so the dense table update uses both cores.
@@ -340,6 +342,19 @@ def embedding_update_breakdown(args: argparse.Namespace) -> None:
             keep_unused=True,  # the step buffer is only written
         ),
         (params, adam.init(params), adam.init_scratch(params, {key: n_rows})),
+    )
+
+    # dare_jax.optim.LazyAdam: only the looked-up rows (duplicates merged through the count
+    # slots, then the Adam update in chunks); params and state donated.
+    lazy = optim.LazyAdam(LEARNING_RATE)
+    params = {"embed": {"representation": {"item": jnp.zeros(shape)}}}
+    report(
+        "dare_jax.optim.LazyAdam.update (looked-up rows), donated",
+        jax.jit(
+            lambda state, r, i: lazy.update(state[0], {}, {key: [(i, r)]}, state[1]),
+            donate_argnums=0,
+        ),
+        (params, lazy.init(params)),
     )
 
 

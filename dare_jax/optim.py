@@ -430,11 +430,17 @@ class LazyAdam(_Adam):
         row_count = marked.at[update_rows].set(counts, mode="drop")
         update_rows = jnp.pad(update_rows, (0, padded - n), constant_values=rows_n)
         bc1, bc2 = self._row_bias_corrections(jnp.pad(counts, (0, padded - n), constant_values=1))
-        grad = jnp.zeros((padded, width), p.dtype)
+        # Each representative's summed gradient at its position: every lookup's row in a copy
+        # of the rows, the other lookups' rows added onto their representative's (faster
+        # than zeros plus every row, and unlike a zero buffer not merged by XLA with the
+        # other tables' into one buffer that it then copies for each).
+        pad = jnp.zeros((padded - n, width), p.dtype)
+        grad = jnp.concatenate([rows.astype(p.dtype) for _, rows in pairs] + [pad])
+        onto = jnp.where(representative == position, padded, representative)  # padded: none
         start = 0
         for lookup_ids, rows in pairs:
             stop = start + lookup_ids.shape[0]
-            grad = grad.at[representative[start:stop]].add(rows.astype(p.dtype), mode="drop")
+            grad = grad.at[onto[start:stop]].add(rows.astype(p.dtype), mode="drop")
             start = stop
 
         # The Adam update chunk by chunk, so that its gathered rows and intermediates stay in
