@@ -24,7 +24,9 @@ LR, B1, B2, EPS = 0.01, 0.9, 0.999, 1e-8
 
 
 def _close(have, want, what, atol=1e-7):
-    np.testing.assert_allclose(np.asarray(have), np.asarray(want), rtol=2e-6, atol=atol, err_msg=what)
+    np.testing.assert_allclose(
+        np.asarray(have), np.asarray(want), rtol=2e-6, atol=atol, err_msg=what
+    )
 
 
 class NumpyLazyAdam:
@@ -34,7 +36,7 @@ class NumpyLazyAdam:
         self.p = {k: np.array(v, np.float32) for k, v in params.items()}
         self.m = {k: np.zeros_like(v) for k, v in self.p.items()}
         self.v = {k: np.zeros_like(v) for k, v in self.p.items()}
-        self.k = {k: np.zeros(len(v), np.int64) for k, v in self.p.items() if k.startswith("embed/")}
+        self.k = {k: np.zeros(len(v), np.int64) for k, v in self.p.items() if "embed/" in k}
         self.t = 0
 
     def _adam(self, p, m, v, g, bc1, bc2):
@@ -98,7 +100,10 @@ def test_update_follows_the_numpy_rule_with_duplicates_and_untouched_rows():
             item_ids[:] = 1  # one row looked up 30 times
         lookups = {
             # A table's rows come as several lookups (target, history).
-            "embed/g/item": [(item_ids[:10], rng.normal(size=(10, 4))), (item_ids[10:], rng.normal(size=(20, 4)))],
+            "embed/g/item": [
+                (item_ids[:10], rng.normal(size=(10, 4))),
+                (item_ids[10:], rng.normal(size=(20, 4))),
+            ],
             "embed/g/category": [(category_ids, rng.normal(size=(12, 4)))],
         }
         lookups = {k: [(i, r.astype(np.float32)) for i, r in v] for k, v in lookups.items()}
@@ -271,10 +276,12 @@ def test_driver_step_follows_the_numpy_rule_on_autodiff_gradients(name, override
     # Rows no batch looked up did not move.
     initial = steps.create_train_state(model, optimizer, key, batches[0], key)["params"]
     item_table = next(k for k in flat if k.endswith("/item"))
-    never = sorted(set(range(item_n)) - {int(i) for b in batches for i in _looked_up(item_table, b, length)})
+    looked_up = {int(i) for b in batches for i in _looked_up(item_table, b, length)}
+    never = sorted(set(range(item_n)) - looked_up)
     assert never
     np.testing.assert_array_equal(
-        np.asarray(flat[item_table])[never], np.asarray(optim.flatten_params(initial)[item_table])[never]
+        np.asarray(flat[item_table])[never],
+        np.asarray(optim.flatten_params(initial)[item_table])[never],
     )
 
 
@@ -347,7 +354,8 @@ def test_row_sharding_rule_splits_the_lazy_state():
     optim_cfg = _optim_cfg()
     model = build_model(steps.training_model_config(cfg, optim_cfg), 128, 64, 12)
     optimizer = steps.make_optimizer(optim_cfg, cfg)
-    abstract = steps.abstract_state(model, optimizer, _batch(np.random.default_rng(0), 4, 12, 128, 64))
+    batch = _batch(np.random.default_rng(0), 4, 12, 128, 64)
+    abstract = steps.abstract_state(model, optimizer, batch)
     partitioner = sharding.Partitioner(-1, 1, "embed/.*/(item|category)$")
     shardings = partitioner.state_shardings(abstract)
     split = {
@@ -357,7 +365,7 @@ def test_row_sharding_rule_splits_the_lazy_state():
     }
     expected = {
         f"{prefix}['embed']['{group}']['{field}']"
-        for prefix in ("['params']", "['opt_state'].mu", "['opt_state'].nu", "['opt_state'].row_count")
+        for prefix in ("['params']", *(f"['opt_state'].{s}" for s in ("mu", "nu", "row_count")))
         for group in ("attention", "representation")
         for field in ("item", "category")
     }
@@ -386,9 +394,12 @@ def test_killed_lazy_run_resumes_bit_identically(tiny_data, tmp_path, monkeypatc
             train.run(make_config(tiny_overrides(tiny_data, killed, **lazy), "model=dare"))
     assert checkpointing.RunCheckpoints(killed / "seed_0/checkpoints").step() == 4
     train.run(make_config(tiny_overrides(tiny_data, killed, **lazy), "model=dare"))
-    assert read_jsonl(killed / "seed_0/metrics.jsonl") == read_jsonl(straight / "seed_0/metrics.jsonl")
+    log = "seed_0/metrics.jsonl"
+    assert read_jsonl(killed / log) == read_jsonl(straight / log)
     for table in sorted((straight / "seed_0/embeddings").iterdir()):
-        np.testing.assert_array_equal(np.load(killed / "seed_0/embeddings" / table.name), np.load(table))
+        np.testing.assert_array_equal(
+            np.load(killed / "seed_0/embeddings" / table.name), np.load(table)
+        )
     from analysis.common import load_run
 
     loaded = load_run(killed, which="latest")
