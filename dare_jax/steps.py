@@ -70,10 +70,16 @@ def uses_row_sparse_updates(
     supported = not _observes_gradients(model_cfg) and not uses_long_model(model_cfg)
     if lazy_table_updates(optim_cfg):
         if not supported:
+            why = (
+                "its gradient observation (model.observe_attn_repr_grad / avoid_domination) "
+                "combines dense path gradients"
+                if _observes_gradients(model_cfg)
+                else f"model {model_cfg.name!r} is a long-history model, trained with dense "
+                "table gradients"
+            )
             raise ValueError(
                 "config field optim.table_updates = 'lazy' needs the tables' gradients as "
-                f"looked-up rows, which model {model_cfg.name!r} does not give yet (gradient-"
-                "observation and long-history models train with dense table gradients); use "
+                f"looked-up rows, which this model does not give yet: {why}; use "
                 "optim.table_updates='dense'"
             )
         if not optim_cfg.get("sparse_table_updates", True):

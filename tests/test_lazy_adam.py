@@ -218,6 +218,15 @@ STEP_PARAM_ATOL = 3e-5
         ("dare", {}),
         pytest.param("din", {"use_time": False}, marks=pytest.mark.slow),
         pytest.param("four_embedding", {}, marks=pytest.mark.slow),
+        pytest.param("three_embedding", {}, marks=pytest.mark.slow),
+        pytest.param("twin", {"soft_search": False}, marks=pytest.mark.slow),  # hard search
+        pytest.param("projection", {"mlp_position_after_concat": True}, marks=pytest.mark.slow),
+        pytest.param("projection_with_mlp", {}, marks=pytest.mark.slow),
+        pytest.param(
+            "dare",
+            {f"attention_{f}_embedding_dim": 8 for f in ("item", "category", "time")},
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_driver_step_follows_the_numpy_rule_on_autodiff_gradients(name, overrides):
@@ -291,8 +300,8 @@ def test_driver_step_follows_the_numpy_rule_on_autodiff_gradients(name, override
 @pytest.mark.parametrize(
     "model_overrides,optim_overrides,message",
     [
-        ({"name": "eta"}, {}, "model 'eta' does not give"),
-        ({"name": "twin", "observe_attn_repr_grad": True}, {}, "gradient-observation"),
+        ({"name": "eta"}, {}, "model 'eta' is a long-history model"),
+        ({"name": "twin", "observe_attn_repr_grad": True}, {}, "gradient observation"),
         ({}, {"sparse_table_updates": False}, "contradicts it"),
         ({}, {"table_updates": "sparse"}, "expected one of \\['dense', 'lazy'\\]"),
     ],
