@@ -203,7 +203,8 @@ def lookup_sizes(model: Any, variables: dict[str, Any], batch: Any, **kwargs) ->
 @dataclasses.dataclass(frozen=True)
 class _Adam:
     """Adam's hyperparameters and expressions, written as optax.adam computes them (eps_root
-    0), so both optimizers below round as optax does."""
+    0), so both optimizers below round as optax does (LazyAdam's per-row bias corrections
+    excepted: `LazyAdam._row_bias_corrections`)."""
 
     lr: float
     b1: float = 0.9
@@ -222,12 +223,23 @@ class _Adam:
         """(1 - b1^count, 1 - b2^count), optax's expressions (float32); count int32, any shape."""
         return 1 - self.b1**count, 1 - self.b2**count
 
-    def _dense_leaf(self, key, p, m, v, dense_grads: Flat, bc1, bc2):
-        """(p, m, v) of a non-table leaf after the Adam step on its dense gradient."""
-        if key not in dense_grads:
-            raise KeyError(f"no gradient for the non-table parameter {key!r}")
-        m, v = self._moments(m, v, dense_grads[key])
-        return p + (-self.lr) * self._step(m, v, bc1, bc2), m, v
+    def _update_leaves(self, params, mu, nu, dense_grads: Flat, count, update_table):
+        """Adam over every leaf: non-table leaves here, on their dense gradient with the global
+        `count`; table leaves by `update_table(key, p, m, v) -> (p, m, v)`. Returns the nested
+        (params, mu, nu)."""
+        bc1, bc2 = self._bias_corrections(count)
+        flat_m, flat_v = flatten_params(mu), flatten_params(nu)
+        new_p, new_m, new_v = {}, {}, {}
+        for key, p in flatten_params(params).items():
+            m, v = flat_m[key], flat_v[key]
+            if is_table(key):
+                new_p[key], new_m[key], new_v[key] = update_table(key, p, m, v)
+                continue
+            if key not in dense_grads:
+                raise KeyError(f"no gradient for the non-table parameter {key!r}")
+            new_m[key], new_v[key] = self._moments(m, v, dense_grads[key])
+            new_p[key] = p + (-self.lr) * self._step(new_m[key], new_v[key], bc1, bc2)
+        return tuple(unflatten_params(tree) for tree in (new_p, new_m, new_v))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,20 +280,12 @@ class RowSparseAdam(_Adam):
         """
         count = state.count + 1
         bc1, bc2 = self._bias_corrections(count)
-        flat_p = flatten_params(params)
-        flat_m, flat_v = flatten_params(state.mu), flatten_params(state.nu)
         unknown = set(table_rows) - set(scratch.touched)
         if unknown:
             raise KeyError(f"gradient rows for unknown tables {sorted(unknown)}")
-        new_p, new_m, new_v = {}, {}, {}
         grad_sum, steps, touched = dict(scratch.grad_sum), dict(scratch.step), {}
-        for key, p in flat_p.items():
-            m, v = flat_m[key], flat_v[key]
-            if not is_table(key):
-                new_p[key], new_m[key], new_v[key] = self._dense_leaf(
-                    key, p, m, v, dense_grads, bc1, bc2
-                )
-                continue
+
+        def update_table(key, p, m, v):
             pairs = table_rows.get(key, [])
             ids = [i for i, _ in pairs]
             new_touched = jnp.concatenate(ids) if ids else jnp.zeros((0,), jnp.int32)
@@ -297,14 +301,17 @@ class RowSparseAdam(_Adam):
             for i, r in pairs:
                 grad = grad.at[i].add(r.astype(p.dtype), mode="drop")
             g = grad.reshape(-1)
-            new_m[key], new_v[key] = self._moments(m, v, g)
-            steps[key] = self._step(new_m[key], new_v[key], bc1, bc2)
-            new_p[key] = p + (-self.lr) * steps[key].reshape(p.shape)
+            m, v = self._moments(m, v, g)
+            steps[key] = self._step(m, v, bc1, bc2)
             grad_sum[key], touched[key] = g, new_touched
+            return p + (-self.lr) * steps[key].reshape(p.shape), m, v
+
+        params, mu, nu = self._update_leaves(
+            params, state.mu, state.nu, dense_grads, count, update_table
+        )
         for key in scratch.touched.keys() - touched.keys():
             touched[key] = scratch.touched[key]  # a table without the flag's rows: untouched
-        state = RowSparseAdamState(count, unflatten_params(new_m), unflatten_params(new_v))
-        return unflatten_params(new_p), state, TableScratch(grad_sum, steps, touched)
+        return params, RowSparseAdamState(count, mu, nu), TableScratch(grad_sum, steps, touched)
 
     def to_optax_state(self, state: RowSparseAdamState, params: Any) -> Any:
         """The same state in optax.adam's layout (moments shaped like the params)."""
@@ -353,36 +360,26 @@ class LazyAdam(_Adam):
         """One step. params: nested; dense_grads: {key: gradient} of every non-table leaf;
         table_rows: `table_gradient_rows` (a table without rows is left as it is). Returns
         (params, state). Jit with both donated so that the row writes happen in place."""
-        count = state.count + 1
-        bc1, bc2 = self._bias_corrections(count)
-        flat_p = flatten_params(params)
-        flat_m, flat_v = flatten_params(state.mu), flatten_params(state.nu)
         flat_k = flatten_params(state.row_count)
         unknown = set(table_rows) - set(flat_k)
         if unknown:
             raise KeyError(f"gradient rows for unknown tables {sorted(unknown)}")
-        new_p, new_m, new_v, new_k = {}, {}, {}, dict(flat_k)
-        for key, p in flat_p.items():
-            m, v = flat_m[key], flat_v[key]
-            if not is_table(key):
-                new_p[key], new_m[key], new_v[key] = self._dense_leaf(
-                    key, p, m, v, dense_grads, bc1, bc2
-                )
-                continue
+        new_k = dict(flat_k)
+
+        def update_table(key, p, m, v):
             pairs = table_rows.get(key, [])
             lookups = sum(ids.shape[0] for ids, _ in pairs)
             if lookups == 0:
-                new_p[key], new_m[key], new_v[key] = p, m, v
-            elif p.shape[0] <= lookups:
-                update = self._small_table(p, m, v, flat_k[key], pairs)
-                new_p[key], new_m[key], new_v[key], new_k[key] = update
-            else:
-                update = self._large_table(p, m, v, flat_k[key], pairs)
-                new_p[key], new_m[key], new_v[key], new_k[key] = update
-        state = LazyAdamState(
-            count, unflatten_params(new_m), unflatten_params(new_v), unflatten_params(new_k)
+                return p, m, v
+            by_rows = self._small_table if p.shape[0] <= lookups else self._large_table
+            p, m, v, new_k[key] = by_rows(p, m, v, flat_k[key], pairs)
+            return p, m, v
+
+        count = state.count + 1
+        params, mu, nu = self._update_leaves(
+            params, state.mu, state.nu, dense_grads, count, update_table
         )
-        return unflatten_params(new_p), state
+        return params, LazyAdamState(count, mu, nu, unflatten_params(new_k))
 
     def _small_table(self, p, m, v, row_count, pairs):
         """A table with no more rows than the batch's lookups: the dense gradient and a

@@ -18,6 +18,7 @@ from dare_jax.models import build_model, default_model_config
 from dare_jax.run_logging import read_jsonl
 from crash_support import SimulatedCrash, crashing_train_iterator
 from sharding_worker import make_config
+from tiny_setup import random_batch as _batch
 from tiny_setup import tiny_overrides
 
 LR, B1, B2, EPS = 0.01, 0.9, 0.999, 1e-8
@@ -173,19 +174,6 @@ def test_rows_looked_up_at_every_step_follow_dense_adam():
             _close(params["embed"]["g"][key], reference["embed"]["g"][key], key)
             _close(state.mu["embed"]["g"][key], ref_state[0].mu["embed"]["g"][key], key)
             _close(state.nu["embed"]["g"][key], ref_state[0].nu["embed"]["g"][key], key)
-
-
-def _batch(rng, b, length, item_n, cate_n):
-    hist = rng.integers(1, item_n, size=(b, length)).astype(np.int32)
-    hist[:, :2] = 0  # padding: row 0 is looked up (with a zero gradient)
-    hist[0, 5] = hist[1, 7] = hist[2, 2]  # duplicate ids across examples
-    return {
-        "iid": jnp.asarray(rng.integers(1, item_n, size=b), jnp.int32),
-        "cid": jnp.asarray(rng.integers(1, cate_n, size=b), jnp.int32),
-        "hist_iid": jnp.asarray(hist),
-        "hist_cid": jnp.asarray(np.where(hist > 0, rng.integers(1, cate_n, hist.shape), 0)),
-        "label": jnp.asarray(rng.integers(0, 2, size=b), jnp.int32),
-    }
 
 
 def _optim_cfg(table_updates="lazy", sparse=True) -> ml_collections.ConfigDict:
