@@ -134,21 +134,27 @@ def make_frozen_embeddings_step(model, optimizer, state_shardings=None):
     return jax.jit(step, donate_argnums=(0,), out_shardings=(state_shardings, None))
 
 
-def time_calls(fn, n_warmup: int, n_steps: int, cpu: list[float] | None = None) -> list[float]:
+def time_calls(
+    fn, n_warmup: int, n_steps: int, cpu: list[float] | None = None, faults: list | None = None
+) -> list[float]:
     """Wall seconds of each of `n_steps` calls after `n_warmup` untimed ones.
 
     cpu: if given, receives this process's CPU seconds (user + sys, all threads) per call,
-    which the other processes on a shared machine inflate much less than the wall time.
+    which the other processes on a shared machine inflate much less than the wall time;
+    faults: if given, receives the minor page faults of each timed call (fresh memory).
     """
     for _ in range(n_warmup):
         jax.block_until_ready(fn())
     durations = []
     for _ in range(n_steps):
+        start_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start, start_cpu = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn())
         durations.append(time.perf_counter() - start)
         if cpu is not None:
             cpu.append(time.process_time() - start_cpu)
+        if faults is not None:
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start_faults)
     return durations
 
 
@@ -269,13 +275,11 @@ def embedding_update_breakdown(args: argparse.Namespace) -> None:
             return box["state"]
 
         cpu: list[float] = []
-        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        ms = 1000 * statistics.median(time_calls(run, 1, args.steps, cpu))
-        calls = args.steps + 1
-        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / calls
+        faults: list[int] = []
+        ms = 1000 * statistics.median(time_calls(run, 1, args.steps, cpu, faults))
         print(
-            f"  {label:60s} {ms:8.1f} ms ({faults:.0f} minor page faults per step; "
-            f"CPU {1000 * statistics.median(cpu):.1f} ms)",
+            f"  {label:60s} {ms:8.1f} ms ({statistics.median(faults):.0f} minor page faults "
+            f"per step; CPU {1000 * statistics.median(cpu):.1f} ms)",
             flush=True,
         )
 
@@ -378,16 +382,15 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, float]:
     for variant in args.variants:
         fn = _variant_callable(cfg, model, variant, init_batch, batches, partitioner)
         cpu: list[float] = []
-        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        durations = time_calls(fn, args.warmup, args.steps, cpu)
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before
+        faults: list[int] = []
+        durations = time_calls(fn, args.warmup, args.steps, cpu, faults)
         median = statistics.median(durations)
         results[variant] = args.batch / median
         print(
             f"  {name:5s} {variant:18s} {args.batch / median:8.0f} samples/s  "
             f"(median step {1000 * median:7.1f} ms, min {1000 * min(durations):7.1f} ms "
             f"over {len(durations)} steps; CPU {1000 * statistics.median(cpu):7.1f} ms/step; "
-            f"{faults / (args.warmup + args.steps):.0f} page faults/step)",
+            f"{statistics.median(faults):.0f} page faults/step)",
             flush=True,
         )
         del fn
