@@ -404,7 +404,8 @@ class LazyAdam(_Adam):
     def _large_table(self, p, m, v, row_count, pairs):
         """A table with more rows than the batch's lookups: only the looked-up rows of p, m,
         v and the counts are read and written (in place when donated); temporaries `[n, d]`
-        for the n lookups, and `[UPDATE_CHUNK, d]` for the Adam update itself."""
+        for the n lookups, and `[UPDATE_CHUNK, d]` for the Adam update itself, which runs
+        over the distinct looked-up rows only."""
         rows_n, width = p.shape
         ids = jnp.concatenate([i for i, _ in pairs]) if len(pairs) > 1 else pairs[0][0]
         n = ids.shape[0]
@@ -420,45 +421,47 @@ class LazyAdam(_Adam):
         marked = row_count.at[ids].set(-1 - position + jnp.minimum(before, 0), mode="drop")
         # An out-of-range id (which makes the forward pass NaN) reads n: no representative.
         representative = -1 - marked.at[ids].get(mode="fill", fill_value=-1 - n)
-        # One position per looked-up row carries its update; `rows_n` marks the others (and
-        # the padding up to whole chunks): their writes are dropped.
-        update_rows = jnp.where(representative == position, ids, rows_n)
+        first = representative == position  # one lookup per distinct looked-up row
         counts = before + 1
-        row_count = marked.at[update_rows].set(counts, mode="drop")
-        update_rows = jnp.pad(update_rows, (0, padded - n), constant_values=rows_n)
-        bc1, bc2 = self._row_bias_corrections(jnp.pad(counts, (0, padded - n), constant_values=1))
+        row_count = marked.at[jnp.where(first, ids, rows_n)].set(counts, mode="drop")
         # Each representative's summed gradient at its position: every lookup's row in a copy
         # of the rows, the other lookups' rows added onto their representative's (faster
         # than zeros plus every row, and unlike a zero buffer not merged by XLA with the
         # other tables' into one buffer that it then copies for each).
         pad = jnp.zeros((padded - n, width), p.dtype)
         grad = jnp.concatenate([rows.astype(p.dtype) for _, rows in pairs] + [pad])
-        onto = jnp.where(representative == position, padded, representative)  # padded: none
+        onto = jnp.where(first, padded, representative)  # padded: none
         start = 0
         for lookup_ids, rows in pairs:
             stop = start + lookup_ids.shape[0]
             grad = grad.at[onto[start:stop]].add(rows.astype(p.dtype), mode="drop")
             start = stop
+        # The representatives' positions in order, then n (none) up to whole chunks: the
+        # update loop runs over ceil(distinct rows / chunk) chunks, not over every lookup.
+        slot = jnp.cumsum(first, dtype=jnp.int32) - 1
+        firsts = jnp.full((padded,), n, jnp.int32)
+        firsts = firsts.at[jnp.where(first, slot, padded)].set(position, mode="drop")
+        chunks = (slot[-1] + chunk) // chunk  # slot[-1] + 1 distinct rows
 
         # The Adam update chunk by chunk, so that its gathered rows and intermediates stay in
         # the cache instead of streaming `[n, d]` arrays through memory several times.
         def update_chunk(index, tables):
             p, m, v = tables
-            rows = jax.lax.dynamic_slice_in_dim(update_rows, index * chunk, chunk)
-            g = jax.lax.dynamic_slice_in_dim(grad, index * chunk, chunk)
+            at = jax.lax.dynamic_slice_in_dim(firsts, index * chunk, chunk)
+            rows = ids.at[at].get(mode="fill", fill_value=rows_n)  # rows_n: none (dropped)
+            g = grad.at[at].get(mode="fill", fill_value=0)
+            bc1, bc2 = self._row_bias_corrections(counts.at[at].get(mode="fill", fill_value=1))
             m_rows = m.at[rows].get(mode="fill", fill_value=0)
             v_rows = v.at[rows].get(mode="fill", fill_value=0)
             m_rows, v_rows = self._moments(m_rows, v_rows, g)
-            c1 = jax.lax.dynamic_slice_in_dim(bc1, index * chunk, chunk)[:, None]
-            c2 = jax.lax.dynamic_slice_in_dim(bc2, index * chunk, chunk)[:, None]
-            step = self._step(m_rows, v_rows, c1, c2)
+            step = self._step(m_rows, v_rows, bc1[:, None], bc2[:, None])
             return (
                 p.at[rows].add((-self.lr) * step, mode="drop"),
                 m.at[rows].set(m_rows, mode="drop"),
                 v.at[rows].set(v_rows, mode="drop"),
             )
 
-        p, m, v = jax.lax.fori_loop(0, padded // chunk, update_chunk, (p, m, v))
+        p, m, v = jax.lax.fori_loop(0, chunks, update_chunk, (p, m, v))
         return p, m, v, row_count
 
     def _row_bias_corrections(self, counts: jax.Array) -> tuple[jax.Array, jax.Array]:
