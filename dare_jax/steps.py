@@ -110,15 +110,16 @@ def make_optimizer(
     `uses_row_sparse_updates(model_cfg, optim)`, else optax.adam. ValueError for a lazy
     config without `model_cfg` or with a model that cannot train lazily."""
     if lazy_table_updates(optim):
-        if model_cfg is None or not uses_row_sparse_updates(model_cfg, optim):
+        if model_cfg is None:
             raise ValueError("optim.table_updates = 'lazy' needs the model config")
+        uses_row_sparse_updates(model_cfg, optim)  # ValueError for a model that cannot
         return row_sparse.LazyAdam(optim.lr, optim.b1, optim.b2, optim.eps)
     if model_cfg is not None and uses_row_sparse_updates(model_cfg, optim):
         return row_sparse.RowSparseAdam(optim.lr, optim.b1, optim.b2, optim.eps)
     return optax.adam(learning_rate=optim.lr, b1=optim.b1, b2=optim.b2, eps=optim.eps)
 
 
-def checkpoint_optimizer(optimizer: Optimizer) -> optax.GradientTransformation:
+def checkpoint_optimizer(optimizer: Optimizer) -> Optimizer:
     """The optimizer whose state layout the checkpoints of `optimizer` use (optax's for
     RowSparseAdam; LazyAdam and optax checkpoint their own state)."""
     if isinstance(optimizer, row_sparse.RowSparseAdam):

@@ -573,7 +573,7 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
         bar.close()
     if int(progress["best_step"]) == step:
         # The best checkpoint is the state in memory: reading it back would hold two copies
-        # at once (Orbax's restore alone peaks at about twice the state: 24 GB for a 30 M-row
+        # at once (Orbax's restore alone peaks at about twice the state: 23 GB for a 30 M-row
         # DARE), for the same values.
         best_state, best_progress = state, run_logging.to_jsonable(progress)
     else:
