@@ -42,8 +42,9 @@ correction removes exactly their zero-initialisation bias (1 - b^k_r is the weig
 updates put on real gradients). TensorFlow Addons' LazyAdam and PyTorch's SparseAdam use the
 global step instead: a row first seen at step 1,000 then gets m = 0.1 G, v = 0.001 G^2 but
 corrections 1 - 0.9^1000 = 1 and 1 - 0.999^1000 = 0.63, so its first step is
-0.1 / sqrt(0.0016) = 2.5 times the lr-sized first step Adam gives any fresh parameter, and
-rarely looked-up rows (most of a long-tailed catalogue) take such over-sized early steps. With
+0.1 / sqrt(0.0016) = 2.5 times the lr-sized first step Adam gives any fresh parameter (0.1 x
+sqrt(1000) = 3.2 times from step ~5,000 on), and rarely looked-up rows (most of a long-tailed
+catalogue) take such over-sized early steps. With
 k_r, a row looked up at every step follows dense Adam (k_r = t; to rounding, below); tests
 check both that and a numpy transcription of the rule. The per-row counts are part of the
 optimizer state and of the checkpoints (`LazyAdamState.row_count`), so a resumed run is
