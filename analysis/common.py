@@ -291,13 +291,17 @@ def load_run(
             "b1": float(optim.get("b1", 0.9)),
             "b2": float(optim.get("b2", 0.999)),
             "eps": float(optim.get("eps", 1e-8)),
+            "sparse_table_updates": bool(optim.get("sparse_table_updates", False)),
+            "table_updates": str(optim.get("table_updates", "dense")),
         }
     )
     example = dataset.gather("train", np.arange(min(2, dataset.num_samples("train"))), max_length)
     init_rng, step_rng = jax.random.split(jax.random.PRNGKey(0))
-    template = steps.create_train_state(
-        model, steps.make_optimizer(optim_cfg), init_rng, example, step_rng
-    )
+    try:  # the state layout the run's checkpoints hold (lazy runs keep per-row counts)
+        optimizer = steps.checkpoint_optimizer(steps.make_optimizer(optim_cfg, model_cfg))
+    except ValueError as error:
+        raise AnalysisError(f"run {run_dir}: {error}") from error
+    template = steps.create_train_state(model, optimizer, init_rng, example, step_rng)
     if which not in (checkpointing.BEST, checkpointing.LATEST):
         raise AnalysisError(f"checkpoint kind {which!r}: expected 'best' or 'latest'")
     checkpoints = checkpointing.RunCheckpoints(sdir / "checkpoints")

@@ -2,7 +2,7 @@
 
     python benchmarks/step_throughput.py [--models din twin dare] [--steps 5] [--warmup 2]
         [--batch 2048] [--length 200] [--item-n 4068791] [--cate-n 9408] [--dim 16]
-        [--variants optax,row_sparse,frozen_embeddings,forward] [--breakdown] [--json PATH]
+        [--variants optax,row_sparse,lazy,frozen_embeddings,forward] [--breakdown] [--json PATH]
 
 Random int batches (ids drawn uniformly, about 10% left padding). A training step is the
 driver's (`dare_jax.steps.make_train_step`, one jitted program, state donated): forward +
@@ -11,14 +11,16 @@ training with dense embedding gradients). `optax` runs it with `dare_jax.optim.a
 Adam with PyTorch's bias corrections) on autodiff's gradient (config
 `optim.sparse_table_updates=False`); `row_sparse` with
 `dare_jax.optim.RowSparseAdam` (the default: the same maths, table gradients as looked-up
-rows summed into carried buffers, moments in flat vectorised passes).
+rows summed into carried buffers, moments in flat vectorised passes); `lazy` with
+`dare_jax.optim.LazyAdam` (config `optim.table_updates=lazy`: other maths, only the rows a
+batch looks up move; its cost should not depend on `--item-n`).
 `frozen_embeddings` differentiates and updates everything except the embedding tables, to
 measure what the embedding gradients and their dense Adam update cost.
 `forward` is the jit-compiled evaluation forward pass (BatchNorm with running statistics).
 `--breakdown` also times the pieces of one item table's update: the gradient as autodiff forms
 it (scatter-add into a zero table) and exact alternatives (segment_sum, sorted ids), the
 scatter alone, Adam's square-root-and-divide pass over the table shaped `[rows, d]` and
-flat, scatter + dense Adam, and `RowSparseAdam.update`.
+flat, scatter + dense Adam, `RowSparseAdam.update` and `LazyAdam.update`.
 `--host-devices 2 --mesh 1,2` splits the CPU into two XLA host devices and the item tables
 (with their Adam moments) by rows over them (`dare_jax.sharding.Partitioner`; the same maths):
 XLA:CPU runs each device on its own thread, so the dense table update uses both cores.
@@ -76,7 +78,7 @@ from dare_jax.sharding import Partitioner, padded_rows
 ROW_SHARDED = r"embed/.*/item"
 
 WEIGHT_DECAY = 1e-6
-DRIVER_VARIANTS = ("optax", "row_sparse")
+DRIVER_VARIANTS = ("optax", "row_sparse", "lazy")
 LEARNING_RATE = 0.01
 
 
@@ -138,21 +140,27 @@ def make_frozen_embeddings_step(model, optimizer, state_shardings=None):
     return jax.jit(step, donate_argnums=(0,), out_shardings=(state_shardings, None))
 
 
-def time_calls(fn, n_warmup: int, n_steps: int, cpu: list[float] | None = None) -> list[float]:
+def time_calls(
+    fn, n_warmup: int, n_steps: int, cpu: list[float] | None = None, faults: list | None = None
+) -> list[float]:
     """Wall seconds of each of `n_steps` calls after `n_warmup` untimed ones.
 
     cpu: if given, receives this process's CPU seconds (user + sys, all threads) per call,
-    which the other processes on a shared machine inflate much less than the wall time.
+    which the other processes on a shared machine inflate much less than the wall time;
+    faults: if given, receives the minor page faults of each timed call (fresh memory).
     """
     for _ in range(n_warmup):
         jax.block_until_ready(fn())
     durations = []
     for _ in range(n_steps):
+        start_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start, start_cpu = time.perf_counter(), time.process_time()
         jax.block_until_ready(fn())
         durations.append(time.perf_counter() - start)
         if cpu is not None:
             cpu.append(time.process_time() - start_cpu)
+        if faults is not None:
+            faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start_faults)
     return durations
 
 
@@ -198,14 +206,16 @@ def _variant_callable(model_cfg, model, variant: str, init_batch, batches, parti
 
 
 def _driver_callable(model_cfg, model, variant, init_batch, next_batch, partitioner):
-    """The driver's training step (`dare_jax.steps`) with `optim.adam` or RowSparseAdam."""
+    """The driver's training step (`dare_jax.steps`) with `optim.adam`, RowSparseAdam or
+    LazyAdam."""
     optim_cfg = ml_collections.ConfigDict(
         {
             "lr": LEARNING_RATE,
             "b1": 0.9,
             "b2": 0.999,
             "eps": 1e-8,
-            "sparse_table_updates": variant == "row_sparse",
+            "sparse_table_updates": variant != "optax",
+            "table_updates": "lazy" if variant == "lazy" else "dense",
         }
     )
     model = build_model(
@@ -271,13 +281,11 @@ def embedding_update_breakdown(args: argparse.Namespace) -> None:
             return box["state"]
 
         cpu: list[float] = []
-        faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        ms = 1000 * statistics.median(time_calls(run, 1, args.steps, cpu))
-        calls = args.steps + 1
-        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / calls
+        faults: list[int] = []
+        ms = 1000 * statistics.median(time_calls(run, 1, args.steps, cpu, faults))
         print(
-            f"  {label:60s} {ms:8.1f} ms ({faults:.0f} minor page faults per step; "
-            f"CPU {1000 * statistics.median(cpu):.1f} ms)",
+            f"  {label:60s} {ms:8.1f} ms ({statistics.median(faults):.0f} minor page faults "
+            f"per step; CPU {1000 * statistics.median(cpu):.1f} ms)",
             flush=True,
         )
 
@@ -346,6 +354,19 @@ def embedding_update_breakdown(args: argparse.Namespace) -> None:
         (params, adam.init(params), adam.init_scratch(params, {key: n_rows})),
     )
 
+    # dare_jax.optim.LazyAdam: only the looked-up rows (duplicates merged through the count
+    # slots, then the Adam update in chunks); params and state donated.
+    lazy = optim.LazyAdam(LEARNING_RATE)
+    params = {"embed": {"representation": {"item": jnp.zeros(shape)}}}
+    report(
+        "dare_jax.optim.LazyAdam.update (looked-up rows), donated",
+        jax.jit(
+            lambda state, r, i: lazy.update(state[0], {}, {key: [(i, r)]}, state[1]),
+            donate_argnums=0,
+        ),
+        (params, lazy.init(params)),
+    )
+
 
 def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, dict]:
     cfg = model_config(name, args.dim)
@@ -370,7 +391,8 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, dict]:
             fn = _variant_callable(cfg, model, variant, init_batch, batches, partitioner)
             jax.block_until_ready(fn())
         cpu: list[float] = []
-        durations = time_calls(fn, max(0, args.warmup - 1), args.steps, cpu)
+        faults: list[int] = []
+        durations = time_calls(fn, max(0, args.warmup - 1), args.steps, cpu, faults)
         median = statistics.median(durations)
         first = timer.summary()
         results[variant] = {
@@ -378,6 +400,7 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, dict]:
             "median_step_ms": 1000 * median,
             "min_step_ms": 1000 * min(durations),
             "cpu_ms_per_step": 1000 * statistics.median(cpu),
+            "page_faults_per_step": statistics.median(faults),
             "first_call_seconds": first["seconds"]["first_call"],
             "compile_seconds": first["compile_seconds"].get("first_call", 0.0),
         }
@@ -385,6 +408,7 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, dict]:
             f"  {name:5s} {variant:18s} {args.batch / median:8.0f} samples/s  "
             f"(median step {1000 * median:7.1f} ms, min {1000 * min(durations):7.1f} ms "
             f"over {len(durations)} steps; CPU {1000 * statistics.median(cpu):7.1f} ms/step; "
+            f"{statistics.median(faults):.0f} page faults/step; "
             f"first call {first['seconds']['first_call']:.1f} s, of which compile "
             f"{results[variant]['compile_seconds']:.1f} s)",
             flush=True,
@@ -413,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--variants",
         default="optax,row_sparse,frozen_embeddings,forward",
-        help="comma-separated: optax, row_sparse, frozen_embeddings, forward",
+        help="comma-separated: optax, row_sparse, lazy, frozen_embeddings, forward",
     )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument(

@@ -113,9 +113,17 @@ def base_config() -> ml_collections.ConfigDict:
     config.optim.b2 = 0.999
     config.optim.eps = 1e-8  # PyTorch Adam's default, as in the official code
     config.optim.weight_decay = 1e-6  # L2 penalty on non-bias, non-embedding weights
-    # The same dense Adam, with the tables' gradients taken as looked-up rows and their
-    # moments updated in flat, vectorised passes (dare_jax.optim); used where the model
-    # supports it (not the gradient-observation variants or the long-history models).
+    # The embedding tables' update: "dense" (the paper's maths: Adam moves every row at every
+    # step) or "lazy" (a row's Adam moments and values change only at the steps whose batch
+    # looks it up, bias-corrected by its own count of such steps; cost and memory follow the
+    # rows a batch touches, not the table size; dare_jax.optim.LazyAdam). "lazy" needs a
+    # model that gives its tables' gradients as rows (not the gradient-observation variants
+    # or the long-history models yet: those refuse it).
+    config.optim.table_updates = "dense"
+    # How "dense" is computed: the same dense Adam with the tables' gradients taken as
+    # looked-up rows and their moments updated in flat, vectorised passes (dare_jax.optim),
+    # where the model supports it; False: optax.adam on autodiff's dense gradients. "lazy"
+    # always takes row gradients (it refuses False).
     config.optim.sparse_table_updates = True
 
     config.train = ml_collections.ConfigDict()

@@ -1,12 +1,18 @@
-"""The official dense Adam on embedding tables, without building a dense table gradient.
+"""Adam for models whose tables' gradients come as looked-up rows: dense (the paper's maths) or
+lazy (only the rows a batch looks up move).
 
 The official training updates every table row every step (dense embedding gradients, torch
 Adam: b1 0.9, b2 0.999, eps 1e-8, bias correction). `adam` is that optimizer as an optax
-transformation (the driver's path for models without row gradients); `RowSparseAdam`, used by
-the driver when `optim.sparse_table_updates` is on, computes the same update differently:
-  * the model (config `row_sparse_embedding_grads`) passes each table gather through a Flax
-    perturbation, so `jax.grad` w.r.t. `perturbations` yields the looked-up rows' cotangents
-    `[..., d]` (ids sown in `embedding_ids`) and autodiff never forms a dense table gradient;
+transformation (the driver's path for models without row gradients). Both optimizers below
+take the tables' gradients as rows: the model (config `row_sparse_embedding_grads`) passes
+each table gather through a Flax perturbation, so `jax.grad` w.r.t. `perturbations` yields
+the looked-up rows' cotangents `[..., d]` (ids sown in `embedding_ids`) and autodiff never
+forms a dense table gradient. Non-table leaves (MLPs, BatchNorm, PReLU) get the same Adam
+expression on their dense gradient in both.
+
+`RowSparseAdam` (config `optim.table_updates="dense"`, the default, with
+`optim.sparse_table_updates` on) is the dense Adam on the dense gradient, operation for
+operation (tests compare with `adam`):
   * each table's dense gradient lives in a buffer carried from step to step (`TableScratch`):
     the previous step's rows are set back to 0 and this step's rows scatter-added
     (duplicates summed), both in place: no fresh 260 MB buffer (page faults) per step;
@@ -16,25 +22,66 @@ the driver when `optim.sparse_table_updates` is on, computes the same update dif
     The params keep their `[rows, d]` shape (the model, checkpoints and analyses read them),
     so the Adam step `(m / bc1) / (sqrt(v / bc2) + eps)` is written to the flat step buffer
     and the params move by `-lr` times it in a second, sqrt-free pass.
-The result is the dense Adam on the dense gradient, operation for operation (tests compare
-with `adam`). Non-table leaves get the same Adam expression on their dense gradient.
 
-Bias correction: both compute `1 - b**t` with `bias_correction`, as accurately as the
-moments' dtype allows. `optax.adam` evaluates `1 - 0.999**t` in float32, where 0.999 is
-already rounded: its second-moment correction is 1.3e-5 to 2e-5 too small for the first
+Bias correction: every optimizer here computes `1 - b**t` with `bias_correction`, as
+accurately as float32 allows. `optax.adam` evaluates `1 - 0.999**t` in float32, where 0.999
+is already rounded: its second-moment correction is 1.3e-5 to 2e-5 too small for the first
 thousand steps, so every early Adam step is off by ~1e-5 relative. PyTorch evaluates the
 corrections in double precision; with optax's expression the driver drifted away from the
 official float32 training within two steps (`dare_jax.interop.check_trajectory`, issue 13).
 
-Checkpoints hold the optimizer state in optax.adam's layout (`adam` shares it;
+Checkpoints hold RowSparseAdam's state in optax.adam's layout (`adam` shares it;
 `to_optax_state`), so a run can be resumed, or analysed, with either optimizer; the scratch
 buffers are not saved (`init_scratch` rebuilds them: a zero buffer with nothing to re-zero is
 the same state).
 
+`LazyAdam` (config `optim.table_updates="lazy"`) changes a table row only at the steps whose
+batch looks it up. The rule, for table row r at step t, with G_r the sum of the cotangents of
+all of this batch's lookups of r (duplicates summed: the row of the dense gradient) and k_r the
+number of steps so far that looked r up:
+
+    if the batch looks r up:  k_r += 1
+                              m_r = b1 m_r + (1 - b1) G_r
+                              v_r = b2 v_r + (1 - b2) G_r^2
+                              p_r -= lr (m_r / (1 - b1^k_r)) / (sqrt(v_r / (1 - b2^k_r)) + eps)
+    otherwise:                p_r, m_r, v_r, k_r unchanged.
+
+The bias correction uses the row's own count k_r, not the global step t. Why: a row's moments
+are then exactly Adam's moments over the sequence of gradients that row has received, so the
+correction removes exactly their zero-initialisation bias (1 - b^k_r is the weight the k_r
+updates put on real gradients). TensorFlow Addons' LazyAdam and PyTorch's SparseAdam use the
+global step instead: a row first seen at step 1,000 then gets m = 0.1 G, v = 0.001 G^2 but
+corrections 1 - 0.9^1000 = 1 and 1 - 0.999^1000 = 0.63, so its first step is
+0.1 / sqrt(0.0016) = 2.5 times the lr-sized first step Adam gives any fresh parameter (0.1 x
+sqrt(1000) = 3.2 times from step ~5,000 on), and rarely looked-up rows (most of a long-tailed
+catalogue) take such over-sized early steps. With
+k_r, a row looked up at every step follows dense Adam (k_r = t; to rounding, below); tests
+check both that and a numpy transcription of the rule. The per-row counts are part of the
+optimizer state and of the checkpoints (`LazyAdamState.row_count`), so a resumed run is
+bit-identical. "Looked up" means looked up by the batch, whatever the row's gradient (the
+padding row 0, looked up by padded history positions, counts as touched, with its zero
+gradient). 1 - b^k is `bias_correction`'s -expm1(k ln b) in float32 (below), also ten times
+faster than XLA:CPU's pow for a batch of rows; the moments and the step are optax's
+expressions.
+
+Memory and time follow the data: a lazy step reads and writes only the looked-up rows of a
+table and of its moments and counts; nothing of a table's size is allocated or streamed
+(`tests/test_lazy_adam.py` checks the compiled step's temporaries do not grow with the table).
+Duplicate lookups are merged without sorting (XLA:CPU sorts 411,648 ids in ~130 ms): the
+looked-up rows' count slots briefly hold the position of one of their lookups, so every
+lookup of a row finds the same representative, whose slot of a batch-sized buffer receives the
+summed gradient; the counts are then written back, incremented. The Adam update of those rows
+then runs in chunks of `UPDATE_CHUNK` lookups (a loop of in-place gathers and scatters), so
+its intermediates stay in the cache and the step's temporaries stay small (XLA:CPU allocates
+them afresh every step, one page fault per 4 KiB). A table with no more rows than one batch's
+lookups (the category table) is instead updated whole under a looked-up mask: its cost is
+still at most that of the lookups.
+
 Measured and rejected (benchmarks/README.md): a "decay every row with g = 0, then fix up the
-touched rows from their old values" form is also exact, but XLA:CPU fuses the old-row
-gathers into consumers scheduled after the in-place table writes and so inserts table-sized
-copies; storing the params flat as well is faster still but changes their shape everywhere.
+touched rows from their old values" form of the dense update is also exact, but XLA:CPU fuses
+the old-row gathers into consumers scheduled after the in-place table writes and so inserts
+table-sized copies; storing the params flat as well is faster still but changes their shape
+everywhere.
 """
 
 from __future__ import annotations
@@ -52,6 +99,8 @@ from dare_jax.models.embeddings import EMBEDDING_IDS
 from dare_jax.models.loss import loss_terms
 
 TABLE_ROOT = "embed"
+# Looked-up rows per step of LazyAdam's update loop (8,192 x 16 floats: 512 KiB per array).
+UPDATE_CHUNK = 8192
 PERTURBATIONS = "perturbations"
 
 Flat = dict[str, jax.Array]
@@ -79,6 +128,18 @@ class TableScratch(NamedTuple):
     grad_sum: Flat
     step: Flat
     touched: Flat
+
+
+class LazyAdamState(NamedTuple):
+    """count: int32 `[]` steps done (the bias correction of non-table leaves); mu, nu: nested
+    like the params (tables `[rows, d]`); row_count: {"embed": {group: {field: int32
+    `[rows]`}}}, how many steps have looked each table row up (its bias correction). All of
+    it is checkpointed as is."""
+
+    count: jax.Array
+    mu: Any
+    nu: Any
+    row_count: Any
 
 
 def flatten_params(params: Any) -> Flat:
@@ -160,11 +221,10 @@ def bias_correction(decay: float, count: jax.Array, dtype: Any) -> jax.Array:
     return -jnp.expm1(jnp.asarray(count).astype(dtype) * math.log(decay))
 
 
-def adam_direction(m: jax.Array, v: jax.Array, count: jax.Array, b1: float, b2: float, eps):
-    """The bias-corrected Adam step direction `m_hat / (sqrt(v_hat) + eps)` after `count`
-    updates of the moments (eps_root 0; scaled by -lr afterwards)."""
-    bc1, bc2 = bias_correction(b1, count, m.dtype), bias_correction(b2, count, v.dtype)
-    return (m / bc1) / (jnp.sqrt(v / bc2) + eps)
+def adam_direction(m: jax.Array, v: jax.Array, bc1: jax.Array, bc2: jax.Array, eps: float):
+    """The bias-corrected Adam step direction `m_hat / (sqrt(v_hat) + eps)` (eps_root 0;
+    scaled by -lr afterwards); bc1, bc2: the bias corrections, broadcastable to m."""
+    return (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps)
 
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
@@ -176,7 +236,8 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
         mu = optax.tree.update_moment(updates, state.mu, b1, 1)
         nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
         count = optax.safe_increment(state.count)
-        directions = jax.tree.map(lambda m, v: adam_direction(m, v, count, b1, b2, eps), mu, nu)
+        bc1, bc2 = bias_correction(b1, count, jnp.float32), bias_correction(b2, count, jnp.float32)
+        directions = jax.tree.map(lambda m, v: adam_direction(m, v, bc1, bc2, eps), mu, nu)
         return directions, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
     return optax.GradientTransformation(base.init, update)
@@ -191,13 +252,52 @@ def adam(
 
 
 @dataclasses.dataclass(frozen=True)
-class RowSparseAdam:
-    """`adam(lr, b1, b2, eps)` for models with row gradients."""
+class _Adam:
+    """Adam's hyperparameters and expressions: optax.adam's moments and step (eps_root 0),
+    with `bias_correction`, so both optimizers below round as `adam` does."""
 
     lr: float
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
+
+    def _moments(self, m, v, g):
+        """optax.adam's first and second moment updates, in its order."""
+        return (1 - self.b1) * g + self.b1 * m, (1 - self.b2) * (g * g) + self.b2 * v
+
+    def _step(self, m, v, bc1, bc2):
+        return adam_direction(m, v, bc1, bc2, self.eps)
+
+    def _bias_corrections(self, count: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(1 - b1^count, 1 - b2^count) in float32 (`bias_correction`); count int32, any
+        shape (LazyAdam passes its per-row counts)."""
+        return (
+            bias_correction(self.b1, count, jnp.float32),
+            bias_correction(self.b2, count, jnp.float32),
+        )
+
+    def _update_leaves(self, params, mu, nu, dense_grads: Flat, count, update_table):
+        """Adam over every leaf: non-table leaves here, on their dense gradient with the global
+        `count`; table leaves by `update_table(key, p, m, v) -> (p, m, v)`. Returns the nested
+        (params, mu, nu)."""
+        bc1, bc2 = self._bias_corrections(count)
+        flat_m, flat_v = flatten_params(mu), flatten_params(nu)
+        new_p, new_m, new_v = {}, {}, {}
+        for key, p in flatten_params(params).items():
+            m, v = flat_m[key], flat_v[key]
+            if is_table(key):
+                new_p[key], new_m[key], new_v[key] = update_table(key, p, m, v)
+                continue
+            if key not in dense_grads:
+                raise KeyError(f"no gradient for the non-table parameter {key!r}")
+            new_m[key], new_v[key] = self._moments(m, v, dense_grads[key])
+            new_p[key] = p + (-self.lr) * self._step(new_m[key], new_v[key], bc1, bc2)
+        return tuple(unflatten_params(tree) for tree in (new_p, new_m, new_v))
+
+
+@dataclasses.dataclass(frozen=True)
+class RowSparseAdam(_Adam):
+    """optax.adam(lr, b1, b2, eps) for models with row gradients (eps_root 0)."""
 
     def init(self, params: Any) -> RowSparseAdamState:
         """Zero moments; table leaves flat."""
@@ -232,21 +332,13 @@ class RowSparseAdam:
         the total rows of a table must equal its `touched` length (fixed shapes).
         """
         count = state.count + 1
-        flat_p = flatten_params(params)
-        flat_m, flat_v = flatten_params(state.mu), flatten_params(state.nu)
+        bc1, bc2 = self._bias_corrections(count)
         unknown = set(table_rows) - set(scratch.touched)
         if unknown:
             raise KeyError(f"gradient rows for unknown tables {sorted(unknown)}")
-        new_p, new_m, new_v = {}, {}, {}
         grad_sum, steps, touched = dict(scratch.grad_sum), dict(scratch.step), {}
-        for key, p in flat_p.items():
-            m, v = flat_m[key], flat_v[key]
-            if not is_table(key):
-                if key not in dense_grads:
-                    raise KeyError(f"no gradient for the non-table parameter {key!r}")
-                new_m[key], new_v[key] = self._moments(m, v, dense_grads[key])
-                new_p[key] = p + (-self.lr) * self._step(new_m[key], new_v[key], count)
-                continue
+
+        def update_table(key, p, m, v):
             pairs = table_rows.get(key, [])
             ids = [i for i, _ in pairs]
             new_touched = jnp.concatenate(ids) if ids else jnp.zeros((0,), jnp.int32)
@@ -262,21 +354,17 @@ class RowSparseAdam:
             for i, r in pairs:
                 grad = grad.at[i].add(r.astype(p.dtype), mode="drop")
             g = grad.reshape(-1)
-            new_m[key], new_v[key] = self._moments(m, v, g)
-            steps[key] = self._step(new_m[key], new_v[key], count)
-            new_p[key] = p + (-self.lr) * steps[key].reshape(p.shape)
+            m, v = self._moments(m, v, g)
+            steps[key] = self._step(m, v, bc1, bc2)
             grad_sum[key], touched[key] = g, new_touched
+            return p + (-self.lr) * steps[key].reshape(p.shape), m, v
+
+        params, mu, nu = self._update_leaves(
+            params, state.mu, state.nu, dense_grads, count, update_table
+        )
         for key in scratch.touched.keys() - touched.keys():
             touched[key] = scratch.touched[key]  # a table without the flag's rows: untouched
-        state = RowSparseAdamState(count, unflatten_params(new_m), unflatten_params(new_v))
-        return unflatten_params(new_p), state, TableScratch(grad_sum, steps, touched)
-
-    def _moments(self, m, v, g):
-        """optax.adam's first and second moment updates, in its order."""
-        return (1 - self.b1) * g + self.b1 * m, (1 - self.b2) * (g * g) + self.b2 * v
-
-    def _step(self, m, v, count):
-        return adam_direction(m, v, count, self.b1, self.b2, self.eps)
+        return params, RowSparseAdamState(count, mu, nu), TableScratch(grad_sum, steps, touched)
 
     def to_optax_state(self, state: RowSparseAdamState, params: Any) -> Any:
         """The same state in optax.adam's layout (moments shaped like the params)."""
@@ -300,6 +388,135 @@ class RowSparseAdam:
         return RowSparseAdamState(
             adam_state.count, _flat_tables(adam_state.mu), _flat_tables(adam_state.nu)
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class LazyAdam(_Adam):
+    """Adam whose table rows move only at steps that look them up, with per-row bias
+    corrections (the rule in the module docstring); non-table leaves: optax.adam's update."""
+
+    def init(self, params: Any) -> LazyAdamState:
+        """Zero moments shaped like the params, zero row counts, count 0."""
+        flat = flatten_params(params)
+        counts = {k: jnp.zeros((v.shape[0],), jnp.int32) for k, v in flat.items() if is_table(k)}
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        return LazyAdamState(
+            jnp.zeros((), jnp.int32),
+            zeros,
+            jax.tree.map(jnp.copy, zeros),
+            unflatten_params(counts),
+        )
+
+    def update(
+        self, params: Any, dense_grads: Flat, table_rows: Rows, state: LazyAdamState
+    ) -> tuple[Any, LazyAdamState]:
+        """One step. params: nested; dense_grads: {key: gradient} of every non-table leaf;
+        table_rows: `table_gradient_rows` (a table without rows is left as it is). Returns
+        (params, state). Jit with both donated so that the row writes happen in place."""
+        flat_k = flatten_params(state.row_count)
+        unknown = set(table_rows) - set(flat_k)
+        if unknown:
+            raise KeyError(f"gradient rows for unknown tables {sorted(unknown)}")
+        new_k = dict(flat_k)
+
+        def update_table(key, p, m, v):
+            pairs = table_rows.get(key, [])
+            lookups = sum(ids.shape[0] for ids, _ in pairs)
+            if lookups == 0:
+                return p, m, v
+            by_rows = self._small_table if p.shape[0] <= lookups else self._large_table
+            p, m, v, new_k[key] = by_rows(p, m, v, flat_k[key], pairs)
+            return p, m, v
+
+        count = state.count + 1
+        params, mu, nu = self._update_leaves(
+            params, state.mu, state.nu, dense_grads, count, update_table
+        )
+        return params, LazyAdamState(count, mu, nu, unflatten_params(new_k))
+
+    def _small_table(self, p, m, v, row_count, pairs):
+        """A table with no more rows than the batch's lookups: the dense gradient and a
+        looked-up mask `[rows]`, then every row updated under the mask (cost ~ the lookups)."""
+        grad = jnp.zeros_like(p)
+        looked_up = jnp.zeros(p.shape[:1], jnp.bool_)
+        for ids, rows in pairs:
+            grad = grad.at[ids].add(rows.astype(p.dtype), mode="drop")
+            looked_up = looked_up.at[ids].set(True, mode="drop")
+        row_count = row_count + looked_up.astype(row_count.dtype)
+        bc1, bc2 = self._bias_corrections(row_count)
+        m_new, v_new = self._moments(m, v, grad)
+        step = self._step(m_new, v_new, bc1[:, None], bc2[:, None])
+        mask = looked_up[:, None]
+        return (
+            jnp.where(mask, p + (-self.lr) * step, p),
+            jnp.where(mask, m_new, m),
+            jnp.where(mask, v_new, v),
+            row_count,
+        )
+
+    def _large_table(self, p, m, v, row_count, pairs):
+        """A table with more rows than the batch's lookups: only the looked-up rows of p, m,
+        v and the counts are read and written (in place when donated); temporaries `[n, d]`
+        for the n lookups, and `[UPDATE_CHUNK, d]` for the Adam update itself, which runs
+        over the distinct looked-up rows only."""
+        rows_n, width = p.shape
+        ids = jnp.concatenate([i for i, _ in pairs]) if len(pairs) > 1 else pairs[0][0]
+        n = ids.shape[0]
+        chunk = min(UPDATE_CHUNK, n)
+        padded = -(-n // chunk) * chunk
+        position = jnp.arange(n, dtype=jnp.int32)
+        before = row_count.at[ids].get(mode="fill", fill_value=0)
+        # Merge duplicate lookups without sorting: each looked-up row's count slot briefly
+        # holds -1 - (the position of one of its lookups, whichever write lands), so all
+        # lookups of a row read back the same representative position. `min(before, 0)` is
+        # 0 (counts are >= 0); it makes the write depend on `before`, so XLA reads the old
+        # counts first and writes in place instead of copying the whole count array.
+        marked = row_count.at[ids].set(-1 - position + jnp.minimum(before, 0), mode="drop")
+        # An out-of-range id (which makes the forward pass NaN) reads n: no representative.
+        representative = -1 - marked.at[ids].get(mode="fill", fill_value=-1 - n)
+        first = representative == position  # one lookup per distinct looked-up row
+        counts = before + 1
+        row_count = marked.at[jnp.where(first, ids, rows_n)].set(counts, mode="drop")
+        # Each representative's summed gradient at its position: every lookup's row in a copy
+        # of the rows, the other lookups' rows added onto their representative's (faster
+        # than zeros plus every row, and unlike a zero buffer not merged by XLA with the
+        # other tables' into one buffer that it then copies for each).
+        pad = jnp.zeros((padded - n, width), p.dtype)
+        grad = jnp.concatenate([rows.astype(p.dtype) for _, rows in pairs] + [pad])
+        onto = jnp.where(first, padded, representative)  # padded: none
+        start = 0
+        for lookup_ids, rows in pairs:
+            stop = start + lookup_ids.shape[0]
+            grad = grad.at[onto[start:stop]].add(rows.astype(p.dtype), mode="drop")
+            start = stop
+        # The representatives' positions in order, then n (none) up to whole chunks: the
+        # update loop runs over ceil(distinct rows / chunk) chunks, not over every lookup.
+        slot = jnp.cumsum(first, dtype=jnp.int32) - 1
+        firsts = jnp.full((padded,), n, jnp.int32)
+        firsts = firsts.at[jnp.where(first, slot, padded)].set(position, mode="drop")
+        chunks = (slot[-1] + chunk) // chunk  # slot[-1] + 1 distinct rows
+
+        # The Adam update chunk by chunk, so that its gathered rows and intermediates stay in
+        # the cache instead of streaming `[n, d]` arrays through memory several times.
+        def update_chunk(index, tables):
+            p, m, v = tables
+            at = jax.lax.dynamic_slice_in_dim(firsts, index * chunk, chunk)
+            rows = ids.at[at].get(mode="fill", fill_value=rows_n)  # rows_n: none (dropped)
+            g = grad.at[at].get(mode="fill", fill_value=0)
+            bc1, bc2 = self._bias_corrections(counts.at[at].get(mode="fill", fill_value=1))
+            m_rows = m.at[rows].get(mode="fill", fill_value=0)
+            v_rows = v.at[rows].get(mode="fill", fill_value=0)
+            m_rows, v_rows = self._moments(m_rows, v_rows, g)
+            step = self._step(m_rows, v_rows, bc1[:, None], bc2[:, None])
+            return (
+                p.at[rows].add((-self.lr) * step, mode="drop"),
+                m.at[rows].set(m_rows, mode="drop"),
+                v.at[rows].set(v_rows, mode="drop"),
+            )
+
+        p, m, v = jax.lax.fori_loop(0, chunks, update_chunk, (p, m, v))
+        return p, m, v, row_count
+
 
 
 def _flat_tables(tree: Any) -> Any:

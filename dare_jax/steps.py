@@ -12,13 +12,16 @@ same functions run on one device or on a mesh, the shardings being passed to
 shapes, and the step number is traced data (not a Python int), so nothing
 recompiles between steps.
 
-Two optimizers give the same Adam (the official dense update of every parameter,
-every table row included): `dare_jax.optim.adam` (an optax transformation) on
-autodiff's gradient, and
+Config `optim.table_updates` chooses the maths of the embedding tables' update:
+"dense" (the default, the paper's: Adam updates every parameter and every table row
+at every step) or "lazy" (`dare_jax.optim.LazyAdam`: a row moves only at the steps
+that look it up, with its own bias correction). Two optimizers give the dense Adam:
 `dare_jax.optim.RowSparseAdam` (config `optim.sparse_table_updates`, the default
 where the model supports it), which takes the tables' gradients as looked-up rows
-and carries per-table buffers in `state["scratch"]`. Checkpoints always hold the
-optax layout without scratch (`to_checkpoint` / `make_from_checkpoint`).
+and carries per-table buffers in `state["scratch"]`, and `dare_jax.optim.adam` (an
+optax transformation) on autodiff's gradient. Their checkpoints hold the optax layout
+without scratch (`to_checkpoint` / `make_from_checkpoint`); LazyAdam's state, per-row
+counts included, is checkpointed as it is.
 """
 
 from __future__ import annotations
@@ -40,20 +43,53 @@ State = dict[str, Any]
 Batch = dict[str, jax.Array]
 
 
-Optimizer = optax.GradientTransformation | row_sparse.RowSparseAdam
+Optimizer = optax.GradientTransformation | row_sparse.RowSparseAdam | row_sparse.LazyAdam
+RowGradientOptimizer = (row_sparse.RowSparseAdam, row_sparse.LazyAdam)
+TABLE_UPDATES = ("dense", "lazy")
+
+
+def lazy_table_updates(optim_cfg: ml_collections.ConfigDict) -> bool:
+    """True for `optim.table_updates = "lazy"`, False for "dense" (or absent); ValueError
+    naming any other value."""
+    mode = optim_cfg.get("table_updates", "dense")
+    if mode not in TABLE_UPDATES:
+        raise ValueError(
+            f"config field optim.table_updates = {mode!r}: expected one of {list(TABLE_UPDATES)}"
+        )
+    return mode == "lazy"
 
 
 def uses_row_sparse_updates(
     model_cfg: ml_collections.ConfigDict, optim_cfg: ml_collections.ConfigDict
 ) -> bool:
-    """`optim.sparse_table_updates` is on and the model can give its tables' gradients as
-    rows: every TwoStageModel variant except the gradient-observation ones (they combine
-    dense path gradients); not the long-history models (ETA, SDIM, TWIN-V2, chunked)."""
-    return (
-        bool(optim_cfg.get("sparse_table_updates", False))
-        and not _observes_gradients(model_cfg)
-        and not uses_long_model(model_cfg)
-    )
+    """The model is trained from its tables' gradients as rows: `optim.table_updates` is
+    "lazy", or `optim.sparse_table_updates` is on and the model can give them: every
+    TwoStageModel variant except the gradient-observation ones (they combine dense path
+    gradients); not the long-history models (ETA, SDIM, TWIN-V2, chunked). ValueError when
+    "lazy" is asked of a model that cannot, or together with `sparse_table_updates` off."""
+    supported = not _observes_gradients(model_cfg) and not uses_long_model(model_cfg)
+    if lazy_table_updates(optim_cfg):
+        if not supported:
+            why = (
+                "its gradient observation (model.observe_attn_repr_grad / avoid_domination) "
+                "combines dense path gradients"
+                if _observes_gradients(model_cfg)
+                else f"model {model_cfg.name!r} is a long-history model, trained with dense "
+                "table gradients"
+            )
+            raise ValueError(
+                "config field optim.table_updates = 'lazy' needs the tables' gradients as "
+                f"looked-up rows, which this model does not give yet: {why}; use "
+                "optim.table_updates='dense'"
+            )
+        if not optim_cfg.get("sparse_table_updates", True):
+            raise ValueError(
+                "config field optim.table_updates = 'lazy' takes the tables' gradients as "
+                "looked-up rows; optim.sparse_table_updates = False (optax on dense table "
+                "gradients) contradicts it: leave it on"
+            )
+        return True
+    return bool(optim_cfg.get("sparse_table_updates", False)) and supported
 
 
 def training_model_config(
@@ -70,15 +106,23 @@ def make_optimizer(
     optim: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict | None = None
 ) -> Optimizer:
     """Adam as in the official code (the L2 penalty is part of the loss, not of Adam):
-    `RowSparseAdam` when `uses_row_sparse_updates(model_cfg, optim)`, else `optim.adam` (the
-    optax transformation; its bias corrections are accurate in float32, unlike optax.adam's)."""
+    `LazyAdam` for `optim.table_updates = "lazy"`; otherwise `RowSparseAdam` when
+    `uses_row_sparse_updates(model_cfg, optim)`, else `optim.adam` (the optax transformation;
+    its bias corrections are accurate in float32, unlike optax.adam's). ValueError for a lazy
+    config without `model_cfg` or with a model that cannot train lazily."""
+    if lazy_table_updates(optim):
+        if model_cfg is None:
+            raise ValueError("optim.table_updates = 'lazy' needs the model config")
+        uses_row_sparse_updates(model_cfg, optim)  # ValueError for a model that cannot
+        return row_sparse.LazyAdam(optim.lr, optim.b1, optim.b2, optim.eps)
     if model_cfg is not None and uses_row_sparse_updates(model_cfg, optim):
         return row_sparse.RowSparseAdam(optim.lr, optim.b1, optim.b2, optim.eps)
     return row_sparse.adam(optim.lr, optim.b1, optim.b2, optim.eps)
 
 
-def checkpoint_optimizer(optimizer: Optimizer) -> optax.GradientTransformation:
-    """The optax optimizer whose state layout the checkpoints of `optimizer` use."""
+def checkpoint_optimizer(optimizer: Optimizer) -> Optimizer:
+    """The optimizer whose state layout the checkpoints of `optimizer` use (optax's for
+    RowSparseAdam; LazyAdam and optax checkpoint their own state)."""
     if isinstance(optimizer, row_sparse.RowSparseAdam):
         return row_sparse.adam(optimizer.lr, optimizer.b1, optimizer.b2, optimizer.eps)
     return optimizer
@@ -94,22 +138,35 @@ def init_state_fn(
     randomness from `fold_in(step_rng, s)`, so a resumed run draws the same
     numbers as an uninterrupted one, and seeds share one compiled step.
     """
+    variables_part, optimizer_part = _init_parts(model, optimizer)
 
     def init_state(init_rng: jax.Array, example_batch: Batch, step_rng: jax.Array) -> State:
+        return optimizer_part(variables_part(init_rng, example_batch, step_rng), example_batch)
+
+    return init_state
+
+
+def _init_parts(model: Any, optimizer: Optimizer):
+    """`init_state` in two parts: (init_rng, example_batch, step_rng) -> the state without
+    the optimizer's part; (that, example_batch) -> the whole state."""
+
+    def variables_part(init_rng: jax.Array, example_batch: Batch, step_rng: jax.Array) -> State:
         variables = model.init(init_rng, example_batch, train=False)
-        params = variables["params"]
-        state = {
+        return {
             "step": jnp.zeros((), jnp.int32),
             "rng": step_rng,
-            "params": params,
+            "params": variables["params"],
             "batch_stats": variables.get("batch_stats", {}),
-            "opt_state": optimizer.init(params),
         }
+
+    def optimizer_part(state: State, example_batch: Batch) -> State:
+        state = {**state, "opt_state": optimizer.init(state["params"])}
         if isinstance(optimizer, row_sparse.RowSparseAdam):
+            variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
             state["scratch"] = _init_scratch(model, optimizer, variables, example_batch)
         return state
 
-    return init_state
+    return variables_part, optimizer_part
 
 
 def _init_scratch(model, optimizer, variables, batch) -> row_sparse.TableScratch:
@@ -166,9 +223,26 @@ def make_init_state(
     `Partitioner.state_shardings(abstract_state(...))`) every leaf is created
     directly in its sharding: a row-split table and its Adam moments are never
     materialised whole on one device. Jitted because running `init` op by op
-    costs a compilation per operation.
+    costs a compilation per operation; as two programs, the variables first and
+    then the optimizer state from them, because the random initialisation of a
+    big table holds four table-sized temporaries (XLA's threefry), which would
+    otherwise be alive together with the Adam moments (DARE with 30 M-row item
+    tables: peak 18.1 -> 11.5 GiB).
     """
-    return jax.jit(init_state_fn(model, optimizer), out_shardings=state_shardings)
+    variables_part, optimizer_part = _init_parts(model, optimizer)
+    first_shardings = None
+    if state_shardings is not None:
+        first_shardings = {k: v for k, v in state_shardings.items() if k not in _OPTIMIZER_KEYS}
+    first = jax.jit(variables_part, out_shardings=first_shardings)
+    second = jax.jit(optimizer_part, out_shardings=state_shardings, donate_argnums=(0,))
+
+    def init_state(init_rng: jax.Array, example_batch: Batch, step_rng: jax.Array) -> State:
+        return second(first(init_rng, example_batch, step_rng), example_batch)
+
+    return init_state
+
+
+_OPTIMIZER_KEYS = ("opt_state", "scratch")  # the state entries `_init_parts` adds second
 
 
 def create_train_state(
@@ -213,7 +287,7 @@ def make_train_step(
     model observes path gradients, `observed`: the per-path gradients of the
     category and time tables returned by `combine_path_gradients`.
     """
-    if isinstance(optimizer, row_sparse.RowSparseAdam):
+    if isinstance(optimizer, RowGradientOptimizer):
         step = _row_sparse_train_step(model, optimizer, weight_decay)
     else:
         step = _dense_train_step(model, optimizer, model_cfg, weight_decay)
@@ -234,7 +308,7 @@ def _metrics(terms: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {name: terms[name] for name in ("total", "ctr", "aux", "l2")}
 
 
-def _row_sparse_train_step(model: Any, optimizer: row_sparse.RowSparseAdam, weight_decay: float):
+def _row_sparse_train_step(model: Any, optimizer: Optimizer, weight_decay: float):
     grads_fn = row_sparse.make_gradient_fn(model, weight_decay)
 
     def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
@@ -242,17 +316,15 @@ def _row_sparse_train_step(model: Any, optimizer: row_sparse.RowSparseAdam, weig
         terms, batch_stats, dense_grads, rows = grads_fn(
             state["params"], state["batch_stats"], batch, rngs={"dropout": rng}
         )
-        params, opt_state, scratch = optimizer.update(
-            state["params"], dense_grads, rows, state["opt_state"], state["scratch"]
-        )
-        new_state = {
-            "step": state["step"] + 1,
-            "rng": state["rng"],
-            "params": params,
-            "batch_stats": batch_stats,
-            "opt_state": opt_state,
-            "scratch": scratch,
-        }
+        new_state = {"step": state["step"] + 1, "rng": state["rng"], "batch_stats": batch_stats}
+        if "scratch" in state:  # RowSparseAdam's carried buffers
+            new_state["params"], new_state["opt_state"], new_state["scratch"] = optimizer.update(
+                state["params"], dense_grads, rows, state["opt_state"], state["scratch"]
+            )
+        else:
+            new_state["params"], new_state["opt_state"] = optimizer.update(
+                state["params"], dense_grads, rows, state["opt_state"]
+            )
         return new_state, _metrics(terms)
 
     return train_step

@@ -165,6 +165,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise RunError("config field export.gradients_every_steps must be >= 1")
     if not math.isfinite(config.optim.lr) or config.optim.lr <= 0:
         raise RunError(f"config field optim.lr = {config.optim.lr!r}: must be positive")
+    try:  # optim.table_updates: a known value, and "lazy" only for models that support it
+        steps.uses_row_sparse_updates(config.model, config.optim)
+    except ValueError as error:
+        raise RunError(str(error)) from error
     multiple = int(config.mesh.table_rows_multiple)
     if multiple < 1:
         raise RunError(f"config field mesh.table_rows_multiple = {multiple!r}: must be >= 1")
@@ -698,10 +702,17 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
                     )
     finally:
         bar.close()
-    with timer.phase("checkpoint"):
-        best_state, best_progress = trainer.restore(
-            checkpoints, checkpointing.BEST, template, step=int(progress["best_step"])
-        )
+    if int(progress["best_step"]) == step:
+        # The best checkpoint is the state in memory: reading it back would hold two copies
+        # at once (Orbax's restore alone peaks at about twice the state: 23 GB for a 30 M-row
+        # DARE), for the same values.
+        best_state, best_progress = state, run_logging.to_jsonable(progress)
+    else:
+        del state  # before the restore allocates the best state
+        with timer.phase("checkpoint"):
+            best_state, best_progress = trainer.restore(
+                checkpoints, checkpointing.BEST, template, step=int(progress["best_step"])
+            )
     with timer.phase("eval"):
         test = evaluate(
             trainer.eval_step,

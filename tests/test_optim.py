@@ -15,6 +15,7 @@ import pytest
 
 from dare_jax import optim, steps
 from dare_jax.models import build_model, default_model_config
+from tiny_setup import random_batch as _batch
 
 LR = 0.01
 
@@ -142,19 +143,6 @@ def test_update_equals_adam_on_dense_gradient_with_duplicates_and_untouched_rows
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(state)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert jax.tree.structure(ref_state) == jax.tree.structure(as_optax)
-
-
-def _batch(rng, b, length, item_n, cate_n):
-    hist = rng.integers(1, item_n, size=(b, length)).astype(np.int32)
-    hist[:, :2] = 0
-    hist[0, 5] = hist[1, 7] = hist[2, 2]  # duplicate ids across examples
-    return {
-        "iid": jnp.asarray(rng.integers(1, item_n, size=b), jnp.int32),
-        "cid": jnp.asarray(rng.integers(1, cate_n, size=b), jnp.int32),
-        "hist_iid": jnp.asarray(hist),
-        "hist_cid": jnp.asarray(np.where(hist > 0, rng.integers(1, cate_n, hist.shape), 0)),
-        "label": jnp.asarray(rng.integers(0, 2, size=b), jnp.int32),
-    }
 
 
 def _optim_cfg(sparse: bool) -> ml_collections.ConfigDict:

@@ -113,6 +113,16 @@ VARIANTS = {
     "dare_sharded": ("model=dare", {"mesh.data": 4, "mesh.model": 2, "mesh.row_sharded": TABLES}),
     "twin_replicated": ("model=twin", {"mesh.data": 8}),
     "twin_sharded": ("model=twin", {"mesh.data": 2, "mesh.model": 4, "mesh.row_sharded": TABLES}),
+    # Lazy table updates (dare_jax.optim.LazyAdam): row-split tables, moments and row counts.
+    "dare_lazy_sharded": (
+        "model=dare",
+        {
+            "mesh.data": 4,
+            "mesh.model": 2,
+            "mesh.row_sharded": TABLES,
+            "optim.table_updates": "lazy",
+        },
+    ),
 }
 
 
@@ -122,8 +132,8 @@ def runs(data_dir, tmp_path_factory):
     on 1 device after step 6 that the child resumes under a 4 x 2 mesh."""
     root = tmp_path_factory.mktemp("runs")
     for name, (arg, mesh) in VARIANTS.items():
-        # The 1-device side: the same config, with the mesh left at its default.
-        same_rules = {k: v for k, v in mesh.items() if k == "mesh.row_sharded"}
+        # The 1-device side: the same config, with the mesh shape left at its default.
+        same_rules = {k: v for k, v in mesh.items() if k not in ("mesh.data", "mesh.model")}
         train.run(make_config(overrides(data_dir, root / f"{name}_1", **same_rules), arg))
     killed = root / "dare_sharded_killed"
     killed_config = overrides(data_dir, killed, **{"mesh.row_sharded": TABLES})
