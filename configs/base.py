@@ -56,12 +56,13 @@ MODEL_VARIANTS: dict[str, tuple[dict, dict]] = {
         {"name": "twin", "observe_attn_repr_grad": True, "avoid_domination": True},
         {"export.gradients": True},
     ),
-    # The paper's other baselines, from their own papers (dare_jax.models.long_model). SDIM
-    # has no attention, hence no full-attention aux head. *_decoupled: DARE's two tables
-    # (attention tables hash / search / cluster, representation tables are aggregated).
-    # Long histories: any model above with --config.data.max_length=10000
-    # --config.model.time_table_size=10001 and, for twin/dare/eta/sdim, chunked search
-    # --config.model.search_chunk=1000 (optionally --config.model.score_dtype=bfloat16).
+    # The paper's other baselines, from their own papers: the same model with its own search
+    # (dare_jax.models.eta / sdim / twin_v2). SDIM has no attention, hence no full-attention
+    # aux head. *_decoupled: DARE's two tables (attention tables hash / search / cluster,
+    # representation tables are aggregated).
+    # Long histories: any model with --config.data.max_length=10000
+    # --config.model.time_table_size=10001 --config.model.search_chunk=1000 (chunked
+    # history, linear memory; optionally --config.model.score_dtype=bfloat16).
     "eta": ({"name": "eta"}, {}),
     "sdim": ({"name": "sdim", "use_aux_loss": False}, {}),
     "twin_v2": ({"name": "twin_v2"}, {}),
@@ -100,8 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.optim.eps = 1e-8  # PyTorch Adam's default, as in the official code
     config.optim.weight_decay = 1e-6  # L2 penalty on non-bias, non-embedding weights
     # The same dense Adam, with the tables' gradients taken as looked-up rows and their
-    # moments updated in flat, vectorised passes (dare_jax.optim); used where the model
-    # supports it (not the gradient-observation variants or the long-history models).
+    # moments updated in flat, vectorised passes (dare_jax.optim); every model supports it.
     config.optim.sparse_table_updates = True
 
     config.train = ml_collections.ConfigDict()

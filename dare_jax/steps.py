@@ -14,10 +14,10 @@ recompiles between steps.
 
 Two optimizers give the same Adam (the official dense update of every parameter,
 every table row included): `optax.adam` on autodiff's gradient, and
-`dare_jax.optim.RowSparseAdam` (config `optim.sparse_table_updates`, the default
-where the model supports it), which takes the tables' gradients as looked-up rows
-and carries per-table buffers in `state["scratch"]`. Checkpoints always hold the
-optax layout without scratch (`to_checkpoint` / `make_from_checkpoint`).
+`dare_jax.optim.RowSparseAdam` (config `optim.sparse_table_updates`, the default, for
+every model), which takes the tables' gradients as looked-up rows and carries
+per-table buffers in `state["scratch"]`. Checkpoints always hold the optax layout
+without scratch (`to_checkpoint` / `make_from_checkpoint`).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import optax
 
 from dare_jax import optim as row_sparse
 from dare_jax.models import loss as loss_lib
-from dare_jax.models import uses_long_model
+from dare_jax.models.gradient_paths import combine_path_gradients, combine_path_rows
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
@@ -45,14 +45,10 @@ Optimizer = optax.GradientTransformation | row_sparse.RowSparseAdam
 def uses_row_sparse_updates(
     model_cfg: ml_collections.ConfigDict, optim_cfg: ml_collections.ConfigDict
 ) -> bool:
-    """`optim.sparse_table_updates` is on and the model can give its tables' gradients as
-    rows: every TwoStageModel variant except the gradient-observation ones (they combine
-    dense path gradients); not the long-history models (ETA, SDIM, TWIN-V2, chunked)."""
-    return (
-        bool(optim_cfg.get("sparse_table_updates", False))
-        and not _observes_gradients(model_cfg)
-        and not uses_long_model(model_cfg)
-    )
+    """`optim.sparse_table_updates` is on (every model gives its tables' gradients as rows;
+    the gradient-observation variants combine their two paths' rows)."""
+    del model_cfg
+    return bool(optim_cfg.get("sparse_table_updates", False))
 
 
 def training_model_config(
@@ -115,6 +111,10 @@ def _init_scratch(model, optimizer, variables, batch) -> row_sparse.TableScratch
     sizes = row_sparse.lookup_sizes(
         model, variables, batch, rngs={"dropout": jax.random.PRNGKey(0)}
     )
+    if _observes_gradients(model.cfg):  # both synchronised copies get both paths' rows
+        for key in [k for k in sizes if k.startswith("embed/attention/")]:
+            twin_key = key.replace("/attention/", "/representation/")
+            sizes[key] = sizes[twin_key] = sizes[key] + sizes.get(twin_key, 0)
     return optimizer.init_scratch(variables["params"], sizes)
 
 
@@ -212,7 +212,7 @@ def make_train_step(
     category and time tables returned by `combine_path_gradients`.
     """
     if isinstance(optimizer, row_sparse.RowSparseAdam):
-        step = _row_sparse_train_step(model, optimizer, weight_decay)
+        step = _row_sparse_train_step(model, optimizer, model_cfg, weight_decay)
     else:
         step = _dense_train_step(model, optimizer, model_cfg, weight_decay)
     # keep_unused: the scratch step buffers are only written, and an argument the program
@@ -232,14 +232,21 @@ def _metrics(terms: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {name: terms[name] for name in ("total", "ctr", "aux", "l2")}
 
 
-def _row_sparse_train_step(model: Any, optimizer: row_sparse.RowSparseAdam, weight_decay: float):
+def _row_sparse_train_step(
+    model: Any, optimizer: row_sparse.RowSparseAdam, model_cfg, weight_decay: float
+):
     grads_fn = row_sparse.make_gradient_fn(model, weight_decay)
+    observe = _observes_gradients(model_cfg)
 
     def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state["rng"], state["step"])
         terms, batch_stats, dense_grads, rows = grads_fn(
             state["params"], state["batch_stats"], batch, rngs={"dropout": rng}
         )
+        metrics = _metrics(terms)
+        if observe:
+            shapes = {k: v.shape for k, v in row_sparse.flatten_params(state["params"]).items()}
+            rows, metrics["observed"] = combine_path_rows(rows, model_cfg, shapes)
         params, opt_state, scratch = optimizer.update(
             state["params"], dense_grads, rows, state["opt_state"], state["scratch"]
         )
@@ -251,15 +258,13 @@ def _row_sparse_train_step(model: Any, optimizer: row_sparse.RowSparseAdam, weig
             "opt_state": opt_state,
             "scratch": scratch,
         }
-        return new_state, _metrics(terms)
+        return new_state, metrics
 
     return train_step
 
 
 def _dense_train_step(model, optimizer, model_cfg, weight_decay: float):
     observe = _observes_gradients(model_cfg)
-    if observe:
-        from dare_jax.models import combine_path_gradients  # only the analysis runs need it
 
     def loss_fn(params, state, batch, rng):
         variables = {"params": params, "batch_stats": state["batch_stats"]}

@@ -159,8 +159,8 @@ def case_params(shapes) -> dict:
 
 def run_case(name: str, model_cfg=None) -> dict[str, dict[str, np.ndarray]]:
     """{'outputs', 'eval', 'loss', 'grads'} of case `name` (flat dicts of arrays; `grads`
-    holds `sketch`es for the big leaves, keys ending in SKETCH_SUFFIX). model_cfg: the case's config (default
-    `case_config(name)`), e.g. with extra fields set."""
+    holds `sketch`es for the big leaves, keys ending in SKETCH_SUFFIX). model_cfg: the case's
+    config (default `case_config(name)`), e.g. with extra fields set."""
     from dare_jax.models import build_model, loss_terms
 
     cfg = case_config(name) if model_cfg is None else model_cfg

@@ -1,18 +1,26 @@
 """Every variant and every search against the outputs, losses and gradients recorded from the
-implementation before the two model classes became one (tests/recorded_outputs.py)."""
+implementation before the two model classes became one (tests/recorded_outputs.py), and the
+same with chunked histories, bfloat16 scores and row-sparse table gradients."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dare_jax.models import build_model, loss_terms
 from tests import recorded_outputs as rec
 
 RECORDED = rec.load(Path(__file__).parent / "fixtures" / "model_outputs.npz")
 
-CLUSTERING_DEPENDENT: set[str] = set()
+# The TWIN-V2 clustering changed on purpose (a cheaper algorithm, issue 14): with more than
+# one cluster the clusters, hence every output, differ. The one-cluster cases pin the rest of
+# TWIN-V2's maths; tests/test_eta_sdim_twinv2.py checks the new clusters and the model's
+# use of them against numpy.
+CLUSTERING_DEPENDENT = {"twin_v2", "twin_v2_decoupled", "twin_v2_small_clusters", "twin_v2_bf16"}
 # Cases of the default run; the others run in the slow pass.
 DEFAULT_CASES = {
     "dare",
@@ -59,10 +67,97 @@ def run_sketched(name: str, **overrides) -> dict:
     return rec.run_case(name, cfg)
 
 
-def compare(name: str, got: dict, rtol: float = 2e-5, atol: float = 2e-6):
-    assert_matches(name, got, RECORDED[name], rtol, atol)
+def compare(name: str, got: dict):
+    """`got` against the recorded case `name`. With bfloat16 scores the gradients pass through
+    bfloat16 roundings whose place moved (the derived time part's gradient is now summed
+    over the batch before it is rounded, not after): a bfloat16-sized tolerance there."""
+    want = RECORDED[name]
+    if "bf16" in name:
+        rest = {kind: values for kind, values in want.items() if kind != "grads"}
+        assert_matches(name, {k: got[k] for k in rest}, rest)
+        assert_matches(name, {"grads": got["grads"]}, {"grads": want["grads"]}, 1e-2, 1e-5)
+    else:
+        assert_matches(name, got, want)
 
 
 @pytest.mark.parametrize("name", _cases(n for n in rec.CASES if n not in CLUSTERING_DEPENDENT))
 def test_outputs_losses_and_gradients_equal_the_recorded(name):
     compare(name, run_sketched(name))
+
+
+# Chunking changes no value: every search chunked against the recorded unchunked case
+# (5 does not divide L = 12: the first chunk is left-padded).
+CHUNKED = ["din", "twin_hard", "twin_proj", "projection_with_mlp", "twin_time_add", "twin_no_time",
+           "twin_v2_one_cluster", "eta_no_aux", "twin_average", "twin_hard_average",
+           "dare_small_attn", "twin_observe_grad"]
+
+
+@pytest.mark.parametrize("name", _cases(CHUNKED))
+def test_chunked_searches_equal_the_recorded_unchunked(name):
+    compare(name, run_sketched(name, search_chunk=5))
+
+
+def row_sparse_table_gradients(name: str, **overrides) -> dict[str, np.ndarray]:
+    """{table key: gradient} scattered from the model's lookup rows (row_sparse_embedding_grads)
+    for case `name`, with the recorded case's parameters and loss."""
+    cfg = rec.case_config(name)
+    cfg.row_sparse_embedding_grads = True
+    for key, value in overrides.items():
+        cfg[key] = value
+    batch = rec.make_batch()
+    model = build_model(cfg, rec.ITEM_N, rec.CATE_N, rec.LENGTH)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch, train=False))
+    params = jax.tree.map(jnp.asarray, rec.case_params(shapes["params"]))
+    stats = jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype), shapes["batch_stats"])
+    variables = {"params": params, "batch_stats": stats}
+    _, state = model.apply(
+        variables, batch, train=True, mutable=["perturbations", "batch_stats", "embedding_ids"]
+    )
+
+    def loss(perturbations):
+        out, _ = model.apply(
+            {**variables, "perturbations": perturbations},
+            batch,
+            train=True,
+            mutable=["batch_stats", "embedding_ids"],
+        )
+        return loss_terms(out, jnp.asarray(batch["label"]), params, rec.WEIGHT_DECAY)["total"]
+
+    zeros = jax.tree.map(jnp.zeros_like, state["perturbations"])
+    rows = jax.jit(jax.grad(loss))(zeros)
+    tables = {}
+    for lookup_name, cotangent in rows.items():
+        group, field, _ = lookup_name.split(":")
+        (ids,) = state["embedding_ids"][lookup_name]
+        key = f"embed/{group}/{field}"
+        table = tables.setdefault(key, np.zeros(params["embed"][group][field].shape))
+        ids = np.broadcast_to(np.asarray(ids), cotangent.shape[:-1])
+        np.add.at(table, ids, np.asarray(cotangent, np.float64))
+    return tables
+
+
+ROW_SPARSE = ["dare", "twin", "din", "twin_proj", "twin_hard", "eta", "eta_decoupled", "sdim",
+              "sdim_decoupled", "twin_v2_one_cluster", "dare_chunked", "eta_chunked",
+              "sdim_chunked", "twin_observe_grad", "three_embedding"]
+
+
+@pytest.mark.parametrize("name", _cases(ROW_SPARSE))
+def test_row_sparse_lookup_gradients_scatter_to_the_recorded_table_gradients(name):
+    tables = row_sparse_table_gradients(name)
+    want = {k: v for k, v in RECORDED[name]["grads"].items() if k.startswith("embed/")}
+    # Tables no lookup reads (time tables without use_time) have no rows: gradient 0.
+    for key, expected in want.items():
+        got = tables.get(key, np.zeros(expected.shape))
+        np.testing.assert_allclose(got, expected, rtol=2e-5, atol=2e-6, err_msg=f"{name} {key}")
+
+
+@pytest.mark.slow
+def test_twin_v2_chunked_equals_unchunked_with_several_clusters():
+    """The clustering sees the same sketch in chunks (a different summation order can move
+    a projection by rounding, so this compares outputs up to float noise)."""
+    whole = run_sketched("twin_v2_small_clusters")
+    chunked = run_sketched("twin_v2_small_clusters", search_chunk=5)
+    np.testing.assert_array_equal(
+        whole["outputs"]["cluster_ids"], chunked["outputs"]["cluster_ids"]
+    )
+    assert_matches("twin_v2_small_clusters", chunked, whole)
