@@ -18,7 +18,7 @@ from dare_jax.models.search import (
     History,
     Retrieval,
     as_parts,
-    full_history_attention,
+    attention_over,
     part_slices,
 )
 
@@ -91,10 +91,8 @@ def search(
     distance = hamming_distance(history_signatures, target_signature)
     valid = history.positions["valid"]
     indices = hamming_top_k(distance, valid, int(cfg.top_k), bits)
-    outputs = {"topk_indices": indices, "hamming_distance": distance}
-    full = None
     if cfg.use_aux_loss:
-        masked = history.map(lambda positions: history.masked_scores(query, positions))
-        full = full_history_attention(history, masked, True)
-        outputs["attention_scores"] = masked
-    return Retrieval(history.attend(query, indices), full, valid, outputs)
+        found = attention_over(query, history, history.scores(query), indices, True)
+    else:
+        found = Retrieval(history.attend(query, indices), None, valid, {"topk_indices": indices})
+    return found._replace(outputs={**found.outputs, "hamming_distance": distance})

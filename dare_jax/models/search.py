@@ -1,23 +1,19 @@
 """First stage (search) and second stage (aggregation), written for ONE example.
 
-The model `jax.vmap`s a search over the batch (`dare_jax.models.model`): a search sees the
-target's attention vector `[D]` and its own history of L behaviours through a `History`, and
-returns a `Retrieval`. Soft search scores every behaviour, keeps the top-k scores with
-`jax.lax.top_k`, softmaxes over the k kept and sums their representation vectors; hard search
-(SIM-style) selects k behaviours by category and recency with one `top_k` over an integer
-priority. ETA, SDIM and TWIN-V2 are searches of their own (`eta.py`, `sdim.py`, `twin_v2.py`).
+The model `jax.vmap`s a search over the batch: a search sees the target's attention vector
+`[D]` and its history of L behaviours (a `History`) and returns a `Retrieval`. Soft search
+keeps the top-k scores (`jax.lax.top_k`), softmaxes over them and sums the kept
+representation vectors; hard search (SIM) selects k behaviours by category and recency with
+one `top_k` over an integer priority. ETA, SDIM and TWIN-V2 have their own (`eta.py`, ...).
 
-Behaviour vectors `[L, D]` are passed as their PARTS along D (a tuple: item `[L, d]`, category
-`[L, d]`, time `[L, d]`): scores and aggregates are sums of per-part products and only `[D]`
-results are concatenated, so the composed `[L, D]` is never built (under vmap the time part,
-the same for every example, stays unbatched). A plain array is one part. The score, selection
-and aggregation functions accept leading batch dims (`[..., L]`) as well.
+Behaviour vectors `[L, D]` are passed as their PARTS along D (item, category, time `[L, d]`):
+scores and aggregates are sums of per-part products, so the composed `[L, D]` is never built
+(under vmap the time part, the same for every example, stays unbatched). The score,
+selection and aggregation functions accept leading batch dims (`[..., L]`) too.
 
-History options that change no value: `search_chunk` > 0 processes the history in chunks of
-C positions (`History.map` / `History.total`): each chunk's rows are looked up, used and
-dropped, and the backward pass recomputes them (`jax.checkpoint`), so memory grows with L
-only through `[L]`-sized per-position results; `score_dtype='bfloat16'` multiplies scores in
-bfloat16 with float32 sums.
+`search_chunk` > 0 processes the history in chunks (`History.map` / `History.total`): a
+chunk's rows are looked up, used and dropped, and the backward pass recomputes them
+(`jax.checkpoint`), so memory grows with L only through `[L]`-sized results.
 """
 
 from __future__ import annotations
@@ -256,6 +252,10 @@ class History:
         """Scores `[P]` of `positions`, PADDING_SCORE where not valid."""
         return mask_scores(self.score(query, self.keys(positions)), positions["valid"])
 
+    def scores(self, query: jax.Array) -> jax.Array:
+        """Masked scores `[L]` of the whole history (chunk by chunk)."""
+        return self.map(lambda positions: self.masked_scores(query, positions))
+
     def with_arrays(self, **arrays: jax.Array) -> History:
         """The same history with more per-position arrays `[L, ...]` (chunked alongside)."""
         return dataclasses.replace(self, positions={**self.positions, **arrays})
@@ -316,41 +316,32 @@ class History:
         return weighted_sum(weights, self.values(kept))
 
 
-def full_history_attention(history: History, masked: jax.Array, want_full: bool):
-    """The aux head's input: softmax over all masked scores `[L]`, weighted sum of the
-    representation vectors `[D]` (None unless `want_full`)."""
-    return history.weighted_sum(jax.nn.softmax(masked, axis=-1)) if want_full else None
+def attention_over(
+    query: jax.Array, history: History, masked: jax.Array, indices: jax.Array, want_full: bool
+) -> Retrieval:
+    """Target attention over the behaviours at `indices [k]`; with `want_full`, the aux
+    head's softmax over all masked scores `masked [L]` too."""
+    full = history.weighted_sum(jax.nn.softmax(masked, axis=-1)) if want_full else None
+    outputs = {"attention_scores": masked, "topk_indices": indices}
+    return Retrieval(history.attend(query, indices), full, history.positions["valid"], outputs)
 
 
 def soft_search(
     query: jax.Array, target: dict[str, jax.Array], history: History, cfg, want_full: bool
 ) -> Retrieval:
     """TWIN / DARE / DIN: the top-k of the scores over the whole history."""
-    masked = history.map(lambda positions: history.masked_scores(query, positions))
+    masked = history.scores(query)
     indices = soft_search_indices(masked, int(cfg.top_k))
-    full = full_history_attention(history, masked, want_full)
-    return Retrieval(
-        history.attend(query, indices),
-        full,
-        history.positions["valid"],
-        {"attention_scores": masked, "topk_indices": indices},
-    )
+    return attention_over(query, history, masked, indices, want_full)
 
 
 def hard_search(
     query: jax.Array, target: dict[str, jax.Array], history: History, cfg, want_full: bool
 ) -> Retrieval:
     """TWIN (hard), SIM-style: k behaviours by category and recency (`hard_search_indices`);
-    the scores of the others are masked, so the aux head's full attention is over the k too."""
-    positions = history.positions
-    same_category = positions["category"] == target["category"]
-    indices, selected = hard_search_indices(positions["valid"], same_category, int(cfg.top_k))
+    the others' scores are masked, so the aux head's full attention is over the k too."""
+    same_category = history.positions["category"] == target["category"]
+    valid = history.positions["valid"]
+    indices, selected = hard_search_indices(valid, same_category, int(cfg.top_k))
     history = history.with_arrays(valid=selected)
-    masked = history.map(lambda positions: history.masked_scores(query, positions))
-    full = full_history_attention(history, masked, want_full)
-    return Retrieval(
-        history.attend(query, indices),
-        full,
-        selected,
-        {"attention_scores": masked, "topk_indices": indices},
-    )
+    return attention_over(query, history, history.scores(query), indices, want_full)

@@ -5,27 +5,21 @@ Where the clustering happens: inside the model, as a per-batch, jit-compiled ste
 to the data pipeline. The paper clusters offline on item features; clustering per batch on
 the current embeddings is the jit-able equivalent (documented decision).
 
-Clustering of one user's L behaviours (static shapes; `search` runs per example):
-  1. Sketch: the attention vectors are projected on an estimate of their top SKETCH_DIM
-     principal directions (SUBSPACE_STEPS steps of subspace iteration on the valid
-     behaviours' covariance, from a fixed random start); the bisections work on these
-     `[L, SKETCH_DIM]` coordinates instead of `[L, D]`.
-  2. Balanced bisection in static blocks, `levels` = ceil(log2(L / max_cluster_size)) times:
-     the positions, padded to S * b (S = 2**levels clusters of b = ceil(L / S) <= max size
-     slots), are kept in an order in which every cluster is a contiguous block of static
-     size (its valid members and padding). Each level splits every block in two halves of
-     slots: the block's m valid members are ordered by their projection on its 2-means
-     direction (start: the earliest valid member and the valid member farthest from it;
-     `iterations` Lloyd steps over the valid members) and the lower (m + 1) // 2 go to the
-     first half, the rest to the second (a block of at most max_cluster_size members that
-     fits in half its slots stays whole, as in a bisecting k-means that stops splitting
-     small clusters); padding fills the remaining slots. The cut is found by a radix select
-     on the projections' order-preserving integer keys (32 counting passes) instead of a
-     sort, and the blocks' statistics are reductions over static slices instead of scatters.
-  Cluster c is then block c: at most b valid members. Padding positions get the label S.
-  Against the previous bisecting 2-means on `[L, D]` with per-cluster scatters and a sort
-  per level, the clusters differ in detail; quality and speed of both are measured by
-  benchmarks/twin_v2_clustering.py (benchmarks/README.md).
+Clustering of one user's L behaviours (static shapes, per example):
+  1. Sketch: the vectors' coordinates on an estimate of their top SKETCH_DIM principal
+     directions (subspace iteration on the valid behaviours' covariance).
+  2. Balanced bisection, levels = ceil(log2(L / max_cluster_size)) times. The positions,
+     padded to S * b (S = 2**levels clusters of b = ceil(L / S) <= max size slots), are kept
+     in an order where every cluster is a contiguous block of static size. A level splits
+     every block in two halves of slots: the lower (m + 1) // 2 of its m valid members by
+     their projection on the block's 2-means direction (start: the earliest member and the
+     member farthest from it; `iterations` Lloyd steps) go to the first half, the rest to
+     the second (a block of at most max_cluster_size members stays whole if it fits);
+     padding fills the free slots. The cut is a radix select (32 counting passes), not a
+     sort; block statistics are reductions over static slices, not scatters.
+  Cluster c is block c (at most b members); padding positions get the label S. This
+  replaced a bisecting 2-means on `[L, D]` with scatters and a sort per level:
+  benchmarks/twin_v2_clustering.py measures the quality and speed of both.
 Virtual behaviour of a cluster: the mean of its members' vectors; the cluster-aware logit
 adds ln(cluster size) to the scaled dot-product score (in search and aggregation).
 """
