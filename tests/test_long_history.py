@@ -30,17 +30,19 @@ def assert_trees_close(a, b, rtol=1e-3, atol=2e-5):  # summation order differs
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=rtol, atol=atol), a, b)
 
 
+# ETA in the default run (tests/test_recorded_outputs.py also compares DIN, hard search and
+# one-cluster TWIN-V2 chunked with the recorded unchunked outputs); the others in the slow pass.
 @pytest.mark.parametrize(
     "name, overrides",
     [
-        ("twin", {}),
-        ("dare", {"use_long_seq_average": True}),
+        pytest.param("twin", {}, marks=pytest.mark.slow),
+        pytest.param("dare", {"use_long_seq_average": True}, marks=pytest.mark.slow),
         ("eta", {}),
-        ("sdim", {}),
-        ("twin_v2", {"cluster_max_size": 4}),
-        ("din", {"use_time": False}),
-        ("twin", {"soft_search": False}),
-        ("projection", {}),
+        pytest.param("sdim", {}, marks=pytest.mark.slow),
+        pytest.param("twin_v2", {"cluster_max_size": 4}, marks=pytest.mark.slow),
+        pytest.param("din", {"use_time": False}, marks=pytest.mark.slow),
+        pytest.param("twin", {"soft_search": False}, marks=pytest.mark.slow),
+        pytest.param("projection", {}, marks=pytest.mark.slow),
     ],
 )
 def test_chunked_equals_unchunked(name, overrides):
@@ -100,7 +102,9 @@ def compiled_temp_bytes(name: str, length: int, chunk: int, batch_size: int = 8)
     return int(compiled.memory_analysis().temp_size_in_bytes)
 
 
-@pytest.mark.parametrize("name", ["twin", "eta", "sdim", "twin_v2"])
+@pytest.mark.parametrize(
+    "name", ["twin", "eta", "sdim", pytest.param("twin_v2", marks=pytest.mark.slow)]
+)
 def test_training_step_memory_is_linear_without_a_full_history_tensor(name):
     """Compiled temporaries of a gradient step at L = 6,000 (B = 8, D = 48, chunks of 500)
     stay below ONE `[B, L, D]` float32 array (TWIN-V2: two; its clustering holds a few

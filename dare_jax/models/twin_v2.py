@@ -97,15 +97,19 @@ def smallest(values: jax.Array, counts: jax.Array) -> jax.Array:
     Radix select: the counts[i]-th smallest key is built bit by bit, each bit by counting the
     row's keys that match the prefix so far (32 passes over the row, no sort)."""
     keys = _order_keys(values)
-    wanted = counts.astype(jnp.int32)
-    prefix = jnp.zeros(values.shape[:1], jnp.uint32)
-    for bit in range(31, -1, -1):
-        high = jnp.uint32((0xFFFFFFFF << (bit + 1)) & 0xFFFFFFFF)
+
+    def next_bit(step, carry):  # a loop, not 32 unrolled passes: compiles much faster
+        prefix, wanted = carry
+        bit = (31 - step).astype(jnp.uint32)
+        high = jnp.where(bit == 31, jnp.uint32(0), jnp.uint32(0xFFFFFFFF) << (bit + 1))
         below = ((keys & high) == prefix[:, None]) & ((keys >> bit) & 1 == 0)
         count = jnp.sum(below, axis=1, dtype=jnp.int32)
         larger = count < wanted  # the wanted key has this bit set
-        prefix = jnp.where(larger, prefix | jnp.uint32(1 << bit), prefix)
-        wanted = jnp.where(larger, wanted - count, wanted)
+        prefix = jnp.where(larger, prefix | (jnp.uint32(1) << bit), prefix)
+        return prefix, jnp.where(larger, wanted - count, wanted)
+
+    start = (jnp.zeros(values.shape[:1], jnp.uint32), counts.astype(jnp.int32))
+    prefix, wanted = jax.lax.fori_loop(0, 32, next_bit, start)
     ties = keys == prefix[:, None]
     return (keys < prefix[:, None]) | (ties & (jnp.cumsum(ties, axis=1) <= wanted[:, None]))
 
@@ -140,7 +144,9 @@ def balanced_bisection(
         c0 = xb[rows, jnp.argmin(jnp.where(vb, blocks, padded), axis=1)]  # the earliest
         far = jnp.where(vb, squares[blocks] - 2.0 * dot(c0), -jnp.inf)
         c1 = xb[rows, jnp.argmax(far, axis=1)]  # the member farthest from it
-        for _ in range(iterations):
+
+        def lloyd(_, centres):
+            c0, c1 = centres
             half_gap = 0.5 * (jnp.sum(c1 * c1, axis=1) - jnp.sum(c0 * c0, axis=1))
             to_c1 = dot(c1 - c0) > half_gap[:, None]  # nearer to c1
             means = []
@@ -148,7 +154,9 @@ def balanced_bisection(
                 size = jnp.sum(side, axis=1)[:, None]
                 mean = jnp.einsum("ns,nsr->nr", side, xb) / jnp.maximum(size, 1.0)
                 means.append(jnp.where(size > 0, mean, centre))
-            c0, c1 = means
+            return tuple(means)
+
+        c0, c1 = jax.lax.fori_loop(0, iterations, lloyd, (c0, c1))
         # The first child: the lower (m + 1) // 2 of the block's m valid members by their
         # projection (all m while m <= max_cluster_size, as long as they fit), then padding
         # up to half the block's slots.
