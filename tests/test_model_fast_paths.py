@@ -262,16 +262,13 @@ def test_row_sparse_gradients_scatter_to_the_reference_table_gradients(variant):
         _check_row_sparse(variant_cfg(variant, row_sparse_embedding_grads=True), make_batch(2))
 
 
-def _check_row_sparse(cfg, batch):
-    _, variables, want = _check_against_reference(cfg, batch)
-    variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-    model = build_model(cfg, ITEM_N, CATE_N, LENGTH)
-    label = jnp.asarray(batch["label"])
+def lookup_row_gradients(model, variables, batch, objective):
+    """(rows, ids): the gradient of `objective(outputs)` (training mode) w.r.t. every lookup's
+    rows, {name: `[..., d]`}, and the sown ids, {name: (`[...]`,)}; the model must be built
+    with row_sparse_embedding_grads."""
     _, state = model.apply(
         variables, batch, train=True, mutable=["perturbations", "batch_stats", "embedding_ids"]
     )
-    zeros = jax.tree.map(jnp.zeros_like, state["perturbations"])
-    ids = state["embedding_ids"]
 
     def loss(perturbations):
         out, _ = model.apply(
@@ -280,9 +277,20 @@ def _check_row_sparse(cfg, batch):
             train=True,
             mutable=["batch_stats", "embedding_ids"],
         )
-        return log_likelihood(out, label)
+        return objective(out)
 
-    rows = jax.grad(loss)(zeros)
+    zeros = jax.tree.map(jnp.zeros_like, state["perturbations"])
+    return jax.jit(jax.grad(loss))(zeros), state["embedding_ids"]
+
+
+def _check_row_sparse(cfg, batch):
+    _, variables, want = _check_against_reference(cfg, batch)
+    variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    model = build_model(cfg, ITEM_N, CATE_N, LENGTH)
+    label = jnp.asarray(batch["label"])
+    rows, ids = lookup_row_gradients(
+        model, variables, batch, lambda out: log_likelihood(out, label)
+    )
     tables = {}
     for name, cotangent in rows.items():
         group, field, role = name.split(":")

@@ -13,6 +13,7 @@ import pytest
 
 from dare_jax.models import build_model, loss_terms
 from tests import recorded_outputs as rec
+from tests.test_model_fast_paths import lookup_row_gradients
 
 RECORDED = rec.load(Path(__file__).parent / "fixtures" / "model_outputs.npz")
 
@@ -102,26 +103,17 @@ def row_sparse_table_gradients(name: str, **overrides) -> dict[str, np.ndarray]:
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch, train=False))
     params = jax.tree.map(jnp.asarray, rec.case_params(shapes["params"]))
     stats = jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype), shapes["batch_stats"])
-    variables = {"params": params, "batch_stats": stats}
-    _, state = model.apply(
-        variables, batch, train=True, mutable=["perturbations", "batch_stats", "embedding_ids"]
+    label = jnp.asarray(batch["label"])
+    rows, sown = lookup_row_gradients(
+        model,
+        {"params": params, "batch_stats": stats},
+        batch,
+        lambda out: loss_terms(out, label, params, rec.WEIGHT_DECAY)["total"],
     )
-
-    def loss(perturbations):
-        out, _ = model.apply(
-            {**variables, "perturbations": perturbations},
-            batch,
-            train=True,
-            mutable=["batch_stats", "embedding_ids"],
-        )
-        return loss_terms(out, jnp.asarray(batch["label"]), params, rec.WEIGHT_DECAY)["total"]
-
-    zeros = jax.tree.map(jnp.zeros_like, state["perturbations"])
-    rows = jax.jit(jax.grad(loss))(zeros)
     tables = {}
     for lookup_name, cotangent in rows.items():
         group, field, _ = lookup_name.split(":")
-        (ids,) = state["embedding_ids"][lookup_name]
+        (ids,) = sown[lookup_name]
         key = f"embed/{group}/{field}"
         table = tables.setdefault(key, np.zeros(params["embed"][group][field].shape))
         ids = np.broadcast_to(np.asarray(ids), cotangent.shape[:-1])
