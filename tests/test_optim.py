@@ -110,7 +110,7 @@ def _optim_cfg(sparse: bool) -> ml_collections.ConfigDict:
     )
 
 
-# TWIN, DARE and ETA in the default run; the other variants (~10 s each) in the slow pass.
+# TWIN, DARE and observed TWIN in the default run; the others (~10 s each) in the slow pass.
 @pytest.mark.parametrize(
     "name,overrides",
     [
@@ -120,7 +120,7 @@ def _optim_cfg(sparse: bool) -> ml_collections.ConfigDict:
         pytest.param("twin", {"soft_search": False}, marks=pytest.mark.slow),  # SIM hard search
         pytest.param("projection", {"mlp_position_after_concat": True}, marks=pytest.mark.slow),
         pytest.param("four_embedding", {"use_long_seq_average": True}, marks=pytest.mark.slow),
-        ("eta", {}),
+        pytest.param("eta", {}, marks=pytest.mark.slow),
         pytest.param("sdim", {"use_aux_loss": False}, marks=pytest.mark.slow),
         pytest.param("twin_v2", {"cluster_max_size": 4}, marks=pytest.mark.slow),
         pytest.param("dare", {"search_chunk": 5}, marks=pytest.mark.slow),  # chunked history
