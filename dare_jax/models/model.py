@@ -37,7 +37,6 @@ MAIN_HEAD_HIDDEN = (200, 80)
 AUX_HEAD_HIDDEN = (200,)
 PROBABILITY_EPS = 1e-8  # official: softmax(logits) + 1e-8
 TARGET_ROLES = tuple(role for role in ROLES if role.endswith("target"))
-BEHAVIOR_ROLES = tuple(role for role in ROLES if role.endswith("behavior"))
 
 # The first stages: (query [D], target {'category': []}, History, cfg, want_full) -> Retrieval.
 SEARCHES = {
