@@ -1,14 +1,14 @@
-"""Training-step throughput and memory for long histories: DIN, TWIN, DARE, ETA, SDIM.
+"""Training-step throughput and memory for long histories: DIN, TWIN, DARE, ETA, SDIM, TWIN-V2.
 
     python benchmarks/long_history.py [--lengths 200 1000 10000] [--batch 128] [--steps 3]
         [--warmup 1] [--item-n 100000] [--cate-n 10000] [--dim 16] [--chunk 1000]
-        [--models din twin twin_chunked dare dare_chunked eta sdim] [--bf16]
+        [--models din twin twin_chunked dare dare_chunked eta sdim twin_v2] [--bf16]
 
-Rows: din / twin / dare are the plain two-stage model (`build_model`, whole `[B, L, D]`
-histories); twin_chunked / dare_chunked / eta / sdim are `LongHistoryModel` with the history
-in chunks of `--chunk` positions (no chunking when L <= chunk). `--bf16` adds chunked TWIN
-with bfloat16 search scores. A step is forward + backward + a dense Adam update of every
-parameter, jit-compiled, state donated; random ids, about 10% left padding. Item and
+Rows: din / twin / dare process the whole `[B, L, D]` history at once; twin_chunked /
+dare_chunked / eta / sdim / twin_v2 process it in chunks of `--chunk` positions (model config
+`search_chunk`; no chunking when L <= chunk). `--bf16` adds chunked TWIN with bfloat16 search
+scores. A step is forward + backward + a dense Adam update of every parameter (optax.adam),
+jit-compiled, state donated; random ids, about 10% left padding. Item and
 category tables are smaller than Taobao's (default 100,000 x 10,000 rows instead of
 4,068,791 x 9,408) so that the dense table update does not drown the history cost on a
 small machine; time table: max(2000, L + 1) rows.
@@ -36,9 +36,8 @@ import optax
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dare_jax.models import build_model, default_model_config, loss_terms  # noqa: E402
-from dare_jax.models.long_model import build_long_history_model  # noqa: E402
 
-MODELS = ("din", "twin", "twin_chunked", "dare", "dare_chunked", "eta", "sdim")
+MODELS = ("din", "twin", "twin_chunked", "dare", "dare_chunked", "eta", "sdim", "twin_v2")
 
 
 def model_and_config(row: str, length: int, args: argparse.Namespace):
@@ -51,13 +50,12 @@ def model_and_config(row: str, length: int, args: argparse.Namespace):
     if name == "din":
         cfg.use_time = False
     if name == "sdim":
-        cfg.use_aux_loss = False  # SDIM has no attention (see LongHistoryModel)
-    if row in ("din", "twin", "dare"):
-        return build_model(cfg, args.item_n, args.cate_n, length), cfg
-    cfg.search_chunk = args.chunk if length > args.chunk else 0
+        cfg.use_aux_loss = False  # SDIM has no attention, hence no full-attention aux head
+    if row not in ("din", "twin", "dare"):
+        cfg.search_chunk = args.chunk if length > args.chunk else 0
     if row.endswith("_bf16"):
         cfg.score_dtype = "bfloat16"
-    return build_long_history_model(cfg, args.item_n, args.cate_n, length), cfg
+    return build_model(cfg, args.item_n, args.cate_n, length), cfg
 
 
 def random_batch(rng: np.random.Generator, batch: int, length: int, args) -> dict:

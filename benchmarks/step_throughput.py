@@ -1,6 +1,7 @@
-"""Training and forward throughput (samples/s) of DIN, TWIN and DARE at Taobao scale.
+"""Training and forward throughput (samples/s) of the models at Taobao scale.
 
-    python benchmarks/step_throughput.py [--models din twin dare] [--steps 5] [--warmup 2]
+    python benchmarks/step_throughput.py [--models din twin dare eta sdim twin_v2] [--steps 5]
+        [--warmup 2]
         [--batch 2048] [--length 200] [--item-n 4068791] [--cate-n 9408] [--dim 16]
         [--variants optax,row_sparse,lazy,frozen_embeddings,forward] [--breakdown] [--json PATH]
 
@@ -105,6 +106,8 @@ def model_config(name: str, dim: int):
     cfg.item_embedding_dim = cfg.category_embedding_dim = cfg.time_embedding_dim = dim
     if name == "din":
         cfg.use_time = False
+    if name == "sdim":
+        cfg.use_aux_loss = False  # SDIM has no attention, hence no full-attention aux head
     return cfg
 
 
@@ -433,7 +436,9 @@ def device_memory() -> dict[str, int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="*", default=["din", "twin", "dare"])
+    parser.add_argument(
+        "--models", nargs="*", default=["din", "twin", "dare", "eta", "sdim", "twin_v2"]
+    )
     parser.add_argument(
         "--variants",
         default="optax,row_sparse,frozen_embeddings,forward",

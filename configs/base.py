@@ -56,12 +56,13 @@ MODEL_VARIANTS: dict[str, tuple[dict, dict]] = {
         {"name": "twin", "observe_attn_repr_grad": True, "avoid_domination": True},
         {"export.gradients": True},
     ),
-    # The paper's other baselines, from their own papers (dare_jax.models.long_model). SDIM
-    # has no attention, hence no full-attention aux head. *_decoupled: DARE's two tables
-    # (attention tables hash / search / cluster, representation tables are aggregated).
-    # Long histories: any model above with --config.data.max_length=10000
-    # --config.model.time_table_size=10001 and, for twin/dare/eta/sdim, chunked search
-    # --config.model.search_chunk=1000 (optionally --config.model.score_dtype=bfloat16).
+    # The paper's other baselines, from their own papers: the same model with its own search
+    # (dare_jax.models.eta / sdim / twin_v2). SDIM has no attention, hence no full-attention
+    # aux head. *_decoupled: DARE's two tables (attention tables hash / search / cluster,
+    # representation tables are aggregated).
+    # Long histories: any model with --config.data.max_length=10000
+    # --config.model.time_table_size=10001 --config.model.search_chunk=1000 (chunked
+    # history, linear memory; optionally --config.model.score_dtype=bfloat16).
     "eta": ({"name": "eta"}, {}),
     "sdim": ({"name": "sdim", "use_aux_loss": False}, {}),
     "twin_v2": ({"name": "twin_v2"}, {}),
@@ -116,14 +117,12 @@ def base_config() -> ml_collections.ConfigDict:
     # The embedding tables' update: "dense" (the paper's maths: Adam moves every row at every
     # step) or "lazy" (a row's Adam moments and values change only at the steps whose batch
     # looks it up, bias-corrected by its own count of such steps; cost and memory follow the
-    # rows a batch touches, not the table size; dare_jax.optim.LazyAdam). "lazy" needs a
-    # model that gives its tables' gradients as rows (not the gradient-observation variants
-    # or the long-history models yet: those refuse it).
+    # rows a batch touches, not the table size; dare_jax.optim.LazyAdam).
     config.optim.table_updates = "dense"
     # How "dense" is computed: the same dense Adam with the tables' gradients taken as
-    # looked-up rows and their moments updated in flat, vectorised passes (dare_jax.optim),
-    # where the model supports it; False: optax.adam on autodiff's dense gradients. "lazy"
-    # always takes row gradients (it refuses False).
+    # looked-up rows and their moments updated in flat, vectorised passes (dare_jax.optim;
+    # every model supports it); False: dare_jax.optim.adam on autodiff's dense gradients.
+    # "lazy" always takes row gradients (it refuses False).
     config.optim.sparse_table_updates = True
 
     config.train = ml_collections.ConfigDict()

@@ -554,7 +554,7 @@ def make_gradient_fn(model: Any, weight_decay: float):
             # A model that ignores the flag would leave every table at its g = 0 update.
             raise ValueError(
                 f"{type(model).__name__} exposes no table-gradient rows: build it with model "
-                "config row_sparse_embedding_grads=True (TwoStageModel only)"
+                "config row_sparse_embedding_grads=True"
             )
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         (dense_grads, row_grads), (terms, new_stats, ids) = jax.grad(

@@ -16,10 +16,10 @@ Config `optim.table_updates` chooses the maths of the embedding tables' update:
 "dense" (the default, the paper's: Adam updates every parameter and every table row
 at every step) or "lazy" (`dare_jax.optim.LazyAdam`: a row moves only at the steps
 that look it up, with its own bias correction). Two optimizers give the dense Adam:
-`dare_jax.optim.RowSparseAdam` (config `optim.sparse_table_updates`, the default
-where the model supports it), which takes the tables' gradients as looked-up rows
-and carries per-table buffers in `state["scratch"]`, and `dare_jax.optim.adam` (an
-optax transformation) on autodiff's gradient. Their checkpoints hold the optax layout
+`dare_jax.optim.RowSparseAdam` (config `optim.sparse_table_updates`, the default, for
+every model), which takes the tables' gradients as looked-up rows and carries
+per-table buffers in `state["scratch"]`, and `dare_jax.optim.adam` (an optax
+transformation) on autodiff's gradient. Their checkpoints hold the optax layout
 without scratch (`to_checkpoint` / `make_from_checkpoint`); LazyAdam's state, per-row
 counts included, is checkpointed as it is.
 """
@@ -37,7 +37,7 @@ import optax
 
 from dare_jax import optim as row_sparse
 from dare_jax.models import loss as loss_lib
-from dare_jax.models import uses_long_model
+from dare_jax.models.gradient_paths import combine_path_gradients, combine_path_rows
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
@@ -62,26 +62,12 @@ def lazy_table_updates(optim_cfg: ml_collections.ConfigDict) -> bool:
 def uses_row_sparse_updates(
     model_cfg: ml_collections.ConfigDict, optim_cfg: ml_collections.ConfigDict
 ) -> bool:
-    """The model is trained from its tables' gradients as rows: `optim.table_updates` is
-    "lazy", or `optim.sparse_table_updates` is on and the model can give them: every
-    TwoStageModel variant except the gradient-observation ones (they combine dense path
-    gradients); not the long-history models (ETA, SDIM, TWIN-V2, chunked). ValueError when
-    "lazy" is asked of a model that cannot, or together with `sparse_table_updates` off."""
-    supported = not _observes_gradients(model_cfg) and not uses_long_model(model_cfg)
+    """The model is trained from its tables' gradients as rows (every model gives them;
+    the gradient-observation variants combine their two paths' rows): `optim.table_updates`
+    is "lazy", or `optim.sparse_table_updates` is on. ValueError for "lazy" together with
+    `sparse_table_updates` off."""
+    del model_cfg
     if lazy_table_updates(optim_cfg):
-        if not supported:
-            why = (
-                "its gradient observation (model.observe_attn_repr_grad / avoid_domination) "
-                "combines dense path gradients"
-                if _observes_gradients(model_cfg)
-                else f"model {model_cfg.name!r} is a long-history model, trained with dense "
-                "table gradients"
-            )
-            raise ValueError(
-                "config field optim.table_updates = 'lazy' needs the tables' gradients as "
-                f"looked-up rows, which this model does not give yet: {why}; use "
-                "optim.table_updates='dense'"
-            )
         if not optim_cfg.get("sparse_table_updates", True):
             raise ValueError(
                 "config field optim.table_updates = 'lazy' takes the tables' gradients as "
@@ -89,7 +75,7 @@ def uses_row_sparse_updates(
                 "gradients) contradicts it: leave it on"
             )
         return True
-    return bool(optim_cfg.get("sparse_table_updates", False)) and supported
+    return bool(optim_cfg.get("sparse_table_updates", False))
 
 
 def training_model_config(
@@ -109,11 +95,11 @@ def make_optimizer(
     `LazyAdam` for `optim.table_updates = "lazy"`; otherwise `RowSparseAdam` when
     `uses_row_sparse_updates(model_cfg, optim)`, else `optim.adam` (the optax transformation;
     its bias corrections are accurate in float32, unlike optax.adam's). ValueError for a lazy
-    config without `model_cfg` or with a model that cannot train lazily."""
+    config without `model_cfg` or with `optim.sparse_table_updates` off."""
     if lazy_table_updates(optim):
         if model_cfg is None:
             raise ValueError("optim.table_updates = 'lazy' needs the model config")
-        uses_row_sparse_updates(model_cfg, optim)  # ValueError for a model that cannot
+        uses_row_sparse_updates(model_cfg, optim)  # ValueError with sparse_table_updates off
         return row_sparse.LazyAdam(optim.lr, optim.b1, optim.b2, optim.eps)
     if model_cfg is not None and uses_row_sparse_updates(model_cfg, optim):
         return row_sparse.RowSparseAdam(optim.lr, optim.b1, optim.b2, optim.eps)
@@ -174,6 +160,10 @@ def _init_scratch(model, optimizer, variables, batch) -> row_sparse.TableScratch
     sizes = row_sparse.lookup_sizes(
         model, variables, batch, rngs={"dropout": jax.random.PRNGKey(0)}
     )
+    if _observes_gradients(model.cfg):  # both synchronised copies get both paths' rows
+        for key in [k for k in sizes if k.startswith("embed/attention/")]:
+            twin_key = key.replace("/attention/", "/representation/")
+            sizes[key] = sizes[twin_key] = sizes[key] + sizes.get(twin_key, 0)
     return optimizer.init_scratch(variables["params"], sizes)
 
 
@@ -288,7 +278,7 @@ def make_train_step(
     category and time tables returned by `combine_path_gradients`.
     """
     if isinstance(optimizer, RowGradientOptimizer):
-        step = _row_sparse_train_step(model, optimizer, weight_decay)
+        step = _row_sparse_train_step(model, optimizer, model_cfg, weight_decay)
     else:
         step = _dense_train_step(model, optimizer, model_cfg, weight_decay)
     # keep_unused: the scratch step buffers are only written, and an argument the program
@@ -308,14 +298,19 @@ def _metrics(terms: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {name: terms[name] for name in ("total", "ctr", "aux", "l2")}
 
 
-def _row_sparse_train_step(model: Any, optimizer: Optimizer, weight_decay: float):
+def _row_sparse_train_step(model: Any, optimizer: Optimizer, model_cfg, weight_decay: float):
     grads_fn = row_sparse.make_gradient_fn(model, weight_decay)
+    observe = _observes_gradients(model_cfg)
 
     def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state["rng"], state["step"])
         terms, batch_stats, dense_grads, rows = grads_fn(
             state["params"], state["batch_stats"], batch, rngs={"dropout": rng}
         )
+        metrics = _metrics(terms)
+        if observe:
+            shapes = {k: v.shape for k, v in row_sparse.flatten_params(state["params"]).items()}
+            rows, metrics["observed"] = combine_path_rows(rows, model_cfg, shapes)
         new_state = {"step": state["step"] + 1, "rng": state["rng"], "batch_stats": batch_stats}
         if "scratch" in state:  # RowSparseAdam's carried buffers
             new_state["params"], new_state["opt_state"], new_state["scratch"] = optimizer.update(
@@ -325,15 +320,13 @@ def _row_sparse_train_step(model: Any, optimizer: Optimizer, weight_decay: float
             new_state["params"], new_state["opt_state"] = optimizer.update(
                 state["params"], dense_grads, rows, state["opt_state"]
             )
-        return new_state, _metrics(terms)
+        return new_state, metrics
 
     return train_step
 
 
 def _dense_train_step(model, optimizer, model_cfg, weight_decay: float):
     observe = _observes_gradients(model_cfg)
-    if observe:
-        from dare_jax.models import combine_path_gradients  # only the analysis runs need it
 
     def loss_fn(params, state, batch, rng):
         variables = {"params": params, "batch_stats": state["batch_stats"]}

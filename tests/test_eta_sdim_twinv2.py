@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dare_jax.models import default_model_config, eta, sdim, twin_v2
-from dare_jax.models.long_model import build_long_history_model
+from dare_jax.models import build_model, default_model_config, eta, sdim, twin_v2
 from dare_jax.models.search import PADDING_SCORE
 
 ITEM_N, CATE_N, LENGTH, BATCH, TOP_K = 60, 7, 24, 6, 4
@@ -45,7 +44,7 @@ def make_batch(seed=0, batch=BATCH, length=LENGTH):
 
 def setup(name, seed=0, **overrides):
     cfg = make_cfg(name, **overrides)
-    model = build_long_history_model(cfg, ITEM_N, CATE_N, LENGTH)
+    model = build_model(cfg, ITEM_N, CATE_N, LENGTH)
     batch = make_batch(seed)
     variables = model.init(jax.random.PRNGKey(seed), batch)
     return cfg, model, batch, variables
@@ -219,38 +218,81 @@ def test_sdim_model_equals_plain_pooling(decoupled):
 # ----------------------------------------------------------------------------- TWIN-V2
 
 
+def cluster(x, valid, max_size, iterations=3):
+    """The model's clustering of each row: balanced bisection of the principal sketch."""
+    from dare_jax.models.search import History
+
+    def one(xu, vu):
+        history = History({"valid": vu, "x": xu}, lambda p, role: p["x"], None, 0)
+        sketch = twin_v2.principal_sketch(history)
+        return twin_v2.balanced_bisection(sketch, vu, max_size, iterations)
+
+    return np.asarray(jax.vmap(one)(jnp.asarray(x), jnp.asarray(valid)))
+
+
 def test_clustering_invariants():
     rng = np.random.default_rng(3)
-    x = rng.normal(size=(4, 100, 6)).astype(np.float32)
+    x = rng.normal(size=(5, 60, 12)).astype(np.float32)
     x[1] = x[1, :1]  # identical vectors must still be split
-    valid = rng.random((4, 100)) < 0.85
+    valid = rng.random((5, 60)) < 0.85
     valid[2] = False
-    valid[3, :95] = False
-    labels = np.asarray(twin_v2.hierarchical_kmeans(jnp.asarray(x), jnp.asarray(valid), 8))
-    levels = math.ceil(math.log2(100 / 8))
+    valid[3, :55] = False
+    x[4, :, 5:] = 0.0  # fewer principal directions than the sketch has
+    labels = cluster(x, valid, 8)
+    levels = math.ceil(math.log2(60 / 8))
     clusters = 2**levels
-    assert labels.shape == (4, 100)
-    sizes = np.asarray(twin_v2.cluster_sizes(jnp.asarray(labels), clusters))
-    for b in range(4):
+    assert labels.shape == (5, 60)
+    for b in range(5):
         # every valid behaviour in exactly one cluster; padding in none
         assert ((labels[b] >= 0) & (labels[b] < clusters) == valid[b]).all()
         assert (labels[b][~valid[b]] == clusters).all()
         counts = np.bincount(labels[b][valid[b]], minlength=clusters)
-        np.testing.assert_array_equal(sizes[b], counts)
         assert counts.sum() == valid[b].sum() and counts.max(initial=0) <= 8
-    means = np.asarray(twin_v2.cluster_means(jnp.asarray(labels), jnp.asarray(x), clusters))
-    for c in np.unique(labels[0][valid[0]]):
-        np.testing.assert_allclose(means[0, c], x[0][labels[0] == c].mean(0), rtol=1e-5, atol=1e-6)
 
 
 def test_clustering_recovers_separated_groups():
     rng = np.random.default_rng(4)
-    centres = rng.normal(size=(4, 5)) * 50
+    centres = rng.normal(size=(4, 16)) * 50
     members = rng.permutation(np.repeat(np.arange(4), 8))
-    x = (centres[members] + rng.normal(size=(32, 5))).astype(np.float32)[None]
-    labels = np.asarray(twin_v2.hierarchical_kmeans(jnp.asarray(x), jnp.ones((1, 32), bool), 8))[0]
+    x = (centres[members] + rng.normal(size=(32, 16))).astype(np.float32)[None]
+    labels = cluster(x, np.ones((1, 32), bool), 8)[0]
     for c in range(4):  # each cluster is exactly one group
         assert len(set(members[labels == c])) == 1 and (labels == c).sum() == 8
+
+
+def test_radix_select_matches_a_stable_sort():
+    rng = np.random.default_rng(5)
+    values = np.round(rng.normal(size=(50, 16)), 1).astype(np.float32)  # many ties
+    values[0] = np.inf  # all padding
+    values[1, :5] = np.inf
+    values[2] = -0.0
+    values[2, ::2] = 0.0  # -0.0 orders below 0.0
+    counts = rng.integers(0, 17, size=50)
+    chosen = np.asarray(twin_v2.smallest(jnp.asarray(values), jnp.asarray(counts)))
+    for row, count, got in zip(values, counts, chosen):
+        order = sorted(range(16), key=lambda j: (row[j], np.signbit(row[j]) == 0, j))
+        assert set(np.flatnonzero(got)) == set(order[:count])
+
+
+def test_principal_sketch_spans_the_top_principal_directions():
+    rng = np.random.default_rng(6)
+    basis, _ = np.linalg.qr(rng.normal(size=(20, 20)))
+    scales = np.array([30.0, 20, 15, 12, 10, 8, 7, 6] + [0.1] * 12)
+    x = ((rng.normal(size=(300, 20)) * scales) @ basis.T).astype(np.float32)
+    valid = np.ones(300, bool)
+    from dare_jax.models.search import History
+
+    positions = {"valid": jnp.asarray(valid), "x": jnp.asarray(x)}
+    history = History(positions, lambda p, role: p["x"], None, 0)
+    sketch = np.asarray(twin_v2.principal_sketch(history), np.float64)
+    # The sketch's coordinates are x's projection on an orthonormal basis of the top-8
+    # subspace: distances between behaviours are (almost) preserved.
+    centred = x - x.mean(0)
+    kept_variance = np.sum((sketch - sketch.mean(0)) ** 2) / np.sum(centred**2)
+    assert kept_variance > 0.999
+    d_sketch = np.linalg.norm(sketch[:50, None] - sketch[None, :50], axis=-1)
+    d_full = np.linalg.norm(x[:50, None] - x[None, :50], axis=-1)
+    np.testing.assert_allclose(d_sketch, d_full, rtol=0.02, atol=0.5)
 
 
 def test_twin_v2_cluster_scores_carry_the_log_size_bias():
@@ -264,14 +306,23 @@ def test_twin_v2_cluster_scores_carry_the_log_size_bias():
     for b in range(BATCH):
         valid = batch["hist_iid"][b] > 0
         np.testing.assert_array_equal(sizes[b], np.bincount(labels[b][valid], minlength=clusters))
+        assert sizes[b].max() <= 4
+        means = np.zeros((clusters, keys.shape[-1]))
         for c in range(clusters):
             got = out["attention_scores"][b, c]
             if sizes[b, c] == 0:
                 assert got == np.float32(PADDING_SCORE)
                 continue
-            mean_key = keys[b][labels[b] == c].mean(0)
-            want = np_scores(q[b : b + 1], mean_key[None, None])[0, 0] + math.log(sizes[b, c])
+            means[c] = keys[b][labels[b] == c].mean(0)
+            want = np_scores(q[b : b + 1], means[c][None, None])[0, 0] + math.log(sizes[b, c])
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+        # The retrieved feature: softmax over the top-k cluster scores, weighted cluster means
+        # (keys and values are the same shared-table vectors).
+        scores = np.asarray(out["attention_scores"][b], np.float64)
+        top = np.argsort(-scores, kind="stable")[:TOP_K]
+        np.testing.assert_array_equal(np.sort(out["topk_indices"][b]), np.sort(top))
+        retrieved = softmax(scores[top]) @ means[top]
+        np.testing.assert_allclose(out["representation"][b, 48:96], retrieved, rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- gradients

@@ -226,6 +226,11 @@ NOISE_PARAM_ATOL = 1e-3
             {f"attention_{f}_embedding_dim": 8 for f in ("item", "category", "time")},
             marks=pytest.mark.slow,
         ),
+        # Every search strategy trains lazily (one model class, issue 14).
+        pytest.param("eta", {}, marks=pytest.mark.slow),
+        pytest.param("sdim", {"use_aux_loss": False}, marks=pytest.mark.slow),
+        pytest.param("twin_v2", {}, marks=pytest.mark.slow),
+        pytest.param("twin", {"search_chunk": 5}, marks=pytest.mark.slow),
     ],
 )
 def test_driver_step_follows_the_numpy_rule_on_autodiff_gradients(name, overrides):
@@ -306,8 +311,6 @@ def test_driver_step_follows_the_numpy_rule_on_autodiff_gradients(name, override
 @pytest.mark.parametrize(
     "model_overrides,optim_overrides,message",
     [
-        ({"name": "eta"}, {}, "model 'eta' is a long-history model"),
-        ({"name": "twin", "observe_attn_repr_grad": True}, {}, "gradient observation"),
         ({}, {"sparse_table_updates": False}, "contradicts it"),
         ({}, {"table_updates": "sparse"}, "expected one of \\['dense', 'lazy'\\]"),
     ],

@@ -27,8 +27,8 @@ def _close(a, b, what, atol=1e-7):
 # Whole steps: the target time row (id 0 for every example) feeds BatchNorm as a constant,
 # so its true gradient is 0 and both paths see float noise that Adam normalises to steps of
 # order lr; the summation order differs between programs, so those params may differ by a
-# small fraction of lr. Any wrong update would be off by ~lr (0.01).
-STEP_PARAM_ATOL = 3e-5
+# small fraction of lr (measured up to 3.5e-5). Any wrong update would be off by ~lr (0.01).
+STEP_PARAM_ATOL = 1e-4
 
 
 def _flat(tree):
@@ -151,7 +151,7 @@ def _optim_cfg(sparse: bool) -> ml_collections.ConfigDict:
     )
 
 
-# TWIN and DARE in the default run; the other variants (~10 s each) in the slow pass.
+# TWIN, DARE and observed TWIN in the default run; the others (~10 s each) in the slow pass.
 @pytest.mark.parametrize(
     "name,overrides",
     [
@@ -161,6 +161,15 @@ def _optim_cfg(sparse: bool) -> ml_collections.ConfigDict:
         pytest.param("twin", {"soft_search": False}, marks=pytest.mark.slow),  # SIM hard search
         pytest.param("projection", {"mlp_position_after_concat": True}, marks=pytest.mark.slow),
         pytest.param("four_embedding", {"use_long_seq_average": True}, marks=pytest.mark.slow),
+        pytest.param("eta", {}, marks=pytest.mark.slow),
+        pytest.param("sdim", {"use_aux_loss": False}, marks=pytest.mark.slow),
+        pytest.param("twin_v2", {"cluster_max_size": 4}, marks=pytest.mark.slow),
+        pytest.param("dare", {"search_chunk": 5}, marks=pytest.mark.slow),  # chunked history
+        ("twin", {"observe_attn_repr_grad": True}),  # path gradients combined as rows
+        pytest.param(
+            "eta", {"observe_attn_repr_grad": True, "avoid_domination": True},
+            marks=pytest.mark.slow,
+        ),
     ],
 )
 def test_driver_step_matches_the_dense_adam_step(name, overrides):
@@ -179,33 +188,44 @@ def test_driver_step_matches_the_dense_adam_step(name, overrides):
         train_step = steps.make_train_step(model, optimizer, cfg, wd)
         key = jax.random.PRNGKey(0)
         state = steps.create_train_state(model, optimizer, key, batches[0], key)
-        losses = []
+        losses, observed = [], []
         for batch in batches:
             state, metrics = train_step(state, batch)
             losses.append(float(metrics["total"]))
-        runs[sparse] = (losses, steps.to_checkpoint(state, optimizer))
+            observed.append(metrics.get("observed", {}))
+        runs[sparse] = (losses, steps.to_checkpoint(state, optimizer), observed)
         assert train_step._cache_size() == 1  # compiled once
-    (dense_losses, dense), (sparse_losses, sparse_state) = runs[False], runs[True]
+    (dense_losses, dense, dense_seen), (sparse_losses, sparse_state, sparse_seen) = (
+        runs[False],
+        runs[True],
+    )
     _close(sparse_losses, dense_losses, f"{name} losses")
+    assert set(dense_seen[0]) == set(sparse_seen[0])
+    for step_seen, step_want in zip(sparse_seen, dense_seen):
+        for key, want in step_want.items():
+            _close(step_seen[key], want, f"{name} observed {key}", 1e-7)
     assert jax.tree.structure(dense) == jax.tree.structure(sparse_state)
     flat_dense = jax.tree_util.tree_flatten_with_path(dense)[0]
     for (path, want), have in zip(flat_dense, jax.tree.leaves(sparse_state)):
-        atol = STEP_PARAM_ATOL if jax.tree_util.keystr(path).startswith("['params']") else 1e-7
+        # BatchNorm statistics are computed from those params: the same tolerance.
+        noisy = jax.tree_util.keystr(path).startswith(("['params']", "['batch_stats']"))
+        atol = STEP_PARAM_ATOL if noisy else 1e-7
         _close(have, want, f"{name} {jax.tree_util.keystr(path)}", atol)
 
 
-def test_unsupported_models_use_optax_and_checkpoint_layout_round_trips():
+def test_every_model_uses_row_sparse_updates_and_checkpoint_layout_round_trips():
     cfg = default_model_config()
     cfg.name, cfg.top_k = "twin", 2
     observing = cfg.copy_and_resolve_references()
     observing.observe_attn_repr_grad = True
+    assert isinstance(steps.make_optimizer(_optim_cfg(True), observing), optim.RowSparseAdam)
+    assert steps.training_model_config(observing, _optim_cfg(True)).row_sparse_embedding_grads
     assert isinstance(
-        steps.make_optimizer(_optim_cfg(True), observing), optax.GradientTransformation
+        steps.make_optimizer(_optim_cfg(False), observing), optax.GradientTransformation
     )
-    assert not steps.training_model_config(observing, _optim_cfg(True)).row_sparse_embedding_grads
     eta = cfg.copy_and_resolve_references()
     eta.name = "eta"
-    assert not steps.uses_row_sparse_updates(eta, _optim_cfg(True))
+    assert steps.uses_row_sparse_updates(eta, _optim_cfg(True))
     assert not steps.uses_row_sparse_updates(cfg, _optim_cfg(False))
 
     optim_cfg = _optim_cfg(True)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import ml_collections
 
 # Models of the paper's comparison that the official code lacks (no official `model_name`),
-# built by `dare_jax.models.long_model.LongHistoryModel` (written from their own papers).
-LONG_HISTORY_NAMES: tuple[str, ...] = ("eta", "sdim", "twin_v2")
+# written from their own papers; each is the two-stage model with its own search strategy.
+OWN_SEARCH_NAMES: tuple[str, ...] = ("eta", "sdim", "twin_v2")
+SCORE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 
 # Official `model_name` strings (github thuml/DARE) -> our names.
 OFFICIAL_TO_CANONICAL: dict[str, str] = {
@@ -30,14 +31,20 @@ OFFICIAL_TO_CANONICAL: dict[str, str] = {
     "projection_large_emb_small_output": "projection_large_emb_small_output",
 }
 
-# Our variant names. Each maps to exactly one official `model_name`.
-CANONICAL_NAMES: tuple[str, ...] = tuple(OFFICIAL_TO_CANONICAL.values())
-CANONICAL_TO_OFFICIAL: dict[str, str] = {v: k for k, v in OFFICIAL_TO_CANONICAL.items()}
+# Our variant names: one per official `model_name`, then ETA, SDIM and TWIN-V2 (whose
+# "official name" is their own).
+CANONICAL_NAMES: tuple[str, ...] = tuple(OFFICIAL_TO_CANONICAL.values()) + OWN_SEARCH_NAMES
+CANONICAL_TO_OFFICIAL: dict[str, str] = {
+    **{name: name for name in OWN_SEARCH_NAMES},
+    **{v: k for k, v in OFFICIAL_TO_CANONICAL.items()},
+}
 
+# Variants with separate attention tables (ETA, SDIM and TWIN-V2 too with decoupled_tables).
+DECOUPLED_NAMES: frozenset[str] = frozenset({"dare", "three_embedding", "twin_4e"})
 # Variants whose attention and representation share one table per field (the ones the
-# gradient-observation hooks can decouple into two synchronised copies).
+# gradient-observation hooks can decouple into two synchronised copies; SDIM has no attention).
 SINGLE_TABLE_NAMES: frozenset[str] = frozenset(
-    {"twin", "din"} | {n for n in CANONICAL_NAMES if n.startswith("projection")}
+    {"twin", "din", "eta", "twin_v2"} | {n for n in CANONICAL_NAMES if n.startswith("projection")}
 )
 # Projection variants that map each field separately (official mlp_position_after_concat=False).
 PER_FIELD_PROJECTION_NAMES: frozenset[str] = frozenset(
@@ -103,23 +110,34 @@ def default_model_config() -> ml_collections.ConfigDict:
     cfg.official_parameters_always = True
     cfg.row_sparse_embedding_grads = False
     cfg.init_from = ""
-    # ETA / SDIM / TWIN-V2 and long histories (chunked search, bfloat16 scores): the fields
-    # and their meaning are in dare_jax.models.long_model.LONG_MODEL_DEFAULTS.
-    from dare_jax.models.long_model import LONG_MODEL_DEFAULTS
-
-    for key, value in LONG_MODEL_DEFAULTS.items():
-        cfg[key] = value
+    # Options of every search that scores the history (memory and speed, not the maths):
+    cfg.search_chunk = 0  # history positions per chunk (linear memory in L); 0: all at once
+    cfg.score_dtype = "float32"  # 'float32' | 'bfloat16' (score products; float32 sums)
+    # ETA, SDIM and TWIN-V2:
+    cfg.decoupled_tables = False  # with DARE's attention / representation tables
+    cfg.hash_bits = 32  # ETA: SimHash signature bits (m)
+    cfg.hash_seed = 0  # ETA and SDIM: seed of the fixed random hyperplanes
+    cfg.sdim_hash_bits = 48  # SDIM: hyperplanes (m)
+    cfg.sdim_group_bits = 3  # SDIM: bits per bucket signature (tau)
+    cfg.cluster_max_size = 8  # TWIN-V2: clusters are split until at most this many members
+    cfg.cluster_iterations = 3  # TWIN-V2: Lloyd steps per bisection
     return cfg
 
 
 def canonical_name(name: str) -> str:
     """Our variant name for `name` (ours or an official `model_name`); ValueError if unknown."""
-    if name in CANONICAL_NAMES or name in LONG_HISTORY_NAMES:
+    if name in CANONICAL_NAMES:
         return name
     if name in OFFICIAL_TO_CANONICAL:
         return OFFICIAL_TO_CANONICAL[name]
-    known = sorted(set(CANONICAL_NAMES) | set(OFFICIAL_TO_CANONICAL) | set(LONG_HISTORY_NAMES))
+    known = sorted(set(CANONICAL_NAMES) | set(OFFICIAL_TO_CANONICAL))
     raise ValueError(f"model config field 'name': unknown model name {name!r}; known: {known}")
+
+
+def has_attention_tables(cfg: ml_collections.ConfigDict) -> bool:
+    """True if the variant keeps separate attention tables (DARE's decoupling)."""
+    name = canonical_name(str(cfg.name))
+    return name in DECOUPLED_NAMES or (name in OWN_SEARCH_NAMES and bool(cfg.decoupled_tables))
 
 
 def _field_dim(cfg: ml_collections.ConfigDict, field: str, attention: bool) -> int:
@@ -151,11 +169,6 @@ def validate_model_config(
     feature, attention dims only for the multi-table variants, time mode "add" widths) and adds
     the checks the official code leaves to a crash (top_k > max_length, table sizes, ...).
     """
-    from dare_jax.models import long_model  # late: long_model builds on this module
-
-    if long_model.uses_long_model(cfg):
-        long_model.validate_long_model_config(cfg, item_n, cate_n, max_length)
-        return
     name = canonical_name(str(cfg.name))
     for field in ("item_n", "cate_n", "max_length"):
         value = {"item_n": item_n, "cate_n": cate_n, "max_length": max_length}[field]
@@ -168,7 +181,7 @@ def validate_model_config(
         key = f"attention_{field}_embedding_dim"
         if int(cfg[key]) != -1 and int(cfg[key]) < 1:
             _fail(key, cfg[key], "must be -1 (same as representation) or a positive integer")
-        if int(cfg[key]) != -1 and name not in ("dare", "three_embedding", "twin_4e"):
+        if int(cfg[key]) != -1 and not has_attention_tables(cfg):
             _fail(key, cfg[key], f"separate attention dims need a decoupled variant, not {name!r}")
     if cfg.time_mode not in ("concat", "add"):
         _fail("time_mode", cfg.time_mode, "must be 'concat' or 'add'")
@@ -225,7 +238,26 @@ def validate_model_config(
             _fail("mlp_hidden_layer", hidden, "needs one or two positive hidden sizes")
     if cfg.observe_attn_repr_grad or cfg.avoid_domination:
         field = "observe_attn_repr_grad" if cfg.observe_attn_repr_grad else "avoid_domination"
-        if name not in SINGLE_TABLE_NAMES:
-            _fail(field, True, f"needs a variant with one shared table per field, not {name!r}")
+        if name not in SINGLE_TABLE_NAMES or has_attention_tables(cfg):
+            why = "SDIM has no attention" if name == "sdim" else "one shared table per field"
+            _fail(field, True, f"needs a variant with {why}, not {name!r}")
     if float(cfg.init_std) <= 0:
         _fail("init_std", cfg.init_std, "must be positive")
+    if int(cfg.search_chunk) < 0:
+        _fail("search_chunk", cfg.search_chunk, "must be 0 (no chunks) or positive")
+    if cfg.score_dtype not in SCORE_DTYPES:
+        _fail("score_dtype", cfg.score_dtype, f"must be one of {list(SCORE_DTYPES)}")
+    if name in OWN_SEARCH_NAMES and not cfg.soft_search:
+        _fail("soft_search", cfg.soft_search, f"{name} has its own search; hard search is TWIN's")
+    if name == "eta" and int(cfg.hash_bits) < 1:
+        _fail("hash_bits", cfg.hash_bits, "must be positive")
+    if name == "sdim":
+        bits, tau = int(cfg.sdim_hash_bits), int(cfg.sdim_group_bits)
+        if tau < 1 or bits < 1 or bits % tau:
+            _fail("sdim_group_bits", tau, f"must be positive and divide sdim_hash_bits ({bits})")
+        if cfg.use_aux_loss:
+            _fail("use_aux_loss", True, "SDIM has no attention, so no full-attention aux head")
+    if name == "twin_v2" and int(cfg.cluster_max_size) < 1:
+        _fail("cluster_max_size", cfg.cluster_max_size, "must be positive")
+    if name == "twin_v2" and int(cfg.cluster_iterations) < 0:
+        _fail("cluster_iterations", cfg.cluster_iterations, "must be 0 or more")

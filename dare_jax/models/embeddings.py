@@ -85,57 +85,67 @@ def row_lookup_name(group: str, field: str, is_target: bool) -> str:
     return f"{group}:{field}:{'target' if is_target else 'history'}"
 
 
-def gather_roles(
+def row_perturbations(
+    module: nn.Module,
     spec: VariantSpec,
     tables: dict[str, dict[str, jax.Array]],
-    target_ids: dict[str, jax.Array],
-    history_ids: dict[str, jax.Array],
+    ids: dict[str, jax.Array],
     fields: tuple[str, ...],
-    target_shape: tuple[int, ...],
-    row_grads: nn.Module | None = None,
-) -> RoleFields:
-    """{role: {field: `[B, d]` (target roles) or `[..., d]` (behaviour roles: the history ids'
-    shape, `[B, L]`, or `[L]` for the derived time ids, the same for every example)}}.
+    is_target: bool,
+) -> dict[str, jax.Array]:
+    """Row-sparse table gradients (config `row_sparse_embedding_grads`, see dare_jax.optim).
 
-    Each (table, ids) pair is gathered once even when several roles share the table. Target
-    ids with fewer leading dims than `target_shape` `[B]` (the derived time id) are gathered
-    once and broadcast; unbatched history rows stay `[L, d]` (see search.Behaviours), so their
-    products are computed once per position and the table's gradient is a scatter of L rows
-    instead of B * L.
-
-    row_grads: a module (the model) to expose the tables' gradients as rows instead of dense
-    tables (config `row_sparse_embedding_grads`): each gather reads `stop_gradient(table)`, is
-    passed through `row_grads.perturb(name)` (collection `perturbations`; grad w.r.t. it =
-    the rows' cotangents `[..., d]`) and its ids are sown under the same name in collection
-    `embedding_ids`; name = `row_lookup_name(group, field, is_target)`. See dare_jax.optim.
-    Only when the `perturbations` collection is passed in (or mutable): otherwise the lookup
-    is the plain one and the tables get their dense gradient as usual.
+    For every table the target (or behaviour) roles read: a zero perturbation shaped like
+    its rows, `[*ids[field].shape, d]` (collection `perturbations` of `module`, named
+    `row_lookup_name`; the loss's gradient w.r.t. it is the rows' cotangents), with the ids
+    sown under the same name in collection `embedding_ids`. Empty unless `perturbations` are
+    passed in (or mutable): without them the tables keep their dense gradient, so a plain
+    `jax.grad` training step stays correct with the flag on.
     """
-    gathered: dict[tuple[str, str, bool], jax.Array] = {}
-    out: RoleFields = {}
+    out: dict[str, jax.Array] = {}
     for role in ROLES:
-        group, is_target = spec.tables[role], role.endswith("target")
-        ids = target_ids if is_target else history_ids
-        out[role] = {}
+        if role.endswith("target") != is_target:
+            continue
+        group = spec.tables[role]
         for field in fields:
-            key = (group, field, is_target)
-            if key not in gathered:
-                name = row_lookup_name(group, field, is_target)
-                if row_grads is None or not (
-                    row_grads.is_mutable_collection("perturbations")
-                    or row_grads.has_variable("perturbations", name)
-                ):
-                    # Without perturbations passed in, the table keeps its dense gradient,
-                    # so a plain jax.grad training step stays correct with the flag on.
-                    rows = lookup(tables[group][field], ids[field])
+            name = row_lookup_name(group, field, is_target)
+            passed = module.is_mutable_collection("perturbations") or module.has_variable(
+                "perturbations", name
+            )
+            if name in out or not passed:
+                continue
+            table = tables[group][field]
+            out[name] = module.perturb(name, jnp.zeros(ids[field].shape + table.shape[1:]))
+            module.sow(EMBEDDING_IDS, name, ids[field])
+    return out
+
+
+def lookup_roles(
+    spec: VariantSpec,
+    tables: dict[str, dict[str, jax.Array]],
+    ids: dict[str, jax.Array],
+    fields: tuple[str, ...],
+    roles: tuple[str, ...],
+    perturbations: dict[str, jax.Array],
+) -> RoleFields:
+    """{role: {field: rows `[*ids[field].shape, d]`}} for `roles` (all target or all behaviour
+    roles). Each table is gathered once even when several roles share it. A table with a
+    perturbation (`row_perturbations`) is read through `stop_gradient` and the perturbation
+    added, so its gradient arrives as rows (same values)."""
+    gathered: dict[str, jax.Array] = {}
+    out: RoleFields = {}
+    for role in roles:
+        group, out[role] = spec.tables[role], {}
+        for field in fields:
+            name = row_lookup_name(group, field, role.endswith("target"))
+            if name not in gathered:
+                table = tables[group][field]
+                if name in perturbations:
+                    rows = lookup(jax.lax.stop_gradient(table), ids[field]) + perturbations[name]
                 else:
-                    table = jax.lax.stop_gradient(tables[group][field])
-                    rows = row_grads.perturb(name, lookup(table, ids[field]))
-                    row_grads.sow(EMBEDDING_IDS, name, ids[field])
-                if is_target:
-                    rows = jnp.broadcast_to(rows, (*target_shape, rows.shape[-1]))
-                gathered[key] = rows
-            out[role][field] = gathered[key]
+                    rows = lookup(table, ids[field])
+                gathered[name] = rows
+            out[role][field] = gathered[name]
     return out
 
 
@@ -157,7 +167,7 @@ def compose(parts: dict[str, jax.Array], use_time: bool, time_mode: str) -> jax.
 class Projections(nn.Module):
     """Apply the variant's projections and compose each role's vector (module name `project`).
 
-    Input {role: {field: vector}}; output {role: `[B, D]` or `[B, L, D]`, or its parts
+    Input {role: {field: vector}}; output {role: `[..., D]`, or its parts
     `(item, category[, time])` (search.Behaviours) where the vector is their concatenation
     (concat time mode, no map after concatenation): the search and aggregation then never
     build the `[B, L, D]` concatenation. Roles that name the same projection group share the

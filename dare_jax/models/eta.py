@@ -4,14 +4,23 @@ A fixed random Gaussian projection R `[m, D]` (never trained) maps an attention 
 the m-bit signature sign(R e) (bit = 1 where R e > 0). Signatures are packed into
 ceil(m / 32) uint32 words; the Hamming distance is the population count of the XOR. The k
 behaviours with the smallest distance to the target's signature are kept (ties: the more
-recent first), then ordinary target attention runs over those k. Everything here is
-integer/boolean and gradient-free; the embeddings train through the attention over the k.
+recent first), then ordinary target attention runs over those k. The hashing is integer /
+boolean and gradient-free; the embeddings train through the attention over the k.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from dare_jax.models.search import (
+    Behaviours,
+    History,
+    Retrieval,
+    as_parts,
+    attention_over,
+    part_slices,
+)
 
 WORD_BITS = 32
 
@@ -21,12 +30,13 @@ def random_hyperplanes(num_bits: int, dim: int, seed: int) -> jax.Array:
     return jax.random.normal(jax.random.PRNGKey(seed), (num_bits, dim), jnp.float32)
 
 
-def signature_bits(vectors: jax.Array, planes: jax.Array) -> jax.Array:
-    """bool `[..., m]`: bit i = <planes[i], v> > 0, for vectors `[..., D]`, planes `[m, D]`.
-
-    The input is stop_gradient-ed: no gradient flows through the hash.
-    """
-    projected = jnp.einsum("...d,md->...m", jax.lax.stop_gradient(vectors), planes)
+def signature_bits(vectors: Behaviours, planes: jax.Array) -> jax.Array:
+    """bool `[..., m]`: bit i = <planes[i], v> > 0, for vectors `[..., D]` (or their parts
+    along D), planes `[m, D]`. No gradient flows through the hash."""
+    projected = sum(
+        jnp.einsum("...d,md->...m", jax.lax.stop_gradient(part), planes[:, o : o + part.shape[-1]])
+        for o, part in part_slices(as_parts(vectors))
+    )
     return projected > 0
 
 
@@ -40,27 +50,49 @@ def pack_bits(bits: jax.Array) -> jax.Array:
     return jnp.sum(grouped << shifts, axis=-1, dtype=jnp.uint32)
 
 
-def signatures(vectors: jax.Array, planes: jax.Array) -> jax.Array:
+def signatures(vectors: Behaviours, planes: jax.Array) -> jax.Array:
     """Packed signatures uint32 `[..., W]` of vectors `[..., D]` (W = ceil(m / 32))."""
     return pack_bits(signature_bits(vectors, planes))
 
 
 def hamming_distance(history: jax.Array, target: jax.Array) -> jax.Array:
-    """int32 `[B, L]` distances between history `[B, L, W]` and target `[B, W]` signatures."""
-    diff = jnp.bitwise_xor(history, target[:, None, :])
+    """int32 `[..., L]` distances between history `[..., L, W]` and target `[..., W]`
+    signatures."""
+    diff = jnp.bitwise_xor(history, target[..., None, :])
     return jnp.sum(jax.lax.population_count(diff).astype(jnp.int32), axis=-1)
 
 
 def hamming_top_k(distance: jax.Array, valid: jax.Array, k: int, num_bits: int) -> jax.Array:
     """Indices `[B, k]` of the k valid positions with the smallest Hamming distance.
 
-    distance `[B, L]` int, valid `[B, L]` bool. Ties go to the more recent (larger) position;
-    padding ranks below every valid position (a row with fewer than k valid behaviours gets
-    padding positions in its last slots, which the caller masks). One batched `top_k` over
-    the integer priority (num_bits - distance) * L + position.
+    distance `[..., L]` int, valid `[..., L]` bool. Ties go to the more recent (larger)
+    position; padding ranks below every valid position (with fewer than k valid behaviours
+    the last slots are padding positions, which the caller masks). One `top_k` over the
+    integer priority (num_bits - distance) * L + position.
     """
-    length = distance.shape[1]
-    position = jnp.arange(length, dtype=jnp.int32)[None, :]
+    length = distance.shape[-1]
+    position = jnp.arange(length, dtype=jnp.int32)
     priority = jnp.where(valid, (num_bits - distance) * length + position, position - length)
     _, indices = jax.lax.top_k(priority, k)
     return indices
+
+
+def search(
+    query: jax.Array, target: dict[str, jax.Array], history: History, cfg, want_full: bool
+) -> Retrieval:
+    """ETA for one example: the k behaviours nearest the target in Hamming distance, then
+    target attention over them. The full-history scores are computed for the aux loss only:
+    without it ETA has no aux head, `official_parameters_always` or not (there is no official
+    ETA constructor to match), so `want_full` is not consulted."""
+    bits = int(cfg.hash_bits)
+    planes = random_hyperplanes(bits, query.shape[-1], int(cfg.hash_seed))
+    target_signature = signatures(query, planes)
+    history_signatures = history.map(lambda positions: signatures(history.keys(positions), planes))
+    distance = hamming_distance(history_signatures, target_signature)
+    valid = history.positions["valid"]
+    indices = hamming_top_k(distance, valid, int(cfg.top_k), bits)
+    if cfg.use_aux_loss:
+        found = attention_over(query, history, history.scores(query), indices, True)
+    else:
+        found = Retrieval(history.attend(query, indices), None, valid, {"topk_indices": indices})
+    return found._replace(outputs={**found.outputs, "hamming_distance": distance})

@@ -8,6 +8,8 @@ shared table is the SUM of the two copies' gradients (the attention-path and the
 representation-path gradients). `combine_path_gradients` runs between `jax.grad` and the
 optimizer: it gives both copies that sum (so they stay equal under any optimizer that treats
 equal parameters with equal gradients equally, e.g. Adam) and returns the two path gradients.
+`combine_path_rows` does the same for gradients given as looked-up rows (the row-sparse Adam
+of dare_jax.optim): both copies receive both paths' rows.
 
 avoid_domination (official semantics, train_pytorch.py): per TABLE, not per row - the whole
 attention-path gradient of a field's table is multiplied by
@@ -85,3 +87,51 @@ def combine_path_gradients(
     new_grads = dict(grads)
     new_grads["embed"] = new_embed
     return new_grads, observed
+
+
+def dense_rows_norm(pairs: list[tuple[jax.Array, jax.Array]]) -> jax.Array:
+    """Frobenius norm of the table gradient that `pairs` [(ids `[n]`, rows `[n, d]`), ...]
+    scatter-add to, without the table: rows of equal ids are summed after a sort."""
+    ids = jnp.concatenate([i for i, _ in pairs])
+    rows = jnp.concatenate([r for _, r in pairs])
+    order = jnp.argsort(ids)
+    ids, rows = ids[order], rows[order]
+    first = jnp.concatenate([jnp.ones((1,), bool), ids[1:] != ids[:-1]])
+    summed = jax.ops.segment_sum(rows, jnp.cumsum(first) - 1, ids.shape[0], True)
+    return jnp.sqrt(jnp.sum(jnp.square(summed)))
+
+
+def combine_path_rows(
+    rows: dict[str, list[tuple[jax.Array, jax.Array]]],
+    model_cfg: ml_collections.ConfigDict,
+    table_shapes: dict[str, tuple[int, ...]],
+    observed_fields: tuple[str, ...] | None = DEFAULT_OBSERVED_FIELDS,
+) -> tuple[dict[str, list[tuple[jax.Array, jax.Array]]], dict[str, jax.Array]]:
+    """`combine_path_gradients` for row gradients: (rows for the optimizer, observed).
+
+    rows: {table key `embed/<group>/<field>`: [(ids, rows), ...]} (dare_jax.optim's
+    `table_gradient_rows`); table_shapes: {table key: shape}. Both copies of every field get
+    the attention rows (rescaled to the representation path's norm with avoid_domination)
+    and the representation rows; observed['attention/f'], observed['representation/f'] are
+    the raw dense path gradients of the observed fields.
+    """
+    if not _uses_copies(model_cfg):
+        return rows, {}
+    combined, observed = dict(rows), {}
+    fields = {key.rsplit("/", 1)[1] for key in rows if key.startswith(f"embed/{ATTENTION}/")}
+    for field in sorted(fields):
+        keys = {path: f"embed/{path}/{field}" for path in (ATTENTION, REPRESENTATION)}
+        paths = {path: rows.get(key, []) for path, key in keys.items()}
+        if observed_fields is None or field in observed_fields:
+            for path, pairs in paths.items():
+                dense = jnp.zeros(table_shapes[keys[path]])
+                for ids, values in pairs:
+                    dense = dense.at[ids].add(values)
+                observed[f"{path}/{field}"] = dense
+        if model_cfg.avoid_domination and paths[ATTENTION] and paths[REPRESENTATION]:
+            norm, reference = (dense_rows_norm(paths[p]) for p in (ATTENTION, REPRESENTATION))
+            factor = jnp.where(norm > 0, reference / jnp.where(norm > 0, norm, 1.0), 0.0)
+            paths[ATTENTION] = [(ids, values * factor) for ids, values in paths[ATTENTION]]
+        both = paths[ATTENTION] + paths[REPRESENTATION]
+        combined[keys[ATTENTION]] = combined[keys[REPRESENTATION]] = both
+    return combined, observed

@@ -1,4 +1,4 @@
-"""The two-stage long-sequence CTR model (DIN, TWIN and every variant, DARE) in Flax Linen.
+"""The two-stage long-sequence CTR model of every variant (DIN, TWIN, DARE, ETA, SDIM, TWIN-V2...).
 
 Batch (dict of int arrays): `iid, cid [B]`, `hist_iid, hist_cid [B, L]` (left-padded with 0,
 [:, -1] most recent). Derived inside: time ids (target 0, history position j -> L - j) and the
@@ -6,10 +6,16 @@ mask (hist_iid > 0); optional overrides `tid [B]`, `hist_tid [B, L]`, `mask [B, 
 `example_mask [B]` (bool): the rows BatchNorm takes batch statistics over (evaluation with
 `eval_batchnorm_uses_batch_stats` passes the valid rows of a padded batch; default all).
 
+First stage: the variant's search (`VariantSpec.search`, a key of SEARCHES), written for one
+example and `jax.vmap`-ed over the batch. Options of every search that scores the history:
+`search_chunk` (chunked, linear memory) and `score_dtype`.
+
 Outputs: `prob [B, 2]` (column 0 = click; softmax + 1e-8 as official), `logits [B, 2]`,
-`aux_prob [B, 2]` (aux loss on), `attention_scores [B, L]` (first-stage scores over the whole
-history, masked positions -2**32 + 1), `representation [B, F]` (the main-MLP input),
-`topk_indices [B, k]`.
+`aux_prob [B, 2]` (aux loss on), `representation [B, F]` (the main-MLP input) and, per search:
+`attention_scores [B, L]` (scores over the whole history, masked positions -2**32 + 1; ETA only
+with the aux loss), `topk_indices [B, k]`; ETA `hamming_distance [B, L]`; SDIM
+`bucket_sizes [B, G]`; TWIN-V2 `cluster_ids [B, L]`, `cluster_sizes [B, S]` (its
+`attention_scores` / `topk_indices` are over the S clusters, the ln-size bias included).
 """
 
 from __future__ import annotations
@@ -19,14 +25,29 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from dare_jax.models import search
-from dare_jax.models.embeddings import EmbeddingTables, Projections, gather_roles
+from dare_jax.models import eta, sdim, search, twin_v2
+from dare_jax.models.embeddings import (
+    EmbeddingTables,
+    Projections,
+    lookup_roles,
+    row_perturbations,
+)
 from dare_jax.models.layers import MLPHead
-from dare_jax.models.variants import VariantSpec, resolve_variant
+from dare_jax.models.variants import ROLES, VariantSpec
 
 MAIN_HEAD_HIDDEN = (200, 80)
 AUX_HEAD_HIDDEN = (200,)
 PROBABILITY_EPS = 1e-8  # official: softmax(logits) + 1e-8
+TARGET_ROLES = tuple(role for role in ROLES if role.endswith("target"))
+
+# The first stages: (query [D], target {'category': []}, History, cfg, want_full) -> Retrieval.
+SEARCHES = {
+    "soft": search.soft_search,
+    "hard": search.hard_search,
+    "eta": eta.search,
+    "sdim": sdim.search,
+    "twin_v2": twin_v2.search,
+}
 
 
 def history_time_ids(length: int) -> jax.Array:
@@ -34,24 +55,19 @@ def history_time_ids(length: int) -> jax.Array:
     return length - jnp.arange(length, dtype=jnp.int32)
 
 
-def read_batch(batch: dict[str, jax.Array], batched_time: bool) -> dict[str, jax.Array]:
+def read_batch(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     """The model inputs of `batch` (see the module docstring) as int32 / bool arrays.
 
-    Keys iid, cid `[B]`; hist_iid, hist_cid `[B, L]`; tid, hist_tid: the batch's overrides,
-    else the derived ids (target 0, history `history_time_ids`), unbatched `[]` / `[L]` (the
-    same for every example) or, with `batched_time`, broadcast to `[B]` / `[B, L]`; valid
-    `[B, L]`: the batch's `mask`, else hist_iid > 0; example_mask `[B]` or None.
+    Keys iid, cid `[B]`; hist_iid, hist_cid `[B, L]`; tid, hist_tid: the batch's overrides
+    (`[B]`, `[B, L]`), else the derived ids, the same for every example: `[]` and `[L]`
+    (`history_time_ids`); valid `[B, L]`: the batch's `mask`, else hist_iid > 0;
+    example_mask `[B]` or None.
     """
     ids = {k: jnp.asarray(batch[k], jnp.int32) for k in ("iid", "cid", "hist_iid", "hist_cid")}
-    batch_size, length = ids["hist_iid"].shape
-    tid, hist_tid = jnp.zeros((), jnp.int32), history_time_ids(length)
-    if batched_time:
-        tid, hist_tid = (
-            jnp.zeros((batch_size,), jnp.int32),
-            jnp.broadcast_to(hist_tid, (batch_size, length)),
-        )
-    ids["tid"] = jnp.asarray(batch["tid"], jnp.int32) if "tid" in batch else tid
-    ids["hist_tid"] = jnp.asarray(batch["hist_tid"], jnp.int32) if "hist_tid" in batch else hist_tid
+    length = ids["hist_iid"].shape[1]
+    ids["tid"] = jnp.asarray(batch.get("tid", 0), jnp.int32)
+    hist_tid = batch["hist_tid"] if "hist_tid" in batch else history_time_ids(length)
+    ids["hist_tid"] = jnp.asarray(hist_tid, jnp.int32)
     mask = batch.get("mask")
     ids["valid"] = ids["hist_iid"] > 0 if mask is None else jnp.asarray(mask).astype(bool)
     example_mask = batch.get("example_mask")
@@ -60,7 +76,7 @@ def read_batch(batch: dict[str, jax.Array], batched_time: bool) -> dict[str, jax
 
 
 class TwoStageModel(nn.Module):
-    """Search (top-k or SIM hard) over the history, aggregate, predict with an MLP.
+    """Search over the history (the variant's strategy), aggregate, predict with an MLP.
 
     Attributes: cfg (a validated model config), spec (its VariantSpec), item_n, cate_n,
     max_length.
@@ -71,9 +87,6 @@ class TwoStageModel(nn.Module):
     item_n: int
     cate_n: int
     max_length: int
-
-    def _fields(self) -> tuple[str, ...]:
-        return ("item", "category", "time") if self.cfg.use_time else ("item", "category")
 
     def _score_split(self) -> int | None:
         """Width of the separately scaled last part of the attention vector (None: no split).
@@ -93,76 +106,90 @@ class TwoStageModel(nn.Module):
     @nn.compact
     def __call__(self, batch: dict[str, jax.Array], train: bool = False) -> dict[str, jax.Array]:
         cfg, spec = self.cfg, self.spec
-        # Derived time ids are the same for every example: keep them unbatched (target: 0,
-        # history: [L]) so their lookups are gathered once (see gather_roles).
-        inputs = read_batch(batch, batched_time=False)
-        iid, cid, hist_iid, hist_cid, tid, hist_tid, valid = (
-            inputs[k] for k in ("iid", "cid", "hist_iid", "hist_cid", "tid", "hist_tid", "valid")
-        )
-        batch_size = hist_iid.shape[0]
+        inputs = read_batch(batch)
+        batch_size = inputs["hist_iid"].shape[0]
 
         # Embedding tables (time tables exist even without time when official_parameters_always).
-        with_time_tables = cfg.use_time or cfg.official_parameters_always
         rows = (("item", self.item_n), ("category", self.cate_n))
-        if with_time_tables:
+        if cfg.use_time or cfg.official_parameters_always:
             rows += (("time", int(cfg.time_table_size)),)
         tables = EmbeddingTables(spec, rows, cfg.init_std, name="embed")()
-        fields = self._fields()
-        target_ids = {"item": iid, "category": cid, "time": tid}
-        history_ids = {"item": hist_iid, "category": hist_cid, "time": hist_tid}
-        role_fields = gather_roles(
-            spec,
-            tables,
-            target_ids,
-            history_ids,
-            fields,
-            (batch_size,),
-            row_grads=self if cfg.get("row_sparse_embedding_grads", False) else None,
-        )
+        fields = ("item", "category", "time") if cfg.use_time else ("item", "category")
         unused_time = {}
         if not cfg.use_time and cfg.official_parameters_always:
-            unused_time = {r: spec.table_dims[spec.tables[r]]["time"] for r in role_fields}
-        vectors = Projections(
+            unused_time = {r: spec.table_dims[spec.tables[r]]["time"] for r in ROLES}
+        project = Projections(
             spec, bool(cfg.use_time), str(cfg.time_mode), cfg.init_std, unused_time, name="project"
-        )(role_fields)
-        # Behaviour vectors may be parts (search.Behaviours); target vectors are small `[B, D]`.
-        query = jnp.concatenate(search.as_parts(vectors["attention_target"]), axis=-1)
-        target_repr = jnp.concatenate(search.as_parts(vectors["representation_target"]), axis=-1)
-        keys, behavior_repr = vectors["attention_behavior"], vectors["representation_behavior"]
+        )
 
-        # First stage: scores over the whole history.
-        if spec.score == "din_mlp":
-            scores = search.DinAttentionScores(cfg.init_std, name="din_attention")(query, keys)
-        else:
-            scores = search.dot_product_scores(query, keys, self._score_split())
-        k = int(cfg.top_k)
-        if cfg.soft_search:
-            kept = valid
-            masked = search.mask_scores(scores, valid)
-            indices = search.soft_search_indices(masked, k)
-        else:
-            same_category = hist_cid == cid[:, None]
-            indices, kept = search.hard_search_indices(valid, same_category, k)
-            masked = search.mask_scores(scores, kept)
-        # Second stage: softmax over the k kept, weighted sum of representation vectors.
-        retrieved = search.aggregate_selected(masked, behavior_repr, indices)
-        # Aux head aggregate: softmax over ALL kept behaviours (soft: every valid one; hard: the
-        # k selected, as the official hard path masks everything to the selection).
-        full_aggregate = search.full_attention(masked, behavior_repr)
+        def perturbations(ids: dict[str, jax.Array], is_target: bool) -> dict[str, jax.Array]:
+            if not cfg.row_sparse_embedding_grads:
+                return {}
+            return row_perturbations(self, spec, tables, ids, fields, is_target)
 
-        average = None
-        if cfg.use_long_seq_average:
-            weights = kept.astype(target_repr.dtype)
-            average = search.weighted_sum(weights, behavior_repr) / (
-                jnp.sum(weights, axis=1, keepdims=True) + 1.0
-            )
-        representation = main_features(cfg, target_repr, retrieved, average)
-
-        outputs = {
-            "attention_scores": masked,
-            "representation": representation,
-            "topk_indices": indices,
+        # Targets: `[B, D]` vectors (the derived time id is looked up once and broadcast).
+        target_ids = {"item": inputs["iid"], "category": inputs["cid"], "time": inputs["tid"]}
+        target_rows = lookup_roles(
+            spec, tables, target_ids, fields, TARGET_ROLES, perturbations(target_ids, True)
+        )
+        target_rows = jax.tree.map(
+            lambda r: jnp.broadcast_to(r, (batch_size, r.shape[-1])), target_rows
+        )
+        targets = {
+            role: jnp.concatenate(search.as_parts(vector), axis=-1)
+            for role, vector in project(target_rows).items()
         }
+
+        # History: per-position ids (derived time ids `[L]`, the same for every example, stay
+        # unbatched under vmap) and row perturbations, looked up by the search as it goes.
+        history_ids = {
+            "item": inputs["hist_iid"],
+            "category": inputs["hist_cid"],
+            "time": inputs["hist_tid"],
+        }
+        positions = {**history_ids, "valid": inputs["valid"], **perturbations(history_ids, False)}
+        shared_time = inputs["hist_tid"].ndim == 1
+        in_axes = {
+            key: None if shared_time and (key == "time" or ":time:" in key) else 0
+            for key in positions
+        }
+
+        def vectors(at: dict[str, jax.Array], role: str) -> search.Behaviours:
+            return project(lookup_roles(spec, tables, at, fields, (role,), at))[role]
+
+        if spec.score == "din_mlp":
+            score = search.DinAttentionScores(
+                cfg.init_std, dtype=str(cfg.score_dtype), name="din_attention"
+            )
+        else:
+            split, dtype = self._score_split(), str(cfg.score_dtype)
+
+            def score(query: jax.Array, keys: search.Behaviours) -> jax.Array:
+                return search.dot_product_scores(query, keys, split, dtype)
+
+        # Chunks only change memory; init runs unchunked so that every parameter is created
+        # outside the chunk loop.
+        chunk = 0 if self.is_initializing() else int(cfg.search_chunk)
+        want_full = cfg.use_aux_loss or (self.is_initializing() and cfg.official_parameters_always)
+
+        def one_example(query, target_category, positions):
+            history = search.History(positions, vectors, score, chunk)
+            found = SEARCHES[spec.search](
+                query, {"category": target_category}, history, cfg, want_full
+            )
+            average = None
+            if cfg.use_long_seq_average:
+                weights = found.counted.astype(found.retrieved.dtype)
+                average = history.weighted_sum(weights) / (jnp.sum(weights) + 1.0)
+            return found.retrieved, found.full, average, found.outputs
+
+        retrieved, full_aggregate, average, outputs = jax.vmap(
+            one_example, in_axes=(0, 0, in_axes)
+        )(targets["attention_target"], inputs["cid"], positions)
+
+        target_repr = targets["representation_target"]
+        representation = main_features(cfg, target_repr, retrieved, average)
+        outputs = dict(outputs, representation=representation)
         outputs.update(
             predict(
                 cfg,
@@ -268,13 +295,3 @@ class _Heads(nn.Module):
                 aux_input, train, example_mask
             )
         return main, aux
-
-
-def build_two_stage_model(
-    cfg: ml_collections.ConfigDict, item_n: int, cate_n: int, max_length: int
-) -> TwoStageModel:
-    """A TwoStageModel for a validated config (see dare_jax.models.build_model)."""
-    spec = resolve_variant(cfg)
-    return TwoStageModel(
-        ml_collections.FrozenConfigDict(cfg), spec, int(item_n), int(cate_n), int(max_length)
-    )

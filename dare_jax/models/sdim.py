@@ -12,13 +12,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from dare_jax.models.eta import signature_bits
+from dare_jax.models.eta import random_hyperplanes, signature_bits
+from dare_jax.models.search import Behaviours, History, Retrieval
 
 NORM_EPS = 1e-12  # keeps the normalisation of an empty bucket (zero sum) finite
 
 
-def bucket_codes(vectors: jax.Array, planes: jax.Array, group_bits: int) -> jax.Array:
-    """int32 `[..., m / tau]` bucket codes of vectors `[..., D]`; planes `[m, D]`, tau = group_bits.
+def bucket_codes(vectors: Behaviours, planes: jax.Array, group_bits: int) -> jax.Array:
+    """int32 `[..., m / tau]` bucket codes of vectors `[..., D]` (or parts); planes `[m, D]`,
+    tau = group_bits.
 
     Code of group g = sum_i bit[g * tau + i] * 2**i.
     """
@@ -33,15 +35,35 @@ def bucket_codes(vectors: jax.Array, planes: jax.Array, group_bits: int) -> jax.
 def bucket_matches(
     history_codes: jax.Array, target_codes: jax.Array, valid: jax.Array
 ) -> jax.Array:
-    """bool `[B, L, G]`: behaviour j is valid and shares the target's bucket in group g.
+    """bool `[..., L, G]`: behaviour j is valid and shares the target's bucket in group g.
 
-    history_codes `[B, L, G]`, target_codes `[B, G]`, valid `[B, L]`.
+    history_codes `[..., L, G]`, target_codes `[..., G]`, valid `[..., L]`.
     """
-    same = history_codes == target_codes[:, None, :]
-    return same & valid[:, :, None]
+    same = history_codes == target_codes[..., None, :]
+    return same & valid[..., None]
 
 
 def normalised_group_average(bucket_sums: jax.Array) -> jax.Array:
-    """`[B, G, D]` per-group bucket sums -> `[B, D]`: l2-normalise each group, average over G."""
+    """`[..., G, D]` per-group bucket sums -> `[..., D]`: l2-normalise each group, average
+    over G."""
     norms = jnp.sqrt(jnp.sum(bucket_sums * bucket_sums, axis=-1, keepdims=True) + NORM_EPS)
-    return jnp.mean(bucket_sums / norms, axis=1)
+    return jnp.mean(bucket_sums / norms, axis=-2)
+
+
+def search(
+    query: jax.Array, target: dict[str, jax.Array], history: History, cfg, want_full: bool
+) -> Retrieval:
+    """SDIM for one example: per hash group, the representation sum of the behaviours in the
+    target's bucket, l2-normalised, averaged over the groups (no attention: `full` is None)."""
+    tau = int(cfg.sdim_group_bits)
+    planes = random_hyperplanes(int(cfg.sdim_hash_bits), query.shape[-1], int(cfg.hash_seed))
+    target_codes = bucket_codes(query, planes, tau)
+
+    def matches(positions):
+        codes = bucket_codes(history.keys(positions), planes, tau)
+        return bucket_matches(codes, target_codes, positions["valid"])
+
+    in_bucket = history.map(matches)  # [L, G]
+    retrieved = normalised_group_average(history.weighted_sum(in_bucket))
+    bucket_sizes = jnp.sum(in_bucket, axis=0, dtype=jnp.int32)
+    return Retrieval(retrieved, None, history.positions["valid"], {"bucket_sizes": bucket_sizes})

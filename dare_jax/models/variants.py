@@ -1,4 +1,5 @@
-"""Variants as data: which embedding tables exist, who shares them, which projections, which score.
+"""Variants as data: which embedding tables exist, who shares them, which projections, which
+score, which search.
 
 Every vector the model uses plays one of four ROLES: the attention vector of the target
 (the search query), the attention vector of a behaviour (a search key), the representation
@@ -79,6 +80,8 @@ class VariantSpec:
     score: 'dot' (scaled dot product, TWIN family) or 'din_mlp' (DIN's learnable MLP).
     synchronised_copies: the attention and representation groups are two copies of one
       shared table kept equal by the gradient hooks (observe_attn_repr_grad / avoid_domination).
+    search: the first stage, a key of `dare_jax.models.model.SEARCHES`: 'soft' (top-k of the
+      scores), 'hard' (SIM's category search), 'eta', 'sdim' or 'twin_v2'.
     """
 
     name: str
@@ -88,6 +91,7 @@ class VariantSpec:
     projection: ProjectionSpec | None
     score: str
     synchronised_copies: bool
+    search: str
 
     @property
     def table_groups(self) -> tuple[str, ...]:
@@ -124,18 +128,14 @@ def _projection_spec(name: str, cfg: ml_collections.ConfigDict) -> ProjectionSpe
 
 def resolve_variant(cfg: ml_collections.ConfigDict) -> VariantSpec:
     """Turn a (validated) model config into a VariantSpec."""
-    from dare_jax.models import long_model  # late: long_model builds on this module
-
-    if long_model.uses_long_model(cfg):
-        return long_model.resolve_long_variant(cfg)
     name = config_lib.canonical_name(str(cfg.name))
     synchronised = bool(cfg.observe_attn_repr_grad or cfg.avoid_domination)
-    if name in ("dare",) or synchronised:
-        tables = dict(_TWO_TABLES)
-    elif name == "twin_4e":
+    if name == "twin_4e":
         tables = dict(_FOUR_TABLES)
     elif name == "three_embedding":
         tables = dict(_THREE_TABLES)
+    elif synchronised or config_lib.has_attention_tables(cfg):
+        tables = dict(_TWO_TABLES)
     else:
         tables = dict(_ONE_TABLE)
     dims = config_lib.embedding_dims(cfg)
@@ -145,6 +145,7 @@ def resolve_variant(cfg: ml_collections.ConfigDict) -> VariantSpec:
         table_dims[group] = dict(
             dims["attention" if role.startswith("attention") else "representation"]
         )
+    search = "soft" if cfg.soft_search else "hard"
     return VariantSpec(
         name=name,
         official_name=config_lib.CANONICAL_TO_OFFICIAL[name],
@@ -153,4 +154,5 @@ def resolve_variant(cfg: ml_collections.ConfigDict) -> VariantSpec:
         projection=_projection_spec(name, cfg),
         score="din_mlp" if name == "din" else "dot",
         synchronised_copies=synchronised,
+        search=name if name in config_lib.OWN_SEARCH_NAMES else search,
     )
