@@ -43,7 +43,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from dare_jax import checkpointing, metrics, run_logging, sharding, steps
+from dare_jax import checkpointing, metrics, provenance, run_logging, sharding, steps
 from dare_jax.phase_timer import PhaseTimer, peak_memory
 from dare_jax.data import pipeline
 
@@ -614,6 +614,8 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
             "samples_timed": (step - first_step) * batch_size,
             **peak_memory(),
         },
+        # Code, libraries, devices and data of the invocation that finished this seed.
+        "provenance": provenance.collect(dataset.directory),
     }
     if main_process:
         run_logging.write_json_atomic(result_path, result)
@@ -689,6 +691,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
         "seconds_this_invocation": round(time.time() - started, 1),
         # Data preparation and setup of this invocation; each seed has its own "timings".
         "timings": timer.summary(),
+        # Code, libraries, devices and data of this invocation (dare_jax.provenance).
+        "provenance": provenance.collect(dataset.directory),
         "config": config.to_dict(),
     }
     if main_process:
