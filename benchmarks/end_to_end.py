@@ -32,10 +32,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
+
+from child_process import run_measured  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
 GIB = 1024**3
@@ -53,18 +53,16 @@ def run_child(command: list[str], log_path: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     before = load_average()
     print(f"$ {' '.join(command)}  (output: {log_path})", flush=True)
-    started = time.perf_counter()
     with open(log_path, "a") as log:
-        child = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - started
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"failed with exit code {code}: {' '.join(command)}; see {log_path}")
+        result = run_measured(command, cwd=REPO, env=env, output=log)
+    if result["exit_code"] != 0:
+        raise SystemExit(
+            f"failed with exit code {result['exit_code']}: {' '.join(command)}; see {log_path}"
+        )
     return {
-        "wall_s": round(wall, 1),
-        "peak_rss_bytes": usage.ru_maxrss * 1024,
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "wall_s": round(result["wall_s"], 1),
+        "peak_rss_bytes": result["peak_rss_bytes"],
+        "cpu_s": round(result["user_s"] + result["sys_s"], 1),
         "load_before": before,
         "load_after": load_average(),
     }
