@@ -174,23 +174,20 @@ def run_sweep(configs: Sequence[ml_collections.ConfigDict], table_dir: str | Pat
 
 
 def _dims(values: Sequence[str] | None) -> list[int] | None:
+    """--dims as positive integers (None when not given)."""
     if not values:
         return None
-    dims = []
     for value in values:
-        try:
-            dims.append(int(value))
-        except ValueError:
-            dims.append(0)
-        if dims[-1] < 1:
+        if not value.strip().isdigit() or int(value) < 1:
             raise SweepError(f"--dims {value!r}: expected a positive integer")
-    return dims
+    return [int(value) for value in values]
 
 
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if driver._CONFIG.value is None:
+    config_flag = flags.FLAGS["config"]  # defined by dare_jax.main
+    if config_flag.value is None:
         raise app.UsageError("--config is required, e.g. --config configs/taobao.py")
     if not _MODELS.value:
         raise app.UsageError("--models is required, e.g. --models dare,twin")
@@ -200,7 +197,6 @@ def main(argv: list[str]) -> None:
     from dare_jax import sharding, train
     from dare_jax.checkpointing import CheckpointError
 
-    config_flag = flags.FLAGS["config"]
     try:
         configs = sweep_configs(
             config_flags.get_config_filename(config_flag),
