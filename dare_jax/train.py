@@ -566,9 +566,11 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
                 # recomputed identically) and still finds the best that latest records.
                 saved_progress = run_logging.to_jsonable(progress)
                 with timer.phase("checkpoint"):
-                    if improved:
+                    if improved:  # written once, linked as the latest (same state, progress)
                         trainer.save(checkpoints, checkpointing.BEST, step, state, saved_progress)
-                    trainer.save(checkpoints, checkpointing.LATEST, step, state, saved_progress)
+                        checkpoints.copy(checkpointing.BEST, checkpointing.LATEST, step)
+                    else:
+                        trainer.save(checkpoints, checkpointing.LATEST, step, state, saved_progress)
                     checkpoints.keep_only(checkpointing.BEST, int(progress["best_step"]))
                 best = progress["best_auc"]
                 best_text = "nan" if best is None else f"{best:.5f}"

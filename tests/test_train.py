@@ -131,19 +131,16 @@ def test_kill_between_best_and_latest_saves(tiny_data, tmp_path, monkeypatch, re
     """The narrowest window: a new best is on disk, the latest checkpoint not yet."""
     _, reference = reference
     best_step = reference["seeds"][0]["best_step"]
-    real_save = checkpointing.RunCheckpoints.save
-    saved_best = []
+    real_copy = checkpointing.RunCheckpoints.copy
 
-    def dying_save(self, which, step, state, progress):
-        if which == checkpointing.LATEST and step == best_step and saved_best == [best_step]:
+    def dying_copy(self, source, target, step):
+        if step == best_step:  # the latest is the best's linked copy
             raise SimulatedCrash(f"killed after saving best {step}, before latest")
-        if which == checkpointing.BEST and step == best_step:
-            saved_best.append(step)
-        return real_save(self, which, step, state, progress)
+        return real_copy(self, source, target, step)
 
     workdir = tmp_path / "run"
     with monkeypatch.context() as patch:
-        patch.setattr(checkpointing.RunCheckpoints, "save", dying_save)
+        patch.setattr(checkpointing.RunCheckpoints, "copy", dying_copy)
         with pytest.raises(SimulatedCrash):
             train.run(tiny_config(tiny_data, workdir, num_seeds=2))
     assert (workdir / f"seed_0/checkpoints/best/{best_step}").is_dir()
