@@ -581,6 +581,7 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
                     )
     finally:
         bar.close()
+    del state  # freed before the best state is restored: two states of Taobao-sized tables
     with timer.phase("checkpoint"):
         best_state, best_progress = trainer.restore(
             checkpoints, checkpointing.BEST, template, step=int(progress["best_step"])
