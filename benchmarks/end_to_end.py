@@ -147,17 +147,22 @@ def phase_split(model: dict) -> dict:
     return split
 
 
+def _child_text(measured: dict) -> str:
+    return (
+        f"{measured['wall_s']} s wall, {measured['cpu_s']} s CPU, peak RSS "
+        f"{measured['peak_rss_bytes'] / GIB:.2f} GiB (load {measured['load_before']} -> "
+        f"{measured['load_after']})"
+    )
+
+
 def markdown(report: dict) -> str:
     data = report["data"]
     lines = [
         f"Data: {data['users']:,} users, {data['rows']:,} rows; item_n {data['item_n']:,}, "
         f"cate_n {data['cate_n']:,}; samples train / val / test {data['train']:,} / "
         f"{data['val']:,} / {data['test']:,} (Taobao size: {data['taobao_size']})",
-        f"Generation: {data['generate']['wall_s']} s wall, peak RSS "
-        f"{data['generate']['peak_rss_bytes'] / GIB:.2f} GiB (load {data['generate']['load_before']}"
-        f" -> {data['generate']['load_after']}); preprocessing: {data['preprocess']['wall_s']} s "
-        f"wall, peak RSS {data['preprocess']['peak_rss_bytes'] / GIB:.2f} GiB (load "
-        f"{data['preprocess']['load_before']} -> {data['preprocess']['load_after']})",
+        f"Generation: {_child_text(data['generate'])}; "
+        f"preprocessing: {_child_text(data['preprocess'])}",
         "",
         "| model | wall | compilation | training | evaluation | checkpoints | export | other "
         "| steps | samples/s (training) | CPU (user + sys) | peak RSS | checkpoints on disk "

@@ -206,7 +206,9 @@ def test_null_metric_unfinished_run_and_missing_provenance(tmp_path, capsys):
     other_data = {**PROVENANCE, "dataset": {"manifest_sha256": "cd" * 32}}
     write_results(tmp_path / "d", "din", 16, values, provenance=other_data)
     mixed = table.write_table({"b": tmp_path / "b", "d": tmp_path / "d"}, tmp_path / "mixed")
-    warning = "column 'taobao d=16' mixes datasets (manifest sha256: b abababababab, d cdcdcdcdcdcd)"
+    warning = (
+        "column 'taobao d=16' mixes datasets (manifest sha256: b abababababab, d cdcdcdcdcdcd)"
+    )
     assert mixed["warnings"] == [warning]
     assert f"**Warning**: {warning}" in (tmp_path / "mixed/table.md").read_text()
     assert f"% WARNING: {warning}" in (tmp_path / "mixed/table.tex").read_text()
