@@ -1,6 +1,7 @@
 """End-to-end driver tests on a tiny synthetic dataset: train, evaluate, checkpoint,
 interrupt, resume, and the refusals on bad input."""
 
+import hashlib
 import json
 import math
 import os
@@ -88,6 +89,11 @@ def test_interrupted_run_resumes_to_identical_results(tiny_data, tmp_path, monke
         assert timings["steps_timed"] == 10
         assert timings["samples_timed"] == 10 * reference["config"]["train"]["batch_size"]
     assert set(reference["timings"]["seconds"]) == {"prepare_data", "setup"}
+    # Provenance (tests/test_provenance.py checks its fields against git, hashlib and jax).
+    manifest_sha = hashlib.sha256((tiny_data / "manifest.json").read_bytes()).hexdigest()
+    for record in [reference["provenance"]] + [r["provenance"] for r in reference["seeds"]]:
+        assert record["dataset"]["manifest_sha256"] == manifest_sha
+        assert record["packages"]["jax"] == jax.__version__
 
     workdir = tmp_path / "interrupted"
     # Crash in seed 0 between checkpoints (after step 6; latest is step 4) ...
