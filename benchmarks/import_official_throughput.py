@@ -29,12 +29,13 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from child_process import run_measured  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
 N_ITEMS = 4_068_790  # Taobao's item count (item_n - 1)
@@ -162,19 +163,10 @@ def run_child(src: Path, out_dir: Path) -> dict:
         "--overwrite",
         "--no-progress",
     ]
-    started = time.perf_counter()
-    child = subprocess.Popen(cmd, cwd=REPO)
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - started
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise SystemExit(f"import failed with exit code {code}")
-    return {
-        "wall_s": wall,
-        "peak_rss_bytes": usage.ru_maxrss * 1024,
-        "user_s": usage.ru_utime,
-        "sys_s": usage.ru_stime,
-    }
+    result = run_measured(cmd, cwd=REPO)
+    if result["exit_code"] != 0:
+        raise SystemExit(f"import failed with exit code {result['exit_code']}")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,10 +19,11 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from child_process import run_measured  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:  # run as a script from a checkout without `pip install -e .`
@@ -50,15 +51,10 @@ def run_child(log: Path, out_dir: Path) -> dict:
     """Preprocess ``log`` in a child process; wall time and peak RSS of that child."""
     cmd = [sys.executable, "-m", "preprocessing.taobao", "--input", str(log),
            "--output", str(out_dir), "--overwrite", "--no-progress"]
-    started = time.perf_counter()
-    child = subprocess.Popen(cmd, cwd=REPO)
-    _, status, usage = os.wait4(child.pid, 0)
-    wall = time.perf_counter() - started
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode != 0:
-        raise SystemExit(f"preprocessing failed with exit code {child.returncode}")
-    return {"wall_s": wall, "peak_rss_bytes": usage.ru_maxrss * 1024,
-            "user_s": usage.ru_utime, "sys_s": usage.ru_stime}
+    result = run_measured(cmd, cwd=REPO)
+    if result["exit_code"] != 0:
+        raise SystemExit(f"preprocessing failed with exit code {result['exit_code']}")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:

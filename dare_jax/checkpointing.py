@@ -21,10 +21,18 @@ Saves are synchronous and atomic (Orbax writes to a temporary directory and
 renames it when complete), so a process killed at any moment leaves either the
 previous checkpoint or the new one, never a half-written one that restore
 would pick up; leftover temporary directories are removed on the next start.
+
+A step that is both the best and the latest is written once: `copy` makes the
+latest a hard-linked copy of the best (checkpoint files are never modified once
+written), also atomic. Arrays are written at most `SAVE_CONCURRENT_GB` at a time,
+which bounds the host memory a save of Taobao-sized tables takes on top of the state
+(end-to-end benchmark, `benchmarks/README.md`).
 """
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +41,8 @@ import orbax.checkpoint as ocp
 
 LATEST = "latest"
 BEST = "best"
+SAVE_CONCURRENT_GB = 1  # Orbax's default (96) lets a save copy every array at once
+_LINK_TMP = ".link-tmp"  # suffix of a copy being assembled (removed if left by a kill)
 
 
 class CheckpointError(RuntimeError):
@@ -46,7 +56,10 @@ def _manager(directory: Path, max_to_keep: int | None) -> ocp.CheckpointManager:
         cleanup_tmp_directories=True,
         enable_async_checkpointing=False,
     )
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "progress"))
+    handlers = {"state": ocp.StandardCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB)}
+    return ocp.CheckpointManager(
+        directory, options=options, item_names=("state", "progress"), item_handlers=handlers
+    )
 
 
 def _like(target: Any, restored: Any, path: Path) -> Any:
@@ -79,6 +92,8 @@ class RunCheckpoints:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory).resolve()
+        for stale in self.directory.glob(f"*/.*{_LINK_TMP}"):  # a copy killed midway
+            shutil.rmtree(stale, ignore_errors=True)
         # `latest` drops its previous checkpoint once a new one is complete. `best` keeps
         # everything until `keep_only` prunes it, which the loop calls only after the
         # matching `latest` checkpoint is saved: until then a resume may need the older best.
@@ -108,6 +123,30 @@ class RunCheckpoints:
             force=True,
         )
         manager.wait_until_finished()
+
+    def copy(self, source: str, target: str, step: int) -> None:
+        """Make step `step` of `source` ("best" or "latest") a checkpoint of `target` too,
+        without writing it again: its files are hard-linked (copied where links fail)
+        into a temporary directory renamed into place. `latest` then keeps only that step.
+        Every process calls it; process 0 links (the files of all processes are there once
+        a save has returned)."""
+        source_dir = self.directory / source / str(step)
+        target_dir = self.directory / target / str(step)
+        if jax.process_index() == 0:
+            if not (source_dir / "_CHECKPOINT_METADATA").is_file():
+                raise CheckpointError(f"no complete checkpoint to copy at {source_dir}")
+            tmp = target_dir.with_name(f".{step}{_LINK_TMP}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(source_dir, tmp, copy_function=_link_or_copy)
+            shutil.rmtree(target_dir, ignore_errors=True)  # a resumed run redoes a step
+            os.replace(tmp, target_dir)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"dare_jax.checkpoint_copy_{step}")
+        self._managers[target].reload()
+        if target == LATEST:
+            self.keep_only(LATEST, step)
 
     def restore(self, which: str, target_state: Any, step: int | None = None) -> tuple[Any, dict]:
         """Restore (state, progress) of the latest or best checkpoint.
@@ -169,3 +208,10 @@ class RunCheckpoints:
     def close(self) -> None:
         for manager in self._managers.values():
             manager.close()
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(source, target)

@@ -61,11 +61,10 @@ def _print_summary(results: dict) -> None:
     print(f"results: {results['config']['workdir']}/results.json")
 
 
-def main(argv: list[str]) -> None:
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if _CONFIG.value is None:
-        raise app.UsageError("--config is required, e.g. --config configs/demo.py")
+def start_process() -> None:
+    """Quiet console logging, then join the multi-process run if one is configured
+    (before anything else touches JAX: the device list becomes global); exit 2 if that
+    fails. Shared with `dare_jax.sweep`."""
     if not flags.FLAGS["verbosity"].present:
         # Orbax logs every save at INFO through absl; keep the console to our own lines.
         logging.set_verbosity(logging.WARNING)
@@ -73,7 +72,6 @@ def main(argv: list[str]) -> None:
     from dare_jax import sharding
 
     try:
-        # Before anything else touches JAX: the device list becomes global.
         sharding.initialize_distributed(
             _COORDINATOR.value,
             _NUM_PROCESSES.value,
@@ -83,7 +81,15 @@ def main(argv: list[str]) -> None:
     except (sharding.ShardingError, ValueError, RuntimeError) as error:
         print(f"error: cannot join the multi-process run: {error}", file=sys.stderr)
         sys.exit(2)
-    from dare_jax import train
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _CONFIG.value is None:
+        raise app.UsageError("--config is required, e.g. --config configs/demo.py")
+    start_process()
+    from dare_jax import sharding, train
     from dare_jax.checkpointing import CheckpointError
 
     try:
@@ -101,7 +107,7 @@ def main(argv: list[str]) -> None:
         _print_summary(results)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing, with config-file and override errors as one message (exit 2)."""
     try:
         remaining = flags.FLAGS(argv)
@@ -126,7 +132,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 
 def run() -> None:
-    app.run(main, flags_parser=_parse_flags)
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from dare_jax import checkpointing, metrics, run_logging, sharding, steps
+from dare_jax import checkpointing, metrics, provenance, run_logging, sharding, steps
 from dare_jax.phase_timer import PhaseTimer, peak_memory
 from dare_jax.data import pipeline
 from dare_jax.data.device_histories import DeviceHistories
@@ -689,9 +689,11 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
                 # recomputed identically) and still finds the best that latest records.
                 saved_progress = run_logging.to_jsonable(progress)
                 with timer.phase("checkpoint"):
-                    if improved:
+                    if improved:  # written once, linked as the latest (same state, progress)
                         trainer.save(checkpoints, checkpointing.BEST, step, state, saved_progress)
-                    trainer.save(checkpoints, checkpointing.LATEST, step, state, saved_progress)
+                        checkpoints.copy(checkpointing.BEST, checkpointing.LATEST, step)
+                    else:
+                        trainer.save(checkpoints, checkpointing.LATEST, step, state, saved_progress)
                     checkpoints.keep_only(checkpointing.BEST, int(progress["best_step"]))
                 best = progress["best_auc"]
                 best_text = "nan" if best is None else f"{best:.5f}"
@@ -750,6 +752,8 @@ def train_seed(trainer: _Trainer, seed: int, seed_dir: Path) -> dict:
             "samples_timed": (step - first_step) * batch_size,
             **peak_memory(),
         },
+        # Code, libraries, devices and data of the invocation that finished this seed.
+        "provenance": provenance.collect(dataset.directory),
     }
     if main_process:
         run_logging.write_json_atomic(result_path, result)
@@ -832,6 +836,8 @@ def run(config: ml_collections.ConfigDict) -> dict:
         "seconds_this_invocation": round(time.time() - started, 1),
         # Data preparation and setup of this invocation; each seed has its own "timings".
         "timings": timer.summary(),
+        # Code, libraries, devices and data of this invocation (dare_jax.provenance).
+        "provenance": provenance.collect(dataset.directory),
         "config": config.to_dict(),
     }
     if main_process:

@@ -83,3 +83,52 @@ def test_shape_mismatch_is_reported(tmp_path):
 def test_missing_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         RunCheckpoints(tmp_path).restore(BEST, _state())
+
+
+def test_copy_links_the_best_as_latest_atomically(tmp_path):
+    checkpoints = RunCheckpoints(tmp_path)
+    checkpoints.save(LATEST, 4, _state(1.0), {"n": 4})
+    checkpoints.save(BEST, 8, _state(2.0), {"n": 8})
+    checkpoints.copy(BEST, LATEST, 8)
+    assert checkpoints.step(LATEST) == 8
+    assert sorted(p.name for p in (tmp_path / LATEST).iterdir()) == ["8"]  # 4 is gone
+    restored, progress = _restore_fresh(tmp_path)
+    assert progress == {"n": 8}
+    np.testing.assert_array_equal(restored["params"]["embed"], np.arange(6.0) * 2.0)
+    best_files = sorted(p for p in (tmp_path / BEST / "8").rglob("*") if p.is_file())
+    assert best_files
+    for path in best_files:  # hard links: the data is on disk once
+        linked = tmp_path / LATEST / "8" / path.relative_to(tmp_path / BEST / "8")
+        assert linked.stat().st_ino == path.stat().st_ino
+    # Deleting the best leaves the latest intact.
+    checkpoints.save(BEST, 12, _state(3.0), {"n": 12})
+    checkpoints.keep_only(BEST, 12)
+    checkpoints.close()
+    restored, progress = _restore_fresh(tmp_path)
+    assert progress == {"n": 8}
+    np.testing.assert_array_equal(restored["params"]["embed"], np.arange(6.0) * 2.0)
+
+
+def _restore_fresh(directory):
+    """(state, progress) of the latest checkpoint, read by a new RunCheckpoints."""
+    checkpoints = RunCheckpoints(directory)
+    try:
+        return checkpoints.restore(LATEST, _state(0.0))
+    finally:
+        checkpoints.close()
+
+
+def test_copy_killed_midway_leaves_the_previous_latest(tmp_path):
+    checkpoints = RunCheckpoints(tmp_path)
+    checkpoints.save(LATEST, 4, _state(1.0), {"n": 4})
+    half = tmp_path / LATEST / ".8.link-tmp"  # what a kill during copy leaves
+    half.mkdir()
+    (half / "_CHECKPOINT_METADATA").write_text("{}")
+    checkpoints.close()
+    checkpoints = RunCheckpoints(tmp_path)
+    assert not half.exists() and checkpoints.step(LATEST) == 4
+    _, progress = checkpoints.restore(LATEST, _state(0.0))
+    assert progress == {"n": 4}
+    with pytest.raises(CheckpointError, match="no complete checkpoint to copy"):
+        checkpoints.copy(BEST, LATEST, 8)
+    checkpoints.close()

@@ -107,7 +107,7 @@ def _workdir_after_main_flag_parsing(*args: str) -> str:
     """config.workdir after `dare_jax.main`'s own flag parsing of `args` (a fresh process:
     absl registers the override flags once per process)."""
     code = (
-        "import sys; from dare_jax import main; main._parse_flags(['main', *sys.argv[1:]]); "
+        "import sys; from dare_jax import main; main.parse_flags(['main', *sys.argv[1:]]); "
         "print(main._CONFIG.value.workdir)"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}

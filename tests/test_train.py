@@ -1,6 +1,7 @@
 """End-to-end driver tests on a tiny synthetic dataset: train, evaluate, checkpoint,
 interrupt, resume, and the refusals on bad input."""
 
+import hashlib
 import json
 import math
 import os
@@ -88,6 +89,11 @@ def test_interrupted_run_resumes_to_identical_results(tiny_data, tmp_path, monke
         assert timings["steps_timed"] == 10
         assert timings["samples_timed"] == 10 * reference["config"]["train"]["batch_size"]
     assert set(reference["timings"]["seconds"]) == {"prepare_data", "setup"}
+    # Provenance (tests/test_provenance.py checks its fields against git, hashlib and jax).
+    manifest_sha = hashlib.sha256((tiny_data / "manifest.json").read_bytes()).hexdigest()
+    for record in [reference["provenance"]] + [r["provenance"] for r in reference["seeds"]]:
+        assert record["dataset"]["manifest_sha256"] == manifest_sha
+        assert record["packages"]["jax"] == jax.__version__
 
     workdir = tmp_path / "interrupted"
     # Crash in seed 0 between checkpoints (after step 6; latest is step 4) ...
@@ -131,19 +137,16 @@ def test_kill_between_best_and_latest_saves(tiny_data, tmp_path, monkeypatch, re
     """The narrowest window: a new best is on disk, the latest checkpoint not yet."""
     _, reference = reference
     best_step = reference["seeds"][0]["best_step"]
-    real_save = checkpointing.RunCheckpoints.save
-    saved_best = []
+    real_copy = checkpointing.RunCheckpoints.copy
 
-    def dying_save(self, which, step, state, progress):
-        if which == checkpointing.LATEST and step == best_step and saved_best == [best_step]:
+    def dying_copy(self, source, target, step):
+        if step == best_step:  # the latest is the best's linked copy
             raise SimulatedCrash(f"killed after saving best {step}, before latest")
-        if which == checkpointing.BEST and step == best_step:
-            saved_best.append(step)
-        return real_save(self, which, step, state, progress)
+        return real_copy(self, source, target, step)
 
     workdir = tmp_path / "run"
     with monkeypatch.context() as patch:
-        patch.setattr(checkpointing.RunCheckpoints, "save", dying_save)
+        patch.setattr(checkpointing.RunCheckpoints, "copy", dying_copy)
         with pytest.raises(SimulatedCrash):
             train.run(tiny_config(tiny_data, workdir, num_seeds=2))
     assert (workdir / f"seed_0/checkpoints/best/{best_step}").is_dir()

@@ -1,0 +1,225 @@
+"""A grid of variants, trained one after the other, then their table (`analysis.table`).
+
+    python -m dare_jax.sweep --config configs/taobao.py --models dare,twin,din --dims 16,64
+    python -m dare_jax.sweep --config configs/demo.py:seeds=3 --models dare,twin \\
+        --out runs/sweeps/demo --config.train.max_steps=300
+
+Each point of the grid is the variant `model=M,dim=D` of the config file (added to any
+variant the file argument already names, e.g. `:seeds=3`), with the `--config.<path>=<value>`
+overrides applied exactly as `python -m dare_jax.main` applies them; it is trained by the
+driver (`dare_jax.train.run`) into its own run directory:
+
+- without --out, the directory `python -m dare_jax.main --config FILE:model=M,dim=D` uses
+  (`runs/<dataset>/<M>_d<D>`), so a sweep and single runs share their directories;
+  the table goes to the folder above them (`runs/<dataset>/table/`);
+- with --out DIR: `DIR/<M>_d<D>` and the table in `DIR/table/`.
+
+Without --dims the config's own dimension is used and the directories are `<M>`.
+
+Killed at any point and started again with the same command, a sweep skips the finished
+runs (their `results.json` exists and their config matches), resumes the interrupted one
+from its latest checkpoint (the driver's exact resume) and goes on; the table it writes at
+the end is the same as an uninterrupted sweep's. A run directory that holds another
+config is refused, as by the driver. Every config of the grid is built and checked before
+the first run starts, so a typo in --models costs nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from dare_jax import main as driver  # defines --config (with overrides) and the process flags
+
+_MODELS = flags.DEFINE_list("models", None, "variants to train, e.g. dare,twin,din (model=)")
+_DIMS = flags.DEFINE_list(
+    "dims", None, "embedding dimensions, e.g. 16,64 (dim=); default: the config's"
+)
+_OUT = flags.DEFINE_string(
+    "out", None, "folder for the run directories and table/ (default: the config's workdirs)"
+)
+
+
+class SweepError(ValueError):
+    """A bad grid (models, dims, overrides); the message names the value."""
+
+
+def variant_args(base_arg: str, models: Sequence[str], dims: Sequence[int] | None) -> list[str]:
+    """The config-file arguments of the grid, model-major: 'seeds=3,model=dare,dim=16', ..."""
+    if not models:
+        raise SweepError("--models is empty: name at least one variant")
+    for label, values in (("--models", list(models)), ("--dims", list(dims or []))):
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            raise SweepError(f"{label} repeats {repeated}")
+    base_keys = {part.partition("=")[0].strip() for part in base_arg.split(",") if part.strip()}
+    for key, given in (("model", True), ("dim", bool(dims))):
+        if given and key in base_keys:
+            raise SweepError(
+                f"the config argument {base_arg!r} already sets {key}=; the sweep sets it "
+                f"from --{key}s"
+            )
+    points = []
+    for model in models:
+        for dim in dims or [None]:
+            parts = [base_arg] if base_arg else []
+            parts.append(f"model={model}")
+            if dim is not None:
+                parts.append(f"dim={dim}")
+            points.append(",".join(parts))
+    return points
+
+
+def load_config(
+    config_file: str, arg: str, overrides: Mapping[str, Any]
+) -> ml_collections.ConfigDict:
+    """`get_config(arg)` of the config file, locked, with the parsed --config.* overrides
+    applied on top: what `python -m dare_jax.main --config FILE:ARG --config.x=y` builds."""
+    spec = importlib.util.spec_from_file_location("dare_jax_sweep_config", config_file)
+    if spec is None or not Path(config_file).is_file():
+        raise SweepError(f"config file not found: {config_file}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        config = module.get_config(arg)
+    except ValueError as error:  # configs/base.py names the bad variant key or value
+        raise SweepError(f"config {config_file}:{arg}: {error}") from error
+    config.lock()
+    config.update_from_flattened_dict(dict(overrides))
+    return config
+
+
+def sweep_configs(
+    config_file_arg: str,
+    models: Sequence[str],
+    dims: Sequence[int] | None,
+    overrides: Mapping[str, Any],
+    out: str | Path | None = None,
+) -> list[ml_collections.ConfigDict]:
+    """The configs of the grid, each with its run directory (`workdir`), checked.
+
+    config_file_arg: 'configs/x.py' or 'configs/x.py:ARG'; overrides: dotted path -> value
+    (`--config.*` as absl parsed them). `workdir` may not be overridden: every run needs
+    its own directory.
+    """
+    from dare_jax import train
+
+    if "workdir" in overrides:
+        raise SweepError(
+            "--config.workdir would put every run of the sweep in one directory; "
+            "use --out DIR (runs go to DIR/<model>_d<dim>)"
+        )
+    config_file, _, base_arg = config_file_arg.partition(":")
+    configs = []
+    for arg in variant_args(base_arg, models, dims):
+        config = load_config(config_file, arg, overrides)
+        if out is not None:
+            config.workdir = str(Path(out) / Path(config.workdir).name)
+        train.check_config(config)
+        configs.append(config)
+    workdirs = [str(config.workdir) for config in configs]
+    if len(set(workdirs)) != len(workdirs):
+        raise SweepError(f"two points of the grid share a run directory: {workdirs}")
+    return configs
+
+
+def is_finished(config: ml_collections.ConfigDict) -> bool:
+    """True if the run's results.json exists and the run was made with this config."""
+    from dare_jax import train
+
+    workdir = Path(config.workdir)
+    if not (workdir / "results.json").is_file() or not (workdir / "config.json").is_file():
+        return False
+    saved = json.loads((workdir / "config.json").read_text())
+    return not train.config_differences(saved, train.flatten_config(config))
+
+
+def default_table_dir(configs: Sequence[ml_collections.ConfigDict], out: str | Path | None):
+    """--out/table, or `table/` in the folder above the runs (their common parent)."""
+    if out is not None:
+        return Path(out) / "table"
+    parents = {Path(config.workdir).parent for config in configs}
+    parent = parents.pop() if len(parents) == 1 else Path("runs")
+    return parent / "table"
+
+
+def run_sweep(configs: Sequence[ml_collections.ConfigDict], table_dir: str | Path) -> dict:
+    """Train every config not finished yet (in order, resuming an interrupted one), then
+    write the table of all of them into `table_dir`; returns the table."""
+    from analysis import table
+    from dare_jax import sharding, train
+
+    for index, config in enumerate(configs, 1):
+        workdir = Path(config.workdir)
+        finished = is_finished(config)
+        state = "finished, skipped" if finished else "starting"
+        if not finished and (workdir / "config.json").exists():
+            state = "continuing"  # the driver resumes it (or refuses another config)
+        if sharding.is_main_process():
+            print(f"sweep [{index}/{len(configs)}] {workdir.name} ({workdir}): {state}", flush=True)
+        if not finished:
+            train.run(config)
+    runs = {Path(config.workdir).name: Path(config.workdir) for config in configs}
+    if not sharding.is_main_process():
+        return {}
+    return table.write_table(runs, table_dir)
+
+
+def _dims(values: Sequence[str] | None) -> list[int] | None:
+    """--dims as positive integers (None when not given)."""
+    if not values:
+        return None
+    for value in values:
+        if not value.strip().isdigit() or int(value) < 1:
+            raise SweepError(f"--dims {value!r}: expected a positive integer")
+    return [int(value) for value in values]
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config_flag = flags.FLAGS["config"]  # defined by dare_jax.main
+    if config_flag.value is None:
+        raise app.UsageError("--config is required, e.g. --config configs/taobao.py")
+    if not _MODELS.value:
+        raise app.UsageError("--models is required, e.g. --models dare,twin")
+    driver.start_process()
+    from analysis.common import AnalysisError
+    from analysis.table import to_markdown
+    from dare_jax import sharding, train
+    from dare_jax.checkpointing import CheckpointError
+
+    try:
+        configs = sweep_configs(
+            config_flags.get_config_filename(config_flag),
+            _MODELS.value,
+            _dims(_DIMS.value),
+            config_flags.get_override_values(config_flag),
+            _OUT.value,
+        )
+        table_dir = default_table_dir(configs, _OUT.value)
+        result = run_sweep(configs, table_dir)
+    except (SweepError, train.RunError, CheckpointError, FloatingPointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except AnalysisError as error:
+        print(f"error: the runs finished but their table failed: {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume the sweep", file=sys.stderr)
+        sys.exit(130)
+    if sharding.is_main_process():
+        print(to_markdown(result), end="")
+        print(f"table: {table_dir}/table.{{md,tex,csv,json}}")
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=driver.parse_flags)
