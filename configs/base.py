@@ -90,6 +90,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.data.blind_history = False  # zero every history (the history-blind baseline)
     config.data.synthetic_users = 0  # > 0: generate a synthetic Taobao-format log first
     config.data.synthetic_rows = 0  # target row count of that log (0: generator default)
+    # LogStructure fields of that log (dare_jax.data.synthetic; empty: the generator's
+    # defaults, near the real log's statistics). configs/decoupling.py sets some.
+    config.data.synthetic_structure = ml_collections.ConfigDict()
 
     config.model = default_model_config()
 

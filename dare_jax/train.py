@@ -169,7 +169,17 @@ def prepare_dataset(config: ml_collections.ConfigDict):
                 f"at {raw_path}",
                 flush=True,
             )
-            write_taobao_log(raw_path, int(config.data.synthetic_users), seed=0, target_rows=rows)
+            structure = config.data.get("synthetic_structure") or {}
+            try:
+                write_taobao_log(
+                    raw_path,
+                    int(config.data.synthetic_users),
+                    seed=0,
+                    target_rows=rows,
+                    **dict(structure),
+                )
+            except (TypeError, ValueError) as error:
+                raise RunError(f"config field data.synthetic_structure: {error}") from error
         if not raw_path.is_file():
             name, url, command = DOWNLOADS[config.data.kind]
             raise RunError(
