@@ -105,6 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
     # at a larger catalogue's table size on a small dataset (configs/taobao_synthetic.py).
     config.data.min_item_rows = 0
     config.data.min_category_rows = 0
+    # LogStructure fields of that log (dare_jax.data.synthetic; empty: the generator's
+    # defaults, near the real log's statistics). configs/decoupling.py sets some.
+    config.data.synthetic_structure = ml_collections.ConfigDict()
 
     config.model = default_model_config()
 

@@ -62,7 +62,13 @@ RESUMABLE_FIELDS = (
 )
 # Non-resumable fields added after runs were saved without them, with the value that
 # gives what those runs computed: an older run resumes when the command keeps it.
-FIELDS_ADDED_LATER = {"data.min_item_rows": 0, "data.min_category_rows": 0}
+FIELDS_ADDED_LATER = {
+    "data.min_item_rows": 0,
+    "data.min_category_rows": 0,
+    "data.shuffle": True,
+    "model.init_from": "",
+    "optim.table_updates": "dense",
+}
 METRIC_NAMES = ("auc", "gauc", "category_auc", "log_loss", "accuracy")
 DOWNLOADS = {
     "taobao": (
@@ -200,7 +206,17 @@ def prepare_dataset(config: ml_collections.ConfigDict):
                 f"at {raw_path}",
                 flush=True,
             )
-            write_taobao_log(raw_path, int(config.data.synthetic_users), seed=0, target_rows=rows)
+            structure = config.data.get("synthetic_structure") or {}
+            try:
+                write_taobao_log(
+                    raw_path,
+                    int(config.data.synthetic_users),
+                    seed=0,
+                    target_rows=rows,
+                    **dict(structure),
+                )
+            except (TypeError, ValueError) as error:
+                raise RunError(f"config field data.synthetic_structure: {error}") from error
         if not raw_path.is_file():
             name, url, command = DOWNLOADS[config.data.kind]
             raise RunError(

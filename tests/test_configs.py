@@ -13,7 +13,7 @@ from ml_collections import config_flags
 from configs import base
 from dare_jax.models import build_model, default_model_config, validate_model_config
 
-CONFIG_FILES = ("taobao", "tmall", "demo", "taobao_synthetic")
+CONFIG_FILES = ("taobao", "tmall", "demo", "taobao_synthetic", "decoupling")
 REPO = Path(__file__).resolve().parent.parent
 
 

@@ -396,3 +396,191 @@ def test_log_stats_cli(tmp_path, capsys):
         log_stats_cli.main([str(tmp_path / "missing.csv")])
     assert exit_info.value.code == 2
     assert "missing.csv" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ decoupling structure
+
+# A small world with the decoupling knobs (configs/decoupling.py uses a larger one).
+TIERED_WORLD = {
+    "n_items": 8_000,
+    "n_categories": 120,
+    "category_size_zipf": 0.5,
+    "n_tiers": 3,
+    "domain_size": 30,
+}
+
+
+def _world_of(seed: int, **structure) -> synthetic._World:
+    s = synthetic.LogStructure(**structure)
+    return synthetic._cached_world(
+        seed,
+        s.n_items,
+        s.n_categories,
+        s.item_zipf,
+        s.category_size_zipf,
+        s.n_related,
+        s.n_tiers,
+        s.domain_size,
+    )
+
+
+def _pv_sequences(path: Path, world: synthetic._World) -> list[list[tuple[int, int]]]:
+    """Each user's pv events in file order as (world category index, raw item id)."""
+    index_of = {int(raw): i for i, raw in enumerate(world.category_raw_id)}
+    sequences: dict[int, list[tuple[int, int]]] = {}
+    for user, item, category, behavior, _ in _read_rows(path):
+        if behavior == "pv":
+            sequences.setdefault(user, []).append((index_of[category], item))
+    return list(sequences.values())
+
+
+def test_decoupling_knobs_at_their_defaults_change_nothing(tmp_path):
+    plain, explicit = tmp_path / "plain.csv", tmp_path / "explicit.csv"
+    write_taobao_log(plain, 40, seed=6, **SMALL_WORLD)
+    off = {"p_copy_related": 0.0, "n_tiers": 1, "domain_size": 0, "p_taste": 0.0}
+    write_taobao_log(explicit, 40, seed=6, taste_drift=0.0, **off, **SMALL_WORLD)
+    assert _digest(plain) == _digest(explicit)
+    # Without tiers (n_tiers 1) the taste knobs have nothing to act on.
+    tasteless = tmp_path / "tasteless.csv"
+    write_taobao_log(tasteless, 40, seed=6, p_taste=0.9, taste_drift=0.5, **SMALL_WORLD)
+    assert _digest(plain) == _digest(tasteless)
+    world = _world_of(6, **SMALL_WORLD)
+    assert world.category_tier is None and world.tier_neighbours is None
+
+
+def test_tiers_are_balanced_per_domain_and_neighbour_table_is_right():
+    world = _world_of(2, **TIERED_WORLD)
+    n_categories, n_tiers = TIERED_WORLD["n_categories"], TIERED_WORLD["n_tiers"]
+    # Domains are blocks of domain_size consecutive ring positions: the ring neighbours
+    # (+-1 first) of a category share its domain except across a block edge, so each
+    # domain of 30 is reached from exactly 2 edges' worth of other domains.
+    domain, tier = world.category_domain.tolist(), world.category_tier.tolist()
+    sizes = defaultdict(int)
+    per_tier = defaultdict(int)
+    for c in range(n_categories):
+        sizes[domain[c]] += 1
+        per_tier[domain[c], tier[c]] += 1
+    assert sorted(sizes.values()) == [30] * 4
+    assert all(per_tier[d, t] == 10 for d in range(4) for t in range(n_tiers))
+    nearest = world.related[:, :2].tolist()  # the two ring neighbours at distance 1
+    crossing = sum(domain[c] != domain[n] for c in range(n_categories) for n in nearest[c])
+    assert crossing == 2 * 4  # one edge between consecutive domains, counted from both sides
+    # tier_neighbours: the related categories of the same domain with that tier, in the
+    # order of `related`, counted in tier_neighbour_count (plain-Python recount).
+    for c in range(n_categories):
+        for t in range(n_tiers):
+            expected = [
+                int(r) for r in world.related[c] if domain[r] == domain[c] and tier[r] == t
+            ]
+            count = int(world.tier_neighbour_count[c, t])
+            assert world.tier_neighbours[c, t, :count].tolist() == expected
+
+
+def test_copy_related_moves_every_copy_to_a_ring_neighbour(tmp_path):
+    # Only copies of the previous event (p_fresh 0, p_last 1): event t's category is the
+    # previous one's (p_copy_related 0) or one of its related categories (p_copy_related 1).
+    world = _world_of(4, **SMALL_WORLD)
+    related = [set(row) for row in world.related.tolist()]
+    for p_copy_related in (0.0, 1.0):
+        path = tmp_path / f"copy_{p_copy_related}.csv"
+        base = {"p_fresh": 0.0, "p_last": 1.0, "p_revisit": 0.5, "median_events": 60}
+        write_taobao_log(path, 30, seed=4, p_copy_related=p_copy_related, **base, **SMALL_WORLD)
+        pairs = [
+            (a, b)
+            for seq in _pv_sequences(path, world)
+            for a, b in itertools.pairwise(seq)
+        ]
+        assert len(pairs) > 1000
+        if p_copy_related == 0.0:
+            assert all(b[0] == a[0] for a, b in pairs)
+            assert 0.3 < np.mean([b[1] == a[1] for a, b in pairs]) < 0.7  # re-visits
+        else:
+            assert all(b[0] in related[a[0]] for a, b in pairs)
+            assert not any(b[1] == a[1] for a, b in pairs)  # a moved event never re-visits
+
+
+def _domain_tier_consistency(path: Path, world: synthetic._World) -> float:
+    """Per user and domain, the share of the user's events in that domain that have the
+    domain's most frequent tier (averaged over events)."""
+    domain, tier = world.category_domain.tolist(), world.category_tier.tolist()
+    agree = total = 0
+    for seq in _pv_sequences(path, world):
+        counts: dict[int, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+        for category, _ in seq:
+            counts[domain[category]][tier[category]] += 1
+        for by_tier in counts.values():
+            agree += max(by_tier.values())
+            total += sum(by_tier.values())
+    return agree / total
+
+
+def test_taste_keeps_each_user_on_one_tier_per_domain_and_drift_loosens_it(tmp_path):
+    world = _world_of(5, **TIERED_WORLD)
+    shares = {}
+    for name, knobs in {
+        "off": {"p_taste": 0.0},
+        "on": {"p_taste": 1.0},
+        "drifting": {"p_taste": 1.0, "taste_drift": 0.05},
+    }.items():
+        path = tmp_path / f"{name}.csv"
+        write_taobao_log(path, 40, seed=5, median_events=300, **knobs, **TIERED_WORLD)
+        shares[name] = _domain_tier_consistency(path, world)
+    # 3 tiers: without taste the most frequent tier of a (user, domain) holds about half of
+    # its events; with taste nearly all (an event stays off-tier only without a same-domain
+    # related category of the wanted tier); drift spreads a user's tiers over time.
+    assert shares["off"] < 0.6, shares
+    assert shares["on"] > 0.97, shares
+    assert shares["on"] - shares["drifting"] > 0.1, shares
+
+
+def test_taste_makes_the_label_depend_on_same_domain_behaviours(tmp_path):
+    """What the decoupling structure plants, checked the protocol's way: each long user's
+    last pv event (positive) against two popularity-drawn items the user never viewed.
+    Whether the target's tier agrees with the tiers of the user's most recent behaviours in
+    the target's domain separates them (the retrieval the attention should learn); the same
+    agreement with the most recent behaviours of the other domains (what a search that
+    matches tiers instead of domains would find) carries no information."""
+    world = _world_of(8, **TIERED_WORLD)
+    domain, tier = world.category_domain, world.category_tier
+    path = tmp_path / "taste.csv"
+    write_taobao_log(path, 300, seed=8, p_taste=0.9, taste_drift=0.01, **TIERED_WORLD)
+    sequences = [seq for seq in _pv_sequences(path, world) if len(seq) >= 210]
+    item_category = {item: category for seq in sequences for category, item in seq}
+    items, views = np.unique([item for seq in sequences for _, item in seq], return_counts=True)
+    rng = np.random.default_rng(0)
+    same_domain, other_domains, labels = [], [], []
+    for seq in sequences:
+        history = [category for category, _ in seq[-201:-1]]
+        touched = {item for _, item in seq}
+        candidates = [(seq[-1][1], 1)]
+        while len(candidates) < 3:
+            draw = int(rng.choice(items, p=views / views.sum()))
+            if draw not in touched:
+                candidates.append((draw, 0))
+        for item, label in candidates:
+            target = item_category[item]
+            near = [c for c in history if domain[c] == domain[target]][-10:]
+            far = [c for c in history if domain[c] != domain[target]][-10:]
+            same_domain.append(np.mean([tier[c] == tier[target] for c in near]) if near else 0)
+            other_domains.append(np.mean([tier[c] == tier[target] for c in far]) if far else 0)
+            labels.append(label)
+    assert len(labels) >= 600
+    assert roc_auc_score(labels, same_domain) > 0.8
+    assert 0.4 < roc_auc_score(labels, other_domains) < 0.6
+
+
+@pytest.mark.parametrize(
+    "knob, message",
+    [
+        ({"p_copy_related": -0.1}, "p_copy_related"),
+        ({"p_taste": 1.5}, "p_taste"),
+        ({"taste_drift": 2.0}, "taste_drift"),
+        ({"n_tiers": 0}, "n_tiers"),
+        ({"domain_size": -1}, "domain_size"),
+        ({"domain_size": 2.5}, "domain_size"),
+    ],
+)
+def test_decoupling_knobs_reject_impossible_values(tmp_path, knob, message):
+    with pytest.raises(ValueError, match=message):
+        write_taobao_log(tmp_path / "x.csv", 10, **knob, **SMALL_WORLD)
+    assert not (tmp_path / "x.csv").exists()

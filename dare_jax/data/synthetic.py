@@ -142,6 +142,18 @@ class LogStructure:
     p_interest: float = 0.25
     n_interests: int = 4
     interest_drift: float = 0.01
+    # Decoupling structure (configs/decoupling.py; all off by default). A copied event moves
+    # to a related category of the source's with p_copy_related (which past behaviours
+    # predict the next one: related categories, recency). Categories get a price tier
+    # (n_tiers > 1, balanced inside each domain of domain_size consecutive ring positions;
+    # domain_size 0: one domain); each user has one preferred tier per domain, an event off
+    # it moves with p_taste to a same-domain related category of that tier, and each event
+    # redraws the user's tier of one domain with taste_drift (what makes a target clicked).
+    p_copy_related: float = 0.0
+    n_tiers: int = 1
+    domain_size: int = 0
+    p_taste: float = 0.0
+    taste_drift: float = 0.0
     # Behaviour types (pv, cart, fav, buy): shares in the real sample.
     behavior_shares: tuple[float, float, float, float] = (0.898, 0.053, 0.028, 0.021)
     p_nonpv_same_item: float = 0.25
@@ -161,6 +173,9 @@ class LogStructure:
             "interest_drift",
             "p_nonpv_same_item",
             "session_break",
+            "p_copy_related",
+            "p_taste",
+            "taste_drift",
         ]
         for name in probabilities:
             value = getattr(self, name)
@@ -184,10 +199,15 @@ class LogStructure:
                 raise ValueError(f"structure field {name}={value!r} must be > 0")
         if self.length_sigma < 0:
             raise ValueError(f"structure field length_sigma={self.length_sigma!r} must be >= 0")
-        for name in ("n_related", "n_interests", "max_lookback", "n_items", "n_categories"):
+        integers = ("n_related", "n_interests", "max_lookback", "n_items", "n_categories")
+        for name in (*integers, "n_tiers"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
                 raise ValueError(f"structure field {name}={value!r} must be an integer >= 1")
+        if not (isinstance(self.domain_size, int) and self.domain_size >= 0):
+            raise ValueError(
+                f"structure field domain_size={self.domain_size!r} must be an integer >= 0"
+            )
         if self.n_items < self.n_categories:
             raise ValueError(f"n_items={self.n_items} must be >= n_categories={self.n_categories}")
         shares = self.behavior_shares
@@ -209,6 +229,10 @@ class _World:
     category_weight_before, category_weight: [n_categories] float64 (popularity mass)
     category_cumulative_weight: [n_categories] float64
     related: [n_categories, n_related] category indices
+    Price tiers (only when n_tiers > 1, else None): category_domain, category_tier
+    [n_categories]; tier_neighbours [n_categories, n_tiers, n_related]: the related
+    categories of the same domain with each tier (first tier_neighbour_count [n_categories,
+    n_tiers] entries valid).
     """
 
     item_raw_id: np.ndarray
@@ -221,6 +245,10 @@ class _World:
     category_weight: np.ndarray
     category_cumulative_weight: np.ndarray
     related: np.ndarray
+    category_domain: np.ndarray | None = None
+    category_tier: np.ndarray | None = None
+    tier_neighbours: np.ndarray | None = None
+    tier_neighbour_count: np.ndarray | None = None
 
     def draw_categories(self, rng: np.random.Generator, n: int) -> np.ndarray:
         """n category indices drawn by popularity (= a popularity draw of an item's category)."""
@@ -275,6 +303,8 @@ def _build_world(rng: np.random.Generator, n_items: int, n_categories: int, s: L
     related = ring[(position[:, None] + steps[None, :]) % n_categories].astype(np.int32)
     item_raw_id = _sparse_ids(rng, n_items, max(_TAOBAO_MAX_ITEM_ID, n_items))
     category_raw_id = _sparse_ids(rng, n_categories, max(_TAOBAO_MAX_CATEGORY_ID, n_categories))
+    # Drawn after everything else, and only when asked for: the default world stays the same.
+    tiers = _price_tiers(rng, position, related, s) if s.n_tiers > 1 else {}
     return _World(
         item_raw_id=item_raw_id,
         item_category=item_category,
@@ -286,7 +316,37 @@ def _build_world(rng: np.random.Generator, n_items: int, n_categories: int, s: L
         category_weight=category_weight,
         category_cumulative_weight=np.cumsum(category_weight),
         related=related,
+        **tiers,
     )
+
+
+def _price_tiers(
+    rng: np.random.Generator, position: np.ndarray, related: np.ndarray, s: LogStructure
+) -> dict[str, np.ndarray]:
+    """Domains (blocks of domain_size consecutive ring positions), a price tier per category
+    (balanced inside each domain, in random order) and the tier_neighbours table of `_World`."""
+    n_categories = len(position)
+    domain = position // (s.domain_size or n_categories)
+    # Rank inside the domain in a random order; rank mod n_tiers balances the tiers.
+    order = np.lexsort((rng.random(n_categories), domain))
+    first_of_domain = np.searchsorted(domain[order], domain[order], "left")
+    tier = np.empty(n_categories, dtype=np.int32)
+    tier[order] = (np.arange(n_categories) - first_of_domain) % s.n_tiers
+    neighbours = np.empty((n_categories, s.n_tiers, related.shape[1]), dtype=np.int32)
+    counts = np.empty((n_categories, s.n_tiers), dtype=np.int32)
+    same_domain = domain[related] == domain[:, None]
+    for t in range(s.n_tiers):
+        usable = same_domain & (tier[related] == t)
+        # Stable sort puts the usable neighbours first, nearest on the ring first.
+        first = np.argsort(~usable, axis=1, kind="stable")
+        neighbours[:, t] = np.take_along_axis(related, first, axis=1)
+        counts[:, t] = usable.sum(axis=1)
+    return {
+        "category_domain": domain.astype(np.int32),
+        "category_tier": tier,
+        "tier_neighbours": neighbours,
+        "tier_neighbour_count": counts,
+    }
 
 
 @functools.lru_cache(maxsize=1)
@@ -297,6 +357,8 @@ def _cached_world(
     item_zipf: float,
     category_size_zipf: float,
     n_related: int,
+    n_tiers: int = 1,
+    domain_size: int = 0,
 ) -> _World:
     """The world of a seed (cached: building a 4.5 M-item catalogue takes about a second)."""
     world_seed = np.random.SeedSequence(seed).spawn(4)[1]
@@ -306,6 +368,8 @@ def _cached_world(
         item_zipf=item_zipf,
         category_size_zipf=category_size_zipf,
         n_related=n_related,
+        n_tiers=n_tiers,
+        domain_size=domain_size,
     )
     return _build_world(np.random.default_rng(world_seed), n_items, n_categories, structure)
 
@@ -348,6 +412,10 @@ def _simulate_pv(
     categories = np.empty(total, dtype=np.int32)
     interests = world.draw_categories(rng, m * s.n_interests).reshape(m, s.n_interests)
     n_related = world.related.shape[1]
+    tastes = None  # [m, domains]: each user's preferred price tier per domain
+    if world.category_tier is not None:
+        n_domains = int(world.category_domain.max()) + 1
+        tastes = rng.integers(0, s.n_tiers, (m, n_domains), dtype=np.int32)
     # Inverse CDF of the truncated power law P(d) ~ d**-gamma on [2, max_lookback + 1).
     gamma = s.lookback_exponent
     upper = float(max(s.max_lookback, 2) + 1)
@@ -376,6 +444,11 @@ def _simulate_pv(
             source = pos - np.minimum(distance, t)
             new_category = categories[source]
             revisit_item = np.where(rng.random(a) < s.p_revisit, items[source], -1)
+            if s.p_copy_related > 0:  # (no draw otherwise: default logs stay the same)
+                moved = np.flatnonzero(rng.random(a) < s.p_copy_related)
+                step = rng.integers(0, n_related, len(moved))
+                new_category[moved] = world.related[new_category[moved], step]
+                revisit_item[moved] = -1
         fresh_idx = np.flatnonzero(fresh)
         if len(fresh_idx):
             kind = rng.random(len(fresh_idx))
@@ -389,6 +462,8 @@ def _simulate_pv(
             chosen[interest] = interests[users, rng.integers(0, s.n_interests, len(users))]
             new_category[fresh_idx] = chosen
             revisit_item[fresh_idx] = -1
+        if tastes is not None:
+            _follow_taste(rng, world, new_category, revisit_item, tastes[:a], s)
         need_item = revisit_item < 0
         revisit_item[need_item] = world.draw_items_in(rng, new_category[need_item])
         items[pos] = revisit_item
@@ -404,7 +479,32 @@ def _simulate_pv(
                 old[to_related], rng.integers(0, n_related, int(to_related.sum()))
             ]
             interests[drifting, slot] = replacement
+        if tastes is not None and s.taste_drift > 0:
+            drifting = np.flatnonzero(rng.random(a) < s.taste_drift)
+            domain = rng.integers(0, tastes.shape[1], len(drifting))
+            tastes[drifting, domain] = rng.integers(0, s.n_tiers, len(drifting))
     return items, categories
+
+
+def _follow_taste(
+    rng: np.random.Generator,
+    world: _World,
+    category: np.ndarray,
+    revisit_item: np.ndarray,
+    tastes: np.ndarray,
+    s: LogStructure,
+) -> None:
+    """In place: with p_taste, an event whose category [a] is off its user's preferred tier
+    in that domain (tastes [a, domains]) moves to a related category of the same domain with
+    that tier (uniformly among them; it stays if there is none) and so draws a new item."""
+    wanted = tastes[np.arange(len(category)), world.category_domain[category]]
+    count = world.tier_neighbour_count[category, wanted]
+    move = (world.category_tier[category] != wanted) & (count > 0)
+    move &= rng.random(len(category)) < s.p_taste
+    pick = np.floor(rng.random(len(category)) * count).astype(np.int64)
+    index = np.flatnonzero(move)
+    category[index] = world.tier_neighbours[category[index], wanted[index], pick[index]]
+    revisit_item[index] = -1
 
 
 def _chunk_rows(
@@ -531,7 +631,14 @@ def write_taobao_log(
     rows = _user_lengths(np.random.default_rng(lengths_seed), n_users, target_rows, s)
     total_rows = int(rows.sum())
     world = _cached_world(
-        seed, s.n_items, s.n_categories, s.item_zipf, s.category_size_zipf, s.n_related
+        seed,
+        s.n_items,
+        s.n_categories,
+        s.item_zipf,
+        s.category_size_zipf,
+        s.n_related,
+        s.n_tiers,
+        s.domain_size,
     )
     user_ids = 1 + np.random.default_rng(user_seed).choice(
         max(_TAOBAO_MAX_USER_ID, n_users), n_users, replace=False
