@@ -239,8 +239,9 @@ def validate_model_config(
     if cfg.observe_attn_repr_grad or cfg.avoid_domination:
         field = "observe_attn_repr_grad" if cfg.observe_attn_repr_grad else "avoid_domination"
         if name not in SINGLE_TABLE_NAMES or has_attention_tables(cfg):
-            why = "SDIM has no attention" if name == "sdim" else "one shared table per field"
-            _fail(field, True, f"needs a variant with {why}, not {name!r}")
+            if name == "sdim":
+                _fail(field, True, "needs an attention to observe, and SDIM has none")
+            _fail(field, True, f"needs a variant with one shared table per field, not {name!r}")
     if float(cfg.init_std) <= 0:
         _fail("init_std", cfg.init_std, "must be positive")
     if int(cfg.search_chunk) < 0:
