@@ -236,8 +236,11 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
         mu = optax.tree.update_moment(updates, state.mu, b1, 1)
         nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
         count = optax.safe_increment(state.count)
-        bc1, bc2 = bias_correction(b1, count, jnp.float32), bias_correction(b2, count, jnp.float32)
-        directions = jax.tree.map(lambda m, v: adam_direction(m, v, bc1, bc2, eps), mu, nu)
+        def direction(m, v):
+            bc1, bc2 = bias_correction(b1, count, m.dtype), bias_correction(b2, count, v.dtype)
+            return adam_direction(m, v, bc1, bc2, eps)
+
+        directions = jax.tree.map(direction, mu, nu)
         return directions, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
 
     return optax.GradientTransformation(base.init, update)
@@ -268,19 +271,15 @@ class _Adam:
     def _step(self, m, v, bc1, bc2):
         return adam_direction(m, v, bc1, bc2, self.eps)
 
-    def _bias_corrections(self, count: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(1 - b1^count, 1 - b2^count) in float32 (`bias_correction`); count int32, any
-        shape (LazyAdam passes its per-row counts)."""
-        return (
-            bias_correction(self.b1, count, jnp.float32),
-            bias_correction(self.b2, count, jnp.float32),
-        )
+    def _bias_corrections(self, count: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+        """(1 - b1^count, 1 - b2^count) in the moments' dtype (`bias_correction`; float64 for
+        the float64 trajectory check); count int32, any shape (LazyAdam: per-row counts)."""
+        return bias_correction(self.b1, count, dtype), bias_correction(self.b2, count, dtype)
 
     def _update_leaves(self, params, mu, nu, dense_grads: Flat, count, update_table):
         """Adam over every leaf: non-table leaves here, on their dense gradient with the global
         `count`; table leaves by `update_table(key, p, m, v) -> (p, m, v)`. Returns the nested
         (params, mu, nu)."""
-        bc1, bc2 = self._bias_corrections(count)
         flat_m, flat_v = flatten_params(mu), flatten_params(nu)
         new_p, new_m, new_v = {}, {}, {}
         for key, p in flatten_params(params).items():
@@ -291,6 +290,7 @@ class _Adam:
             if key not in dense_grads:
                 raise KeyError(f"no gradient for the non-table parameter {key!r}")
             new_m[key], new_v[key] = self._moments(m, v, dense_grads[key])
+            bc1, bc2 = self._bias_corrections(count, m.dtype)
             new_p[key] = p + (-self.lr) * self._step(new_m[key], new_v[key], bc1, bc2)
         return tuple(unflatten_params(tree) for tree in (new_p, new_m, new_v))
 
@@ -332,7 +332,6 @@ class RowSparseAdam(_Adam):
         the total rows of a table must equal its `touched` length (fixed shapes).
         """
         count = state.count + 1
-        bc1, bc2 = self._bias_corrections(count)
         unknown = set(table_rows) - set(scratch.touched)
         if unknown:
             raise KeyError(f"gradient rows for unknown tables {sorted(unknown)}")
@@ -355,7 +354,7 @@ class RowSparseAdam(_Adam):
                 grad = grad.at[i].add(r.astype(p.dtype), mode="drop")
             g = grad.reshape(-1)
             m, v = self._moments(m, v, g)
-            steps[key] = self._step(m, v, bc1, bc2)
+            steps[key] = self._step(m, v, *self._bias_corrections(count, m.dtype))
             grad_sum[key], touched[key] = g, new_touched
             return p + (-self.lr) * steps[key].reshape(p.shape), m, v
 
@@ -443,7 +442,7 @@ class LazyAdam(_Adam):
             grad = grad.at[ids].add(rows.astype(p.dtype), mode="drop")
             looked_up = looked_up.at[ids].set(True, mode="drop")
         row_count = row_count + looked_up.astype(row_count.dtype)
-        bc1, bc2 = self._bias_corrections(row_count)
+        bc1, bc2 = self._bias_corrections(row_count, m.dtype)
         m_new, v_new = self._moments(m, v, grad)
         step = self._step(m_new, v_new, bc1[:, None], bc2[:, None])
         mask = looked_up[:, None]
@@ -503,7 +502,9 @@ class LazyAdam(_Adam):
             at = jax.lax.dynamic_slice_in_dim(firsts, index * chunk, chunk)
             rows = ids.at[at].get(mode="fill", fill_value=rows_n)  # rows_n: none (dropped)
             g = grad.at[at].get(mode="fill", fill_value=0)
-            bc1, bc2 = self._bias_corrections(counts.at[at].get(mode="fill", fill_value=1))
+            bc1, bc2 = self._bias_corrections(
+                counts.at[at].get(mode="fill", fill_value=1), m.dtype
+            )
             m_rows = m.at[rows].get(mode="fill", fill_value=0)
             v_rows = v.at[rows].get(mode="fill", fill_value=0)
             m_rows, v_rows = self._moments(m_rows, v_rows, g)
