@@ -230,6 +230,7 @@ def cluster(x, valid, max_size, iterations=3):
     return np.asarray(jax.vmap(one)(jnp.asarray(x), jnp.asarray(valid)))
 
 
+@pytest.mark.slow
 def test_clustering_invariants():
     rng = np.random.default_rng(3)
     x = rng.normal(size=(5, 60, 12)).astype(np.float32)
@@ -295,6 +296,7 @@ def test_principal_sketch_spans_the_top_principal_directions():
     np.testing.assert_allclose(d_sketch, d_full, rtol=0.02, atol=0.5)
 
 
+@pytest.mark.slow
 def test_twin_v2_cluster_scores_carry_the_log_size_bias():
     cfg, model, batch, variables = setup("twin_v2", cluster_max_size=4)
     out = model.apply(variables, batch)

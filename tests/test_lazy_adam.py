@@ -398,6 +398,7 @@ def tiny_data(tmp_path_factory):
     return root / "pre"
 
 
+@pytest.mark.slow
 def test_killed_lazy_run_resumes_bit_identically(tiny_data, tmp_path, monkeypatch):
     """A lazy run killed after step 6 (latest checkpoint: step 4, per-row counts included)
     resumes to the uninterrupted run's losses, metrics and tables, bit for bit; the analyses

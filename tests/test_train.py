@@ -251,6 +251,7 @@ def test_gradient_observation_exports_both_paths(tiny_data, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_decoupling_config_runs_end_to_end(tmp_path):
     """configs/decoupling.py from nothing: the synthetic log with its structure, the protocol,
     training with gradient observation, the test of the best checkpoint (tiny sizes)."""
