@@ -55,9 +55,9 @@ def test_killed_sweep_resumes_to_the_same_table(tmp_path_factory, tmp_path, monk
     # Killed in the second run (twin) after its 5th batch: dare finished, twin's latest is 4.
     dying, real, made = crashing_train_iterator(5), pipeline.train_iterator, []
 
-    def second_run_dies(dataset, state=None, prefetch=2):
+    def second_run_dies(dataset, state=None, **options):
         made.append(dataset)
-        return (dying if len(made) == 2 else real)(dataset, state, prefetch)
+        return (dying if len(made) == 2 else real)(dataset, state, **options)
 
     with monkeypatch.context() as patch:
         patch.setattr(pipeline, "train_iterator", second_run_dies)
