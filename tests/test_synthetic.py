@@ -411,17 +411,7 @@ TIERED_WORLD = {
 
 
 def _world_of(seed: int, **structure) -> synthetic._World:
-    s = synthetic.LogStructure(**structure)
-    return synthetic._cached_world(
-        seed,
-        s.n_items,
-        s.n_categories,
-        s.item_zipf,
-        s.category_size_zipf,
-        s.n_related,
-        s.n_tiers,
-        s.domain_size,
-    )
+    return synthetic.world_of(seed, synthetic.LogStructure(**structure))
 
 
 def _pv_sequences(path: Path, world: synthetic._World) -> list[list[tuple[int, int]]]:

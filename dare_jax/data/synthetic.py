@@ -374,6 +374,22 @@ def _cached_world(
     return _build_world(np.random.default_rng(world_seed), n_items, n_categories, structure)
 
 
+def world_of(seed: int, structure: LogStructure) -> _World:
+    """The (cached) world of catalogue, categories and their relations that `structure`
+    describes: the fields of it that shape the world, not the users' behaviour."""
+    s = structure
+    return _cached_world(
+        seed,
+        s.n_items,
+        s.n_categories,
+        s.item_zipf,
+        s.category_size_zipf,
+        s.n_related,
+        s.n_tiers,
+        s.domain_size,
+    )
+
+
 def _user_lengths(
     rng: np.random.Generator, n_users: int, target_rows: int | None, s: LogStructure
 ) -> np.ndarray:
@@ -630,16 +646,7 @@ def write_taobao_log(
     lengths_seed, _, user_seed, chunks_seed = np.random.SeedSequence(seed).spawn(4)
     rows = _user_lengths(np.random.default_rng(lengths_seed), n_users, target_rows, s)
     total_rows = int(rows.sum())
-    world = _cached_world(
-        seed,
-        s.n_items,
-        s.n_categories,
-        s.item_zipf,
-        s.category_size_zipf,
-        s.n_related,
-        s.n_tiers,
-        s.domain_size,
-    )
+    world = world_of(seed, s)
     user_ids = 1 + np.random.default_rng(user_seed).choice(
         max(_TAOBAO_MAX_USER_ID, n_users), n_users, replace=False
     )
