@@ -28,12 +28,16 @@ import statistics
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dare_jax import huge_pages  # noqa: E402
+
+huge_pages.restart_with_huge_pages()  # before jax starts: what the driver runs with
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
 
 from dare_jax.models import build_model, default_model_config, loss_terms  # noqa: E402
 

@@ -30,7 +30,9 @@ Compilation and warm-up steps are excluded from the timings; each figure is the 
 with the XLA compile seconds inside it (`dare_jax.phase_timer`), and after each model the
 device's memory in use and its peak so far (GPU/TPU only). `--json PATH` writes every figure
 there. The machine load (1-minute load average) is printed before and after, since shared
-machines skew the figures.
+machines skew the figures. Like the driver, the script restarts itself with glibc's huge-page
+tunable where that applies (`dare_jax.huge_pages`; its status is printed);
+`DARE_JAX_HUGE_PAGES=0` measures with 4 KiB pages.
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ import resource
 import statistics
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dare_jax import huge_pages
+
+# Before anything else (and before XLA_FLAGS below): measure what the driver runs with.
+huge_pages.restart_with_huge_pages()
 
 
 def _host_devices_from_argv(argv: list[str]) -> int:
@@ -65,9 +74,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import ml_collections
 
 from dare_jax import optim, steps
@@ -490,13 +496,14 @@ def main(argv: list[str] | None = None) -> int:
         f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cpus); "
         f"batch {args.batch}, L {args.length}, item_n {args.item_n}, cate_n {args.cate_n}, "
         f"dim {args.dim}; mesh data,model = {args.mesh} over {len(jax.devices())} device(s); "
-        f"load average before: {os.getloadavg()[0]:.2f}",
+        f"memory {huge_pages.status()}; load average before: {os.getloadavg()[0]:.2f}",
         flush=True,
     )
     report = {
         "jax": jax.__version__,
         "platform": jax.devices()[0].platform,
         "device": str(jax.devices()[0].device_kind),
+        "memory": huge_pages.status(),
         "setup": {k: v for k, v in vars(args).items() if k not in ("json",)},
         "load_before": os.getloadavg()[0],
         "models": {},

@@ -28,6 +28,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dare_jax import huge_pages
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
     None,
@@ -132,6 +134,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run() -> None:
+    huge_pages.restart_with_huge_pages()  # first: XLA's buffers in 2 MiB pages (why: there)
     app.run(main, flags_parser=parse_flags)
 
 

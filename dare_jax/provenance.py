@@ -10,6 +10,9 @@ number can be traced to the code, the libraries, the machine and the data behind
               git checkout, ...)
     python, packages: {jax, jaxlib, flax, optax, orbax-checkpoint: version or null}
     devices:  platform, device_kind, device_count, local_device_count, process_count
+    memory:   transparent_huge_pages (the kernel's mode), glibc.malloc.hugetlb (the allocator
+              tunable, null: unset): whether XLA:CPU's buffers sat in huge pages
+              (`dare_jax.huge_pages`), which changes CPU speed, not numbers
     dataset:  dir, manifest_sha256 (sha256 of the manifest.json file's bytes: the same as
               `sha256sum DIR/manifest.json`), source_sha256 (the raw log checksums the
               manifest records)
@@ -27,6 +30,8 @@ import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
+
+from dare_jax import huge_pages
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
 _PACKAGE_ROOT = Path(__file__).resolve().parent  # the dare_jax folder
@@ -144,5 +149,6 @@ def collect(data_dir: str | Path | None) -> dict[str, Any]:
         "packages": package_versions(),
         "devices": device_info(),
         "machine": platform.machine(),
+        "memory": huge_pages.status(),
         "dataset": None if data_dir is None else dataset_checksum(data_dir),
     }

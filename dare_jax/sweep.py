@@ -37,6 +37,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
+from dare_jax import huge_pages
 from dare_jax import main as driver  # defines --config (with overrides) and the process flags
 
 _MODELS = flags.DEFINE_list("models", None, "variants to train, e.g. dare,twin,din (model=)")
@@ -222,4 +223,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    huge_pages.restart_with_huge_pages()  # XLA's buffers in 2 MiB pages (dare_jax.huge_pages)
     app.run(main, flags_parser=driver.parse_flags)

@@ -80,7 +80,9 @@ def test_killed_sweep_resumes_to_the_same_table(tmp_path_factory, tmp_path, monk
     # Every results.json names its code, libraries, devices and data.
     results = json.loads((out / "twin_d4/results.json").read_text())
     record = results["provenance"]
-    assert set(record) == {"code", "python", "packages", "devices", "machine", "dataset"}
+    assert set(record) == {
+        "code", "python", "packages", "devices", "machine", "memory", "dataset"
+    }
     assert results["seeds"][0]["provenance"]["code"] == record["code"]
     manifest = hashlib.sha256((data_dir / "manifest.json").read_bytes()).hexdigest()
     assert record["dataset"]["manifest_sha256"] == manifest
