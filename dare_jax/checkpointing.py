@@ -26,11 +26,14 @@ A step that is both the best and the latest is written once: `copy` makes the
 latest a hard-linked copy of the best (checkpoint files are never modified once
 written), also atomic. Arrays are written at most `SAVE_CONCURRENT_GB` at a time,
 which bounds the host memory a save of Taobao-sized tables takes on top of the state
-(end-to-end benchmark, `benchmarks/README.md`).
+(end-to-end benchmark, `benchmarks/README.md`); Orbax refuses an array larger than that
+bound, so a state with a larger one (a 30 M-row item table is 1.9 GB) raises it to the
+largest array's size, rounded up to whole GB (`save_limit_gb`).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -49,14 +52,24 @@ class CheckpointError(RuntimeError):
     """A checkpoint exists but cannot be read (corrupt, truncated, wrong shapes)."""
 
 
-def _manager(directory: Path, max_to_keep: int | None) -> ocp.CheckpointManager:
+def save_limit_gb(state: Any) -> int:
+    """GB a save may write at once: `SAVE_CONCURRENT_GB`, or the largest array of `state` in
+    whole GB (10^9 bytes, Orbax's unit) when that is larger."""
+    largest = max((leaf.nbytes for leaf in jax.tree.leaves(state) if hasattr(leaf, "nbytes")),
+                  default=0)
+    return max(SAVE_CONCURRENT_GB, math.ceil(largest / 10**9))
+
+
+def _manager(
+    directory: Path, max_to_keep: int | None, save_gb: int = SAVE_CONCURRENT_GB
+) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         create=True,
         cleanup_tmp_directories=True,
         enable_async_checkpointing=False,
     )
-    handlers = {"state": ocp.StandardCheckpointHandler(save_concurrent_gb=SAVE_CONCURRENT_GB)}
+    handlers = {"state": ocp.StandardCheckpointHandler(save_concurrent_gb=save_gb)}
     return ocp.CheckpointManager(
         directory, options=options, item_names=("state", "progress"), item_handlers=handlers
     )
@@ -97,9 +110,10 @@ class RunCheckpoints:
         # `latest` drops its previous checkpoint once a new one is complete. `best` keeps
         # everything until `keep_only` prunes it, which the loop calls only after the
         # matching `latest` checkpoint is saved: until then a resume may need the older best.
+        self._keep = {LATEST: 1, BEST: None}
+        self._save_gb = {which: SAVE_CONCURRENT_GB for which in self._keep}
         self._managers = {
-            LATEST: _manager(self.directory / LATEST, max_to_keep=1),
-            BEST: _manager(self.directory / BEST, max_to_keep=None),
+            which: _manager(self.directory / which, keep) for which, keep in self._keep.items()
         }
 
     def step(self, which: str = LATEST) -> int | None:
@@ -112,6 +126,11 @@ class RunCheckpoints:
         An existing checkpoint with the same step is replaced: after a resume
         the run recomputes steps it had already saved, bit for bit.
         """
+        save_gb = save_limit_gb(state)
+        if save_gb > self._save_gb[which]:  # an array beyond the limit: a manager that takes it
+            self._managers[which].close()
+            self._managers[which] = _manager(self.directory / which, self._keep[which], save_gb)
+            self._save_gb[which] = save_gb
         manager = self._managers[which]
         if step in manager.all_steps():
             manager.delete(step)
