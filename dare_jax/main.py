@@ -134,7 +134,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def run() -> None:
-    huge_pages.restart_with_huge_pages()  # first: XLA's buffers in 2 MiB pages (why: there)
+    huge_pages.restart_with_huge_pages()  # first: XLA's buffers in 2 MiB pages (see there)
     app.run(main, flags_parser=parse_flags)
 
 
