@@ -7,15 +7,14 @@ What a lazy Adam step must do to one item table at least: for each of the batch'
 B * (L + 1) lookups (ids drawn uniformly, as `step_throughput.py`'s random batches), read the
 row's value, moments and count, apply `dare_jax.optim.LazyAdam`'s rule and write them back:
 random accesses to three `[rows, dim]` float32 arrays and an int32 `[rows]` count array.
-This script compiles that loop from C (with `cc -O3 -march=native`, the row width fixed at
-compile time), in the most favourable
-form we know for this hardware, and times it: the arrays in 2 MiB pages (madvise), the rows
-of the lookup 16 positions ahead prefetched (`__builtin_prefetch`), ids in batch order and,
-for comparison, sorted (a sort that the step would also have to pay for; not included). It
-merges no duplicate ids (uniform ids over millions of rows have few), so it is a lower
-bound on the time, not an implementation. XLA's compiled lazy update cannot beat it; the
-ratio between the two is what is left to gain, and `batch / (frozen-table step + 2 x floor)`
-bounds DARE's lazy step (two item tables per step).
+This script compiles that loop from C (`cc -O3 -march=native`, the row width fixed at
+compile time) in the most favourable form we know for this hardware, and times it: the arrays
+in 2 MiB pages (madvise), the rows of the lookup 16 positions ahead prefetched
+(`__builtin_prefetch`), bias corrections from a table, ids in batch order and, for comparison,
+sorted (a sort that the step would also have to pay for; not included). It merges no
+duplicate ids (uniform ids over millions of rows have few), so it is a floor for the time,
+not an implementation: the ratio of XLA's lazy update to it is what is left to gain, and
+`batch / (frozen-table step + 2 x floor)` bounds DARE's lazy step (two item tables per step).
 
 Prints, per table size and id order, the median milliseconds per pass over `--repeats`
 passes, and the load average before and after. Exits 2 without a C compiler.

@@ -36,13 +36,23 @@ THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 MIN_GLIBC = (2, 35)  # the first glibc with glibc.malloc.hugetlb
 
 
+def hugetlb_value(tunables: str | None) -> str | None:
+    """The value GLIBC_TUNABLES `tunables` (colon-separated name=value pairs, possibly empty)
+    gives glibc.malloc.hugetlb; None when it sets none."""
+    value = None
+    for pair in (tunables or "").split(":"):
+        name, _, setting = pair.partition("=")
+        if name == HUGETLB:
+            value = setting
+    return value
+
+
 def tunables_with_huge_pages(current: str | None) -> str | None:
-    """GLIBC_TUNABLES with `glibc.malloc.hugetlb=1` added to `current` (colon-separated
-    name=value pairs, possibly empty); None when `current` already sets hugetlb."""
-    pairs = [pair for pair in (current or "").split(":") if pair]
-    if any(pair.split("=", 1)[0] == HUGETLB for pair in pairs):
+    """GLIBC_TUNABLES with `glibc.malloc.hugetlb=1` added to `current`; None when `current`
+    already sets hugetlb."""
+    if hugetlb_value(current) is not None:
         return None
-    return ":".join(pairs + [f"{HUGETLB}=1"])
+    return ":".join([pair for pair in (current or "").split(":") if pair] + [f"{HUGETLB}=1"])
 
 
 def thp_mode(path: str = THP_MODE_FILE) -> str | None:
@@ -96,9 +106,5 @@ def status() -> dict[str, str | None]:
     """What this process runs with, for reports: the kernel's mode and glibc's hugetlb value
     (None: unset). Huge pages back malloc's memory when the mode is "always", or "madvise"
     with hugetlb 1."""
-    hugetlb = None
-    for pair in os.environ.get(TUNABLES, "").split(":"):
-        name, _, value = pair.partition("=")
-        if name == HUGETLB:
-            hugetlb = value
-    return {"transparent_huge_pages": thp_mode(), HUGETLB: hugetlb}
+    tunables = os.environ.get(TUNABLES)
+    return {"transparent_huge_pages": thp_mode(), HUGETLB: hugetlb_value(tunables)}
