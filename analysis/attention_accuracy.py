@@ -76,10 +76,8 @@ def learned_cell_scores(
 def embedding_attention_available(run: common.LoadedRun) -> str | None:
     """None if the run's category-and-position attention can be read off its embedding tables
     (dot-product score on plain tables, time concatenated); otherwise the reason it cannot."""
-    from dare_jax.models import resolve_variant
-
     cfg = run.model_config
-    spec = resolve_variant(cfg)
+    spec = cfg.variant
     if spec.score != "dot":
         return f"variant {spec.name} scores with an MLP"
     if spec.projection is not None:
@@ -102,12 +100,10 @@ def embedding_attention(
     target's, p the behaviour's relative position. The item term is left out: it depends on
     the items, not on (category, position).
     """
-    from dare_jax.models import resolve_variant
-
     reason = embedding_attention_available(run)
     if reason is not None:
         raise common.AnalysisError(f"run {run.name}: no embedding-table attention ({reason})")
-    spec = resolve_variant(run.model_config)
+    spec = run.model_config.variant
     embed = run.state["params"]["embed"]
     query_tables = embed[spec.tables["attention_target"]]
     key_tables = embed[spec.tables["attention_behavior"]]

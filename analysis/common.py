@@ -155,37 +155,6 @@ def seed_dir(run_dir: str | Path, seed: int | None = None) -> Path:
     return wanted
 
 
-def unflatten(flat: dict[str, Any]) -> dict[str, Any]:
-    """{'model.top_k': 20} -> {'model': {'top_k': 20}}."""
-    nested: dict[str, Any] = {}
-    for key, value in flat.items():
-        node = nested
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    return nested
-
-
-def model_config_from_run(flat: dict[str, Any], source: str = "config.json"):
-    """The run's model ConfigDict: the library defaults updated with the saved fields.
-
-    Saved lists become tuples (JSON has no tuples); unknown fields are refused, since a model
-    built without them would not be the model that was trained.
-    """
-    from dare_jax.models import default_model_config
-
-    cfg = default_model_config()
-    saved = unflatten(flat).get("model")
-    if not isinstance(saved, dict):
-        raise AnalysisError(f"{source} has no model.* fields")
-    for key, value in saved.items():
-        if key not in cfg:
-            raise AnalysisError(f"{source}: field model.{key} is unknown to this dare_jax version")
-        cfg[key] = tuple(value) if isinstance(value, list) else value
-    return cfg
-
-
 def resolve_data_dir(flat: dict[str, Any], run_dir: Path, data_dir: str | Path | None) -> Path:
     """The preprocessed dataset of a run: `data_dir` if given, else the run's `data.dir`.
 
@@ -219,27 +188,41 @@ def resolve_data_dir(flat: dict[str, Any], run_dir: Path, data_dir: str | Path |
 class LoadedRun:
     """A trained model restored from a run directory's Orbax checkpoint.
 
-    model: the Flax module; state: the training-state pytree (params, batch_stats, ...);
-    config: flattened config; model_config: the model ConfigDict; dataset: the opened
-    preprocessed dataset; max_length: history length L the model was trained with;
-    step: the checkpoint's step; run_dir / seed_dir: where it came from.
+    experiment: the run's `dare_jax.experiment.Experiment` (its model, dataset, spec), on
+    this process's devices; state: the training-state pytree (params, batch_stats, ...);
+    config: the flattened config (`config.json`); step: the checkpoint's step; run_dir /
+    seed_dir: where it came from.
     """
 
     name: str
     run_dir: Path
     seed_dir: Path
     config: dict[str, Any]
-    model_config: Any
-    model: Any
+    experiment: Any
     state: Any
-    dataset: Any
-    max_length: int
     step: int
     compiled: dict = dataclasses.field(default_factory=dict, repr=False)  # jitted appliers
 
     @property
+    def model(self):
+        return self.experiment.model
+
+    @property
+    def model_config(self):
+        """The model's options (`dare_jax.models.ModelSpec`)."""
+        return self.experiment.spec.model
+
+    @property
+    def dataset(self):
+        return self.experiment.dataset
+
+    @property
+    def max_length(self) -> int:
+        return self.experiment.spec.data.max_length
+
+    @property
     def variant(self) -> str:
-        return str(self.config.get("variant", self.model_config.name))
+        return self.experiment.spec.variant or self.model_config.name
 
 
 def open_run_dataset(flat: dict[str, Any], run_dir: Path, data_dir: str | Path | None = None):
@@ -253,6 +236,23 @@ def open_run_dataset(flat: dict[str, Any], run_dir: Path, data_dir: str | Path |
         raise AnalysisError(f"cannot open the dataset {path}: {error}") from error
 
 
+def run_spec(flat: dict[str, Any], run_dir: Path, data_dir: Path):
+    """The run's `ExperimentSpec` (from its config.json), on this process's devices: the
+    mesh keeps the run's table layout (row-sharded tables stay padded as trained) but spans
+    whatever devices are here, and the dataset is the one found at `data_dir`."""
+    from dare_jax import config
+
+    try:
+        spec = config.resolve(config.unflatten(flat))
+        return spec.replace(
+            data=dataclasses.replace(spec.data, dir=str(data_dir)),
+            model=spec.model.replace(init_from=""),  # the checkpoint holds the weights
+            mesh=dataclasses.replace(spec.mesh, data=-1, model=1),
+        )
+    except ValueError as error:
+        raise AnalysisError(f"{run_dir / 'config.json'}: {error}") from error
+
+
 def load_run(
     run_dir: str | Path,
     *,
@@ -261,70 +261,36 @@ def load_run(
     which: str = "best",
     data_dir: str | Path | None = None,
 ) -> LoadedRun:
-    """Restore a run's checkpoint (`which` = 'best' or 'latest') with its model and dataset.
+    """Restore a run's checkpoint (`which` = 'best' or 'latest') with its model and dataset,
+    built by the driver's experiment builder from the run's config.
 
     Raises AnalysisError when the run directory, its config, its dataset or its checkpoint is
     missing, or the checkpoint does not match the model the config describes.
     """
-    import jax
-
-    from dare_jax import checkpointing, steps
-    from dare_jax.models import build_model
+    from dare_jax import checkpointing
+    from dare_jax.experiment import Experiment
 
     run_dir = Path(run_dir)
     flat = run_config(run_dir)
     sdir = seed_dir(run_dir, seed)
-    model_cfg = model_config_from_run(flat, str(run_dir / "config.json"))
     dataset = open_run_dataset(flat, run_dir, data_dir)
-    max_length = int(flat.get("data.max_length", 200))
-    manifest = dataset.manifest
+    spec = run_spec(flat, run_dir, dataset.directory)
     try:
-        model = build_model(model_cfg, int(manifest["item_n"]), int(manifest["cate_n"]), max_length)
+        experiment = Experiment(spec, dataset)
     except ValueError as error:
         raise AnalysisError(f"run {run_dir} does not fit dataset {dataset.directory}: {error}")
-    optim = unflatten(flat).get("optim", {})
-    import ml_collections
-
-    optim_cfg = ml_collections.ConfigDict(
-        {
-            "lr": float(optim.get("lr", 0.01)),
-            "b1": float(optim.get("b1", 0.9)),
-            "b2": float(optim.get("b2", 0.999)),
-            "eps": float(optim.get("eps", 1e-8)),
-            "sparse_table_updates": bool(optim.get("sparse_table_updates", False)),
-            "table_updates": str(optim.get("table_updates", "dense")),
-        }
-    )
-    example = dataset.gather("train", np.arange(min(2, dataset.num_samples("train"))), max_length)
-    init_rng, step_rng = jax.random.split(jax.random.PRNGKey(0))
-    try:  # the state layout the run's checkpoints hold (lazy runs keep per-row counts)
-        optimizer = steps.checkpoint_optimizer(steps.make_optimizer(optim_cfg, model_cfg))
-    except ValueError as error:
-        raise AnalysisError(f"run {run_dir}: {error}") from error
-    template = steps.create_train_state(model, optimizer, init_rng, example, step_rng)
     if which not in (checkpointing.BEST, checkpointing.LATEST):
         raise AnalysisError(f"checkpoint kind {which!r}: expected 'best' or 'latest'")
     checkpoints = checkpointing.RunCheckpoints(sdir / "checkpoints")
     try:
         if checkpoints.step(which) is None:
             raise AnalysisError(f"no {which} checkpoint in {sdir / 'checkpoints' / which}")
-        state, _ = checkpoints.restore(which, template)
+        state, _ = experiment.restore(checkpoints, which)
     except checkpointing.CheckpointError as error:
         raise AnalysisError(str(error)) from error
     finally:
         checkpoints.close()
-    return LoadedRun(
-        name or run_dir.name,
-        run_dir,
-        sdir,
-        flat,
-        model_cfg,
-        model,
-        state,
-        dataset,
-        max_length,
-        int(state["step"]),
-    )
+    return LoadedRun(name or run_dir.name, run_dir, sdir, flat, experiment, state, int(state["step"]))
 
 
 OUTPUT_KEYS = ("attention_scores", "representation", "prob", "topk_indices")

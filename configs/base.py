@@ -19,7 +19,8 @@ from typing import Any
 
 import ml_collections
 
-from dare_jax.models import canonical_name, default_model_config
+from dare_jax.config import default_config
+from dare_jax.models import canonical_name
 
 # name -> (model config overrides, other config overrides). Each row is one paper experiment.
 MODEL_VARIANTS: dict[str, tuple[dict, dict]] = {
@@ -77,98 +78,14 @@ VARIANT_KEYS = ("model", "dim", "attn_dim", "seeds", "steps")
 
 
 def base_config() -> ml_collections.ConfigDict:
-    """The paper's training setup on an unnamed dataset (the dataset configs fill `data`)."""
-    config = ml_collections.ConfigDict()
-    config.variant = "dare"  # the `model=` variant name, kept for run names and results
+    """The paper's training setup on an unnamed dataset (the dataset configs fill `data`).
 
-    config.data = ml_collections.ConfigDict()
-    config.data.name = ""  # the dataset's name in run names and results (taobao, tmall, demo)
-    config.data.kind = ""  # taobao | tmall (the raw log format)
-    config.data.raw_path = ""  # the raw log file
-    config.data.dir = ""  # the preprocessed dataset directory
-    config.data.preprocess_seed = 0  # negative-sampling seed of the preprocessing
-    config.data.max_length = 200  # history length L fed to the model
-    config.data.blind_history = False  # zero every history (the history-blind baseline)
-    # True: a fresh permutation of the training samples every epoch (seeded by the run seed).
-    # False: the training file in file order, the same every epoch, as the official code
-    # trains (its preprocessing shuffles the file once; so does ours).
-    config.data.shuffle = True
-    config.data.synthetic_users = 0  # > 0: generate a synthetic Taobao-format log first
-    config.data.synthetic_rows = 0  # target row count of that log (0: generator default)
-    # Where each batch's [B, L] histories are built (the same batches either way):
-    # "host" gathers them in the input pipeline; "device" keeps the sequence arrays on the
-    # devices (8 bytes per stored event) and sends only each sample's history span.
-    config.data.histories = "host"
-    config.data.prefetch_threads = 2  # threads preparing (and copying) the next batches
-    # Tables of at least this many rows (0: the dataset's item_n / cate_n). The extra rows
-    # are never looked up but cost what every row costs (dense Adam): for measuring speed
-    # at a larger catalogue's table size on a small dataset (configs/taobao_synthetic.py).
-    config.data.min_item_rows = 0
-    config.data.min_category_rows = 0
-    # LogStructure fields of that log (dare_jax.data.synthetic; empty: the generator's
-    # defaults, near the real log's statistics). configs/decoupling.py sets some.
-    config.data.synthetic_structure = ml_collections.ConfigDict()
-
-    config.model = default_model_config()
-
-    config.optim = ml_collections.ConfigDict()
-    config.optim.lr = 0.01
-    config.optim.b1 = 0.9
-    config.optim.b2 = 0.999
-    config.optim.eps = 1e-8  # PyTorch Adam's default, as in the official code
-    config.optim.weight_decay = 1e-6  # L2 penalty on non-bias, non-embedding weights
-    # The embedding tables' update: "dense" (the paper's maths: Adam moves every row at every
-    # step) or "lazy" (a row's Adam moments and values change only at the steps whose batch
-    # looks it up, bias-corrected by its own count of such steps; cost and memory follow the
-    # rows a batch touches, not the table size; dare_jax.optim.LazyAdam).
-    config.optim.table_updates = "dense"
-    # How "dense" is computed: the same dense Adam with the tables' gradients taken as
-    # looked-up rows and their moments updated in flat, vectorised passes (dare_jax.optim;
-    # every model supports it); False: dare_jax.optim.adam on autodiff's dense gradients.
-    # "lazy" always takes row gradients (it refuses False).
-    config.optim.sparse_table_updates = True
-
-    config.train = ml_collections.ConfigDict()
-    config.train.batch_size = 2048
-    config.train.num_epochs = 2
-    config.train.max_steps = -1  # > 0: stop after this many steps
-    # Each step's loss is checked (a NaN stops the run, naming the step) this many steps
-    # after it was dispatched, so the host queues up to this many steps on the device
-    # instead of waiting for each (1: wait for the previous step).
-    config.train.dispatch_ahead = 4
-    config.train.eval_every_steps = 150  # validation (and the latest checkpoint) every N steps
-    config.train.eval_batch_size = 2048
-    config.train.first_seed = 0
-    config.train.num_seeds = 5
-
-    # Devices (dare_jax.sharding): a (data, model) mesh over every device of every process.
-    # The batch is split on `data`; parameters whose path matches `row_sharded` (a regex,
-    # e.g. "embed/.*/item$" or "embed/.*/(item|category)$"), and their Adam moments, are
-    # split by rows on `model`; everything else is replicated. Row-split tables get their
-    # row count padded to a multiple of `table_rows_multiple` (a multiple of `model`), so
-    # the same config gives the same numbers on every mesh.
-    config.mesh = ml_collections.ConfigDict()
-    config.mesh.data = -1  # -1: every device not used by `model`
-    config.mesh.model = 1
-    config.mesh.row_sharded = ""  # empty: every parameter replicated
-    config.mesh.table_rows_multiple = 64
-
-    config.log = ml_collections.ConfigDict()
-    config.log.every_steps = 50  # training loss to metrics.jsonl / TensorBoard
-    config.log.progress_bar = True
-    config.log.tensorboard = True
-
-    config.export = ml_collections.ConfigDict()
-    config.export.embeddings = True  # every learned table of the best checkpoint as .npy
-    config.export.gradients = False  # per-step attention/representation gradients (needs
-    # model.observe_attn_repr_grad)
-    config.export.gradients_every_steps = 1
-
-    # Run directory; `apply_variant` makes the default runs/<data.name>/<run name>, the run
-    # name being the `model=` variant (+ _d<dim>, _attn<dim>), or the model's name when
-    # --config.model.name overrides the variant's model.
-    config.workdir = ""
-    return config
+    Every field and its meaning: `dare_jax.config` (the specs) and `dare_jax.models.spec`
+    (the model's options). `apply_variant` makes the default run directory
+    runs/<data.name>/<run name>, the run name being the `model=` variant (+ _d<dim>,
+    _attn<dim>), or the model's name when --config.model.name overrides the variant's model.
+    """
+    return default_config()
 
 
 def parse_variant_arg(arg: str | None) -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""Command line: flags -> config -> `train.run`.
+"""Command line: flags -> resolved config -> `train.run`.
 
     python -m dare_jax.main --config configs/taobao.py
     python -m dare_jax.main --config configs/taobao.py:model=twin,dim=64 --config.optim.lr=0.005
@@ -16,9 +16,9 @@ Several processes (hosts): start the same command on each with
 or with the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
 JAX_PROCESS_ID (or `--distributed_auto` under SLURM / Open MPI / Kubernetes).
 
-Bad input
-(config, data, run directory, checkpoint) ends with a one-paragraph message on
-stderr and exit code 2, without a traceback.
+Bad input (config, data, run directory, checkpoint) ends with a one-paragraph
+message on stderr and exit code 2, without a traceback. On a CPU, start it with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` for speed (`dare_jax.huge_pages`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
-
-from dare_jax import huge_pages
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -63,10 +61,26 @@ def _print_summary(results: dict) -> None:
     print(f"results: {results['config']['workdir']}/results.json")
 
 
+def user_errors() -> tuple[type[Exception], ...]:
+    """The exceptions that mean bad input (a message, exit code 2), not a bug."""
+    from dare_jax.checkpointing import CheckpointError
+    from dare_jax.config import ConfigError
+    from dare_jax.data import DatasetError
+    from dare_jax.experiment import ExperimentError
+    from dare_jax.train import RunError
+
+    return ConfigError, DatasetError, ExperimentError, RunError, CheckpointError, FloatingPointError
+
+
 def start_process() -> None:
-    """Quiet console logging, then join the multi-process run if one is configured
-    (before anything else touches JAX: the device list becomes global); exit 2 if that
-    fails. Shared with `dare_jax.sweep`."""
+    """Quiet console logging, a hint about huge pages where they would help, then join the
+    multi-process run if one is configured (before anything else touches JAX: the device
+    list becomes global); exit 2 if that fails. Shared with `dare_jax.sweep`."""
+    from dare_jax import huge_pages
+
+    hint = huge_pages.hint()
+    if hint:
+        print(hint, file=sys.stderr)
     if not flags.FLAGS["verbosity"].present:
         # Orbax logs every save at INFO through absl; keep the console to our own lines.
         logging.set_verbosity(logging.WARNING)
@@ -91,12 +105,11 @@ def main(argv: list[str]) -> None:
     if _CONFIG.value is None:
         raise app.UsageError("--config is required, e.g. --config configs/demo.py")
     start_process()
-    from dare_jax import sharding, train
-    from dare_jax.checkpointing import CheckpointError
+    from dare_jax import config, sharding, train
 
     try:
-        results = train.run(_CONFIG.value)
-    except (train.RunError, CheckpointError, FloatingPointError) as error:
+        results = train.run(config.resolve(_CONFIG.value))
+    except user_errors() as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
@@ -133,10 +146,5 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(2)
 
 
-def run() -> None:
-    huge_pages.restart_with_huge_pages()  # first: XLA's buffers in 2 MiB pages (see there)
-    app.run(main, flags_parser=parse_flags)
-
-
 if __name__ == "__main__":
-    run()
+    app.run(main, flags_parser=parse_flags)

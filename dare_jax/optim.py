@@ -1,87 +1,49 @@
-"""Adam for models whose tables' gradients come as looked-up rows: dense (the paper's maths) or
-lazy (only the rows a batch looks up move).
+"""The three kinds of table maths (config `optim.table_updates`), all PyTorch's Adam (b1 0.9,
+b2 0.999, eps 1e-8, bias correction; the L2 penalty is part of the loss):
 
-The official training updates every table row every step (dense embedding gradients, torch
-Adam: b1 0.9, b2 0.999, eps 1e-8, bias correction). `adam` is that optimizer as an optax
-transformation (the driver's path for models without row gradients). Both optimizers below
-take the tables' gradients as rows: the model (config `row_sparse_embedding_grads`) passes
-each table gather through a Flax perturbation, so `jax.grad` w.r.t. `perturbations` yields
-the looked-up rows' cotangents `[..., d]` (ids sown in `embedding_ids`) and autodiff never
-forms a dense table gradient. Non-table leaves (MLPs, BatchNorm, PReLU) get the same Adam
-expression on their dense gradient in both.
+* "dense" (`adam`): the official optimizer as an optax transformation on autodiff's dense
+  gradient: every table row moves at every step.
+* "row_sparse" (`RowSparseAdam`, the default): the same maths, operation for operation
+  (tests compare it with `adam`), from the tables' gradients as looked-up rows. The model
+  passes each table gather through a Flax perturbation (`TwoStageModel.lookups`), so
+  `jax.grad` w.r.t. `perturbations` yields the rows' cotangents `[..., d]` and autodiff never
+  forms a dense table gradient. Each table's dense gradient lives in a buffer carried from
+  step to step (`TableScratch`): the previous step's rows are set back to 0 and this step's
+  rows scatter-added (duplicates summed), in place, so no fresh table-sized buffer is
+  allocated per step. The moments and buffers of a table are stored flat (`[rows * d]`):
+  XLA:CPU vectorises the square root and divisions of a 1-D loop, not of a `[rows, 16]` one.
+  The params keep their `[rows, d]` shape, so the Adam step is written to the flat step
+  buffer and the params move by `-lr` times it in a second, sqrt-free pass.
+* "lazy" (`LazyAdam`): a table row changes only at the steps whose batch looks it up. For
+  row r at step t, with G_r the sum of the cotangents of this batch's lookups of r and k_r
+  the number of steps so far that looked r up:
 
-`RowSparseAdam` (config `optim.table_updates="dense"`, the default, with
-`optim.sparse_table_updates` on) is the dense Adam on the dense gradient, operation for
-operation (tests compare with `adam`):
-  * each table's dense gradient lives in a buffer carried from step to step (`TableScratch`):
-    the previous step's rows are set back to 0 and this step's rows scatter-added
-    (duplicates summed), both in place: no fresh 260 MB buffer (page faults) per step;
-  * each table's Adam moments, gradient buffer and step buffer are stored FLAT (`[rows * d]`):
-    XLA:CPU emits scalar code for the square root and divisions of a `[rows, 16]` loop but
-    vectorises the same loop over a 1-D array (measured 2x faster, benchmarks/README.md).
-    The params keep their `[rows, d]` shape (the model, checkpoints and analyses read them),
-    so the Adam step `(m / bc1) / (sqrt(v / bc2) + eps)` is written to the flat step buffer
-    and the params move by `-lr` times it in a second, sqrt-free pass.
+      if the batch looks r up:  k_r += 1
+                                m_r = b1 m_r + (1 - b1) G_r
+                                v_r = b2 v_r + (1 - b2) G_r^2
+                                p_r -= lr (m_r / (1 - b1^k_r)) / (sqrt(v_r / (1 - b2^k_r)) + eps)
+      otherwise:                p_r, m_r, v_r, k_r unchanged.
+
+  The bias correction uses the row's own count k_r, not the global step: a row's moments
+  are then exactly Adam's moments over the gradients that row has received, so the
+  correction removes exactly their zero-initialisation bias. (TensorFlow Addons' LazyAdam and
+  PyTorch's SparseAdam use the global step, so a row first seen at step 1,000 takes a first
+  step 0.1 sqrt(1 - 0.999^1000) / sqrt(0.001) = 2.5 times Adam's lr-sized first step.) A row
+  looked up at every step follows dense Adam. "Looked up" means by the batch, whatever the
+  gradient (the padding row 0 counts). The counts are optimizer state and checkpointed.
+  A lazy step reads and writes only the looked-up rows of a table, its moments and counts:
+  duplicates are merged without sorting (each looked-up row's count slot briefly holds the
+  position of one of its lookups), and the update of the distinct rows runs in chunks of
+  `UPDATE_CHUNK` lookups so its temporaries stay in the cache. A table with no more rows
+  than one batch's lookups (the category table) is updated whole under a looked-up mask.
 
 Bias correction: every optimizer here computes `1 - b**t` with `bias_correction`, as
-accurately as float32 allows. `optax.adam` evaluates `1 - 0.999**t` in float32, where 0.999
-is already rounded: its second-moment correction is 1.3e-5 to 2e-5 too small for the first
-thousand steps, so every early Adam step is off by ~1e-5 relative. PyTorch evaluates the
-corrections in double precision; with optax's expression the driver drifted away from the
-official float32 training within two steps (`dare_jax.interop.check_trajectory`, issue 13).
+accurately as the moments' dtype allows (PyTorch evaluates it in double precision); optax's
+float32 `1 - 0.999**t` is 1.3e-5 to 2e-5 relative too small for the first thousand steps.
 
-Checkpoints hold RowSparseAdam's state in optax.adam's layout (`adam` shares it;
-`to_optax_state`), so a run can be resumed, or analysed, with either optimizer; the scratch
-buffers are not saved (`init_scratch` rebuilds them: a zero buffer with nothing to re-zero is
-the same state).
-
-`LazyAdam` (config `optim.table_updates="lazy"`) changes a table row only at the steps whose
-batch looks it up. The rule, for table row r at step t, with G_r the sum of the cotangents of
-all of this batch's lookups of r (duplicates summed: the row of the dense gradient) and k_r the
-number of steps so far that looked r up:
-
-    if the batch looks r up:  k_r += 1
-                              m_r = b1 m_r + (1 - b1) G_r
-                              v_r = b2 v_r + (1 - b2) G_r^2
-                              p_r -= lr (m_r / (1 - b1^k_r)) / (sqrt(v_r / (1 - b2^k_r)) + eps)
-    otherwise:                p_r, m_r, v_r, k_r unchanged.
-
-The bias correction uses the row's own count k_r, not the global step t. Why: a row's moments
-are then exactly Adam's moments over the sequence of gradients that row has received, so the
-correction removes exactly their zero-initialisation bias (1 - b^k_r is the weight the k_r
-updates put on real gradients). TensorFlow Addons' LazyAdam and PyTorch's SparseAdam use the
-global step instead: a row first seen at step 1,000 then gets m = 0.1 G, v = 0.001 G^2 but
-corrections 1 - 0.9^1000 = 1 and 1 - 0.999^1000 = 0.63, so its first step is
-0.1 / sqrt(0.0016) = 2.5 times the lr-sized first step Adam gives any fresh parameter (0.1 x
-sqrt(1000) = 3.2 times from step ~5,000 on), and rarely looked-up rows (most of a long-tailed
-catalogue) take such over-sized early steps. With
-k_r, a row looked up at every step follows dense Adam (k_r = t; to rounding, below); tests
-check both that and a numpy transcription of the rule. The per-row counts are part of the
-optimizer state and of the checkpoints (`LazyAdamState.row_count`), so a resumed run is
-bit-identical. "Looked up" means looked up by the batch, whatever the row's gradient (the
-padding row 0, looked up by padded history positions, counts as touched, with its zero
-gradient). 1 - b^k is `bias_correction`'s -expm1(k ln b) in float32 (below), also ten times
-faster than XLA:CPU's pow for a batch of rows; the moments and the step are optax's
-expressions.
-
-Memory and time follow the data: a lazy step reads and writes only the looked-up rows of a
-table and of its moments and counts; nothing of a table's size is allocated or streamed
-(`tests/test_lazy_adam.py` checks the compiled step's temporaries do not grow with the table).
-Duplicate lookups are merged without sorting (XLA:CPU sorts 411,648 ids in ~130 ms): the
-looked-up rows' count slots briefly hold the position of one of their lookups, so every
-lookup of a row finds the same representative, whose slot of a batch-sized buffer receives the
-summed gradient; the counts are then written back, incremented. The Adam update of those rows
-then runs in chunks of `UPDATE_CHUNK` lookups (a loop of in-place gathers and scatters), so
-its intermediates stay in the cache and the step's temporaries stay small (XLA:CPU allocates
-them afresh every step, one page fault per 4 KiB). A table with no more rows than one batch's
-lookups (the category table) is instead updated whole under a looked-up mask: its cost is
-still at most that of the lookups.
-
-Measured and rejected (benchmarks/README.md): a "decay every row with g = 0, then fix up the
-touched rows from their old values" form of the dense update is also exact, but XLA:CPU fuses
-the old-row gathers into consumers scheduled after the in-place table writes and so inserts
-table-sized copies; storing the params flat as well is faster still but changes their shape
-everywhere.
+Checkpoints hold RowSparseAdam's state in `adam`'s layout (`to_optax_state`), without the
+scratch buffers (a zero buffer with nothing to re-zero is the same state), so a run can be
+resumed or analysed with either; LazyAdam's state is checkpointed as it is.
 """
 
 from __future__ import annotations
@@ -95,16 +57,21 @@ import jax.numpy as jnp
 import optax
 from flax import traverse_util
 
-from dare_jax.models.embeddings import EMBEDDING_IDS
+from dare_jax.models.embeddings import (
+    EMBEDDING_IDS,
+    PERTURBATIONS,
+    TABLE_ROOT,
+    Lookup,
+    TableKey,
+)
 from dare_jax.models.loss import loss_terms
 
-TABLE_ROOT = "embed"
 # Looked-up rows per step of LazyAdam's update loop (8,192 x 16 floats: 512 KiB per array).
 UPDATE_CHUNK = 8192
-PERTURBATIONS = "perturbations"
 
-Flat = dict[str, jax.Array]
-Rows = dict[str, list[tuple[jax.Array, jax.Array]]]
+Path = tuple[str, ...]  # a parameter's path in the params tree, e.g. ("embed", "shared", "item")
+Flat = dict[Path, jax.Array]
+Rows = dict[TableKey, list[tuple[jax.Array, jax.Array]]]
 
 
 class RowSparseAdamState(NamedTuple):
@@ -117,7 +84,8 @@ class RowSparseAdamState(NamedTuple):
 
 
 class TableScratch(NamedTuple):
-    """Per-table buffers carried between steps, not checkpointed ({table key: array}).
+    """Per-table buffers carried between steps, not checkpointed (each nested like the
+    params' tables: {"embed": {group: {field: array}}}).
 
     grad_sum: flat `[rows * d]`, the last step's summed gradient (zero outside `touched`);
     step: flat `[rows * d]`, the last Adam step (overwritten every step; carried only so that
@@ -125,9 +93,9 @@ class TableScratch(NamedTuple):
     (n = the lookups of one batch; `rows` = out of range = nothing to re-zero).
     """
 
-    grad_sum: Flat
-    step: Flat
-    touched: Flat
+    grad_sum: Any
+    step: Any
+    touched: Any
 
 
 class LazyAdamState(NamedTuple):
@@ -143,34 +111,32 @@ class LazyAdamState(NamedTuple):
 
 
 def flatten_params(params: Any) -> Flat:
-    """{"embed/representation/item": array, ...} from a nested params dict."""
-    return traverse_util.flatten_dict(params, sep="/")
+    """{("embed", "representation", "item"): array, ...} from a nested params dict."""
+    return traverse_util.flatten_dict(params)
 
 
 def unflatten_params(flat: Flat) -> dict[str, Any]:
-    return traverse_util.unflatten_dict(flat, sep="/")
+    return traverse_util.unflatten_dict(flat)
 
 
-def is_table(key: str) -> bool:
-    """True for embedding tables (`embed/<group>/<field>`), updated from gradient rows."""
-    return key.split("/", 1)[0] == TABLE_ROOT
+def table_of(path: Path) -> TableKey | None:
+    """The embedding table at `path` (updated from gradient rows), or None for other leaves."""
+    return TableKey(*path[1:]) if path[0] == TABLE_ROOT else None
 
 
-def table_key(lookup_name: str) -> str:
-    """Table key of a perturbation name `<group>:<field>:<target|history>`."""
-    parts = lookup_name.split(":")
-    if len(parts) != 3:
-        raise ValueError(f"perturbation name {lookup_name!r}: expected group:field:role")
-    return f"{TABLE_ROOT}/{parts[0]}/{parts[1]}"
-
-
-def table_gradient_rows(perturbation_grads: Flat, embedding_ids: dict[str, Any]) -> Rows:
-    """{table key: [(ids `[n]`, cotangent rows `[n, d]`), ...]}, one pair per lookup.
+def table_gradient_rows(
+    perturbation_grads: dict[str, jax.Array],
+    embedding_ids: dict[str, Any],
+    lookups: tuple[Lookup, ...],
+) -> Rows:
+    """{table: [(ids `[n]`, cotangent rows `[n, d]`), ...]}, one pair per lookup.
 
     perturbation_grads: {lookup name: `[..., d]`} (grad w.r.t. the `perturbations` collection);
-    embedding_ids: the sown `embedding_ids` collection ({name: (ids `[...]`,)}). The lookups
-    are kept apart (not concatenated: that would copy every row once more).
+    embedding_ids: the sown `embedding_ids` collection ({name: (ids `[...]`,)}); lookups: the
+    model's (`TwoStageModel.lookups`). The lookups are kept apart (not concatenated: that
+    would copy every row once more), in the order of their names.
     """
+    table = {lookup.name: lookup.table for lookup in lookups}
     rows: Rows = {}
     for name in sorted(perturbation_grads):
         cotangent = perturbation_grads[name]
@@ -178,14 +144,13 @@ def table_gradient_rows(perturbation_grads: Flat, embedding_ids: dict[str, Any])
         ids = ids[0] if isinstance(ids, tuple) else ids
         d = cotangent.shape[-1]
         flat_ids = jnp.broadcast_to(ids, cotangent.shape[:-1]).reshape(-1).astype(jnp.int32)
-        rows.setdefault(table_key(name), []).append((flat_ids, cotangent.reshape(-1, d)))
+        rows.setdefault(table[name], []).append((flat_ids, cotangent.reshape(-1, d)))
     return rows
 
 
 def perturbation_shapes(model: Any, variables: dict[str, Any], batch: Any, **kwargs) -> Any:
-    """Shapes of the `perturbations` collection a training apply creates for `batch` (empty
-    when the model exposes no row gradients: config `row_sparse_embedding_grads` off).
-    Trace-time only (jax.eval_shape)."""
+    """Shapes of the `perturbations` collection a training apply creates for `batch`:
+    {lookup name: ShapeDtypeStruct}. Trace-time only (jax.eval_shape)."""
 
     def run(variables, batch, kwargs):
         _, state = model.apply(
@@ -201,13 +166,12 @@ def perturbation_shapes(model: Any, variables: dict[str, Any], batch: Any, **kwa
     return jax.eval_shape(run, variables, batch, kwargs)
 
 
-def lookup_sizes(model: Any, variables: dict[str, Any], batch: Any, **kwargs) -> dict[str, int]:
-    """{table key: number of rows one training apply on `batch` looks up}."""
-    sizes: dict[str, int] = {}
-    shapes = perturbation_shapes(model, variables, batch, **kwargs)
-    for name, shape in traverse_util.flatten_dict(shapes, sep="/").items():
-        key = table_key(name.split("/")[-1])
-        sizes[key] = sizes.get(key, 0) + math.prod(shape.shape[:-1])
+def lookup_sizes(model: Any, variables: dict[str, Any], batch: Any, **kwargs) -> dict[TableKey, int]:
+    """{table: number of rows one training apply on `batch` looks up}."""
+    table = {lookup.name: lookup.table for lookup in model.lookups}
+    sizes: dict[TableKey, int] = {}
+    for name, shape in perturbation_shapes(model, variables, batch, **kwargs).items():
+        sizes[table[name]] = sizes.get(table[name], 0) + math.prod(shape.shape[:-1])
     return sizes
 
 
@@ -278,14 +242,15 @@ class _Adam:
 
     def _update_leaves(self, params, mu, nu, dense_grads: Flat, count, update_table):
         """Adam over every leaf: non-table leaves here, on their dense gradient with the global
-        `count`; table leaves by `update_table(key, p, m, v) -> (p, m, v)`. Returns the nested
-        (params, mu, nu)."""
+        `count`; table leaves by `update_table(table, p, m, v) -> (p, m, v)`. Returns the
+        nested (params, mu, nu)."""
         flat_m, flat_v = flatten_params(mu), flatten_params(nu)
         new_p, new_m, new_v = {}, {}, {}
         for key, p in flatten_params(params).items():
             m, v = flat_m[key], flat_v[key]
-            if is_table(key):
-                new_p[key], new_m[key], new_v[key] = update_table(key, p, m, v)
+            table = table_of(key)
+            if table is not None:
+                new_p[key], new_m[key], new_v[key] = update_table(table, p, m, v)
                 continue
             if key not in dense_grads:
                 raise KeyError(f"no gradient for the non-table parameter {key!r}")
@@ -304,16 +269,18 @@ class RowSparseAdam(_Adam):
         zeros = jax.tree.map(jnp.zeros_like, _flat_tables(params))
         return RowSparseAdamState(jnp.zeros((), jnp.int32), zeros, jax.tree.map(jnp.copy, zeros))
 
-    def init_scratch(self, params: Any, sizes: dict[str, int]) -> TableScratch:
-        """Zero buffers for every table; `touched` of length `sizes[key]` (from
+    def init_scratch(self, params: Any, sizes: dict[TableKey, int]) -> TableScratch:
+        """Zero buffers for every table; `touched` of length `sizes[table]` (from
         `lookup_sizes`; 0 for a table no lookup reads), filled with the out-of-range id."""
-        tables = {k: v for k, v in flatten_params(params).items() if is_table(k)}
+        tables = {k: v for k, v in flatten_params(params).items() if table_of(k)}
+
+        def per_table(make):
+            return unflatten_params({k: make(table_of(k), v) for k, v in tables.items()})
+
         return TableScratch(
-            grad_sum={k: jnp.zeros((v.size,), v.dtype) for k, v in tables.items()},
-            step={k: jnp.zeros((v.size,), v.dtype) for k, v in tables.items()},
-            touched={
-                k: jnp.full((sizes.get(k, 0),), v.shape[0], jnp.int32) for k, v in tables.items()
-            },
+            grad_sum=per_table(lambda _, v: jnp.zeros((v.size,), v.dtype)),
+            step=per_table(lambda _, v: jnp.zeros((v.size,), v.dtype)),
+            touched=per_table(lambda t, v: jnp.full((sizes.get(t, 0),), v.shape[0], jnp.int32)),
         )
 
     def update(
@@ -332,38 +299,38 @@ class RowSparseAdam(_Adam):
         the total rows of a table must equal its `touched` length (fixed shapes).
         """
         count = state.count + 1
-        unknown = set(table_rows) - set(scratch.touched)
+        old = {name: flatten_params(tree) for name, tree in scratch._asdict().items()}
+        unknown = {t for t in table_rows if t.path not in old["touched"]}
         if unknown:
             raise KeyError(f"gradient rows for unknown tables {sorted(unknown)}")
-        grad_sum, steps, touched = dict(scratch.grad_sum), dict(scratch.step), {}
+        new = {name: dict(flat) for name, flat in old.items()}
 
-        def update_table(key, p, m, v):
-            pairs = table_rows.get(key, [])
+        def update_table(table, p, m, v):
+            pairs, path = table_rows.get(table, []), table.path
             ids = [i for i, _ in pairs]
             new_touched = jnp.concatenate(ids) if ids else jnp.zeros((0,), jnp.int32)
-            if new_touched.shape != scratch.touched[key].shape:
+            if new_touched.shape != old["touched"][path].shape:
                 raise ValueError(
-                    f"{key}: {new_touched.shape[0]} gradient rows, but the scratch buffers "
-                    f"were built for {scratch.touched[key].shape[0]} (another batch shape)"
+                    f"{table}: {new_touched.shape[0]} gradient rows, but the scratch buffers "
+                    f"were built for {old['touched'][path].shape[0]} (another batch shape)"
                 )
             # The table's dense gradient in the carried buffer: zero the last step's rows,
             # add this step's (duplicates summed, as autodiff's scatter-add into zeros).
-            grad = scratch.grad_sum[key].reshape(p.shape)
-            grad = grad.at[scratch.touched[key]].set(0, mode="drop")
+            grad = old["grad_sum"][path].reshape(p.shape)
+            grad = grad.at[old["touched"][path]].set(0, mode="drop")
             for i, r in pairs:
                 grad = grad.at[i].add(r.astype(p.dtype), mode="drop")
             g = grad.reshape(-1)
             m, v = self._moments(m, v, g)
-            steps[key] = self._step(m, v, *self._bias_corrections(count, m.dtype))
-            grad_sum[key], touched[key] = g, new_touched
-            return p + (-self.lr) * steps[key].reshape(p.shape), m, v
+            step = self._step(m, v, *self._bias_corrections(count, m.dtype))
+            new["grad_sum"][path], new["step"][path], new["touched"][path] = g, step, new_touched
+            return p + (-self.lr) * step.reshape(p.shape), m, v
 
         params, mu, nu = self._update_leaves(
             params, state.mu, state.nu, dense_grads, count, update_table
         )
-        for key in scratch.touched.keys() - touched.keys():
-            touched[key] = scratch.touched[key]  # a table without the flag's rows: untouched
-        return params, RowSparseAdamState(count, mu, nu), TableScratch(grad_sum, steps, touched)
+        scratch = TableScratch(**{name: unflatten_params(flat) for name, flat in new.items()})
+        return params, RowSparseAdamState(count, mu, nu), scratch
 
     def to_optax_state(self, state: RowSparseAdamState, params: Any) -> Any:
         """The same state in optax.adam's layout (moments shaped like the params)."""
@@ -397,7 +364,7 @@ class LazyAdam(_Adam):
     def init(self, params: Any) -> LazyAdamState:
         """Zero moments shaped like the params, zero row counts, count 0."""
         flat = flatten_params(params)
-        counts = {k: jnp.zeros((v.shape[0],), jnp.int32) for k, v in flat.items() if is_table(k)}
+        counts = {k: jnp.zeros((v.shape[0],), jnp.int32) for k, v in flat.items() if table_of(k)}
         zeros = jax.tree.map(jnp.zeros_like, params)
         return LazyAdamState(
             jnp.zeros((), jnp.int32),
@@ -413,18 +380,18 @@ class LazyAdam(_Adam):
         table_rows: `table_gradient_rows` (a table without rows is left as it is). Returns
         (params, state). Jit with both donated so that the row writes happen in place."""
         flat_k = flatten_params(state.row_count)
-        unknown = set(table_rows) - set(flat_k)
+        unknown = {t for t in table_rows if t.path not in flat_k}
         if unknown:
             raise KeyError(f"gradient rows for unknown tables {sorted(unknown)}")
         new_k = dict(flat_k)
 
-        def update_table(key, p, m, v):
-            pairs = table_rows.get(key, [])
+        def update_table(table, p, m, v):
+            pairs = table_rows.get(table, [])
             lookups = sum(ids.shape[0] for ids, _ in pairs)
             if lookups == 0:
                 return p, m, v
             by_rows = self._small_table if p.shape[0] <= lookups else self._large_table
-            p, m, v, new_k[key] = by_rows(p, m, v, flat_k[key], pairs)
+            p, m, v, new_k[table.path] = by_rows(p, m, v, flat_k[table.path], pairs)
             return p, m, v
 
         count = state.count + 1
@@ -523,15 +490,14 @@ class LazyAdam(_Adam):
 def _flat_tables(tree: Any) -> Any:
     """`tree` (nested like the params) with every table leaf reshaped to 1-D."""
     flat = flatten_params(tree)
-    return unflatten_params({k: v.reshape(-1) if is_table(k) else v for k, v in flat.items()})
+    return unflatten_params({k: v.reshape(-1) if table_of(k) else v for k, v in flat.items()})
 
 
 def make_gradient_fn(model: Any, weight_decay: float):
     """`grads(params, batch_stats, batch, **apply_kwargs) -> (terms, batch_stats, dense_grads,
-    table_rows)` (not jitted). terms: the `loss_terms` dict; dense_grads: {key: gradient} of
-    every non-table leaf; table_rows: `table_gradient_rows`. The model must be built with
-    `row_sparse_embedding_grads=True`; the tables carry no L2 term, so their whole gradient
-    is the lookup rows."""
+    table_rows)` (not jitted). terms: the `loss_terms` dict; dense_grads: {path: gradient} of
+    every non-table leaf; table_rows: `table_gradient_rows`. The tables carry no L2 term, so
+    their whole gradient is the lookup rows."""
 
     def loss_fn(dense, perturbations, tables, batch_stats, batch, kwargs):
         params = unflatten_params({**dense, **tables})
@@ -547,20 +513,20 @@ def make_gradient_fn(model: Any, weight_decay: float):
 
     def grads(params, batch_stats, batch, **kwargs):
         flat = flatten_params(params)
-        tables = {k: v for k, v in flat.items() if is_table(k)}
-        dense = {k: v for k, v in flat.items() if not is_table(k)}
+        tables = {k: v for k, v in flat.items() if table_of(k)}
+        dense = {k: v for k, v in flat.items() if not table_of(k)}
         variables = {"params": params, "batch_stats": batch_stats}
         shapes = perturbation_shapes(model, variables, batch, **kwargs)
-        if not shapes:
-            # A model that ignores the flag would leave every table at its g = 0 update.
-            raise ValueError(
-                f"{type(model).__name__} exposes no table-gradient rows: build it with model "
-                "config row_sparse_embedding_grads=True"
-            )
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
         (dense_grads, row_grads), (terms, new_stats, ids) = jax.grad(
             loss_fn, argnums=(0, 1), has_aux=True
         )(dense, zeros, tables, batch_stats, batch, kwargs)
-        return terms, new_stats, dense_grads, table_gradient_rows(row_grads, ids)
+        return terms, new_stats, dense_grads, table_gradient_rows(row_grads, ids, model.lookups)
 
     return grads
+
+
+def make_optimizer(spec: Any) -> optax.GradientTransformation | RowSparseAdam | LazyAdam:
+    """The optimizer of an `OptimSpec` (`dare_jax.config`): its `table_updates` kind."""
+    kinds = {"dense": adam, "row_sparse": RowSparseAdam, "lazy": LazyAdam}
+    return kinds[spec.table_updates](spec.lr, spec.b1, spec.b2, spec.eps)

@@ -155,11 +155,6 @@ class Partitioner:
         self.batch_sharding = NamedSharding(self.mesh, P(DATA))
         self.row_sharding = NamedSharding(self.mesh, P(MODEL))
 
-    @classmethod
-    def from_config(cls, mesh_cfg: Any) -> Partitioner:
-        """From the config's `mesh` section (`data`, `model`, `row_sharded`)."""
-        return cls(int(mesh_cfg.data), int(mesh_cfg.model), str(mesh_cfg.row_sharded))
-
     @property
     def data_size(self) -> int:
         return int(self.mesh.shape[DATA])

@@ -5,23 +5,15 @@ The training state is a plain pytree (a dict):
     {"step": int32 [], "rng": uint32 [2], "params": ..., "batch_stats": ...,
      "opt_state": ...[, "scratch": ...]}
 
-whose leaves carry `NamedSharding`s (`dare_jax.sharding.Partitioner`): the
-same functions run on one device or on a mesh, the shardings being passed to
-`jax.jit` as in/out shardings. `make_train_step` returns one function,
-`jax.jit`-compiled once: the state is donated, every batch has the same static
-shapes, and the step number is traced data (not a Python int), so nothing
-recompiles between steps.
-
-Config `optim.table_updates` chooses the maths of the embedding tables' update:
-"dense" (the default, the paper's: Adam updates every parameter and every table row
-at every step) or "lazy" (`dare_jax.optim.LazyAdam`: a row moves only at the steps
-that look it up, with its own bias correction). Two optimizers give the dense Adam:
-`dare_jax.optim.RowSparseAdam` (config `optim.sparse_table_updates`, the default, for
-every model), which takes the tables' gradients as looked-up rows and carries
-per-table buffers in `state["scratch"]`, and `dare_jax.optim.adam` (an optax
-transformation) on autodiff's gradient. Their checkpoints hold the optax layout
-without scratch (`to_checkpoint` / `make_from_checkpoint`); LazyAdam's state, per-row
-counts included, is checkpointed as it is.
+whose leaves carry `NamedSharding`s (`dare_jax.sharding.Partitioner`): the same functions run
+on one device or on a mesh, the shardings being passed to `jax.jit` as in/out shardings.
+`make_train_step` returns one function, `jax.jit`-compiled once: the state is donated, every
+batch has the same static shapes, and the step number is traced data (not a Python int), so
+nothing recompiles between steps. The optimizer (`dare_jax.optim.make_optimizer`) decides the
+step's form: `adam` on autodiff's gradients, or `RowSparseAdam` / `LazyAdam` on the tables'
+gradients as looked-up rows (`RowSparseAdam` carries per-table buffers in
+`state["scratch"]`). Checkpoints hold RowSparseAdam's state in `adam`'s layout without the
+scratch (`to_checkpoint` / `make_from_checkpoint`).
 """
 
 from __future__ import annotations
@@ -32,85 +24,24 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 
-from dare_jax import optim as row_sparse
+from dare_jax import optim as optim_lib
 from dare_jax.models import loss as loss_lib
+from dare_jax.models.embeddings import TableKey
 from dare_jax.models.gradient_paths import combine_path_gradients, combine_path_rows
 
 State = dict[str, Any]
 Batch = dict[str, jax.Array]
-
-
-Optimizer = optax.GradientTransformation | row_sparse.RowSparseAdam | row_sparse.LazyAdam
-RowGradientOptimizer = (row_sparse.RowSparseAdam, row_sparse.LazyAdam)
-TABLE_UPDATES = ("dense", "lazy")
-
-
-def lazy_table_updates(optim_cfg: ml_collections.ConfigDict) -> bool:
-    """True for `optim.table_updates = "lazy"`, False for "dense" (or absent); ValueError
-    naming any other value."""
-    mode = optim_cfg.get("table_updates", "dense")
-    if mode not in TABLE_UPDATES:
-        raise ValueError(
-            f"config field optim.table_updates = {mode!r}: expected one of {list(TABLE_UPDATES)}"
-        )
-    return mode == "lazy"
-
-
-def uses_row_sparse_updates(
-    model_cfg: ml_collections.ConfigDict, optim_cfg: ml_collections.ConfigDict
-) -> bool:
-    """The model is trained from its tables' gradients as rows (every model gives them;
-    the gradient-observation variants combine their two paths' rows): `optim.table_updates`
-    is "lazy", or `optim.sparse_table_updates` is on. ValueError for "lazy" together with
-    `sparse_table_updates` off."""
-    del model_cfg
-    if lazy_table_updates(optim_cfg):
-        if not optim_cfg.get("sparse_table_updates", True):
-            raise ValueError(
-                "config field optim.table_updates = 'lazy' takes the tables' gradients as "
-                "looked-up rows; optim.sparse_table_updates = False (optax on dense table "
-                "gradients) contradicts it: leave it on"
-            )
-        return True
-    return bool(optim_cfg.get("sparse_table_updates", False))
-
-
-def training_model_config(
-    model_cfg: ml_collections.ConfigDict, optim_cfg: ml_collections.ConfigDict
-) -> ml_collections.ConfigDict:
-    """The model config to build the trained model from: `row_sparse_embedding_grads` set
-    when the row-sparse optimizer is used (it changes no value the model computes)."""
-    cfg = ml_collections.ConfigDict(model_cfg.to_dict())
-    cfg.row_sparse_embedding_grads = uses_row_sparse_updates(model_cfg, optim_cfg)
-    return cfg
-
-
-def make_optimizer(
-    optim: ml_collections.ConfigDict, model_cfg: ml_collections.ConfigDict | None = None
-) -> Optimizer:
-    """Adam as in the official code (the L2 penalty is part of the loss, not of Adam):
-    `LazyAdam` for `optim.table_updates = "lazy"`; otherwise `RowSparseAdam` when
-    `uses_row_sparse_updates(model_cfg, optim)`, else `optim.adam` (the optax transformation;
-    its bias corrections are accurate in float32, unlike optax.adam's). ValueError for a lazy
-    config without `model_cfg` or with `optim.sparse_table_updates` off."""
-    if lazy_table_updates(optim):
-        if model_cfg is None:
-            raise ValueError("optim.table_updates = 'lazy' needs the model config")
-        uses_row_sparse_updates(model_cfg, optim)  # ValueError with sparse_table_updates off
-        return row_sparse.LazyAdam(optim.lr, optim.b1, optim.b2, optim.eps)
-    if model_cfg is not None and uses_row_sparse_updates(model_cfg, optim):
-        return row_sparse.RowSparseAdam(optim.lr, optim.b1, optim.b2, optim.eps)
-    return row_sparse.adam(optim.lr, optim.b1, optim.b2, optim.eps)
+Optimizer = optax.GradientTransformation | optim_lib.RowSparseAdam | optim_lib.LazyAdam
+RowGradientOptimizer = (optim_lib.RowSparseAdam, optim_lib.LazyAdam)
 
 
 def checkpoint_optimizer(optimizer: Optimizer) -> Optimizer:
     """The optimizer whose state layout the checkpoints of `optimizer` use (optax's for
     RowSparseAdam; LazyAdam and optax checkpoint their own state)."""
-    if isinstance(optimizer, row_sparse.RowSparseAdam):
-        return row_sparse.adam(optimizer.lr, optimizer.b1, optimizer.b2, optimizer.eps)
+    if isinstance(optimizer, optim_lib.RowSparseAdam):
+        return optim_lib.adam(optimizer.lr, optimizer.b1, optimizer.b2, optimizer.eps)
     return optimizer
 
 
@@ -147,7 +78,7 @@ def _init_parts(model: Any, optimizer: Optimizer):
 
     def optimizer_part(state: State, example_batch: Batch) -> State:
         state = {**state, "opt_state": optimizer.init(state["params"])}
-        if isinstance(optimizer, row_sparse.RowSparseAdam):
+        if isinstance(optimizer, optim_lib.RowSparseAdam):
             variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
             state["scratch"] = _init_scratch(model, optimizer, variables, example_batch)
         return state
@@ -155,21 +86,21 @@ def _init_parts(model: Any, optimizer: Optimizer):
     return variables_part, optimizer_part
 
 
-def _init_scratch(model, optimizer, variables, batch) -> row_sparse.TableScratch:
+def _init_scratch(model, optimizer, variables, batch) -> optim_lib.TableScratch:
     # The dropout key only shapes the trace (lookup counts do not depend on it).
-    sizes = row_sparse.lookup_sizes(
+    sizes = optim_lib.lookup_sizes(
         model, variables, batch, rngs={"dropout": jax.random.PRNGKey(0)}
     )
-    if _observes_gradients(model.cfg):  # both synchronised copies get both paths' rows
-        for key in [k for k in sizes if k.startswith("embed/attention/")]:
-            twin_key = key.replace("/attention/", "/representation/")
-            sizes[key] = sizes[twin_key] = sizes[key] + sizes.get(twin_key, 0)
+    if model.spec.observes_gradients:  # both synchronised copies get both paths' rows
+        for key in [k for k in sizes if k.group == "attention"]:
+            copy = TableKey("representation", key.field)
+            sizes[key] = sizes[copy] = sizes[key] + sizes.get(copy, 0)
     return optimizer.init_scratch(variables["params"], sizes)
 
 
 def to_checkpoint(state: State, optimizer: Optimizer) -> State:
     """The state as checkpoints hold it: optax.adam's layout, without scratch buffers."""
-    if not isinstance(optimizer, row_sparse.RowSparseAdam):
+    if not isinstance(optimizer, optim_lib.RowSparseAdam):
         return state
     saved = {key: value for key, value in state.items() if key != "scratch"}
     saved["opt_state"] = optimizer.to_optax_state(state["opt_state"], state["params"])
@@ -182,7 +113,7 @@ def make_from_checkpoint(
     """`from_checkpoint(saved) -> State`, the inverse of `to_checkpoint` (jitted; fresh
     scratch buffers, created in their shardings). `example_batch`: a training batch (arrays
     or ShapeDtypeStructs), which fixes the scratch id-list lengths."""
-    if not isinstance(optimizer, row_sparse.RowSparseAdam):
+    if not isinstance(optimizer, optim_lib.RowSparseAdam):
         return lambda saved: saved
 
     def from_checkpoint(saved: State) -> State:
@@ -235,25 +166,9 @@ def make_init_state(
 _OPTIMIZER_KEYS = ("opt_state", "scratch")  # the state entries `_init_parts` adds second
 
 
-def create_train_state(
-    model: Any,
-    optimizer: Optimizer,
-    init_rng: jax.Array,
-    example_batch: Batch,
-    step_rng: jax.Array,
-) -> State:
-    """One-off `make_init_state(model, optimizer)(init_rng, example_batch, step_rng)`."""
-    return make_init_state(model, optimizer)(init_rng, example_batch, step_rng)
-
-
-def _observes_gradients(model_cfg: ml_collections.ConfigDict) -> bool:
-    return bool(model_cfg.observe_attn_repr_grad or model_cfg.avoid_domination)
-
-
 def make_train_step(
     model: Any,
     optimizer: Optimizer,
-    model_cfg: ml_collections.ConfigDict,
     weight_decay: float,
     state_shardings: Any = None,
     batch_sharding: Any = None,
@@ -262,9 +177,9 @@ def make_train_step(
     """The jitted `train_step(state, batch) -> (new_state, metrics)`.
 
     Args:
-      model: the Linen module of `dare_jax.models.build_model`.
-      optimizer: from `make_optimizer`.
-      model_cfg: the model config (decides whether path gradients are observed).
+      model: a `dare_jax.models.TwoStageModel` (its variant decides whether path gradients
+        are observed).
+      optimizer: from `dare_jax.optim.make_optimizer`.
       weight_decay: the L2 coefficient (SPEC: 1e-6).
       state_shardings, batch_sharding, replicated: from a `Partitioner` (all
         three or none). The state keeps its shardings through the step (a
@@ -278,9 +193,9 @@ def make_train_step(
     category and time tables returned by `combine_path_gradients`.
     """
     if isinstance(optimizer, RowGradientOptimizer):
-        step = _row_sparse_train_step(model, optimizer, model_cfg, weight_decay)
+        step = _row_gradient_train_step(model, optimizer, weight_decay)
     else:
-        step = _dense_train_step(model, optimizer, model_cfg, weight_decay)
+        step = _dense_train_step(model, optimizer, weight_decay)
     # keep_unused: the scratch step buffers are only written, and an argument the program
     # does not read would be dropped, losing the in-place reuse of its donated memory.
     if state_shardings is None:
@@ -298,9 +213,8 @@ def _metrics(terms: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return {name: terms[name] for name in ("total", "ctr", "aux", "l2")}
 
 
-def _row_sparse_train_step(model: Any, optimizer: Optimizer, model_cfg, weight_decay: float):
-    grads_fn = row_sparse.make_gradient_fn(model, weight_decay)
-    observe = _observes_gradients(model_cfg)
+def _row_gradient_train_step(model: Any, optimizer: Optimizer, weight_decay: float):
+    grads_fn = optim_lib.make_gradient_fn(model, weight_decay)
 
     def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:
         rng = jax.random.fold_in(state["rng"], state["step"])
@@ -308,9 +222,10 @@ def _row_sparse_train_step(model: Any, optimizer: Optimizer, model_cfg, weight_d
             state["params"], state["batch_stats"], batch, rngs={"dropout": rng}
         )
         metrics = _metrics(terms)
-        if observe:
-            shapes = {k: v.shape for k, v in row_sparse.flatten_params(state["params"]).items()}
-            rows, metrics["observed"] = combine_path_rows(rows, model_cfg, shapes)
+        if model.spec.observes_gradients:
+            flat = optim_lib.flatten_params(state["params"])
+            shapes = {optim_lib.table_of(k): v.shape for k, v in flat.items() if optim_lib.table_of(k)}
+            rows, metrics["observed"] = combine_path_rows(rows, model.cfg, shapes)
         new_state = {"step": state["step"] + 1, "rng": state["rng"], "batch_stats": batch_stats}
         if "scratch" in state:  # RowSparseAdam's carried buffers
             new_state["params"], new_state["opt_state"], new_state["scratch"] = optimizer.update(
@@ -325,8 +240,7 @@ def _row_sparse_train_step(model: Any, optimizer: Optimizer, model_cfg, weight_d
     return train_step
 
 
-def _dense_train_step(model, optimizer, model_cfg, weight_decay: float):
-    observe = _observes_gradients(model_cfg)
+def _dense_train_step(model, optimizer, weight_decay: float):
 
     def loss_fn(params, state, batch, rng):
         variables = {"params": params, "batch_stats": state["batch_stats"]}
@@ -342,8 +256,8 @@ def _dense_train_step(model, optimizer, model_cfg, weight_decay: float):
             state["params"], state, batch, rng
         )
         metrics = _metrics(terms)
-        if observe:
-            grads, observed = combine_path_gradients(grads, model_cfg)
+        if model.spec.observes_gradients:
+            grads, observed = combine_path_gradients(grads, model.cfg)
             metrics["observed"] = observed
         updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
         new_state = {
@@ -360,7 +274,6 @@ def _dense_train_step(model, optimizer, model_cfg, weight_decay: float):
 
 def make_eval_step(
     model: Any,
-    model_cfg: ml_collections.ConfigDict,
     state_shardings: Any = None,
     batch_sharding: Any = None,
     replicated: Any = None,
@@ -368,13 +281,13 @@ def make_eval_step(
     """The jitted `eval_step(state, batch) -> click probability [B]`.
 
     By default BatchNorm uses its running statistics; with
-    `model_cfg.eval_batchnorm_uses_batch_stats` (the official code's behaviour)
+    the model option `eval_batchnorm_uses_batch_stats` (the official code's behaviour)
     the model normalises with the batch's own statistics, and the statistics
     it would update are thrown away. With shardings (from a `Partitioner`) the
     probabilities come back replicated: every process holds the whole `[B]`,
     which the exact (rank-based) AUC needs.
     """
-    batch_stats_mode = bool(model_cfg.eval_batchnorm_uses_batch_stats)
+    batch_stats_mode = model.cfg.eval_batchnorm_uses_batch_stats
 
     def eval_step(state: State, batch: Batch) -> jax.Array:
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}

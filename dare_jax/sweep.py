@@ -1,4 +1,4 @@
-"""A grid of variants, trained one after the other, then their table (`analysis.table`).
+"""A grid of variants, trained one after the other.
 
     python -m dare_jax.sweep --config configs/taobao.py --models dare,twin,din --dims 16,64
     python -m dare_jax.sweep --config configs/demo.py:seeds=3 --models dare,twin \\
@@ -11,23 +11,23 @@ driver (`dare_jax.train.run`) into its own run directory:
 
 - without --out, the directory `python -m dare_jax.main --config FILE:model=M,dim=D` uses
   (`runs/<dataset>/<M>_d<D>`), so a sweep and single runs share their directories;
-  the table goes to the folder above them (`runs/<dataset>/table/`);
-- with --out DIR: `DIR/<M>_d<D>` and the table in `DIR/table/`.
+- with --out DIR: `DIR/<M>_d<D>`.
 
-Without --dims the config's own dimension is used and the directories are `<M>`.
+Without --dims the config's own dimension is used and the directories are `<M>`. At the end
+the sweep prints the `python -m analysis.table` command that tabulates its runs.
 
 Killed at any point and started again with the same command, a sweep skips the finished
 runs (their `results.json` exists and their config matches), resumes the interrupted one
-from its latest checkpoint (the driver's exact resume) and goes on; the table it writes at
-the end is the same as an uninterrupted sweep's. A run directory that holds another
-config is refused, as by the driver. Every config of the grid is built and checked before
-the first run starts, so a typo in --models costs nothing.
+from its latest checkpoint (the driver's exact resume) and goes on. A run directory that
+holds another config is refused, as by the driver. Every config of the grid is resolved
+before the first run starts, so a typo in --models costs nothing.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -37,7 +37,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from dare_jax import huge_pages
+from dare_jax import config as config_lib
 from dare_jax import main as driver  # defines --config (with overrides) and the process flags
 
 _MODELS = flags.DEFINE_list("models", None, "variants to train, e.g. dare,twin,din (model=)")
@@ -98,80 +98,71 @@ def load_config(
     return config
 
 
-def sweep_configs(
+def sweep_specs(
     config_file_arg: str,
     models: Sequence[str],
     dims: Sequence[int] | None,
     overrides: Mapping[str, Any],
     out: str | Path | None = None,
-) -> list[ml_collections.ConfigDict]:
-    """The configs of the grid, each with its run directory (`workdir`), checked.
+) -> list[config_lib.ExperimentSpec]:
+    """The resolved specs of the grid, each with its run directory (`workdir`).
 
     config_file_arg: 'configs/x.py' or 'configs/x.py:ARG'; overrides: dotted path -> value
     (`--config.*` as absl parsed them). `workdir` may not be overridden: every run needs
-    its own directory.
+    its own directory. SweepError or ConfigError naming the bad point.
     """
-    from dare_jax import train
-
     if "workdir" in overrides:
         raise SweepError(
             "--config.workdir would put every run of the sweep in one directory; "
             "use --out DIR (runs go to DIR/<model>_d<dim>)"
         )
     config_file, _, base_arg = config_file_arg.partition(":")
-    configs = []
+    specs = []
     for arg in variant_args(base_arg, models, dims):
         config = load_config(config_file, arg, overrides)
         if out is not None:
             config.workdir = str(Path(out) / Path(config.workdir).name)
-        train.check_config(config)
-        configs.append(config)
-    workdirs = [str(config.workdir) for config in configs]
+        specs.append(config_lib.resolve(config))
+    workdirs = [spec.workdir for spec in specs]
     if len(set(workdirs)) != len(workdirs):
         raise SweepError(f"two points of the grid share a run directory: {workdirs}")
-    return configs
+    return specs
 
 
-def is_finished(config: ml_collections.ConfigDict) -> bool:
-    """True if the run's results.json exists and the run was made with this config."""
+def is_finished(spec: config_lib.ExperimentSpec) -> bool:
+    """True if the run's results.json exists and the run was made with this spec."""
     from dare_jax import train
 
-    workdir = Path(config.workdir)
+    workdir = Path(spec.workdir)
     if not (workdir / "results.json").is_file() or not (workdir / "config.json").is_file():
         return False
     saved = json.loads((workdir / "config.json").read_text())
-    return not train.config_differences(saved, train.flatten_config(config))
+    return not train.config_differences(saved, config_lib.flat(spec))
 
 
-def default_table_dir(configs: Sequence[ml_collections.ConfigDict], out: str | Path | None):
-    """--out/table, or `table/` in the folder above the runs (their common parent)."""
-    if out is not None:
-        return Path(out) / "table"
-    parents = {Path(config.workdir).parent for config in configs}
-    parent = parents.pop() if len(parents) == 1 else Path("runs")
-    return parent / "table"
+def table_command(specs: Sequence[config_lib.ExperimentSpec], out: str | Path | None) -> str:
+    """The `python -m analysis.table` command over the runs, writing into --out/table or
+    `table/` in the folder above them (their common parent)."""
+    parents = {Path(spec.workdir).parent for spec in specs}
+    table_dir = Path(out) / "table" if out is not None else Path(sorted(parents)[0]) / "table"
+    runs = " ".join(f"--run {shlex.quote(spec.workdir)}" for spec in specs)
+    return f"python -m analysis.table {runs} --out {shlex.quote(str(table_dir))}"
 
 
-def run_sweep(configs: Sequence[ml_collections.ConfigDict], table_dir: str | Path) -> dict:
-    """Train every config not finished yet (in order, resuming an interrupted one), then
-    write the table of all of them into `table_dir`; returns the table."""
-    from analysis import table
+def run_sweep(specs: Sequence[config_lib.ExperimentSpec]) -> None:
+    """Train every spec not finished yet, in order, resuming an interrupted one."""
     from dare_jax import sharding, train
 
-    for index, config in enumerate(configs, 1):
-        workdir = Path(config.workdir)
-        finished = is_finished(config)
+    for index, spec in enumerate(specs, 1):
+        workdir = Path(spec.workdir)
+        finished = is_finished(spec)
         state = "finished, skipped" if finished else "starting"
         if not finished and (workdir / "config.json").exists():
             state = "continuing"  # the driver resumes it (or refuses another config)
         if sharding.is_main_process():
-            print(f"sweep [{index}/{len(configs)}] {workdir.name} ({workdir}): {state}", flush=True)
+            print(f"sweep [{index}/{len(specs)}] {workdir.name} ({workdir}): {state}", flush=True)
         if not finished:
-            train.run(config)
-    runs = {Path(config.workdir).name: Path(config.workdir) for config in configs}
-    if not sharding.is_main_process():
-        return {}
-    return table.write_table(runs, table_dir)
+            train.run(spec)
 
 
 def _dims(values: Sequence[str] | None) -> list[int] | None:
@@ -193,35 +184,26 @@ def main(argv: list[str]) -> None:
     if not _MODELS.value:
         raise app.UsageError("--models is required, e.g. --models dare,twin")
     driver.start_process()
-    from analysis.common import AnalysisError
-    from analysis.table import to_markdown
-    from dare_jax import sharding, train
-    from dare_jax.checkpointing import CheckpointError
+    from dare_jax import sharding
 
     try:
-        configs = sweep_configs(
+        specs = sweep_specs(
             config_flags.get_config_filename(config_flag),
             _MODELS.value,
             _dims(_DIMS.value),
             config_flags.get_override_values(config_flag),
             _OUT.value,
         )
-        table_dir = default_table_dir(configs, _OUT.value)
-        result = run_sweep(configs, table_dir)
-    except (SweepError, train.RunError, CheckpointError, FloatingPointError) as error:
+        run_sweep(specs)
+    except (SweepError, *driver.user_errors()) as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except AnalysisError as error:
-        print(f"error: the runs finished but their table failed: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume the sweep", file=sys.stderr)
         sys.exit(130)
     if sharding.is_main_process():
-        print(to_markdown(result), end="")
-        print(f"table: {table_dir}/table.{{md,tex,csv,json}}")
+        print(f"every run finished; their table:\n  {table_command(specs, _OUT.value)}")
 
 
 if __name__ == "__main__":
-    huge_pages.restart_with_huge_pages()  # XLA's buffers in 2 MiB pages (dare_jax.huge_pages)
     app.run(main, flags_parser=driver.parse_flags)

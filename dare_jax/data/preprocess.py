@@ -91,3 +91,62 @@ def preprocess_log(
         "seconds": round(time.perf_counter() - started, 2),
     }
     return storage.write_dataset(output_dir, arrays, manifest, overwrite=overwrite)
+
+
+DOWNLOADS = {
+    "taobao": (
+        "UserBehavior.csv",
+        "https://tianchi.aliyun.com/dataset/649",
+        "python -m preprocessing.taobao --input {raw} --output {dir}",
+    ),
+    "tmall": (
+        "user_log_format1.csv (inside data_format1.zip)",
+        "https://tianchi.aliyun.com/dataset/42",
+        "python -m preprocessing.tmall --input {raw} --output {dir}",
+    ),
+}
+
+
+def prepare_dataset(data) -> storage.Dataset:
+    """The dataset of a `DataSpec` (`dare_jax.config`): `data.dir` opened; when it is not
+    there yet, `data.raw_path` preprocessed into it first (and, for a synthetic config,
+    generated before that). DatasetError with download instructions when neither exists,
+    or naming what else is wrong."""
+    data_dir, raw_path = Path(data.dir), Path(data.raw_path)
+    if not (data_dir / "manifest.json").exists():
+        if data_dir.exists() and any(data_dir.iterdir()):
+            raise storage.DatasetError(
+                f"{data_dir} exists but holds no manifest.json: not a dataset "
+                "directory (remove it, or point --config.data.dir elsewhere)"
+            )
+        if data.synthetic_users > 0 and not raw_path.exists():
+            from dare_jax.data.synthetic import write_taobao_log
+
+            raw_path.parent.mkdir(parents=True, exist_ok=True)
+            print(f"generating a synthetic Taobao log ({data.synthetic_users} users) at "
+                  f"{raw_path}", flush=True)
+            write_taobao_log(
+                raw_path,
+                data.synthetic_users,
+                seed=data.synthetic_seed,
+                target_rows=data.synthetic_rows or None,
+                **data.structure,
+            )
+        if not raw_path.is_file():
+            name, url, command = DOWNLOADS[data.kind]
+            raise storage.DatasetError(
+                f"no preprocessed dataset at {data_dir} and no raw log at {raw_path}.\n"
+                f"  1. download {name} from {url}\n"
+                f"  2. save it as {raw_path} (or pass --config.data.raw_path=...)\n"
+                f"  3. run this command again (it preprocesses first), or preprocess now:\n"
+                f"     {command.format(raw=raw_path, dir=data_dir)}"
+            )
+        print(f"preprocessing {raw_path} into {data_dir} (once)", flush=True)
+        try:
+            preprocess_log(data.kind, raw_path, data_dir, seed=data.preprocess_seed)
+        except (ValueError, OSError) as error:
+            raise storage.DatasetError(f"preprocessing {raw_path} failed: {error}") from error
+    try:
+        return storage.open_dataset(data_dir)
+    except (OSError, ValueError) as error:
+        raise storage.DatasetError(f"cannot open the dataset {data_dir}: {error}") from error

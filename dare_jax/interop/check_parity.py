@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dare_jax.interop import torch_weights
-from dare_jax.models import build_model, loss_terms, resolve_variant
+from dare_jax.models import TwoStageModel, loss_terms
 from dare_jax.models.search import PADDING_SCORE
 
 DEFAULT_RTOL = 1e-4
@@ -119,8 +119,8 @@ def check_fixture(
         meta["constructor_kwargs"]
     )
     weight_decay = float(meta.get("weight_decay", 1e-6))
-    model = build_model(cfg, item_n, cate_n, max_length)
-    spec = resolve_variant(cfg)
+    model = TwoStageModel(cfg, item_n, cate_n, max_length)
+    spec = cfg.variant
     batch, label = _fixture_batch(data)
     template = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch, train=False))
     state = {k[len("state/") :]: v for k, v in data.items() if k.startswith("state/")}
@@ -224,7 +224,7 @@ def check_fixture(
 def _official_gradients(spec, grads: dict[str, Any]) -> dict[str, np.ndarray]:
     """Our gradient leaves keyed by every official parameter name they correspond to."""
     out: dict[str, np.ndarray] = {}
-    for path, value in torch_weights._flatten(grads):
+    for path, value in torch_weights.flatten_tree(grads):
         value = np.asarray(value)
         if path[-1] == "kernel":
             value = value.T  # back to PyTorch's (out, in)

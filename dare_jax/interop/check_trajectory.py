@@ -1,7 +1,7 @@
 """Compare the driver's training with the official PyTorch training, step by step.
 
     python -m dare_jax.interop.check_trajectory FIXTURE.npz [FIXTURE.npz ...] --data DIR
-        [--optimizer both|row_sparse|optax] [--float64]
+        [--optimizer both|row_sparse|dense] [--float64]
 
 A fixture (`../shared/fixtures/reference_trajectory/*.npz`, README there) records the
 official code (github thuml/DARE) training one model from its official initial weights
@@ -11,11 +11,12 @@ update, in float32 (`steps_f32`) and, from the same weights, in float64 (`steps_
 the final test predictions in both BatchNorm modes. DIR is that preprocessing imported with
 `python -m preprocessing.import_official --input DIR_OFFICIAL --output DIR`.
 
-The check runs the driver (`dare_jax.train`), not a copy of it: the config is the official
-run's (model from the constructor kwargs, Adam lr, L2 weight, batch size, epochs) with
-`data.shuffle=False` and `model.init_from=FIXTURE`; the trainer builds the initial state,
-the data iterator and the jitted train step as for any run, with the default row-sparse
-Adam (`optim.sparse_table_updates`) and with the optax path. A step passes when
+The check trains with the driver's experiment (`dare_jax.experiment`), not a copy of it:
+the spec is the official run's (model from the constructor kwargs, Adam lr, L2 weight,
+batch size, epochs) with `data.shuffle=False` and `model.init_from=FIXTURE`; the experiment
+builds the initial state, the data iterator and the jitted train step as for any run, with
+the default row-gradient Adam (`optim.table_updates=row_sparse`) and with the autodiff one
+(`dense`). A step passes when
 
     |ours - f64| <= max(1e-5 * |f64|, 3 * |f32 - f64|)        for each of the four terms
 
@@ -44,9 +45,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
+from dare_jax import metrics
+from dare_jax.config import DataSpec, ExperimentSpec, LogSpec, MeshSpec, OptimSpec, TrainSpec
+from dare_jax.data import open_dataset
+from dare_jax.evaluate import predict
+from dare_jax.experiment import Experiment
 from dare_jax.interop import torch_weights
 
 TERMS = ("total", "ctr+aux", "aux", "l2")
@@ -54,7 +59,7 @@ RELATIVE_FLOOR = 1e-5  # float32 noise allowed on any step
 REFERENCE_DRIFT_FACTOR = 3.0  # times the official float32 run's own distance from float64
 FLOAT64_RTOL = 1e-9
 BATCHNORM_MODES = ("batch_stats", "running_stats")
-OPTIMIZERS = {"row_sparse": True, "optax": False}  # name -> optim.sparse_table_updates
+OPTIMIZERS = ("row_sparse", "dense")  # optim.table_updates: the same maths, two paths
 
 
 @dataclasses.dataclass
@@ -123,34 +128,39 @@ def load_fixture(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def trajectory_config(
-    fixture_path: str | Path, meta: dict, data_dir: str | Path, sparse_table_updates: bool
-) -> ml_collections.ConfigDict:
-    """The driver's config of the official run a fixture records."""
-    from configs.base import base_config
-
-    model_cfg, _, _, max_length = torch_weights.config_from_official_kwargs(
+def trajectory_spec(
+    fixture_path: str | Path, meta: dict, data_dir: str | Path, table_updates: str
+) -> ExperimentSpec:
+    """The experiment of the official run a fixture records."""
+    model, _, _, max_length = torch_weights.config_from_official_kwargs(
         meta["constructor_kwargs"]
     )
-    model_cfg.init_from = str(fixture_path)
-    config = base_config()
-    config.model = model_cfg
-    config.variant = str(model_cfg.name)
-    config.data.name = f"official {meta.get('data', '')}".strip()
-    config.data.kind = "taobao"  # only the raw-log reader depends on it; none is read here
-    config.data.dir = str(data_dir)
-    config.data.max_length = max_length
-    config.data.shuffle = False
-    config.optim.lr = float(meta["adam_lr"])
-    config.optim.weight_decay = float(meta["weight_decay"])
-    config.optim.sparse_table_updates = sparse_table_updates
-    config.train.batch_size = config.train.eval_batch_size = int(meta["batch_size"])
-    config.train.num_epochs = int(meta["epochs"])
-    config.train.num_seeds = 1
-    config.mesh.data = 1  # one device, as the official run
-    config.log.progress_bar = False
-    config.workdir = ""  # the check writes no run directory
-    return config
+    batch_size = int(meta["batch_size"])
+    return ExperimentSpec(
+        # kind: only the raw-log reader depends on it; none is read here.
+        data=DataSpec(
+            name=f"official {meta.get('data', '')}".strip(),
+            kind="taobao",
+            dir=str(data_dir),
+            max_length=max_length,
+            shuffle=False,
+        ),
+        model=model.replace(init_from=str(fixture_path)),
+        optim=OptimSpec(
+            lr=float(meta["adam_lr"]),
+            weight_decay=float(meta["weight_decay"]),
+            table_updates=table_updates,
+        ),
+        train=TrainSpec(
+            batch_size=batch_size,
+            eval_batch_size=batch_size,
+            num_epochs=int(meta["epochs"]),
+            num_seeds=1,
+        ),
+        mesh=MeshSpec(data=1),  # one device, as the official run
+        log=LogSpec(progress_bar=False),
+        variant=model.name,
+    )
 
 
 def _float64_state(state: dict) -> dict:
@@ -160,28 +170,20 @@ def _float64_state(state: dict) -> dict:
     return jax.tree.map(widen, state)
 
 
-def _test_predictions(config, state, dataset, mode: str) -> np.ndarray:
+def _test_predictions(spec: ExperimentSpec, state, dataset, mode: str) -> np.ndarray:
     """Click probabilities `[N]` of the test split in file order, in one BatchNorm mode."""
-    from dare_jax import steps, train
-
-    eval_config = ml_collections.ConfigDict(config.to_dict())
-    eval_config.model.eval_batchnorm_uses_batch_stats = mode == "batch_stats"
-    model, _ = train.build(eval_config, dataset.manifest)
-    eval_step = steps.make_eval_step(model, eval_config.model)
-    return train.predict(eval_step, state, dataset, "test", eval_config)["prob"]
+    model = spec.model.replace(eval_batchnorm_uses_batch_stats=mode == "batch_stats")
+    return predict(Experiment(spec.replace(model=model), dataset), state, "test")["prob"]
 
 
 def check_fixture(
     path: str | Path, data_dir: str | Path, optimizer: str = "row_sparse", float64: bool = False
 ) -> TrajectoryResult:
-    """Train the fixture's official run with the driver and compare; raises ValueError,
-    KeyError, OSError or `train.RunError` on unusable input."""
-    from dare_jax import metrics, train
-    from dare_jax.data import open_dataset
-
+    """Train the fixture's official run with the driver's experiment and compare; raises
+    ValueError, KeyError or OSError on unusable input."""
     fixture = load_fixture(path)
     meta = fixture["meta"]
-    config = trajectory_config(path, meta, data_dir, OPTIMIZERS[optimizer])
+    spec = trajectory_spec(path, meta, data_dir, optimizer)
     dataset = open_dataset(data_dir)
     kwargs = meta["constructor_kwargs"]
     for key in ("item_n", "cate_n"):
@@ -194,21 +196,21 @@ def check_fixture(
     required = int(meta["steps_where_reference_f32_within_1e4th_of_f64"])
     x64 = jax.enable_x64(True) if float64 else contextlib.nullcontext()
     with x64:
-        trainer = train._Trainer(config, dataset)
-        if trainer.total_steps != len(f64):
+        experiment = Experiment(spec, dataset)
+        if experiment.total_steps != len(f64):
             raise ValueError(
                 f"{path}: {len(f64)} recorded steps, but {data_dir} gives "
-                f"{trainer.total_steps} ({trainer.steps_per_epoch} batches of "
-                f"{trainer.batch_size} per epoch x {config.train.num_epochs} epochs)"
+                f"{experiment.total_steps} ({experiment.steps_per_epoch} batches of "
+                f"{experiment.batch_size} per epoch x {spec.train.num_epochs} epochs)"
             )
         seed = int(meta.get("seed", 0))  # unused: fixed weights, file order, no dropout
-        state = trainer.initial_state(seed)
+        state = experiment.initial_state(seed)
         if float64:
             state = _float64_state(state)
-        iterator = trainer.train_iterator(seed)
+        batches = experiment.train_batches(seed)
         comparisons = []
-        for step in range(trainer.total_steps):
-            state, out = trainer.train_step(state, trainer.shard_batch(next(iterator)))
+        for step in range(experiment.total_steps):
+            state, out = experiment.train_step(state, next(batches))
             v = {k: np.float64(x) for k, x in jax.device_get(out).items()}
             ours = np.array([v["total"], v["ctr"] + v["aux"], v["aux"], v["l2"]])  # TERMS
             if float64:
@@ -226,7 +228,7 @@ def check_fixture(
         label = np.asarray(fixture["test_label"])
         tests = []
         for mode in BATCHNORM_MODES:
-            prob = _test_predictions(config, state, dataset, mode)
+            prob = _test_predictions(spec, state, dataset, mode)
             ref64 = np.asarray(fixture[f"test_prob_f64/{mode}"], np.float64)
             if prob.shape != ref64.shape:
                 raise ValueError(
@@ -247,7 +249,7 @@ def check_fixture(
                 )
             )
     return TrajectoryResult(
-        str(path), str(config.model.name), optimizer, "float64" if float64 else "float32",
+        str(path), spec.model.name, optimizer, "float64" if float64 else "float32",
         len(f64) if float64 else required, comparisons, tests,
     )
 
@@ -296,7 +298,7 @@ def format_result(result: TrajectoryResult) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: 0 when every run passes, 1 otherwise, 2 on bad input."""
-    from dare_jax.train import RunError
+    from dare_jax.experiment import ExperimentError
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("fixtures", nargs="+", help="training-trajectory fixture .npz files")
@@ -315,13 +317,13 @@ def main(argv: list[str] | None = None) -> int:
         "--float64", action="store_true", help="train in float64; every step must match f64"
     )
     args = parser.parse_args(argv)
-    optimizers = list(OPTIMIZERS) if args.optimizer == "both" else [args.optimizer]
+    optimizers = OPTIMIZERS if args.optimizer == "both" else [args.optimizer]
     all_ok = True
     for fixture in args.fixtures:
         for optimizer in optimizers:
             try:
                 result = check_fixture(fixture, args.data, optimizer, args.float64)
-            except (OSError, KeyError, ValueError, RunError) as err:
+            except (OSError, KeyError, ValueError, ExperimentError) as err:
                 print(f"== {fixture}: cannot check: {err}", file=sys.stderr)
                 return 2
             print(format_result(result), flush=True)

@@ -97,15 +97,15 @@ def _to_ours(leaf: str, value: np.ndarray, expected_shape: tuple[int, ...]) -> n
     return value.astype(np.float32)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()):
+def flatten_tree(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()):
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            yield from _flatten(value, prefix + (str(key),))
+            yield from flatten_tree(value, prefix + (str(key),))
         else:
             yield prefix + (str(key),), value
 
 
-def _unflatten(items: list[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
+def unflatten_tree(items: list[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for path, value in items:
         node = out
@@ -134,7 +134,7 @@ def import_state_dict(
         if collection not in variables:
             continue
         items = []
-        for path, leaf in _flatten(variables[collection]):
+        for path, leaf in flatten_tree(variables[collection]):
             names = official_names(spec, path)
             present = [n for n in names if n in state]
             if not present:
@@ -157,7 +157,7 @@ def import_state_dict(
                 ) from None
             items.append((path, value))
             used.update(present)
-        new_variables[collection] = _unflatten(items)
+        new_variables[collection] = unflatten_tree(items)
     unused = sorted(set(state) - used)
     return new_variables, unused
 
@@ -167,7 +167,7 @@ def export_state_dict(spec: VariantSpec, variables: Mapping[str, Any]) -> dict[s
     transposed to `(out, in)`; BatchNorm `num_batches_tracked` is not known and left out)."""
     state: dict[str, np.ndarray] = {}
     for collection in ("params", "batch_stats"):
-        for path, value in _flatten(variables.get(collection, {})):
+        for path, value in flatten_tree(variables.get(collection, {})):
             value = np.asarray(value)
             if path[-1] == "kernel":
                 value = value.T
@@ -219,13 +219,13 @@ def load_state(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def config_from_official_kwargs(kwargs: Mapping[str, Any]) -> tuple[Any, int, int, int]:
-    """Our model config from the official `DIN(...)` constructor kwargs.
+    """Our `ModelSpec` from the official `DIN(...)` constructor kwargs.
 
-    Returns (model config, item_n, cate_n, max_length). Raises ValueError for official
+    Returns (model spec, item_n, cate_n, max_length). Raises ValueError for official
     options this project does not implement (short_seq_split, a long_seq_split other than the
     whole history, batch_size 1 heads without BatchNorm).
     """
-    from dare_jax.models.config import canonical_name, default_model_config
+    from dare_jax.models import ModelSpec, canonical_name
 
     def need(key: str) -> Any:
         if key not in kwargs:
@@ -240,29 +240,34 @@ def config_from_official_kwargs(kwargs: Mapping[str, Any]) -> tuple[Any, int, in
         raise ValueError(f"long_seq_split={long_split!r}: only '0:{max_length}' is supported")
     if int(kwargs.get("batch_size", 2)) == 1:
         raise ValueError("batch_size=1 (official heads without BatchNorm) is not supported")
-    cfg = default_model_config()
-    cfg.name = canonical_name(str(need("model_name")))
+    name = canonical_name(str(need("model_name")))
+    expected_func = "learnable" if name == "din" else "scaled_dot_product"
+    if kwargs.get("attn_func", expected_func) != expected_func:
+        raise ValueError(f"attn_func={kwargs['attn_func']!r} but {name} uses {expected_func!r}")
     category_dim = int(kwargs.get("category_embedding_dim", 16))
     item_dim = int(kwargs.get("item_embedding_dim", -1))
-    cfg.category_embedding_dim = category_dim
-    cfg.item_embedding_dim = category_dim if item_dim == -1 else item_dim
-    cfg.time_embedding_dim = int(kwargs.get("time_embedding_dim", 16))
-    for field in ("item", "category", "time"):
-        key = f"attention_{field}_embedding_dim"
-        cfg[key] = int(kwargs.get(key, -1))
-    cfg.use_cross_feature = bool(kwargs.get("use_cross_feature", False))
-    cfg.use_aux_loss = bool(kwargs.get("use_aux_loss", False))
-    cfg.use_time = bool(kwargs.get("use_time", True))
-    cfg.time_mode = str(kwargs.get("use_time_mode", "concat"))
-    cfg.soft_search = bool(kwargs.get("soft_search", False))
-    cfg.top_k = int(kwargs.get("top_k", 10))
-    cfg.use_long_seq_average = bool(kwargs.get("use_long_seq_average", True))
-    cfg.only_odot = bool(kwargs.get("only_odot", False))
-    cfg.mlp_position_after_concat = bool(kwargs.get("mlp_position_after_concat", False))
-    hidden = kwargs.get("mlp_hidden_layer") or [32]
-    cfg.mlp_hidden_layer = tuple(int(h) for h in hidden)
-    cfg.observe_attn_repr_grad = bool(kwargs.get("observe_attn_repr_grad", False))
-    expected_func = "learnable" if cfg.name == "din" else "scaled_dot_product"
-    if kwargs.get("attn_func", expected_func) != expected_func:
-        raise ValueError(f"attn_func={kwargs['attn_func']!r} but {cfg.name} uses {expected_func!r}")
-    return cfg, int(need("item_n")), int(need("cate_n")), max_length
+    spec = ModelSpec(
+        name=name,
+        category_embedding_dim=category_dim,
+        item_embedding_dim=category_dim if item_dim == -1 else item_dim,
+        time_embedding_dim=int(kwargs.get("time_embedding_dim", 16)),
+        **{
+            f"attention_{field}_embedding_dim": int(
+                kwargs.get(f"attention_{field}_embedding_dim", -1)
+            )
+            for field in ("item", "category", "time")
+        },
+        use_cross_feature=bool(kwargs.get("use_cross_feature", False)),
+        use_aux_loss=bool(kwargs.get("use_aux_loss", False)),
+        use_time=bool(kwargs.get("use_time", True)),
+        time_mode=str(kwargs.get("use_time_mode", "concat")),
+        soft_search=bool(kwargs.get("soft_search", False)),
+        top_k=int(kwargs.get("top_k", 10)),
+        use_long_seq_average=bool(kwargs.get("use_long_seq_average", True)),
+        only_odot=bool(kwargs.get("only_odot", False)),
+        mlp_position_after_concat=bool(kwargs.get("mlp_position_after_concat", False)),
+        mlp_hidden_layer=tuple(int(h) for h in kwargs.get("mlp_hidden_layer") or [32]),
+        observe_attn_repr_grad=bool(kwargs.get("observe_attn_repr_grad", False)),
+    )
+    spec.check_history_length(max_length)
+    return spec, int(need("item_n")), int(need("cate_n")), max_length

@@ -7,6 +7,7 @@ Tables are leaves `embed/<group>/<field>` of shape `[rows, width]`; projections 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -16,6 +17,41 @@ from dare_jax.models.layers import ProjectionMLP, normal_init
 from dare_jax.models.variants import ROLES, VariantSpec
 
 RoleFields = dict[str, dict[str, jax.Array]]
+TABLE_ROOT = "embed"  # the params subtree of the embedding tables
+PERTURBATIONS = "perturbations"  # collection of the row-gradient perturbations
+EMBEDDING_IDS = "embedding_ids"  # collection of the ids sown with them
+
+
+class TableKey(NamedTuple):
+    """One embedding table, `params["embed"][group][field]`."""
+
+    group: str
+    field: str
+
+    @property
+    def path(self) -> tuple[str, str, str]:
+        return (TABLE_ROOT, self.group, self.field)
+
+
+class Lookup(NamedTuple):
+    """One gather from a table: by the targets (`[B]` ids) or by the histories (`[B, L]`)."""
+
+    table: TableKey
+    target: bool
+
+    @property
+    def name(self) -> str:
+        """Its variable name in the `perturbations` and `embedding_ids` collections."""
+        return f"{self.table.group}:{self.table.field}:{'target' if self.target else 'history'}"
+
+
+def lookups(spec: VariantSpec, fields: tuple[str, ...]) -> tuple[Lookup, ...]:
+    """Every distinct gather the model makes: per table group the roles read, per field."""
+    found: dict[Lookup, None] = {}
+    for role in ROLES:
+        for field in fields:
+            found[Lookup(TableKey(spec.tables[role], field), role.endswith("target"))] = None
+    return tuple(found)
 
 
 def _constant_init(value: jax.Array):
@@ -64,7 +100,7 @@ class EmbeddingTables(nn.Module):
         # Representation groups first, so that synchronised attention copies can copy them.
         for group in sorted(spec.table_groups, key=lambda g: g.startswith("attention")):
             copy_of = None
-            if spec.synchronised_copies and group == "attention":
+            if spec.observes_gradients and group == "attention":
                 copy_of = groups["representation"]
             fields = tuple(f for f, _ in self.rows)
             dims = tuple((f, spec.table_dims[group][f]) for f in fields)
@@ -77,14 +113,6 @@ def lookup(table: jax.Array, ids: jax.Array) -> jax.Array:
     return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)
 
 
-EMBEDDING_IDS = "embedding_ids"  # collection of the sown lookup ids (row_sparse_embedding_grads)
-
-
-def row_lookup_name(group: str, field: str, is_target: bool) -> str:
-    """Perturbation / sown-ids name of one gather: `<group>:<field>:<target|history>`."""
-    return f"{group}:{field}:{'target' if is_target else 'history'}"
-
-
 def row_perturbations(
     module: nn.Module,
     spec: VariantSpec,
@@ -93,30 +121,25 @@ def row_perturbations(
     fields: tuple[str, ...],
     is_target: bool,
 ) -> dict[str, jax.Array]:
-    """Row-sparse table gradients (config `row_sparse_embedding_grads`, see dare_jax.optim).
+    """Table gradients as rows (the row-gradient Adams of `dare_jax.optim`).
 
-    For every table the target (or behaviour) roles read: a zero perturbation shaped like
-    its rows, `[*ids[field].shape, d]` (collection `perturbations` of `module`, named
-    `row_lookup_name`; the loss's gradient w.r.t. it is the rows' cotangents), with the ids
-    sown under the same name in collection `embedding_ids`. Empty unless `perturbations` are
-    passed in (or mutable): without them the tables keep their dense gradient, so a plain
-    `jax.grad` training step stays correct with the flag on.
+    For every table the target (or behaviour) roles read, when the caller passes the
+    `perturbations` collection (or makes it mutable): a zero perturbation shaped like its
+    rows, `[*ids[field].shape, d]`, named by its `Lookup` (the loss's gradient w.r.t. it is the
+    rows' cotangents), with the ids sown under the same name in `embedding_ids`. Otherwise
+    empty: the tables keep their dense gradient (a plain `jax.grad` step).
     """
     out: dict[str, jax.Array] = {}
-    for role in ROLES:
-        if role.endswith("target") != is_target:
+    for lookup in lookups(spec, fields):
+        name = lookup.name
+        passed = module.is_mutable_collection(PERTURBATIONS) or module.has_variable(
+            PERTURBATIONS, name
+        )
+        if lookup.target != is_target or not passed:
             continue
-        group = spec.tables[role]
-        for field in fields:
-            name = row_lookup_name(group, field, is_target)
-            passed = module.is_mutable_collection("perturbations") or module.has_variable(
-                "perturbations", name
-            )
-            if name in out or not passed:
-                continue
-            table = tables[group][field]
-            out[name] = module.perturb(name, jnp.zeros(ids[field].shape + table.shape[1:]))
-            module.sow(EMBEDDING_IDS, name, ids[field])
+        table = tables[lookup.table.group][lookup.table.field]
+        out[name] = module.perturb(name, jnp.zeros(ids[lookup.table.field].shape + table.shape[1:]))
+        module.sow(EMBEDDING_IDS, name, ids[lookup.table.field])
     return out
 
 
@@ -137,7 +160,7 @@ def lookup_roles(
     for role in roles:
         group, out[role] = spec.tables[role], {}
         for field in fields:
-            name = row_lookup_name(group, field, role.endswith("target"))
+            name = Lookup(TableKey(group, field), role.endswith("target")).name
             if name not in gathered:
                 table = tables[group][field]
                 if name in perturbations:

@@ -24,13 +24,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
+
+from dare_jax.models.embeddings import TableKey
+from dare_jax.models.spec import ModelSpec
 
 ATTENTION, REPRESENTATION = "attention", "representation"
-
-
-def _uses_copies(model_cfg: ml_collections.ConfigDict) -> bool:
-    return bool(model_cfg.observe_attn_repr_grad or model_cfg.avoid_domination)
+Rows = dict[TableKey, list[tuple[jax.Array, jax.Array]]]
 
 
 def rescale_to_norm(gradient: jax.Array, reference: jax.Array) -> jax.Array:
@@ -48,7 +47,7 @@ DEFAULT_OBSERVED_FIELDS: tuple[str, ...] = ("category", "time")
 
 def combine_path_gradients(
     grads: Any,
-    model_cfg: ml_collections.ConfigDict,
+    model: ModelSpec,
     observed_fields: tuple[str, ...] | None = DEFAULT_OBSERVED_FIELDS,
 ) -> tuple[Any, dict[str, jax.Array]]:
     """(grads for the optimizer, observed path gradients).
@@ -61,7 +60,7 @@ def combine_path_gradients(
     g_attn' + g_repr, with g_attn' = g_attn (observe) or rescaled to ||g_repr|| (avoid
     domination).
     """
-    if not _uses_copies(model_cfg):
+    if not model.variant.observes_gradients:
         return grads, {}
     embed = grads["embed"]
     if ATTENTION not in embed or REPRESENTATION not in embed:
@@ -76,7 +75,7 @@ def combine_path_gradients(
         if observed_fields is None or field in observed_fields:
             observed[f"{ATTENTION}/{field}"] = g_attn
             observed[f"{REPRESENTATION}/{field}"] = g_repr
-        if model_cfg.avoid_domination:
+        if model.avoid_domination:
             g_attn = rescale_to_norm(g_attn, g_repr)
         total = g_attn + g_repr
         new_attention[field] = total
@@ -102,25 +101,25 @@ def dense_rows_norm(pairs: list[tuple[jax.Array, jax.Array]]) -> jax.Array:
 
 
 def combine_path_rows(
-    rows: dict[str, list[tuple[jax.Array, jax.Array]]],
-    model_cfg: ml_collections.ConfigDict,
-    table_shapes: dict[str, tuple[int, ...]],
+    rows: Rows,
+    model: ModelSpec,
+    table_shapes: dict[TableKey, tuple[int, ...]],
     observed_fields: tuple[str, ...] | None = DEFAULT_OBSERVED_FIELDS,
-) -> tuple[dict[str, list[tuple[jax.Array, jax.Array]]], dict[str, jax.Array]]:
+) -> tuple[Rows, dict[str, jax.Array]]:
     """`combine_path_gradients` for row gradients: (rows for the optimizer, observed).
 
-    rows: {table key `embed/<group>/<field>`: [(ids, rows), ...]} (dare_jax.optim's
-    `table_gradient_rows`); table_shapes: {table key: shape}. Both copies of every field get
-    the attention rows (rescaled to the representation path's norm with avoid_domination)
-    and the representation rows; observed['attention/f'], observed['representation/f'] are
-    the raw dense path gradients of the observed fields.
+    rows: {table: [(ids, rows), ...]} (`dare_jax.optim.table_gradient_rows`); table_shapes:
+    {table: shape}. Both copies of every field get the attention rows (rescaled to the
+    representation path's norm with avoid_domination) and the representation rows;
+    observed['attention/f'], observed['representation/f'] are the raw dense path gradients of
+    the observed fields.
     """
-    if not _uses_copies(model_cfg):
+    if not model.variant.observes_gradients:
         return rows, {}
     combined, observed = dict(rows), {}
-    fields = {key.rsplit("/", 1)[1] for key in rows if key.startswith(f"embed/{ATTENTION}/")}
+    fields = {key.field for key in rows if key.group == ATTENTION}
     for field in sorted(fields):
-        keys = {path: f"embed/{path}/{field}" for path in (ATTENTION, REPRESENTATION)}
+        keys = {path: TableKey(path, field) for path in (ATTENTION, REPRESENTATION)}
         paths = {path: rows.get(key, []) for path, key in keys.items()}
         if observed_fields is None or field in observed_fields:
             for path, pairs in paths.items():
@@ -128,7 +127,7 @@ def combine_path_rows(
                 for ids, values in pairs:
                     dense = dense.at[ids].add(values)
                 observed[f"{path}/{field}"] = dense
-        if model_cfg.avoid_domination and paths[ATTENTION] and paths[REPRESENTATION]:
+        if model.avoid_domination and paths[ATTENTION] and paths[REPRESENTATION]:
             norm, reference = (dense_rows_norm(paths[p]) for p in (ATTENTION, REPRESENTATION))
             factor = jnp.where(norm > 0, reference / jnp.where(norm > 0, norm, 1.0), 0.0)
             paths[ATTENTION] = [(ids, values * factor) for ids, values in paths[ATTENTION]]

@@ -23,16 +23,18 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from dare_jax.models import eta, sdim, search, twin_v2
 from dare_jax.models.embeddings import (
     EmbeddingTables,
+    Lookup,
     Projections,
     lookup_roles,
+    lookups,
     row_perturbations,
 )
 from dare_jax.models.layers import MLPHead
+from dare_jax.models.spec import ModelSpec
 from dare_jax.models.variants import ROLES, VariantSpec
 
 MAIN_HEAD_HIDDEN = (200, 80)
@@ -78,15 +80,28 @@ def read_batch(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
 class TwoStageModel(nn.Module):
     """Search over the history (the variant's strategy), aggregate, predict with an MLP.
 
-    Attributes: cfg (a validated model config), spec (its VariantSpec), item_n, cate_n,
-    max_length.
+    Attributes: cfg (the model's options), item_n and cate_n (the item and category table
+    rows), max_length (the history length L).
     """
 
-    cfg: ml_collections.FrozenConfigDict
-    spec: VariantSpec
+    cfg: ModelSpec
     item_n: int
     cate_n: int
     max_length: int
+
+    @property
+    def spec(self) -> VariantSpec:
+        return self.cfg.variant
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The fields a behaviour vector concatenates."""
+        return ("item", "category", "time") if self.cfg.use_time else ("item", "category")
+
+    @property
+    def lookups(self) -> tuple[Lookup, ...]:
+        """Every gather of a training step (`dare_jax.optim` reads their gradient rows)."""
+        return lookups(self.spec, self.fields)
 
     def _score_split(self) -> int | None:
         """Width of the separately scaled last part of the attention vector (None: no split).
@@ -114,7 +129,7 @@ class TwoStageModel(nn.Module):
         if cfg.use_time or cfg.official_parameters_always:
             rows += (("time", int(cfg.time_table_size)),)
         tables = EmbeddingTables(spec, rows, cfg.init_std, name="embed")()
-        fields = ("item", "category", "time") if cfg.use_time else ("item", "category")
+        fields = self.fields
         unused_time = {}
         if not cfg.use_time and cfg.official_parameters_always:
             unused_time = {r: spec.table_dims[spec.tables[r]]["time"] for r in ROLES}
@@ -123,8 +138,6 @@ class TwoStageModel(nn.Module):
         )
 
         def perturbations(ids: dict[str, jax.Array], is_target: bool) -> dict[str, jax.Array]:
-            if not cfg.row_sparse_embedding_grads:
-                return {}
             return row_perturbations(self, spec, tables, ids, fields, is_target)
 
         # Targets: `[B, D]` vectors (the derived time id is looked up once and broadcast).
@@ -148,11 +161,10 @@ class TwoStageModel(nn.Module):
             "time": inputs["hist_tid"],
         }
         positions = {**history_ids, "valid": inputs["valid"], **perturbations(history_ids, False)}
+        # Derived time ids `[L]` (and their rows' perturbation) are the same for every example.
+        unbatched = {"time"} | {x.name for x in self.lookups if x.table.field == "time"}
         shared_time = inputs["hist_tid"].ndim == 1
-        in_axes = {
-            key: None if shared_time and (key == "time" or ":time:" in key) else 0
-            for key in positions
-        }
+        in_axes = {key: None if shared_time and key in unbatched else 0 for key in positions}
 
         def vectors(at: dict[str, jax.Array], role: str) -> search.Behaviours:
             return project(lookup_roles(spec, tables, at, fields, (role,), at))[role]
@@ -205,7 +217,7 @@ class TwoStageModel(nn.Module):
 
 
 def main_features(
-    cfg: ml_collections.ConfigDict,
+    cfg: ModelSpec,
     target_repr: jax.Array,
     retrieved: jax.Array,
     average: jax.Array | None,
@@ -225,7 +237,7 @@ def main_features(
 
 
 def predict(
-    cfg: ml_collections.ConfigDict,
+    cfg: ModelSpec,
     representation: jax.Array,
     target_repr: jax.Array,
     full_aggregate: jax.Array | None,

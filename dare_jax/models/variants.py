@@ -15,10 +15,64 @@ for maps after concatenation.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
-import ml_collections
+# Models of the paper's comparison that the official code lacks (no official `model_name`),
+# written from their own papers; each is the two-stage model with its own search strategy.
+OWN_SEARCH_NAMES: tuple[str, ...] = ("eta", "sdim", "twin_v2")
 
-from dare_jax.models import config as config_lib
+# Official `model_name` strings (github thuml/DARE) -> our names.
+OFFICIAL_TO_CANONICAL: dict[str, str] = {
+    "DARE": "dare",
+    "twin": "twin",
+    "DIN": "din",
+    "four_embedding": "twin_4e",
+    "three_embedding": "three_embedding",
+    **{
+        name: name
+        for name in (
+            "projection",
+            "projection_two_linear",
+            "projection_with_mlp",
+            "projection_no_item",
+            "projection_only_time",
+            "projection_only_category",
+            "projection_only_item",
+            "projection_large_emb_small_output",
+        )
+    },
+}
+CANONICAL_NAMES: tuple[str, ...] = tuple(OFFICIAL_TO_CANONICAL.values()) + OWN_SEARCH_NAMES
+CANONICAL_TO_OFFICIAL: dict[str, str] = {
+    **{name: name for name in OWN_SEARCH_NAMES},
+    **{v: k for k, v in OFFICIAL_TO_CANONICAL.items()},
+}
+# Variants with separate attention tables (ETA, SDIM and TWIN-V2 too with decoupled_tables).
+DECOUPLED_NAMES: frozenset[str] = frozenset({"dare", "three_embedding", "twin_4e"})
+# Variants whose attention and representation share one table per field: the ones the
+# gradient-observation hooks can split into two synchronised copies (SDIM has no attention).
+SINGLE_TABLE_NAMES: frozenset[str] = frozenset(
+    {"twin", "din", "eta", "twin_v2"} | {n for n in CANONICAL_NAMES if n.startswith("projection")}
+)
+# Projection variants that map each field (official mlp_position_after_concat=False) or the
+# concatenated vector (True); `projection` does either.
+PER_FIELD_PROJECTION_NAMES: frozenset[str] = frozenset(
+    n for n in CANONICAL_NAMES if n.startswith("projection") and n != "projection_two_linear"
+)
+AFTER_CONCAT_PROJECTION_NAMES: frozenset[str] = frozenset({"projection", "projection_two_linear"})
+# Output width of every per-field map of `projection_large_emb_small_output` (official: 16).
+LARGE_EMB_SMALL_OUTPUT_DIM = 16
+
+
+def canonical_name(name: str) -> str:
+    """Our variant name for `name` (ours or an official `model_name`); ValueError if unknown."""
+    if name in CANONICAL_NAMES:
+        return name
+    if name in OFFICIAL_TO_CANONICAL:
+        return OFFICIAL_TO_CANONICAL[name]
+    known = sorted(set(CANONICAL_NAMES) | set(OFFICIAL_TO_CANONICAL))
+    raise ValueError(f"model config field 'name': unknown model name {name!r}; known: {known}")
+
 
 ROLES: tuple[str, ...] = (
     "attention_target",
@@ -78,8 +132,11 @@ class VariantSpec:
     table_dims: table group -> {field: width}.
     projection: the projection maps, or None.
     score: 'dot' (scaled dot product, TWIN family) or 'din_mlp' (DIN's learnable MLP).
-    synchronised_copies: the attention and representation groups are two copies of one
-      shared table kept equal by the gradient hooks (observe_attn_repr_grad / avoid_domination).
+    has_attention_tables: the attention has tables of its own (DARE's decoupling).
+    observes_gradients: a single-table variant whose shared tables are kept as two
+      synchronised copies, `attention` and `representation`, so that the gradient hooks
+      (observe_attn_repr_grad / avoid_domination, `dare_jax.models.gradient_paths`) see
+      each path's gradient.
     search: the first stage, a key of `dare_jax.models.model.SEARCHES`: 'soft' (top-k of the
       scores), 'hard' (SIM's category search), 'eta', 'sdim' or 'twin_v2'.
     """
@@ -90,7 +147,8 @@ class VariantSpec:
     table_dims: dict[str, dict[str, int]]
     projection: ProjectionSpec | None
     score: str
-    synchronised_copies: bool
+    has_attention_tables: bool
+    observes_gradients: bool
     search: str
 
     @property
@@ -103,17 +161,17 @@ class VariantSpec:
         return tuple(seen)
 
 
-def _projection_spec(name: str, cfg: ml_collections.ConfigDict) -> ProjectionSpec | None:
+def _projection_spec(name: str, options: Any) -> ProjectionSpec | None:
     if not name.startswith("projection"):
         return None
-    if cfg.mlp_position_after_concat:
+    if options.mlp_position_after_concat:
         if name == "projection":
             return ProjectionSpec(False, (), dict(_PER_ROLE), use_bias=True)
         return ProjectionSpec(False, (), dict(_PER_KIND), use_bias=True)  # two_linear
     if name == "projection":
         return ProjectionSpec(True, FIELDS, dict(_PER_ROLE), use_bias=False)
     if name == "projection_with_mlp":
-        hidden = tuple(int(h) for h in cfg.mlp_hidden_layer)
+        hidden = tuple(options.mlp_hidden_layer)
         return ProjectionSpec(True, FIELDS, dict(_PER_KIND), use_bias=True, hidden=hidden)
     fields = {
         "projection_no_item": ("category", "time"),
@@ -122,37 +180,42 @@ def _projection_spec(name: str, cfg: ml_collections.ConfigDict) -> ProjectionSpe
         "projection_only_item": ("item",),
         "projection_large_emb_small_output": FIELDS,
     }[name]
-    out = config_lib.LARGE_EMB_SMALL_OUTPUT_DIM if name.endswith("small_output") else None
+    out = LARGE_EMB_SMALL_OUTPUT_DIM if name.endswith("small_output") else None
     return ProjectionSpec(True, fields, dict(_PER_KIND), use_bias=False, output_dim=out)
 
 
-def resolve_variant(cfg: ml_collections.ConfigDict) -> VariantSpec:
-    """Turn a (validated) model config into a VariantSpec."""
-    name = config_lib.canonical_name(str(cfg.name))
-    synchronised = bool(cfg.observe_attn_repr_grad or cfg.avoid_domination)
+def resolve_variant(options: Any) -> VariantSpec:
+    """The VariantSpec of a model's options (a `dare_jax.models.spec.ModelSpec`; its name
+    canonical): every fact derived from the options is decided here."""
+    name = options.name
+    observes = bool(options.observe_attn_repr_grad or options.avoid_domination)
+    decoupled = name in DECOUPLED_NAMES or (
+        name in OWN_SEARCH_NAMES and bool(options.decoupled_tables)
+    )
     if name == "twin_4e":
         tables = dict(_FOUR_TABLES)
     elif name == "three_embedding":
         tables = dict(_THREE_TABLES)
-    elif synchronised or config_lib.has_attention_tables(cfg):
+    elif observes or decoupled:
         tables = dict(_TWO_TABLES)
     else:
         tables = dict(_ONE_TABLE)
-    dims = config_lib.embedding_dims(cfg)
     table_dims = {}
     for role in ROLES:
-        group = tables[role]
-        table_dims[group] = dict(
-            dims["attention" if role.startswith("attention") else "representation"]
-        )
-    search = "soft" if cfg.soft_search else "hard"
+        kind = "attention" if role.startswith("attention") else "representation"
+        table_dims[tables[role]] = options.embedding_dims(kind)
+    if name in OWN_SEARCH_NAMES:
+        search = name
+    else:
+        search = "soft" if options.soft_search else "hard"
     return VariantSpec(
         name=name,
-        official_name=config_lib.CANONICAL_TO_OFFICIAL[name],
+        official_name=CANONICAL_TO_OFFICIAL[name],
         tables=tables,
         table_dims=table_dims,
-        projection=_projection_spec(name, cfg),
+        projection=_projection_spec(name, options),
         score="din_mlp" if name == "din" else "dot",
-        synchronised_copies=synchronised,
-        search=name if name in config_lib.OWN_SEARCH_NAMES else search,
+        has_attention_tables=decoupled,
+        observes_gradients=observes,
+        search=search,
     )
