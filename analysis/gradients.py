@@ -2,9 +2,8 @@
 
 A run with `model=twin_observe_grad` (TWIN whose shared tables are split into two synchronised
 copies) records, every `export.gradients_every_steps` steps, `seed_<s>/gradients/
-step_<n>.npz` holding `attention.<field>` and `representation.<field>` (older runs:
-`attention/<field>`): the gradients `[rows, d]`
-of the field's table through the search (attention) path and through the aggregation
+step_<n>.npz` holding `attention.<field>` and `representation.<field>`: the gradients
+`[rows, d]` of the field's table through the search (attention) path and through the aggregation
 (representation) path. From them, for one field (default `category`):
 
 - domination: per step the Frobenius norms of both gradients; the ratio of their means
@@ -55,12 +54,10 @@ def gradient_files(directory: str | Path) -> list[tuple[int, Path]]:
 
 
 def path_keys(names: list[str], field: str, path: Path) -> tuple[str, str]:
-    """The (attention, representation) array names of `field` in a gradient file; the driver
-    writes `attention.<field>`, earlier versions `attention/<field>`."""
-    for separator in (".", "/"):
-        keys = (f"attention{separator}{field}", f"representation{separator}{field}")
-        if all(key in names for key in keys):
-            return keys
+    """The (attention, representation) array names of `field` in a gradient file."""
+    keys = (f"attention.{field}", f"representation.{field}")
+    if all(key in names for key in keys):
+        return keys
     raise common.AnalysisError(
         f"{path} lacks attention.{field} / representation.{field}; it has {sorted(names)}"
     )

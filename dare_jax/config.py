@@ -88,8 +88,14 @@ class DataSpec:
         )
         _at_least(self, "data", 1, "max_length")
         _at_least(
-            self, "data", 0, "prefetch_threads", "min_item_rows", "min_category_rows",
-            "synthetic_users", "synthetic_rows",
+            self,
+            "data",
+            0,
+            "prefetch_threads",
+            "min_item_rows",
+            "min_category_rows",
+            "synthetic_users",
+            "synthetic_rows",
         )
         from dare_jax.data.synthetic import LogStructure
 
@@ -144,8 +150,15 @@ class TrainSpec:
 
     def __post_init__(self):
         _at_least(
-            self, "train", 1, "batch_size", "eval_batch_size", "num_epochs", "eval_every_steps",
-            "num_seeds", "dispatch_ahead",
+            self,
+            "train",
+            1,
+            "batch_size",
+            "eval_batch_size",
+            "num_epochs",
+            "eval_every_steps",
+            "num_seeds",
+            "dispatch_ahead",
         )
         _at_least(self, "train", 0, "first_seed")
         _require(
@@ -174,9 +187,7 @@ class MeshSpec:
         for name in ("data", "model"):
             size = getattr(self, name)
             _require(size == -1 or size >= 1, f"mesh.{name}", size, "expected -1 or >= 1")
-        _require(
-            self.data != -1 or self.model != -1, "mesh.data", self.data, "both axes are -1"
-        )
+        _require(self.data != -1 or self.model != -1, "mesh.data", self.data, "both axes are -1")
 
 
 @dataclasses.dataclass(frozen=True)

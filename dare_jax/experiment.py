@@ -53,7 +53,10 @@ def table_rows(spec: ExperimentSpec, manifest: dict) -> Tables:
     category = max(real_category, spec.data.min_category_rows)
     if spec.mesh.row_sharded:
         multiple = spec.mesh.table_rows_multiple
-        item, category = sharding.padded_rows(item, multiple), sharding.padded_rows(category, multiple)
+        item, category = (
+            sharding.padded_rows(item, multiple),
+            sharding.padded_rows(category, multiple),
+        )
     return Tables(item, category, real_item, real_category)
 
 
@@ -91,7 +94,9 @@ def compile_steps(
     model = TwoStageModel(model_spec, tables.item, tables.category, max_length)
     optimizer = optim.make_optimizer(optim_spec)
     partitioner = partitioner_for(mesh)
-    batch = {key: jax.ShapeDtypeStruct(shape, np.dtype(dtype)) for key, shape, dtype in batch_shapes}
+    batch = {
+        key: jax.ShapeDtypeStruct(shape, np.dtype(dtype)) for key, shape, dtype in batch_shapes
+    }
     shardings = partitioner.state_shardings(steps.abstract_state(model, optimizer, batch))
     placement = (shardings, partitioner.batch_sharding, partitioner.replicated)
     return CompiledSteps(

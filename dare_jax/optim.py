@@ -166,7 +166,9 @@ def perturbation_shapes(model: Any, variables: dict[str, Any], batch: Any, **kwa
     return jax.eval_shape(run, variables, batch, kwargs)
 
 
-def lookup_sizes(model: Any, variables: dict[str, Any], batch: Any, **kwargs) -> dict[TableKey, int]:
+def lookup_sizes(
+    model: Any, variables: dict[str, Any], batch: Any, **kwargs
+) -> dict[TableKey, int]:
     """{table: number of rows one training apply on `batch` looks up}."""
     table = {lookup.name: lookup.table for lookup in model.lookups}
     sizes: dict[TableKey, int] = {}
@@ -200,6 +202,7 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
         mu = optax.tree.update_moment(updates, state.mu, b1, 1)
         nu = optax.tree.update_moment_per_elem_norm(updates, state.nu, b2, 2)
         count = optax.safe_increment(state.count)
+
         def direction(m, v):
             bc1, bc2 = bias_correction(b1, count, m.dtype), bias_correction(b2, count, v.dtype)
             return adam_direction(m, v, bc1, bc2, eps)
@@ -469,9 +472,7 @@ class LazyAdam(_Adam):
             at = jax.lax.dynamic_slice_in_dim(firsts, index * chunk, chunk)
             rows = ids.at[at].get(mode="fill", fill_value=rows_n)  # rows_n: none (dropped)
             g = grad.at[at].get(mode="fill", fill_value=0)
-            bc1, bc2 = self._bias_corrections(
-                counts.at[at].get(mode="fill", fill_value=1), m.dtype
-            )
+            bc1, bc2 = self._bias_corrections(counts.at[at].get(mode="fill", fill_value=1), m.dtype)
             m_rows = m.at[rows].get(mode="fill", fill_value=0)
             v_rows = v.at[rows].get(mode="fill", fill_value=0)
             m_rows, v_rows = self._moments(m_rows, v_rows, g)
@@ -484,7 +485,6 @@ class LazyAdam(_Adam):
 
         p, m, v = jax.lax.fori_loop(0, chunks, update_chunk, (p, m, v))
         return p, m, v, row_count
-
 
 
 def _flat_tables(tree: Any) -> Any:

@@ -88,9 +88,7 @@ def _init_parts(model: Any, optimizer: Optimizer):
 
 def _init_scratch(model, optimizer, variables, batch) -> optim_lib.TableScratch:
     # The dropout key only shapes the trace (lookup counts do not depend on it).
-    sizes = optim_lib.lookup_sizes(
-        model, variables, batch, rngs={"dropout": jax.random.PRNGKey(0)}
-    )
+    sizes = optim_lib.lookup_sizes(model, variables, batch, rngs={"dropout": jax.random.PRNGKey(0)})
     if model.spec.observes_gradients:  # both synchronised copies get both paths' rows
         for key in [k for k in sizes if k.group == "attention"]:
             copy = TableKey("representation", key.field)
@@ -224,7 +222,9 @@ def _row_gradient_train_step(model: Any, optimizer: Optimizer, weight_decay: flo
         metrics = _metrics(terms)
         if model.spec.observes_gradients:
             flat = optim_lib.flatten_params(state["params"])
-            shapes = {optim_lib.table_of(k): v.shape for k, v in flat.items() if optim_lib.table_of(k)}
+            shapes = {
+                optim_lib.table_of(k): v.shape for k, v in flat.items() if optim_lib.table_of(k)
+            }
             rows, metrics["observed"] = combine_path_rows(rows, model.cfg, shapes)
         new_state = {"step": state["step"] + 1, "rng": state["rng"], "batch_stats": batch_stats}
         if "scratch" in state:  # RowSparseAdam's carried buffers

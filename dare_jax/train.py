@@ -112,7 +112,8 @@ def check_resumable(workdir: Path, flat: dict[str, Any]) -> None:
     if differences:
         raise RunError(
             f"{workdir} holds a run with a different config; refusing to resume into it. "
-            "Differences:\n  " + "\n  ".join(differences)
+            "Differences:\n  "
+            + "\n  ".join(differences)
             + "\nUse another --config.workdir, or delete the directory to start over."
         )
 
@@ -150,8 +151,7 @@ def train_seed(experiment: Experiment, seed: int, seed_dir: Path) -> dict:
     log = SeedLog(seed_dir, spec.log, seed, None if step == 0 else step)
     batches = experiment.train_batches(seed, progress.data_iterator)
     losses = LossCheck(spec.train.dispatch_ahead)
-    bar = log.progress_bar(step, experiment.total_steps, experiment.batch_size)
-    try:
+    with log.progress_bar(step, experiment.total_steps, experiment.batch_size) as bar:
         while step < experiment.total_steps:
             with timer.phase("input"):
                 batch = next(batches)
@@ -162,8 +162,8 @@ def train_seed(experiment: Experiment, seed: int, seed_dir: Path) -> dict:
             bar.update(experiment.batch_size)
             if spec.export.gradients and step % spec.export.gradients_every_steps == 0:
                 with timer.phase("export"):
-                    gradients = seed_dir / "gradients"
-                    export_gradients(out["observed"], step, gradients, experiment.tables)
+                    directory = seed_dir / "gradients"
+                    export_gradients(out["observed"], step, directory, experiment.tables)
             if step % spec.log.every_steps == 0:
                 log.train(step, {k: float(v) for k, v in out.items() if k != "observed"}, bar)
             if step % spec.train.eval_every_steps == 0 or step == experiment.total_steps:
@@ -175,8 +175,6 @@ def train_seed(experiment: Experiment, seed: int, seed_dir: Path) -> dict:
                 log.val(step, val, progress, bar)
                 with timer.phase("checkpoint"):
                     checkpoints.save(step, state, progress, improved)
-    finally:
-        bar.close()
     if progress.best_step != step:  # else the best is the state in memory
         del state  # before the restore allocates the best one
         with timer.phase("checkpoint"):
@@ -189,19 +187,15 @@ def train_seed(experiment: Experiment, seed: int, seed_dir: Path) -> dict:
             export_embeddings(experiment, state["params"], seed_dir / "embeddings")
     with timer.phase("checkpoint"):
         checkpoints.close()  # waits for any checkpoint still being written
+    timings = {**timer.summary(), "steps_timed": step - first_step, **peak_memory()}
+    timings["samples_timed"] = timings["steps_timed"] * experiment.batch_size
     result = {
         "seed": seed,
         "steps": step,
         "best_step": progress.best_step,
         "val": progress.best_val,
         "test": test,
-        # This invocation's wall time by phase (a resumed seed: only the resumed part).
-        "timings": {
-            **timer.summary(),
-            "steps_timed": step - first_step,
-            "samples_timed": (step - first_step) * experiment.batch_size,
-            **peak_memory(),
-        },
+        "timings": timings,  # this invocation's (a resumed seed: the resumed part only)
         "provenance": provenance.collect(experiment.dataset.directory),
     }
     if sharding.is_main_process():

@@ -59,12 +59,13 @@ def tiny_data(root: Path) -> Path:
 def tiny_runs(root: Path) -> dict[str, Path]:
     """{'DARE': run dir, 'TWIN': run dir} trained on one tiny synthetic dataset."""
     from dare_jax import train
+    from dare_jax.config import resolve
 
     data_dir = tiny_data(root)
     runs = {}
     for name, variant in (("DARE", "dare"), ("TWIN", "twin")):
         workdir = root / "runs" / variant
-        train.run(tiny_config(data_dir, workdir, variant))
+        train.run(resolve(tiny_config(data_dir, workdir, variant)))
         runs[name] = workdir
     return runs
 
@@ -82,10 +83,11 @@ def record_gradients(data_dir: Path, workdir: Path, steps: int = 6) -> Path:
     for `steps` steps with the driver, which records every step's path gradients; returns the
     run's `seed_0/gradients` folder."""
     from dare_jax import train
+    from dare_jax.config import resolve
 
     config = tiny_config(data_dir, workdir, "twin_observe_grad")
     config.train.max_steps = steps
     config.train.eval_every_steps = steps
     config.export.gradients_every_steps = 1
-    train.run(config)
+    train.run(resolve(config))
     return workdir / "seed_0" / "gradients"

@@ -25,31 +25,31 @@ import json
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+from configs import demo
+from configs.base import set_path
+from dare_jax import checkpointing, config, train
+from dare_jax.data import open_dataset, pipeline
+from dare_jax.evaluate import evaluate
+from dare_jax.experiment import Experiment
+from dare_jax.sharding import path_name
 
-from configs import demo  # noqa: E402
-from configs.base import set_path  # noqa: E402
-from dare_jax import checkpointing, train  # noqa: E402
-from dare_jax.sharding import _path_name  # noqa: E402
-from dare_jax.data import open_dataset, pipeline  # noqa: E402
 
-
-def make_config(overrides: dict, arg: str = ""):
-    config = demo.get_config(arg)
+def make_spec(overrides: dict, arg: str = "") -> config.ExperimentSpec:
+    """The demo config's variant `arg` with the dotted overrides, resolved."""
+    values = demo.get_config(arg)
     for dotted, value in overrides.items():
-        set_path(config, dotted, value)
-    return config
+        set_path(values, dotted, value)
+    return config.resolve(values)
 
 
 def leaf_report(state) -> dict:
     """{path: {"spec": str, "shard_shapes": [...], "shape": [...]}} of every state leaf."""
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
-        name = _path_name(path)
+        name = path_name(path)
         out[name] = {
             "spec": str(tuple(leaf.sharding.spec)),
             "shape": list(leaf.shape),
@@ -62,15 +62,15 @@ def leaf_report(state) -> dict:
 def gathered(state, partitioner) -> dict:
     replicated = partitioner.replicate_fn()(state)
     return {
-        _path_name(path): np.asarray(leaf)
+        path_name(path): np.asarray(leaf)
         for path, leaf in jax.tree_util.tree_flatten_with_path(replicated)[0]
     }
 
 
 def inspect(overrides: dict, arg: str) -> dict:
-    config = make_config(overrides, arg)
-    dataset = open_dataset(config.data.dir)
-    trainer = train._Trainer(config, dataset)
+    spec = make_spec(overrides, arg)
+    dataset = open_dataset(spec.data.dir)
+    trainer = Experiment(spec, dataset)
     state = trainer.initial_state(0)
     after_init = leaf_report(state)
     data = pipeline.train_dataset(
@@ -78,12 +78,12 @@ def inspect(overrides: dict, arg: str) -> dict:
         batch_size=trainer.batch_size,
         seed=0,
         num_epochs=1,
-        max_length=int(config.data.max_length),
-        rows=trainer.rows,
+        max_length=spec.data.max_length,
+        rows=trainer.partitioner.local_rows(trainer.batch_size),
     )
     losses = []
     for index in range(2):
-        batch = trainer.shard_batch(data[index])
+        batch = trainer.device_batch(data[index])
         batch_spec = str(tuple(batch["hist_iid"].sharding.spec))
         state, out = trainer.train_step(state, batch)
         losses.append(float(out["total"]))
@@ -99,18 +99,15 @@ def inspect(overrides: dict, arg: str) -> dict:
 
 
 def restore(job: dict) -> dict:
-    config = make_config(job["overrides"], job.get("arg", ""))
-    dataset = open_dataset(config.data.dir)
-    trainer = train._Trainer(config, dataset)
+    spec = make_spec(job["overrides"], job.get("arg", ""))
+    trainer = Experiment(spec, open_dataset(spec.data.dir))
     reports = []
     for checkpoint in job["checkpoints"]:
         checkpoints = checkpointing.RunCheckpoints(checkpoint["dir"])
-        state, progress = trainer.restore(
-            checkpoints, checkpointing.LATEST, trainer.checkpoint_template(0), checkpoint["step"]
-        )
+        state, progress = trainer.restore(checkpoints, checkpointing.LATEST, checkpoint["step"])
         checkpoints.close()
         np.savez(checkpoint["npz"], **gathered(state, trainer.partitioner))
-        val = train.evaluate(trainer.eval_step, state, dataset, "val", config, trainer.partitioner)
+        val = evaluate(trainer, state, "val")
         reports.append({"leaves": leaf_report(state), "progress": progress, "val": val})
     return reports
 
@@ -119,7 +116,7 @@ def main(job_path: str) -> None:
     job = json.loads(Path(job_path).read_text())
     report: dict = {"devices": jax.device_count(), "runs": []}
     for run in job.get("runs", []):
-        results = train.run(make_config(run["overrides"], run.get("arg", "")))
+        results = train.run(make_spec(run["overrides"], run.get("arg", "")))
         report["runs"].append({"mean": results["mean"]})
     if job.get("inspect"):
         report["inspect"] = inspect(job["inspect"]["overrides"], job["inspect"].get("arg", ""))

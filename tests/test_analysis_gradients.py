@@ -101,10 +101,9 @@ def test_refuses_missing_or_mismatched_gradients(tmp_path):
     np.savez(folder / "step_00000001.npz", **{"attention.category": np.ones((3, 2))})
     with pytest.raises(common.AnalysisError, match="representation.category"):
         gradient_statistics(folder, progress=False)
-    # Files of older runs name the arrays attention/<field>: still read.
     np.savez(
         folder / "step_00000001.npz",
-        **{"attention/category": np.ones((3, 2)), "representation/category": np.ones((4, 2))},
+        **{"attention.category": np.ones((3, 2)), "representation.category": np.ones((4, 2))},
     )
     with pytest.raises(common.AnalysisError, match="one shape"):
         gradient_statistics(folder, progress=False)

@@ -2,6 +2,7 @@
 search on synthetic data, filters, and the analysis on trained runs."""
 
 import dataclasses
+import types
 import json
 import math
 
@@ -120,6 +121,10 @@ def test_retrieval_on_trained_runs(tmp_path_factory, tmp_path):
     assert 0 <= saved["models"]["DARE"]["ndcg@10"] <= 1
     assert (tmp_path / "retrieval_curves.png").stat().st_size > 0
     # Runs with different history lengths are refused, naming the field.
-    other = dataclasses.replace(runs["TWIN"], max_length=20)
+    twin = runs["TWIN"]
+    spec = twin.experiment.spec
+    spec = spec.replace(data=dataclasses.replace(spec.data, max_length=20))
+    shorter = types.SimpleNamespace(spec=spec, dataset=twin.dataset, model=twin.model)
+    other = dataclasses.replace(twin, experiment=shorter)
     with pytest.raises(common.AnalysisError, match="data.max_length"):
         retrieval_analysis({"DARE": runs["DARE"], "TWIN": other}, tmp_path, progress=False)

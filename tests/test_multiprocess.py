@@ -20,7 +20,7 @@ import sys
 import numpy as np
 import pytest
 from crash_support import SimulatedCrash, crashing_train_iterator
-from sharding_worker import make_config
+from sharding_worker import make_spec
 from test_sharding import (
     REPO,
     TABLES,
@@ -44,13 +44,13 @@ def free_port() -> int:
 def test_two_processes_match_one_device(data_dir, tmp_path):  # noqa: F811
     rules = {"mesh.row_sharded": TABLES, "train.num_seeds": 2}
     reference = tmp_path / "one_device"
-    train.run(make_config(overrides(data_dir, reference, **rules), "model=dare"))
+    train.run(make_spec(overrides(data_dir, reference, **rules), "model=dare"))
 
     workdir = tmp_path / "two_processes"
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline, "train_iterator", crashing_train_iterator(6))
         with pytest.raises(SimulatedCrash):
-            train.run(make_config(overrides(data_dir, workdir, **rules), "model=dare"))
+            train.run(make_spec(overrides(data_dir, workdir, **rules), "model=dare"))
     assert checkpointing.RunCheckpoints(workdir / "seed_0/checkpoints").step() == 4
 
     flags = [

@@ -18,12 +18,14 @@ import jax
 import numpy as np
 import pytest
 
-from dare_jax import checkpointing, sharding, train
+from dare_jax import checkpointing, metrics, sharding, train
 from dare_jax.data import open_dataset, pipeline, preprocess_log
 from dare_jax.data.synthetic import write_taobao_log
+from dare_jax.evaluate import evaluate
+from dare_jax.experiment import Experiment, ExperimentError
 from dare_jax.run_logging import read_jsonl
 from crash_support import SimulatedCrash, crashing_train_iterator
-from sharding_worker import gathered, make_config
+from sharding_worker import gathered, make_spec
 from tiny_setup import tiny_overrides
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,7 +47,7 @@ RANK_ATOL = {"auc": 2e-2, "gauc": 6e-2, "category_auc": 8e-2, "accuracy": 1e-2}
 
 
 def child_env(devices: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     return env
@@ -134,13 +136,13 @@ def runs(data_dir, tmp_path_factory):
     for name, (arg, mesh) in VARIANTS.items():
         # The 1-device side: the same config, with the mesh shape left at its default.
         same_rules = {k: v for k, v in mesh.items() if k not in ("mesh.data", "mesh.model")}
-        train.run(make_config(overrides(data_dir, root / f"{name}_1", **same_rules), arg))
+        train.run(make_spec(overrides(data_dir, root / f"{name}_1", **same_rules), arg))
     killed = root / "dare_sharded_killed"
     killed_config = overrides(data_dir, killed, **{"mesh.row_sharded": TABLES})
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipeline, "train_iterator", crashing_train_iterator(6))
         with pytest.raises(SimulatedCrash):
-            train.run(make_config(killed_config, "model=dare"))
+            train.run(make_spec(killed_config, "model=dare"))
     assert checkpointing.RunCheckpoints(killed / "seed_0/checkpoints").step() == 4
     job_runs = [
         {"arg": arg, "overrides": overrides(data_dir, root / f"{name}_8", **mesh)}
@@ -253,8 +255,8 @@ def test_checkpoint_restores_across_meshes(runs, data_dir):
             else:
                 assert leaf["spec"] == "()", path
         assert restored["progress"]["data_iterator"] is not None
-    twin = train._Trainer(
-        make_config(
+    twin = Experiment(
+        make_spec(
             overrides(data_dir, root / "unused", **{"mesh.row_sharded": TABLES}), "model=twin"
         ),
         open_dataset(data_dir),
@@ -263,7 +265,6 @@ def test_checkpoint_restores_across_meshes(runs, data_dir):
         here, progress = twin.restore(
             checkpointing.RunCheckpoints(root / f"twin_sharded_{devices}/seed_0/checkpoints"),
             checkpointing.LATEST,
-            twin.checkpoint_template(0),
         )
         assert progress == restored["progress"] and int(here["step"]) == 10
         assert all(leaf.sharding.num_devices == 1 for leaf in jax.tree.leaves(here))
@@ -274,12 +275,37 @@ def test_checkpoint_restores_across_meshes(runs, data_dir):
                 np.testing.assert_array_equal(theirs[name], mine[name], err_msg=name)
         # One and the same state evaluated on 8 devices (rows split over the data axis,
         # probabilities gathered) and here: the evaluation path agrees to rounding.
-        val = train.evaluate(
-            twin.eval_step, here, open_dataset(data_dir), "val", twin.config, twin.partitioner
-        )
+        val = evaluate(twin, here, "val")
         for name, value in val.items():
             atol = 5e-3 if name in ("gauc", "category_auc") else 1e-4  # a swap: 1/600 GAUC
             assert restored["val"][name] == pytest.approx(value, abs=atol), name
+
+
+def test_analysis_restores_runs_trained_on_eight_devices(runs):
+    """A run whose tables were row-sharded on a 2 x 4 (or 4 x 2) mesh, and so padded to a
+    multiple of mesh.table_rows_multiple, restored for analysis here on one device through
+    the driver's experiment builder: its best state is the one the run exported and
+    validated."""
+    from analysis import common
+
+    root, _ = runs
+    for name in ("twin_sharded", "dare_lazy_sharded"):
+        run_dir = root / f"{name}_8"
+        loaded = common.load_run(run_dir)
+        result = json.loads((run_dir / "seed_0/result.json").read_text())
+        assert loaded.step == result["best_step"]
+        item_n = loaded.dataset.manifest["item_n"]
+        exported = sorted((run_dir / "seed_0/embeddings").glob("*.npy"))
+        assert exported
+        for path in exported:
+            keys = path.stem.split(".")  # embed.<group>.<field>
+            table = np.asarray(loaded.state["params"][keys[0]][keys[1]][keys[2]])
+            if keys[2] == "item":
+                assert table.shape[0] == sharding.padded_rows(item_n, 64)
+            np.testing.assert_array_equal(table[: len(np.load(path))], np.load(path))
+        out = common.collect_outputs(loaded, "val", ("prob",), progress=False)
+        auc = metrics.auc(out["label"], out["prob"])
+        assert auc == pytest.approx(result["val"]["auc"], abs=1e-4)
 
 
 # ------------------------------------------------------------------ 1-device unit tests
@@ -315,9 +341,9 @@ def test_partitioner_refuses_bad_settings(data, model, rule, message):
 
 
 def test_bad_mesh_config_is_a_run_error(data_dir, tmp_path):
-    config = make_config(overrides(data_dir, tmp_path / "run", **{"mesh.data": 3}))
-    with pytest.raises(train.RunError, match="mesh.data x mesh.model"):
-        train.run(config)
+    spec = make_spec(overrides(data_dir, tmp_path / "run", **{"mesh.data": 3}))
+    with pytest.raises(ExperimentError, match="mesh.data x mesh.model"):
+        train.run(spec)
     assert not (tmp_path / "run" / "seed_0").exists()
 
 

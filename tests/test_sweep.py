@@ -1,10 +1,9 @@
 """dare_jax.sweep: a grid of variants through the real driver; a sweep killed midway resumes
-and ends with the table of an uninterrupted one; results carry their provenance; bad grids
-and overrides are refused before anything is trained."""
+and its runs give the table of an uninterrupted one; results carry their provenance; bad
+grids and overrides are refused before anything is trained."""
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,6 +14,7 @@ from analysis_support import tiny_data
 from crash_support import SimulatedCrash, crashing_train_iterator
 from tiny_setup import tiny_overrides
 
+from analysis import table
 from dare_jax import sweep
 from dare_jax.data import pipeline
 
@@ -29,9 +29,14 @@ def grid_overrides(data_dir):
 
 
 def configs(data_dir, out):
-    return sweep.sweep_configs(
+    return sweep.sweep_specs(
         "configs/demo.py:seeds=1", ["dare", "twin"], [4], grid_overrides(data_dir), out
     )
+
+
+def tabulate(specs, table_dir):
+    """What the sweep's printed `python -m analysis.table` command writes."""
+    return table.write_table({Path(s.workdir).name: Path(s.workdir) for s in specs}, table_dir)
 
 
 def table_without_paths(table_dir):
@@ -49,7 +54,8 @@ def test_killed_sweep_resumes_to_the_same_table(tmp_path_factory, tmp_path, monk
     straight = configs(data_dir, tmp_path / "straight")
     assert [Path(c.workdir).name for c in straight] == ["dare_d4", "twin_d4"]
     assert all(c.model.item_embedding_dim == 4 and c.train.num_seeds == 1 for c in straight)
-    reference = sweep.run_sweep(straight, tmp_path / "straight/table")
+    sweep.run_sweep(straight)
+    reference = tabulate(straight, tmp_path / "straight/table")
 
     out = tmp_path / "killed"
     # Killed in the second run (twin) after its 5th batch: dare finished, twin's latest is 4.
@@ -62,12 +68,13 @@ def test_killed_sweep_resumes_to_the_same_table(tmp_path_factory, tmp_path, monk
     with monkeypatch.context() as patch:
         patch.setattr(pipeline, "train_iterator", second_run_dies)
         with pytest.raises(SimulatedCrash):
-            sweep.run_sweep(configs(data_dir, out), out / "table")
+            sweep.run_sweep(configs(data_dir, out))
     assert (out / "dare_d4/results.json").is_file() and not (out / "twin_d4/results.json").exists()
     assert (out / "twin_d4/seed_0/checkpoints/latest/4").is_dir()
     finished_at = (out / "dare_d4/results.json").stat().st_mtime_ns
     capsys.readouterr()
-    resumed = sweep.run_sweep(configs(data_dir, out), out / "table")
+    sweep.run_sweep(configs(data_dir, out))
+    resumed = tabulate(configs(data_dir, out), out / "table")
     printed = capsys.readouterr().out
     assert "dare_d4" in printed and "finished, skipped" in printed
     assert "continuing" in printed and "resuming from step 4" in printed
@@ -99,7 +106,7 @@ def test_killed_sweep_resumes_to_the_same_table(tmp_path_factory, tmp_path, monk
 
 def test_grid_configs_and_refusals(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO)
-    grid = sweep.sweep_configs(
+    grid = sweep.sweep_specs(
         "configs/taobao.py:seeds=2", ["dare", "twin_hard"], [16, 64], {"optim.lr": 0.005}
     )
     assert [c.workdir for c in grid] == [
@@ -111,8 +118,12 @@ def test_grid_configs_and_refusals(tmp_path, monkeypatch):
     assert [c.model.item_embedding_dim for c in grid] == [16, 64, 16, 64]
     assert all(c.optim.lr == 0.005 and c.train.num_seeds == 2 for c in grid)
     assert grid[2].model.soft_search is False  # the variant's own overrides apply
-    assert sweep.default_table_dir(grid, None) == Path("runs/taobao/table")
-    assert sweep.default_table_dir(grid, tmp_path) == tmp_path / "table"
+    assert sweep.table_command(grid, None) == (
+        "python -m analysis.table --run runs/taobao/dare_d16 --run runs/taobao/dare_d64 "
+        "--run runs/taobao/twin_hard_d16 --run runs/taobao/twin_hard_d64 "
+        "--out runs/taobao/table"
+    )
+    assert sweep.table_command(grid[:1], tmp_path).endswith(f"--out {tmp_path / 'table'}")
     refusals = [
         (["dare", "nope"], None, {}, "unknown variant"),
         (["dare", "dare"], None, {}, "--models repeats"),
@@ -123,9 +134,9 @@ def test_grid_configs_and_refusals(tmp_path, monkeypatch):
         sweep._dims(["16", "x"])
     for models, dims, overrides, message in refusals:
         with pytest.raises(sweep.SweepError, match=message):
-            sweep.sweep_configs("configs/taobao.py", models, dims, overrides)
+            sweep.sweep_specs("configs/taobao.py", models, dims, overrides)
     with pytest.raises(sweep.SweepError, match="already sets model="):
-        sweep.sweep_configs("configs/taobao.py:model=twin", ["dare"], None, {})
+        sweep.sweep_specs("configs/taobao.py:model=twin", ["dare"], None, {})
 
 
 @pytest.mark.parametrize(
@@ -138,9 +149,8 @@ def test_grid_configs_and_refusals(tmp_path, monkeypatch):
 def test_cli_refuses_bad_grids_before_training(args, message, tmp_path):
     command = [sys.executable, "-m", "dare_jax.sweep", "--config", "configs/taobao.py", *args,
                "--out", str(tmp_path / "out")]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False
+        command, cwd=REPO, capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr

@@ -203,6 +203,22 @@ def test_minimum_table_rows(tiny_data):
     assert tables["attention"]["category"].shape == (cate_n, 4)
 
 
+def test_analysis_restores_a_run_with_larger_tables(tiny_data, tmp_path):
+    """A run trained with `data.min_item_rows` (tables beyond the dataset's ids) is restored
+    for analysis with its own table sizes: the state the run exported."""
+    from analysis import common
+
+    item_n = open_dataset(tiny_data).manifest["item_n"]
+    config = tiny_config(tiny_data, tmp_path / "run", max_steps=4)
+    config.data.min_item_rows = item_n + 100
+    run(config)
+    loaded = common.load_run(tmp_path / "run")
+    table = np.asarray(loaded.state["params"]["embed"]["attention"]["item"])
+    assert table.shape == (item_n + 100, 4)
+    exported = np.load(tmp_path / "run/seed_0/embeddings/embed.attention.item.npy")
+    np.testing.assert_array_equal(table[:item_n], exported)
+
+
 @pytest.mark.slow  # two fresh processes, each compiling the model
 def test_kill_9_and_restart_with_the_same_command(tiny_data, tmp_path):
     """A real `kill -9` of the command-line run, then the same command again."""

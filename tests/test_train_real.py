@@ -11,6 +11,7 @@ import json
 import pytest
 
 from dare_jax import train
+from dare_jax.config import resolve
 from dare_jax.run_logging import read_jsonl
 from tests.conftest import shared_path
 
@@ -30,7 +31,7 @@ def test_paper_config_runs_on_the_real_sample(name, tmp_path):
     config.train.batch_size = 512
     config.train.eval_every_steps = 3
     config.log.progress_bar = False
-    results = train.run(config)
+    results = train.run(resolve(config))
 
     manifest = json.loads((tmp_path / "preprocessed/manifest.json").read_text())
     test = results["seeds"][0]["test"]

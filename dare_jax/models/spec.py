@@ -22,6 +22,7 @@ from dare_jax.models.variants import (
 
 SCORE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """The model options (config section `model`); ValueError naming the field on a bad one.
