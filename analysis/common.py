@@ -261,7 +261,8 @@ def load_run(
     which: str = "best",
     data_dir: str | Path | None = None,
 ) -> LoadedRun:
-    """Restore a run's checkpoint (`which` = 'best' or 'latest') with its model and dataset,
+    """Restore a run's checkpoint (`which` = 'best', or 'latest': the newest of the run's
+    checkpoints, the state its training would resume from) with its model and dataset,
     built by the driver's experiment builder from the run's config.
 
     Raises AnalysisError when the run directory, its config, its dataset or its checkpoint is
@@ -283,6 +284,8 @@ def load_run(
         raise AnalysisError(f"checkpoint kind {which!r}: expected 'best' or 'latest'")
     checkpoints = checkpointing.RunCheckpoints(sdir / "checkpoints")
     try:
+        if which == checkpointing.LATEST:  # the state training would resume from
+            which = (checkpoints.newest() or (which, None))[0]
         if checkpoints.step(which) is None:
             raise AnalysisError(f"no {which} checkpoint in {sdir / 'checkpoints' / which}")
         state, _ = experiment.restore(checkpoints, which)

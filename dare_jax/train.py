@@ -144,49 +144,25 @@ def train_seed(experiment: Experiment, seed: int, seed_dir: Path) -> dict:
     if (seed_dir / "result.json").exists():
         return json.loads((seed_dir / "result.json").read_text())
     spec, timer = experiment.spec, PhaseTimer()
-    checkpoints = SeedCheckpoints(experiment, seed_dir / "checkpoints")
-    with timer.phase("init"):
-        state, progress = checkpoints.resume(seed)
-    step = first_step = int(state["step"])
-    log = SeedLog(seed_dir, spec.log, seed, None if step == 0 else step)
-    batches = experiment.train_batches(seed, progress.data_iterator)
-    losses = LossCheck(spec.train.dispatch_ahead)
-    with log.progress_bar(step, experiment.total_steps, experiment.batch_size) as bar:
-        while step < experiment.total_steps:
-            with timer.phase("input"):
-                batch = next(batches)
-            with timer.phase("train_steps"):
-                state, out = experiment.train_step(state, batch)
-                step += 1
-                losses.push(step, out["total"])
-            bar.update(experiment.batch_size)
-            if spec.export.gradients and step % spec.export.gradients_every_steps == 0:
-                with timer.phase("export"):
-                    directory = seed_dir / "gradients"
-                    export_gradients(out["observed"], step, directory, experiment.tables)
-            if step % spec.log.every_steps == 0:
-                log.train(step, {k: float(v) for k, v in out.items() if k != "observed"}, bar)
-            if step % spec.train.eval_every_steps == 0 or step == experiment.total_steps:
-                with timer.phase("train_steps"):
-                    losses.check_all()
-                with timer.phase("eval"):
-                    val = evaluate(experiment, state, "val")
-                improved = progress.record(step, val, batches.get_state())
-                log.val(step, val, progress, bar)
-                with timer.phase("checkpoint"):
-                    checkpoints.save(step, state, progress, improved)
-    if progress.best_step != step:  # else the best is the state in memory
-        del state  # before the restore allocates the best one
+    with SeedCheckpoints(experiment, seed_dir / "checkpoints") as checkpoints:
+        with timer.phase("init"):
+            state, progress = checkpoints.resume(seed)
+        first_step = int(state["step"])
+        log = SeedLog(seed_dir, spec.log, seed, first_step or None)
+        state = train_steps(experiment, seed, state, progress, checkpoints, log, timer)
+        step = experiment.total_steps
+        if progress.best_step != step:  # else the best is the state in memory
+            del state  # before the restore allocates the best one
+            with timer.phase("checkpoint"):
+                state = checkpoints.restore_best(progress.best_step)
+        with timer.phase("eval"):
+            test = evaluate(experiment, state, "test")
+        log.test(step, progress.best_step, test)
+        if spec.export.embeddings:
+            with timer.phase("export"):
+                export_embeddings(experiment, state["params"], seed_dir / "embeddings")
         with timer.phase("checkpoint"):
-            state = checkpoints.restore_best(progress.best_step)
-    with timer.phase("eval"):
-        test = evaluate(experiment, state, "test")
-    log.test(step, progress.best_step, test)
-    if spec.export.embeddings:
-        with timer.phase("export"):
-            export_embeddings(experiment, state["params"], seed_dir / "embeddings")
-    with timer.phase("checkpoint"):
-        checkpoints.close()  # waits for any checkpoint still being written
+            checkpoints.wait()  # for the last checkpoint still being written
     timings = {**timer.summary(), "steps_timed": step - first_step, **peak_memory()}
     timings["samples_timed"] = timings["steps_timed"] * experiment.batch_size
     result = {
@@ -201,6 +177,39 @@ def train_seed(experiment: Experiment, seed: int, seed_dir: Path) -> dict:
     if sharding.is_main_process():
         run_logging.write_json_atomic(seed_dir / "result.json", result)
     return result
+
+
+def train_steps(experiment, seed, state, progress, checkpoints, log, timer) -> dict:
+    """The training loop from `state` to the last step: validation, checkpoints and logs on
+    their steps (`progress` is updated in place); returns the last state."""
+    spec, step = experiment.spec, int(state["step"])
+    batches = experiment.train_batches(seed, progress.data_iterator)
+    losses = LossCheck(spec.train.dispatch_ahead)
+    with log.progress_bar(step, experiment.total_steps, experiment.batch_size) as bar:
+        while step < experiment.total_steps:
+            with timer.phase("input"):
+                batch = next(batches)
+            with timer.phase("train_steps"):
+                state, out = experiment.train_step(state, batch)
+                step += 1
+                losses.push(step, out["total"])
+            bar.update(experiment.batch_size)
+            if spec.export.gradients and step % spec.export.gradients_every_steps == 0:
+                with timer.phase("export"):
+                    directory = log.seed_dir / "gradients"
+                    export_gradients(out["observed"], step, directory, experiment.tables)
+            if step % spec.log.every_steps == 0:
+                log.train(step, {k: float(v) for k, v in out.items() if k != "observed"}, bar)
+            if step % spec.train.eval_every_steps == 0 or step == experiment.total_steps:
+                with timer.phase("train_steps"):
+                    losses.check_all()
+                with timer.phase("eval"):
+                    val = evaluate(experiment, state, "val")
+                improved = progress.record(step, val, batches.get_state())
+                log.val(step, val, progress, bar)
+                with timer.phase("checkpoint"):
+                    checkpoints.save(step, state, progress, improved)
+    return state
 
 
 @dataclasses.dataclass
@@ -227,40 +236,40 @@ class Progress:
 
 
 class SeedCheckpoints:
-    """The latest and best checkpoints of a seed, saved in an order that survives a kill at
-    any point: a new best first, then latest (which records it), and only then is the
-    previous best deleted. A resume from an older latest discards bests newer than it (they
-    are recomputed identically) and still finds the best that latest records."""
+    """A seed's checkpoints: every validation saves the state, as `best` when it improves on
+    the best so far, else as `latest`; a seed resumes from the newer of the two
+    (`dare_jax.checkpointing`), so a kill at any point loses no more than the steps since."""
 
     def __init__(self, experiment: Experiment, directory: Path):
         self.experiment = experiment
         self.checkpoints = checkpointing.RunCheckpoints(directory)
 
     def resume(self, seed: int) -> tuple[dict, Progress]:
-        """The latest checkpoint's state and progress, or the seed's fresh state."""
-        step = self.checkpoints.step(checkpointing.LATEST)
-        self.checkpoints.discard_best_after(-1 if step is None else step)
-        if step is None:
+        """The newest checkpoint's state and progress, or the seed's fresh state."""
+        newest = self.checkpoints.newest()
+        if newest is None:
             return self.experiment.initial_state(seed), Progress()
-        state, progress = self.experiment.restore(self.checkpoints, checkpointing.LATEST)
+        state, progress = self.experiment.restore(self.checkpoints, newest[0])
         if sharding.is_main_process():
-            print(f"seed {seed}: resuming from step {step}", flush=True)
+            print(f"seed {seed}: resuming from step {newest[1]}", flush=True)
         return state, Progress(**progress)
 
     def save(self, step: int, state: dict, progress: Progress, improved: bool) -> None:
+        which = checkpointing.BEST if improved else checkpointing.LATEST
         saved = run_logging.to_jsonable(dataclasses.asdict(progress))
-        if improved:  # written once, linked as the latest (same state and progress)
-            self.experiment.save(self.checkpoints, checkpointing.BEST, step, state, saved)
-            self.checkpoints.copy(checkpointing.BEST, checkpointing.LATEST, step)
-        else:
-            self.experiment.save(self.checkpoints, checkpointing.LATEST, step, state, saved)
-        self.checkpoints.keep_only(checkpointing.BEST, progress.best_step)
+        self.experiment.save(self.checkpoints, which, step, state, saved)
 
     def restore_best(self, step: int) -> dict:
         return self.experiment.restore(self.checkpoints, checkpointing.BEST, step=step)[0]
 
-    def close(self) -> None:
-        self.checkpoints.close()
+    def wait(self) -> None:
+        self.checkpoints.wait()
+
+    def __enter__(self) -> SeedCheckpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.checkpoints.close()  # a failed seed too: the last save it started completes
 
 
 class LossCheck:
@@ -290,6 +299,7 @@ class SeedLog:
 
     def __init__(self, seed_dir: Path, spec: config.LogSpec, seed: int, resume_step: int | None):
         self.main, self.spec, self.seed = sharding.is_main_process(), spec, seed
+        self.seed_dir = seed_dir
         if self.main:
             self.jsonl = run_logging.MetricsLog(seed_dir / "metrics.jsonl", resume_step)
             self.board = run_logging.TensorBoard(

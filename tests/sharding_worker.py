@@ -104,7 +104,8 @@ def restore(job: dict) -> dict:
     reports = []
     for checkpoint in job["checkpoints"]:
         checkpoints = checkpointing.RunCheckpoints(checkpoint["dir"])
-        state, progress = trainer.restore(checkpoints, checkpointing.LATEST, checkpoint["step"])
+        which, _ = checkpoints.newest()
+        state, progress = trainer.restore(checkpoints, which, checkpoint["step"])
         checkpoints.close()
         np.savez(checkpoint["npz"], **gathered(state, trainer.partitioner))
         val = evaluate(trainer, state, "val")

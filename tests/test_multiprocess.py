@@ -51,7 +51,7 @@ def test_two_processes_match_one_device(data_dir, tmp_path):  # noqa: F811
         patch.setattr(pipeline, "train_iterator", crashing_train_iterator(6))
         with pytest.raises(SimulatedCrash):
             train.run(make_spec(overrides(data_dir, workdir, **rules), "model=dare"))
-    assert checkpointing.RunCheckpoints(workdir / "seed_0/checkpoints").step() == 4
+    assert checkpointing.RunCheckpoints(workdir / "seed_0/checkpoints").newest()[1] == 4
 
     flags = [
         f"--config.{key}={value}"

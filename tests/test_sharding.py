@@ -143,7 +143,7 @@ def runs(data_dir, tmp_path_factory):
         patch.setattr(pipeline, "train_iterator", crashing_train_iterator(6))
         with pytest.raises(SimulatedCrash):
             train.run(make_spec(killed_config, "model=dare"))
-    assert checkpointing.RunCheckpoints(killed / "seed_0/checkpoints").step() == 4
+    assert checkpointing.RunCheckpoints(killed / "seed_0/checkpoints").newest()[1] == 4
     job_runs = [
         {"arg": arg, "overrides": overrides(data_dir, root / f"{name}_8", **mesh)}
         for name, (arg, mesh) in VARIANTS.items()
@@ -262,10 +262,8 @@ def test_checkpoint_restores_across_meshes(runs, data_dir):
         open_dataset(data_dir),
     )
     for devices, restored in zip((1, 8), report["restore"]):
-        here, progress = twin.restore(
-            checkpointing.RunCheckpoints(root / f"twin_sharded_{devices}/seed_0/checkpoints"),
-            checkpointing.LATEST,
-        )
+        checkpoints = checkpointing.RunCheckpoints(root / f"twin_sharded_{devices}/seed_0/checkpoints")
+        here, progress = twin.restore(checkpoints, checkpoints.newest()[0])
         assert progress == restored["progress"] and int(here["step"]) == 10
         assert all(leaf.sharding.num_devices == 1 for leaf in jax.tree.leaves(here))
         mine = gathered(here, twin.partitioner)

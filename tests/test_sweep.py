@@ -16,6 +16,7 @@ from tiny_setup import tiny_overrides
 
 from analysis import table
 from dare_jax import sweep
+from dare_jax.checkpointing import RunCheckpoints
 from dare_jax.data import pipeline
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,7 +71,7 @@ def test_killed_sweep_resumes_to_the_same_table(tmp_path_factory, tmp_path, monk
         with pytest.raises(SimulatedCrash):
             sweep.run_sweep(configs(data_dir, out))
     assert (out / "dare_d4/results.json").is_file() and not (out / "twin_d4/results.json").exists()
-    assert (out / "twin_d4/seed_0/checkpoints/latest/4").is_dir()
+    assert RunCheckpoints(out / "twin_d4/seed_0/checkpoints").newest()[1] == 4
     finished_at = (out / "dare_d4/results.json").stat().st_mtime_ns
     capsys.readouterr()
     sweep.run_sweep(configs(data_dir, out))

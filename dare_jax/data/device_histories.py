@@ -1,13 +1,11 @@
 """Histories built on the device (config `data.histories = "device"`).
 
-The host pipeline then sends each batch as uid, iid, cid, label and the span
-`[hist_start, hist_stop)` of every sample's history in the sequence arrays
-(`Dataset.gather_spans`: six `[B]` integer arrays) instead of two `[B, L]` arrays;
-`DeviceHistories` keeps `seq_iid` and `seq_cid` on every device (replicated, int32 `[E]`
-each: 8 bytes per stored event) and builds the `[B, L]` histories there with the
-arithmetic of `storage.build_histories`, so the model sees the same batches. What it saves
-per batch of 2048 x 200: the host's history gather and the copy of 2 x B x L int32
-(3.3 MB) to the device (`benchmarks/input_pipeline.py` times both).
+The host pipeline sends each batch as uid, iid, cid, label and the span
+`[hist_start, hist_stop)` of every sample's history (`Dataset.gather_spans`: six `[B]`
+integer arrays) instead of two `[B, L]` arrays. `DeviceHistories` keeps `seq_iid` and
+`seq_cid` replicated on every device (int32 `[E]` each: 8 bytes per stored event) and
+builds the `[B, L]` histories there with the arithmetic of `storage.build_histories`, so
+the model sees the same batches without the host's gather and copy of the histories.
 """
 
 from __future__ import annotations
@@ -49,21 +47,19 @@ def _expand(sequences: tuple[jax.Array, ...], batch: dict, max_length: int) -> d
 class DeviceHistories:
     """The dataset's sequence arrays on every device of `partitioner`'s mesh, and the
     jitted expansion of span batches (split on `data`) into the model's batches.
-
-    Raises ValueError when the dataset holds more events than int32 spans can address.
-    """
+    ValueError when the dataset holds more events than int32 spans can address."""
 
     def __init__(self, dataset, max_length: int, partitioner) -> None:
         events = int(dataset.array(SEQUENCE_ARRAYS[0]).shape[0])
         if events > MAX_EVENTS:
-            raise ValueError(
-                f"data.histories = 'device': the dataset stores {events} events, more than "
-                f"{MAX_EVENTS} (int32 spans); use data.histories = 'host'"
-            )
+            raise ValueError(f"data.histories = 'device': the dataset stores {events} events, "
+                             f"more than {MAX_EVENTS} (int32 spans); use data.histories = 'host'")
         replicated = partitioner.replicated
+        # make_array_from_callback places the host array on every device of the mesh,
+        # across processes too (each process holds the same file).
+        arrays = [np.asarray(dataset.array(name), np.int32) for name in SEQUENCE_ARRAYS]
         self.sequences = tuple(
-            _replicated_array(np.asarray(dataset.array(name), np.int32), replicated)
-            for name in SEQUENCE_ARRAYS
+            jax.make_array_from_callback(a.shape, replicated, a.__getitem__) for a in arrays
         )
         self.nbytes = sum(int(s.nbytes) for s in self.sequences)
         self._expand = jax.jit(
@@ -76,9 +72,3 @@ class DeviceHistories:
         """uid, iid, cid, label, hist_start, hist_stop `[B]` (global arrays split on `data`)
         -> uid, iid, cid, label `[B]`, hist_iid, hist_cid `[B, L]` (same sharding)."""
         return self._expand(self.sequences, batch)
-
-
-def _replicated_array(values: np.ndarray, sharding) -> jax.Array:
-    # make_array_from_callback places the host array on every device of the mesh, across
-    # processes too (each process holds the same file).
-    return jax.make_array_from_callback(values.shape, sharding, lambda index: values[index])

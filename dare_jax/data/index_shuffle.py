@@ -2,14 +2,9 @@
 
 `grain.MapDataset.range(n).shuffle(seed)` sends position `i` of epoch `e` to
 `index_shuffle(i, max_index=n - 1, seed=(seed + e) % 2**32, rounds=4)`, a pseudorandom
-permutation of `[0, n)` that grain computes one position per Python call (57-230 ms for
-a batch of 2048 on a loaded 2-core machine, more than everything else the input pipeline
-does; `benchmarks/input_pipeline.py`).
-This module computes the same permutation with numpy over an array of positions, so the
-pipeline draws each batch's sample indices in one call and trains on exactly the batches
-grain's shuffle gives (`tests/test_pipeline.py` checks it against the installed grain's own
-function; written against grain 0.2.18, the pinned version: a grain that changed its
-permutation would fail that test, and this module keeps the data order of existing runs).
+permutation of `[0, n)` that grain computes one position per Python call; this module
+computes the same one with numpy for a whole batch (the tests check it against grain's;
+should grain change its permutation, this module keeps the data order of existing runs).
 
 The permutation, as grain defines it: a Simon-style Feistel cipher on blocks of `2w` bits
 (`2w` = ceil(log2(n - 1)) rounded up to even, at least 16), `rounds` round keys drawn from
@@ -42,13 +37,8 @@ def seed_seq_keys(seed: int, count: int) -> list[int]:
 
     for k in range(m):
         r1 = (1664525 * mix(words[k % n] ^ words[(k + p) % n] ^ words[(k - 1) % n])) & _MASK32
-        if k == 0:
-            r2 = r1 + s
-        elif k <= s:
-            r2 = r1 + k % n + (seed & _MASK32)
-        else:
-            r2 = r1 + k % n
-        r2 &= _MASK32
+        # The standard's r2: r1 + s at k = 0, r1 + k % n + the seed word for 0 < k <= s.
+        r2 = (r1 + (s if k == 0 else k % n + (seed if k <= s else 0))) & _MASK32
         words[(k + p) % n] = (words[(k + p) % n] + r1) & _MASK32
         words[(k + q) % n] = (words[(k + q) % n] + r2) & _MASK32
         words[k % n] = r2
@@ -62,9 +52,7 @@ def seed_seq_keys(seed: int, count: int) -> list[int]:
     return words
 
 
-def index_shuffle(
-    positions: np.ndarray, max_index: int, seed: int, rounds: int = 4
-) -> np.ndarray:
+def index_shuffle(positions: np.ndarray, max_index: int, seed: int, rounds: int = 4) -> np.ndarray:
     """Where grain's `index_shuffle` sends each of `positions` (ints in `[0, max_index]`):
     int64, same shape."""
     positions = np.asarray(positions)
@@ -85,7 +73,7 @@ def index_shuffle(
 
 def _cipher(max_index: int, seed: int, rounds: int):
     """(block bits, the vectorised encryption of uint64 values on that block)."""
-    block = max(math.ceil(math.log2(max_index)), 0)
+    block = math.ceil(math.log2(max_index))  # max_index >= 1
     block = max(block + block % 2, _MIN_BLOCK_BITS)
     word = min(block, 64) // 2
     mask = np.uint64((1 << word) - 1)

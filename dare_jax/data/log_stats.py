@@ -1,9 +1,8 @@
 """Statistics of a Taobao-format behaviour log (SPEC.md section 5b).
 
-They describe the signal a long-sequence CTR model can find in a log: how long
-user histories are, how strongly the next event follows the recent ones
-(category continuity, re-visits) and how long-tailed item popularity is. They
-are the yardstick for the synthetic generator (`dare_jax.data.synthetic`).
+The signal a long-sequence CTR model can find in a log: how long user histories are, how
+strongly the next event follows the recent ones (category continuity, re-visits) and how
+long-tailed item popularity is; the yardstick for `dare_jax.data.synthetic`.
 
 Definitions (pv events only; each user's events in time order, stable, as the
 protocol orders them):
@@ -57,13 +56,9 @@ STATISTIC_LABELS = {
 def time_ordered_events(
     user: np.ndarray, time: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Order events user after user (first appearance), each user's in stable time order.
-
-    Args:
-      user, time: [N] raw user ids and timestamps in file order.
-    Returns:
-      order: [N] indices into the file-order arrays; user_start, user_count: [U] start
-      offset and event count of each user in that order.
+    """Order events ([N] raw user ids and timestamps in file order) user after user (first
+    appearance), each user's in stable time order: (order [N], indices into the file-order
+    arrays; user_start, user_count [U], each user's offset and event count in that order).
     """
     _, first_index, inverse = np.unique(user, return_index=True, return_inverse=True)
     rank = np.empty(len(first_index), dtype=np.int64)
@@ -77,14 +72,8 @@ def time_ordered_events(
 
 
 def sequence_statistics(
-    user: np.ndarray,
-    item: np.ndarray,
-    category: np.ndarray,
-    time: np.ndarray,
-    *,
-    min_events: int = 210,
-    n_targets: int = 20,
-    history_length: int = 200,
+    user: np.ndarray, item: np.ndarray, category: np.ndarray, time: np.ndarray, *,
+    min_events: int = 210, n_targets: int = 20, history_length: int = 200,
 ) -> dict:
     """The section-5b statistics of pv events given as [N] arrays in file order."""
     if not len(user) == len(item) == len(category) == len(time):
@@ -92,14 +81,13 @@ def sequence_statistics(
     if len(user) == 0:
         raise ValueError("no pv events: statistics are undefined")
     order, user_start, user_count = time_ordered_events(user, time)
-    item = np.asarray(item)[order]
-    category = np.asarray(category)[order]
+    item, category = np.asarray(item)[order], np.asarray(category)[order]
 
     long_users = np.flatnonzero(user_count >= min_events)
     k = min(n_targets, min_events)
     # Target positions in the ordered arrays: the last k events of every long user.
-    target_pos = (user_start[long_users] + user_count[long_users])[:, None] - np.arange(k, 0, -1)
-    target_pos = target_pos.ravel()
+    user_end = user_start[long_users] + user_count[long_users]
+    target_pos = (user_end[:, None] - np.arange(k, 0, -1)).ravel()
     target_user_start = np.repeat(user_start[long_users], k)
     hits = {"last": 0, "last_10": 0, "history": 0, "item": 0}
     back = np.arange(1, history_length + 1)
@@ -117,9 +105,10 @@ def sequence_statistics(
 
     # Distinct categories per long user: unique (user, category) pairs.
     _, category_code = np.unique(category, return_inverse=True)
+    n_categories = category_code.max() + 1
     user_of_event = np.repeat(np.arange(len(user_count)), user_count)
-    pairs = np.unique(user_of_event.astype(np.int64) * (category_code.max() + 1) + category_code)
-    distinct_per_user = np.bincount(pairs // (category_code.max() + 1), minlength=len(user_count))
+    pairs = np.unique(user_of_event.astype(np.int64) * n_categories + category_code)
+    distinct_per_user = np.bincount(pairs // n_categories, minlength=len(user_count))
 
     _, item_count = np.unique(item, return_counts=True)
     top = math.ceil(0.01 * len(item_count))
@@ -128,11 +117,13 @@ def sequence_statistics(
     def share(n: int) -> float:
         return n / n_t if n_t else float("nan")
 
+    distinct = float(np.median(distinct_per_user[long_users])) if len(long_users) else math.nan
+
     return {
         "users": len(user_count),
         "pv_events": len(user),
         "items": len(item_count),
-        "categories": int(category_code.max() + 1),
+        "categories": int(n_categories),
         "median_events_per_user": float(np.median(user_count)),
         "p90_events_per_user": float(np.percentile(user_count, 90)),
         "long_users": len(long_users),
@@ -141,51 +132,39 @@ def sequence_statistics(
         "target_category_in_last_10": share(hits["last_10"]),
         "target_category_in_history": share(hits["history"]),
         "target_item_in_history": share(hits["item"]),
-        "median_distinct_categories_long_users": (
-            float(np.median(distinct_per_user[long_users])) if len(long_users) else float("nan")
-        ),
+        "median_distinct_categories_long_users": distinct,
         "top1pct_item_event_share": float(top_share),
         "items_seen_once_share": float(np.mean(item_count == 1)),
     }
 
 
 def taobao_log_statistics(path: str | Path, *, progress: bool = False, **options) -> dict:
-    """Section-5b statistics of a Taobao `UserBehavior.csv`-format file.
+    """Section-5b statistics (keys of `STATISTIC_LABELS`, plus ``path``) of a Taobao
+    `UserBehavior.csv`-format file; ``options``: ``min_events`` (210), ``n_targets`` (20),
+    ``history_length`` (200).
 
-    Args:
-      path: the CSV (no header; user_id,item_id,category_id,behavior_type,timestamp).
-      progress: progress bar while reading.
-      **options: ``min_events`` (210), ``n_targets`` (20), ``history_length`` (200).
-    Returns:
-      dict of the statistics (keys of `STATISTIC_LABELS`) plus ``path``.
-    Raises:
-      FileNotFoundError, dare_jax.data.raw_logs.RawLogError (first malformed line),
-      ValueError (no pv event).
+    Raises FileNotFoundError, dare_jax.data.raw_logs.RawLogError (first malformed line),
+    ValueError (no pv event).
     """
     log = read_taobao_log(path, progress=progress)
     if len(log.user) == 0:
         raise ValueError(f"{path}: no pv rows, statistics are undefined")
     stats = sequence_statistics(log.user, log.item, log.category, log.time, **options)
-    stats["path"] = str(path)
-    return stats
+    return {**stats, "path": str(path)}
 
 
 def format_statistics_table(columns: dict[str, dict]) -> str:
     """A Markdown table: one row per statistic, one column per named statistics dict."""
-    names = list(columns)
-    lines = [
-        "| statistic | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
-    ]
+
+    def cell(value: float | int | None) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float) and (math.isnan(value) or not value.is_integer()):
+            return f"{value:.3f}"
+        return f"{int(value):,}"
+
+    lines = ["| statistic | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for key, label in STATISTIC_LABELS.items():
-        cells = []
-        for name in names:
-            value = columns[name].get(key)
-            if value is None:
-                cells.append("-")
-            elif isinstance(value, float) and (math.isnan(value) or not value.is_integer()):
-                cells.append(f"{value:.3f}")
-            else:
-                cells.append(f"{int(value):,}")
+        cells = (cell(stats.get(key)) for stats in columns.values())
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -12,37 +12,22 @@ DATASET_KINDS = ("taobao", "tmall")
 
 
 def preprocess_log(
-    kind: str,
-    input_path: str | Path,
-    output_dir: str | Path,
-    seed: int = 0,
-    overwrite: bool = False,
-    *,
-    progress: bool = True,
+    kind: str, input_path: str | Path, output_dir: str | Path, seed: int = 0,
+    overwrite: bool = False, *, progress: bool = True,
 ) -> Path:
-    """Preprocess a raw Taobao or Tmall log into a dataset directory (SPEC section 2).
+    """Preprocess the raw CSV of ``kind`` 'taobao' (UserBehavior.csv) or 'tmall'
+    (user_log_format1.csv) into the dataset directory ``output_dir`` (SPEC section 2),
+    written atomically; ``seed`` seeds the negatives and the train shuffle. Returns
+    ``output_dir`` as a Path.
 
-    Args:
-        kind: 'taobao' (UserBehavior.csv) or 'tmall' (user_log_format1.csv).
-        input_path: the raw CSV.
-        output_dir: the dataset directory to create (atomically).
-        seed: seeds the negatives and the train shuffle.
-        overwrite: replace an existing ``output_dir``.
-
-    Returns:
-        ``output_dir`` as a Path.
-
-    Raises:
-        ValueError: unknown ``kind``.
-        FileNotFoundError: missing input.
-        FileExistsError: ``output_dir`` exists and not ``overwrite``.
-        raw_logs.RawLogError: malformed input line.
-        protocol.ProtocolError: the log yields no dataset (e.g. nobody has 210 events).
+    Raises ValueError (unknown ``kind``), FileNotFoundError (missing input),
+    FileExistsError (``output_dir`` exists and not ``overwrite``), raw_logs.RawLogError
+    (malformed input line), protocol.ProtocolError (the log yields no dataset, e.g.
+    nobody has 210 events).
     """
     if kind not in DATASET_KINDS:
         raise ValueError(f"unknown dataset kind {kind!r}; expected one of {DATASET_KINDS}")
-    input_path = Path(input_path)
-    output_dir = Path(output_dir)
+    input_path, output_dir = Path(input_path), Path(output_dir)
     if storage.is_occupied(output_dir) and not overwrite:
         # Checked up front too, so a long run does not fail only at the very end.
         raise FileExistsError(f"output directory already exists: {output_dir} "
@@ -55,37 +40,26 @@ def preprocess_log(
         digest = pool.submit(storage.sha256_file, input_path)
         # No local name for the log: build_samples holds the only reference and frees
         # each raw column as soon as it is used (peak memory matters at 100 M rows).
-        result = protocol.build_samples(
-            raw_logs.READERS[kind](input_path, progress=progress), seed=seed, progress=progress
-        )
+        result = protocol.build_samples(raw_logs.READERS[kind](input_path, progress=progress),
+                                        seed=seed, progress=progress)
         sha = digest.result()
-    arrays = {
-        "seq_iid": result.seq_iid, "seq_cid": result.seq_cid,
-        "seq_offsets": result.seq_offsets, "seq_uid": result.seq_uid,
-        "raw_uid": result.raw_uid, "raw_iid": result.raw_iid, "raw_cid": result.raw_cid,
-    }
+    arrays = {name: getattr(result, name) for name in storage.SEQUENCE_FIELDS + storage.ID_FIELDS}
     for split, samples in result.splits.items():
-        for field in storage.SAMPLE_FIELDS:
-            arrays[f"{split}_{field}"] = getattr(samples, field)
-    n_items = int(result.raw_iid.shape[0] - 1)
-    n_cates = int(result.raw_cid.shape[0] - 1)
+        arrays.update({f"{split}_{f}": getattr(samples, f) for f in storage.SAMPLE_FIELDS})
+    n_items, n_cates = int(result.raw_iid.shape[0] - 1), int(result.raw_cid.shape[0] - 1)
     manifest = {
-        "dataset": kind,
-        "seed": int(seed),
+        "dataset": kind, "seed": int(seed),
         "counts": {split: len(s) for split, s in result.splits.items()},
         "user_count": int(result.raw_uid.shape[0] - 1),
-        "item_count": n_items,
-        "category_count": n_cates,
-        "item_n": n_items + 1,
-        "cate_n": n_cates + 1,
+        "item_count": n_items, "category_count": n_cates,
+        "item_n": n_items + 1, "cate_n": n_cates + 1,
         "sequence_rows": int(result.seq_uid.shape[0]),
         "sequence_events": int(result.seq_iid.shape[0]),
         "min_events": protocol.MIN_EVENTS,
         "train_target_offsets": list(protocol.TRAIN_TARGET_OFFSETS),
         "negatives_per_positive": protocol.NEGATIVES_PER_POSITIVE,
         "max_length": None,  # whole sequences stored: any history length can be gathered
-        "raw_rows": result.raw_rows,
-        "kept_events": result.events_kept_type,
+        "raw_rows": result.raw_rows, "kept_events": result.events_kept_type,
         "source_files": [storage.source_entry(input_path, sha)],
         "created_by": "dare_jax.data.preprocess_log",
         "seconds": round(time.perf_counter() - started, 2),
@@ -93,17 +67,12 @@ def preprocess_log(
     return storage.write_dataset(output_dir, arrays, manifest, overwrite=overwrite)
 
 
-DOWNLOADS = {
-    "taobao": (
-        "UserBehavior.csv",
-        "https://tianchi.aliyun.com/dataset/649",
-        "python -m preprocessing.taobao --input {raw} --output {dir}",
-    ),
-    "tmall": (
-        "user_log_format1.csv (inside data_format1.zip)",
-        "https://tianchi.aliyun.com/dataset/42",
-        "python -m preprocessing.tmall --input {raw} --output {dir}",
-    ),
+DOWNLOADS = {  # kind -> (file to download, from where, the command that preprocesses it)
+    "taobao": ("UserBehavior.csv", "https://tianchi.aliyun.com/dataset/649",
+               "python -m preprocessing.taobao --input {raw} --output {dir}"),
+    "tmall": ("user_log_format1.csv (inside data_format1.zip)",
+              "https://tianchi.aliyun.com/dataset/42",
+              "python -m preprocessing.tmall --input {raw} --output {dir}"),
 }
 
 
@@ -113,25 +82,19 @@ def prepare_dataset(data) -> storage.Dataset:
     generated before that). DatasetError with download instructions when neither exists,
     or naming what else is wrong."""
     data_dir, raw_path = Path(data.dir), Path(data.raw_path)
-    if not (data_dir / "manifest.json").exists():
+    if not (data_dir / storage.MANIFEST).exists():
         if data_dir.exists() and any(data_dir.iterdir()):
             raise storage.DatasetError(
                 f"{data_dir} exists but holds no manifest.json: not a dataset "
-                "directory (remove it, or point --config.data.dir elsewhere)"
-            )
+                "directory (remove it, or point --config.data.dir elsewhere)")
         if data.synthetic_users > 0 and not raw_path.exists():
             from dare_jax.data.synthetic import write_taobao_log
 
             raw_path.parent.mkdir(parents=True, exist_ok=True)
             print(f"generating a synthetic Taobao log ({data.synthetic_users} users) at "
                   f"{raw_path}", flush=True)
-            write_taobao_log(
-                raw_path,
-                data.synthetic_users,
-                seed=data.synthetic_seed,
-                target_rows=data.synthetic_rows or None,
-                **data.structure,
-            )
+            write_taobao_log(raw_path, data.synthetic_users, seed=data.synthetic_seed,
+                             target_rows=data.synthetic_rows or None, **data.structure)
         if not raw_path.is_file():
             name, url, command = DOWNLOADS[data.kind]
             raise storage.DatasetError(

@@ -1,18 +1,15 @@
-"""The Taobao/Tmall sample protocol of SPEC section 2, vectorised with numpy.
+"""The Taobao/Tmall sample protocol of SPEC section 2, vectorised with numpy: sorts and
+segment maths, no per-row or per-user Python loop.
 
 Input: the kept events of a raw log in file order (:class:`~dare_jax.data.raw_logs.EventLog`).
-Output: :class:`ProtocolResult`, i.e. each long user's event sequence stored once plus,
-per split, samples that point into it (sequence row, position of the target).
-
-Steps (no per-row or per-user Python loop; everything is sorts and segment maths):
+Output: :class:`ProtocolResult`: each long user's event sequence stored once plus, per
+split, samples that point into it (sequence row, position of the target). Steps:
 
 1. users are numbered densely from 1 by first appearance in the file;
-2. events are ordered by (user number, time), stably, so equal timestamps keep file
-   order (the Tmall official pre-sort; the real Taobao file is already in that order);
+2. events are ordered by (user number, time), stably (the Tmall official pre-sort; the
+   real Taobao file is already in that order);
 3. items and categories are numbered densely from 1 by first appearance in that
-   ordered stream (this equals the official ids; for Taobao the official script numbers
-   in raw file order, which is the same stream because the real file is grouped by user
-   and time-ordered);
+   ordered stream (the official ids: the official Taobao script numbers in file order);
 4. item popularity = event count over the whole ordered log (all users, before the
    filter); an item's category is the one of its *last* event in the ordered stream
    (the official ``iid_2_cid`` dict is overwritten row by row);
@@ -111,12 +108,11 @@ class ProtocolResult:
 def _stable_sort_with_index(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(sorted values, their original indices), ties in index order. values: int [N].
 
-    Packs (value - min, index) into one int64 when both fit in 31 bits: a plain
-    SIMD sort of that key is several times faster than ``argsort`` and stable by
-    construction. Indices are int32 when N < 2**31 (memory is the limit at 100 M rows).
+    When the value range and N fit in 31 bits, one int64 key (value - min, index) sorts
+    several times faster than ``argsort``, stable by construction, with int32 indices
+    (memory is the limit at 100 M rows).
     """
-    n = values.shape[0]
-    lo = int(values.min())
+    n, lo = values.shape[0], int(values.min())
     if int(values.max()) - lo < 2**31 and n < 2**31:
         key = (values.astype(np.int64) - lo) << 32
         del values  # the caller passes a temporary: free it before the sort
@@ -155,94 +151,59 @@ def dense_ids_by_first_appearance(values: np.ndarray) -> DenseIds:
     group_starts = np.flatnonzero(is_start)  # [G] in value order
     group_values = heads_sorted[group_starts]
     del heads_sorted
-    group_ends = np.append(group_starts[1:], r) - 1
     first_run = run_of_sorted[group_starts]  # stable sort: segment start = earliest run
-    last_run = run_of_sorted[group_ends]
+    last_run = run_of_sorted[np.append(group_starts[1:], r) - 1]
     groups = group_starts.shape[0]
     rank = np.empty(groups, dtype=np.int32)  # group (value order) -> dense id
     rank[np.argsort(first_run)] = np.arange(1, groups + 1, dtype=np.int32)
     head_dense = np.empty(r, dtype=np.int32)
     head_dense[run_of_sorted] = rank[np.cumsum(is_start, dtype=small) - 1]
     del run_of_sorted, is_start
-    dense = np.repeat(head_dense, run_len)
     raw = np.zeros(groups + 1, dtype=np.int64)
     raw[rank] = group_values
     last_index = np.full(groups + 1, -1, dtype=np.int64)
     last_index[rank] = run_starts[last_run].astype(np.int64) + run_len[last_run] - 1
-    return DenseIds(dense, raw, last_index)
+    return DenseIds(np.repeat(head_dense, run_len), raw, last_index)
 
 
 def order_events(user_dense: np.ndarray, time: np.ndarray) -> np.ndarray | None:
-    """Stable order by (user, time). Returns the permutation, or None if already ordered.
-
-    Args:
-        user_dense: int [N], users numbered by first appearance.
-        time: int [N].
-    """
-    n = user_dense.shape[0]
-    if n == 0:
+    """Stable order by (user, time) of int [N] columns (users numbered by first appearance):
+    the permutation, or None if already ordered."""
+    if user_dense.shape[0] == 0:
         return None
-    t_min, t_max = int(time.min()), int(time.max())
-    span = t_max - t_min + 1
-    n_users = int(user_dense.max()) + 1
-    if n_users * span < 2**62:
+    t_min = int(time.min())
+    span = int(time.max()) - t_min + 1
+    if (int(user_dense.max()) + 1) * span < 2**62:
         # One int64 key keeps the sort single-pass; timsort is O(N) on sorted runs.
         key = user_dense.astype(np.int64) * span + (time.astype(np.int64) - t_min)
-        if bool(np.all(key[1:] >= key[:-1])):
-            return None
-        return np.argsort(key, kind="stable")
+        return None if bool(np.all(key[1:] >= key[:-1])) else np.argsort(key, kind="stable")
     return np.lexsort((time, user_dense))
-
-
-def _segment_positions(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """For segments of ``lengths`` [R]: (segment id, index within segment), each [sum]."""
-    total = int(lengths.sum())
-    seg = np.repeat(np.arange(lengths.shape[0], dtype=np.int64), lengths)
-    starts = np.cumsum(lengths) - lengths
-    within = np.arange(total, dtype=np.int64) - starts[seg]
-    return seg, within
 
 
 def _check_feasible(
     seq_iid: np.ndarray, seq_offsets: np.ndarray, item_count: np.ndarray
 ) -> np.ndarray:
-    """Sorted unique (row, item) keys of every kept user's touched items.
-
-    Raises ProtocolError if some user touched every item that has a nonzero count
-    (no valid negative exists).
-    """
+    """Sorted unique (row, item) keys of every kept user's touched items; ProtocolError if
+    some user touched every item that has a nonzero count (no valid negative exists)."""
     n_rows = seq_offsets.shape[0] - 1
-    lengths = np.diff(seq_offsets)
     stride = np.int64(item_count.shape[0])
-    rows = np.repeat(np.arange(n_rows, dtype=np.int64), lengths)
+    rows = np.repeat(np.arange(n_rows, dtype=np.int64), np.diff(seq_offsets))
     keys = np.unique(rows * stride + seq_iid)
     del rows
-    touched_rows = keys // stride
-    mass = np.bincount(touched_rows, weights=item_count[keys % stride], minlength=n_rows)
-    total = float(item_count.sum())
-    full = np.flatnonzero(mass >= total)
+    mass = np.bincount(keys // stride, weights=item_count[keys % stride], minlength=n_rows)
+    full = np.flatnonzero(mass >= float(item_count.sum()))
     if full.size:
-        raise ProtocolError(
-            f"sequence row {int(full[0])} has touched every item of the log; "
-            "no negative item can be drawn for it"
-        )
+        raise ProtocolError(f"sequence row {int(full[0])} has touched every item of the log; "
+                            "no negative item can be drawn for it")
     return keys
 
 
 def draw_negatives(
-    rng: np.random.Generator,
-    rows: np.ndarray,
-    item_count: np.ndarray,
-    touched_keys: np.ndarray,
+    rng: np.random.Generator, rows: np.ndarray, item_count: np.ndarray, touched_keys: np.ndarray
 ) -> np.ndarray:
-    """Draw one item per entry of ``rows`` [M], proportional to ``item_count``.
-
+    """Draw one item per entry of ``rows`` [M], proportional to ``item_count``: int32 [M].
     An item the row's user ever touched (``row * len(item_count) + item`` in the sorted
-    ``touched_keys``) is redrawn; only the rejected entries are redrawn each round.
-
-    Returns:
-        int32 [M] item ids.
-    """
+    ``touched_keys``) is redrawn; only the rejected entries are redrawn each round."""
     cum = np.cumsum(item_count)
     total = int(cum[-1])
     stride = np.int64(item_count.shape[0])
@@ -263,31 +224,22 @@ def draw_negatives(
 
 
 def _split_samples(
-    positions: np.ndarray,  # [R, P] position of each positive in its row
-    seq_iid: np.ndarray,
-    seq_cid: np.ndarray,
-    seq_offsets: np.ndarray,
-    seq_uid: np.ndarray,
-    negatives: np.ndarray,  # [R, P, K] item ids
-    item_category: np.ndarray,
+    positions: np.ndarray, seq_iid: np.ndarray, seq_cid: np.ndarray, seq_offsets: np.ndarray,
+    seq_uid: np.ndarray, negatives: np.ndarray, item_category: np.ndarray,
 ) -> SplitSamples:
-    """Samples in the official order: per row, per positive: positive then K negatives."""
-    n_rows, per_row = positions.shape
-    k = negatives.shape[2]
-    group = 1 + k
-    row = np.repeat(np.arange(n_rows, dtype=np.int32), per_row * group)
-    pos = np.repeat(positions.astype(np.int32).ravel(), group)
-    flat_target = seq_offsets[:-1, None] + positions  # [R, P]
-    iid = np.empty((n_rows, per_row, group), dtype=np.int32)
-    cid = np.empty((n_rows, per_row, group), dtype=np.int32)
-    iid[:, :, 0] = seq_iid[flat_target]
-    cid[:, :, 0] = seq_cid[flat_target]
-    iid[:, :, 1:] = negatives
-    cid[:, :, 1:] = item_category[negatives]
-    label = np.zeros((n_rows, per_row, group), dtype=np.int32)
-    label[:, :, 0] = 1
-    uid = seq_uid[row]
-    return SplitSamples(row, pos, iid.ravel(), cid.ravel(), label.ravel(), uid)
+    """Samples in the official order: per row, per positive: positive then K negatives.
+
+    positions: [R, P] position of each positive in its row; negatives: [R, P, K] item ids.
+    """
+    n_rows, per_row, k = negatives.shape
+    row = np.repeat(np.arange(n_rows, dtype=np.int32), per_row * (1 + k))
+    pos = np.repeat(positions.astype(np.int32).ravel(), 1 + k)
+    target = seq_offsets[:-1, None] + positions  # [R, P]
+    iid = np.concatenate([seq_iid[target][..., None], negatives], axis=2, dtype=np.int32)
+    cid = np.concatenate([seq_cid[target][..., None], item_category[negatives]], axis=2,
+                         dtype=np.int32)
+    label = np.tile(np.arange(1 + k) == 0, n_rows * per_row).astype(np.int32)
+    return SplitSamples(row, pos, iid.ravel(), cid.ravel(), label, seq_uid[row])
 
 
 def _listing(numbers: list[int]) -> str:
@@ -297,24 +249,16 @@ def _listing(numbers: list[int]) -> str:
 
 
 def build_samples(
-    log: EventLog,
-    *,
-    seed: int = 0,
-    min_events: int = MIN_EVENTS,
-    negatives_per_positive: int = NEGATIVES_PER_POSITIVE,
-    progress: bool = True,
+    log: EventLog, *, seed: int = 0, min_events: int = MIN_EVENTS,
+    negatives_per_positive: int = NEGATIVES_PER_POSITIVE, progress: bool = True,
 ) -> ProtocolResult:
-    """Run the whole protocol on the kept events of a raw log.
+    """Run the whole protocol on ``log``, the kept events in file order (from
+    ``read_taobao_log`` / ``read_tmall_log``). ``seed`` seeds the negative draws and the
+    single global train shuffle; users with fewer than ``min_events`` kept events are
+    dropped (210 in the paper); ``negatives_per_positive`` is 2 in the paper.
 
-    Args:
-        log: kept events in file order (from ``read_taobao_log`` / ``read_tmall_log``).
-        seed: seeds the negative draws and the single global train shuffle.
-        min_events: users with fewer kept events are dropped (210 in the paper).
-        negatives_per_positive: negatives per positive (2 in the paper).
-
-    Raises:
-        ProtocolError: no event, or no user with ``min_events`` events, or a user
-            for whom no negative exists.
+    Raises ProtocolError: no event, no user with ``min_events`` events, or a user for
+    whom no negative exists.
     """
     if min_events < max(TRAIN_TARGET_OFFSETS) + 1:
         raise ValueError(f"min_events must be > {max(TRAIN_TARGET_OFFSETS)}, got {min_events}")
@@ -332,13 +276,12 @@ def build_samples(
     perm = order_events(users.dense, time)
     del time
     steps.update()
-    if perm is None:
-        user_dense = users.dense
-    else:
-        user_dense = users.dense[perm]
+    user_dense, raw_uid = users.dense, users.raw
+    del users
+    if perm is not None:  # one column at a time: each old one is freed before the next
+        user_dense = user_dense[perm]
         item_raw = item_raw[perm]
         cate_raw = cate_raw[perm]
-    users = DenseIds(np.zeros(0, np.int32), users.raw, users.last_index)
     del perm
     items = dense_ids_by_first_appearance(item_raw)
     del item_raw
@@ -351,23 +294,21 @@ def build_samples(
     item_category[1:] = cates.dense[items.last_index[1:]]
 
     # The ordered stream is grouped by user in dense-id order, so counts are offsets.
-    user_len = np.bincount(user_dense, minlength=users.count + 1)[1:]  # [U]
+    user_len = np.bincount(user_dense, minlength=raw_uid.shape[0])[1:]  # [U]
     del user_dense
     keep_user = user_len >= min_events
     if not keep_user.any():
         closest = np.sort(user_len)[::-1][:5].tolist()
-        raise ProtocolError(
-            f"{source}: no user has at least {min_events} kept events, so the dataset would "
-            f"be empty (nothing written); the {len(closest)} longest of the "
-            f"{len(user_len)} users' histories have {_listing(closest)} events"
-        )
+        raise ProtocolError(f"{source}: no user has at least {min_events} kept events, so the "
+                            f"dataset would be empty (nothing written); the {len(closest)} "
+                            f"longest of the {len(user_len)} users' histories have "
+                            f"{_listing(closest)} events")
     event_keep = np.repeat(keep_user, user_len)
     seq_iid = items.dense[event_keep]
     seq_cid = cates.dense[event_keep]
     del event_keep
     kept_len = user_len[keep_user].astype(np.int64)
-    seq_offsets = np.zeros(kept_len.shape[0] + 1, dtype=np.int64)
-    np.cumsum(kept_len, out=seq_offsets[1:])
+    seq_offsets = np.cumsum(np.append(np.int64(0), kept_len))
     seq_uid = (np.flatnonzero(keep_user) + 1).astype(np.int32)
     steps.update()
 
@@ -375,35 +316,28 @@ def build_samples(
     steps.update()
 
     rng = np.random.default_rng(seed)
-    n_rows = seq_uid.shape[0]
-    k = negatives_per_positive
     t = kept_len[:, None]
-    split_positions = {
+    split_positions = {  # [R, P] target positions, in SPLITS order
         "train": t - np.asarray(TRAIN_TARGET_OFFSETS, dtype=np.int64)[None, :],
-        "val": t - 2,
-        "test": t - 1,
+        "val": t - 2, "test": t - 1,
     }
     splits: dict[str, SplitSamples] = {}
-    for name in SPLITS:
-        positions = split_positions[name]
-        per_row = positions.shape[1]
-        rows = np.repeat(np.arange(n_rows, dtype=np.int64), per_row * k)
-        neg = draw_negatives(rng, rows, item_count, touched).reshape(n_rows, per_row, k)
-        splits[name] = _split_samples(
-            positions, seq_iid, seq_cid, seq_offsets, seq_uid, neg, item_category
-        )
+    for name, positions in split_positions.items():
+        shape = (*positions.shape, negatives_per_positive)
+        rows = np.repeat(np.arange(shape[0], dtype=np.int64), shape[1] * shape[2])
+        neg = draw_negatives(rng, rows, item_count, touched).reshape(shape)
+        splits[name] = _split_samples(positions, seq_iid, seq_cid, seq_offsets, seq_uid, neg,
+                                      item_category)
     del touched
     steps.update()
 
-    train = splits["train"]
-    shuffle = rng.permutation(len(train))
-    splits["train"] = SplitSamples(*(getattr(train, f)[shuffle] for f in (
-        "row", "pos", "iid", "cid", "label", "uid")))
+    shuffle = rng.permutation(len(splits["train"]))
+    splits["train"] = SplitSamples(**{k: v[shuffle] for k, v in vars(splits["train"]).items()})
     steps.update()
     steps.close()
     return ProtocolResult(
         seq_iid=seq_iid, seq_cid=seq_cid, seq_offsets=seq_offsets, seq_uid=seq_uid,
-        splits=splits, raw_uid=users.raw, raw_iid=items.raw, raw_cid=cates.raw,
+        splits=splits, raw_uid=raw_uid, raw_iid=items.raw, raw_cid=cates.raw,
         item_count=item_count, item_category=item_category, events_kept_type=n_kept,
         raw_rows=raw_rows,
     )

@@ -1,29 +1,20 @@
 """Streaming, vectorised readers for the raw Taobao and Tmall behaviour logs.
 
-Both readers parse the CSV in blocks with pyarrow's streaming reader, keep only the
-event type the protocol uses (Taobao ``pv`` rows, Tmall clicks with a 4-character
-``time_stamp``) and return the kept rows as compact numpy integer columns, in file
-order. Memory is therefore about 4 x 4 bytes per kept row (8 for columns whose values
-do not fit int32), never the text of the file.
+pyarrow parses the CSV in blocks; only the event type the protocol uses is kept (Taobao
+``pv`` rows, Tmall clicks with a 4-character ``time_stamp``), as compact numpy integer
+columns in file order (int32, int64 where a value needs it), never the text of the file.
 
-Malformed input policy: **stop at the first offending line** and raise
-:class:`RawLogError` naming the file, the 1-based line number, the field and the
-value. Rationale: the protocol numbers users, items and categories by first
-appearance and draws negatives from item counts, so silently skipping a row would
-shift every later id and change the sample set without any trace; a corrupt or
-truncated download must be fixed (re-downloaded), not papered over. Checks:
-
-- missing file / unreadable file;
-- wrong number of fields on a line (an empty line counts as one field);
-- an id (user, item, category; Taobao timestamp; Tmall action_type) that is empty or
-  not a base-10 integer (these are checked on every row, not just the kept ones);
-- Taobao ``behavior_type`` not one of ``pv``, ``buy``, ``cart``, ``fav``;
-  Tmall ``action_type`` not one of 0, 1, 2, 3; a Tmall click whose 4-character
-  ``time_stamp`` is not numeric; a Tmall file whose first line is not the header.
-
-Errors found by pyarrow's parser itself (field count, integer conversion) carry no
-line number, so on such an error the file is re-scanned from the start in plain
-Python up to the first bad line (slow, but only on the error path).
+Malformed input: **stop at the first offending line** and raise :class:`RawLogError`
+naming the file, the 1-based line, the field and the value. Ids are numbered by first
+appearance and negatives drawn from item counts, so a skipped row would silently shift
+every later id and change the samples: a corrupt download must be fixed, not papered over.
+Checked: a missing or unreadable file; a wrong number of fields (an empty line counts as
+one field); an id (user, item, category; Taobao timestamp; Tmall action_type) that is
+empty or not a base-10 integer, on every row, kept or not; a Taobao ``behavior_type`` not
+in pv, buy, cart, fav; a Tmall ``action_type`` not in 0-3, a click whose 4-character
+``time_stamp`` is not numeric, or a first line that is not the header. pyarrow's own
+errors (field count, integer conversion) carry no line number: the file is then re-read
+in plain Python up to the first bad line.
 """
 
 from __future__ import annotations
@@ -35,15 +26,13 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 from tqdm.auto import tqdm
 
 TAOBAO_COLUMNS = ("user_id", "item_id", "category_id", "behavior_type", "timestamp")
 TAOBAO_BEHAVIOURS = ("pv", "buy", "cart", "fav")
-TMALL_COLUMNS = (
-    "user_id", "item_id", "cat_id", "seller_id", "brand_id", "time_stamp", "action_type",
-)
+TMALL_COLUMNS = ("user_id", "item_id", "cat_id", "seller_id", "brand_id", "time_stamp",
+                 "action_type")
 TMALL_ACTIONS = (0, 1, 2, 3)  # 0 click, 1 add-to-cart, 2 purchase, 3 favourite
 TMALL_CLICK = 0
 
@@ -68,8 +57,7 @@ class EventLog:
     Attributes:
         user, item, category: raw ids, int32 (int64 if a value does not fit), shape [N].
         time: event time, shape [N]; Unix seconds (Taobao) or the MMDD number (Tmall).
-        path: the file read.
-        rows_read: data rows in the file (header excluded), kept or not.
+        path, rows_read: the file read and its data rows (header excluded), kept or not.
     """
 
     user: np.ndarray
@@ -81,9 +69,6 @@ class EventLog:
 
     def __len__(self) -> int:
         return int(self.user.shape[0])
-
-
-# ----------------------------------------------------------------------------- helpers
 
 
 def _check_file(path: Path) -> None:
@@ -111,23 +96,18 @@ def _compact(chunks: list[np.ndarray]) -> np.ndarray:
 
 
 def _stream(
-    path: Path, column_names: tuple[str, ...], column_types: dict, include: list[str],
-    skip_rows: int,
+    path: Path, column_names: tuple[str, ...], column_types: dict, skip_rows: int
 ) -> Iterator[tuple[pa.RecordBatch, int]]:
-    read = pacsv.ReadOptions(
-        column_names=list(column_names), skip_rows=skip_rows, block_size=_BLOCK_SIZE,
-        use_threads=True,
-    )
+    """(batch, file position) of the columns in ``column_types``."""
+    read = pacsv.ReadOptions(column_names=list(column_names), skip_rows=skip_rows,
+                             block_size=_BLOCK_SIZE, use_threads=True)
     # Empty lines are not skipped: they become a row of empty fields and are reported.
     parse = pacsv.ParseOptions(ignore_empty_lines=False)
-    convert = pacsv.ConvertOptions(
-        column_types=column_types, include_columns=include, strings_can_be_null=False,
-        quoted_strings_can_be_null=False,
-    )
+    convert = pacsv.ConvertOptions(column_types=column_types, include_columns=list(column_types),
+                                   strings_can_be_null=False, quoted_strings_can_be_null=False)
     with pa.OSFile(str(path)) as fh:
-        reader = pacsv.open_csv(fh, read_options=read, parse_options=parse,
-                                convert_options=convert)
-        for batch in reader:
+        for batch in pacsv.open_csv(fh, read_options=read, parse_options=parse,
+                                    convert_options=convert):
             # fh.tell() runs ahead of the consumer by the reader's read-ahead only.
             yield batch, fh.tell()
 
@@ -140,234 +120,144 @@ def _int_column(batch: pa.RecordBatch, name: str, path: Path, first_line: int) -
     return col.to_numpy()
 
 
-def _scan_for_error(
-    path: Path, n_fields: int, int_fields: dict[str, int], header: tuple[str, ...] | None,
-    extra_check: Callable[[list[str], int], None] | None = None,
-) -> None:
+# The categorical column a rescan checks: (name, parse, allowed values).
+_Choice = tuple[str, Callable[[str], object], tuple]
+
+
+def _scan_for_error(path: Path, columns: tuple[str, ...], ints: tuple[str, ...],
+                    has_header: bool, choice: _Choice) -> None:
     """Re-read the file in plain Python and raise RawLogError at the first bad line."""
+    choice_name, parse, allowed = choice
+    choice_pos = columns.index(choice_name)
     with open(path, encoding="utf-8", errors="replace", newline="") as fh:
         for lineno, raw in enumerate(fh, start=1):
-            line = raw.rstrip("\r\n")
-            if header is not None and lineno == 1:
+            if has_header and lineno == 1:
                 continue
+            line = raw.rstrip("\r\n")
             fields = line.split(",")
-            if len(fields) != n_fields:
-                raise RawLogError(
-                    path, lineno,
-                    f"expected {n_fields} comma-separated fields, found {len(fields)} "
-                    f"(line {line[:120]!r})",
-                )
-            for name, pos in int_fields.items():
-                if not _INT_RE.fullmatch(fields[pos]):
-                    raise RawLogError(
-                        path, lineno, f"field {name!r} is not an integer (value {fields[pos]!r})"
-                    )
-                if not -(2**63) <= int(fields[pos]) < 2**63:
-                    raise RawLogError(
-                        path, lineno, f"field {name!r} out of int64 range (value {fields[pos]!r})"
-                    )
-            if extra_check is not None:
-                extra_check(fields, lineno)
-
-
-def _progress(path: Path, enabled: bool, desc: str) -> tqdm:
-    return tqdm(
-        total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024,
-        desc=desc, disable=not enabled, leave=False,
-    )
-
-
-# A reader's per-batch filter: (batch, its int columns by name, file line of its first row)
-# -> the kept rows' (user, item, category, time), each [N_kept]; raises RawLogError.
-_BatchFilter = Callable[
-    [pa.RecordBatch, dict[str, np.ndarray], int],
-    tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
-]
+            if len(fields) != len(columns):
+                raise RawLogError(path, lineno, f"expected {len(columns)} comma-separated fields, "
+                                  f"found {len(fields)} (line {line[:120]!r})")
+            for name in ints:
+                value = fields[columns.index(name)]
+                if not _INT_RE.fullmatch(value):
+                    problem = "is not an integer"
+                elif not -(2**63) <= int(value) < 2**63:
+                    problem = "out of int64 range"
+                else:
+                    continue
+                raise RawLogError(path, lineno, f"field {name!r} {problem} (value {value!r})")
+            if parse(fields[choice_pos]) not in allowed:
+                raise RawLogError(path, lineno, f"unknown {choice_name} {fields[choice_pos]!r}")
 
 
 def _read_events(
-    path: Path,
-    columns: tuple[str, ...],
-    types: dict[str, pa.DataType],
-    include: list[str],
-    ints: dict[str, int],
-    *,
-    has_header: bool,
-    extra_check: Callable[[list[str], int], None],
-    keep_rows: _BatchFilter,
-    progress: bool,
+    path: Path, columns: tuple[str, ...], ints: tuple[str, ...], text: str, *,
+    has_header: bool, choice: _Choice, keep_rows: Callable[..., tuple], progress: bool,
 ) -> EventLog:
-    """Stream ``path`` batch by batch and collect the rows ``keep_rows`` keeps.
-
-    ``ints`` maps each integer column to its field index; it is checked on every batch
-    and, if pyarrow cannot parse the file, by the line-by-line rescan that names the
-    first bad line.
-    """
+    """Stream the ``ints`` (int64, checked on every batch) and dictionary-encoded ``text``
+    columns of ``path`` and collect the rows that ``keep_rows(batch, {int column: values},
+    file line of the batch's first row)`` keeps: (user, item, category, time) arrays; it
+    raises RawLogError on a bad value. If pyarrow cannot parse the file, a line-by-line
+    rescan names the first bad line."""
+    types = {**dict.fromkeys(ints, pa.int64()), text: pa.dictionary(pa.int32(), pa.string())}
     skip_rows = 1 if has_header else 0
-    chunks: dict[str, list[np.ndarray]] = {k: [] for k in ("u", "i", "c", "t")}
+    chunks: tuple[list[np.ndarray], ...] = ([], [], [], [])  # user, item, category, time
     rows = 0
-    bar = _progress(path, progress, f"read {path.name}")
+    bar = tqdm(total=path.stat().st_size, unit="B", unit_scale=True, unit_divisor=1024,
+               desc=f"read {path.name}", disable=not progress, leave=False)
     try:
-        batches = _stream(path, columns, types, include, skip_rows=skip_rows)
+        batches = _stream(path, columns, types, skip_rows)
         while True:
             try:
                 batch, position = next(batches)
             except StopIteration:
                 break
             except pa.ArrowInvalid as exc:
-                header = columns if has_header else None
-                _scan_for_error(path, len(columns), ints, header, extra_check)
+                _scan_for_error(path, columns, ints, has_header, choice)
                 raise RawLogError(path, None, f"unreadable CSV: {exc}") from exc
             first_line = rows + 1 + skip_rows  # the header, if any, is line 1
             cols = {k: _int_column(batch, k, path, first_line) for k in ints}
-            for key, kept in zip(("u", "i", "c", "t"), keep_rows(batch, cols, first_line)):
-                chunks[key].append(_narrow(kept))
+            for chunk, kept in zip(chunks, keep_rows(batch, cols, first_line)):
+                chunk.append(_narrow(kept))
             rows += batch.num_rows
             bar.update(max(0, position - bar.n))
     finally:
         bar.close()
-    return EventLog(
-        _compact(chunks["u"]), _compact(chunks["i"]), _compact(chunks["c"]),
-        _compact(chunks["t"]), path, rows,
-    )
-
-
-# ----------------------------------------------------------------------------- Taobao
+    return EventLog(*(_compact(chunk) for chunk in chunks), path, rows)
 
 
 def read_taobao_log(path: str | Path, *, progress: bool = True) -> EventLog:
-    """Read Taobao ``UserBehavior.csv`` (no header) and keep its ``pv`` rows.
+    """Read Taobao ``UserBehavior.csv`` (no header) and keep its ``pv`` rows: raw
+    user/item/category ids and Unix-second timestamps, [N_pv] each, in file order.
 
-    Returns:
-        EventLog with raw user/item/category ids and Unix-second timestamps of the pv
-        rows, shape [N_pv] each, in file order.
-
-    Raises:
-        FileNotFoundError: missing file.
-        RawLogError: the first malformed line (see the module docstring).
+    Raises FileNotFoundError (missing file) or RawLogError (the first malformed line).
     """
     path = Path(path)
     _check_file(path)
-    types = {
-        "user_id": pa.int64(), "item_id": pa.int64(), "category_id": pa.int64(),
-        "behavior_type": pa.dictionary(pa.int32(), pa.string()), "timestamp": pa.int64(),
-    }
-    include = list(TAOBAO_COLUMNS)
-    ints = {"user_id": 0, "item_id": 1, "category_id": 2, "timestamp": 4}
+    ints = ("user_id", "item_id", "category_id", "timestamp")
 
-    def keep_pv(
-        batch: pa.RecordBatch, cols: dict[str, np.ndarray], first_line: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        n = batch.num_rows
+    def keep_pv(batch: pa.RecordBatch, cols: dict, first_line: int) -> tuple[np.ndarray, ...]:
         beh = batch.column("behavior_type")
-        known = pc.is_in(beh.dictionary, value_set=pa.array(TAOBAO_BEHAVIOURS)).to_numpy(
-            zero_copy_only=False
-        )
-        codes = beh.indices.to_numpy()
+        words, codes = beh.dictionary.to_pylist(), beh.indices.to_numpy()
+        known = np.array([w in TAOBAO_BEHAVIOURS for w in words], dtype=bool)
         if not known.all():
-            bad = np.flatnonzero(~known[codes])[0]
-            value = beh.dictionary[int(codes[bad])].as_py()
-            raise RawLogError(
-                path, first_line + int(bad),
-                f"unknown behavior_type {value!r} (expected one of {TAOBAO_BEHAVIOURS})",
-            )
-        pv_code = np.flatnonzero(np.asarray(beh.dictionary.to_pylist(), dtype=object) == "pv")
-        keep = codes == pv_code[0] if pv_code.size else np.zeros(n, dtype=bool)
-        return (
-            cols["user_id"][keep], cols["item_id"][keep], cols["category_id"][keep],
-            cols["timestamp"][keep],
-        )
+            bad = int(np.flatnonzero(~known[codes])[0])
+            raise RawLogError(path, first_line + bad, f"unknown behavior_type "
+                              f"{words[codes[bad]]!r} (expected one of {TAOBAO_BEHAVIOURS})")
+        keep = np.array([w == "pv" for w in words], dtype=bool)[codes]
+        return tuple(cols[k][keep] for k in ints)
 
     return _read_events(
-        path, TAOBAO_COLUMNS, types, include, ints, has_header=False,
-        extra_check=_taobao_extra(path), keep_rows=keep_pv, progress=progress,
+        path, TAOBAO_COLUMNS, ints, "behavior_type", has_header=False,
+        choice=("behavior_type", str, TAOBAO_BEHAVIOURS), keep_rows=keep_pv, progress=progress,
     )
 
 
-def _taobao_extra(path: Path) -> Callable[[list[str], int], None]:
-    def check(fields: list[str], lineno: int) -> None:
-        if fields[3] not in TAOBAO_BEHAVIOURS:
-            raise RawLogError(path, lineno, f"unknown behavior_type {fields[3]!r}")
-
-    return check
-
-
-
-# ----------------------------------------------------------------------------- Tmall
-
-
 def read_tmall_log(path: str | Path, *, progress: bool = True) -> EventLog:
-    """Read Tmall ``user_log_format1.csv`` (with header) and keep its clicks.
-
-    Kept rows: ``action_type == 0`` and a ``time_stamp`` string of exactly 4
+    """Read Tmall ``user_log_format1.csv`` (with header) and keep its clicks: raw
+    user/item/category ids and the MMDD time as an integer (``"0829"`` -> 829), [N_click]
+    each, in file order. Kept rows: ``action_type == 0`` and a ``time_stamp`` of exactly 4
     characters (the official filter; every row of the real file qualifies).
 
-    Returns:
-        EventLog with raw user/item/category ids and the MMDD time as an integer
-        (e.g. ``"0829"`` -> 829), shape [N_click] each, in file order.
-
-    Raises:
-        FileNotFoundError: missing file.
-        RawLogError: wrong header or the first malformed line (see the module docstring).
+    Raises FileNotFoundError (missing file) or RawLogError (wrong header or the first
+    malformed line).
     """
     path = Path(path)
     _check_file(path)
     with open(path, encoding="utf-8", errors="replace", newline="") as fh:
         header = fh.readline().rstrip("\r\n")
     if tuple(header.split(",")) != TMALL_COLUMNS:
-        raise RawLogError(
-            path, 1, f"expected header {','.join(TMALL_COLUMNS)!r}, found {header[:120]!r}"
-        )
-    types = {
-        "user_id": pa.int64(), "item_id": pa.int64(), "cat_id": pa.int64(),
-        "time_stamp": pa.dictionary(pa.int32(), pa.string()), "action_type": pa.int64(),
-    }
-    include = ["user_id", "item_id", "cat_id", "time_stamp", "action_type"]
-    ints = {"user_id": 0, "item_id": 1, "cat_id": 2, "action_type": 6}
+        raise RawLogError(path, 1, f"expected header {','.join(TMALL_COLUMNS)!r}, "
+                          f"found {header[:120]!r}")
 
-    def keep_clicks(
-        batch: pa.RecordBatch, cols: dict[str, np.ndarray], first_line: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def keep_clicks(batch: pa.RecordBatch, cols: dict, first_line: int) -> tuple[np.ndarray, ...]:
         action = cols["action_type"]
         bad = ~np.isin(action, TMALL_ACTIONS)
         if bad.any():
             idx = int(np.flatnonzero(bad)[0])
-            raise RawLogError(
-                path, first_line + idx,
-                f"unknown action_type {int(action[idx])} (expected one of {TMALL_ACTIONS})",
-            )
+            raise RawLogError(path, first_line + idx, f"unknown action_type {int(action[idx])} "
+                              f"(expected one of {TMALL_ACTIONS})")
         ts = batch.column("time_stamp")
-        words = ts.dictionary.to_pylist()
+        words, codes = ts.dictionary.to_pylist(), ts.indices.to_numpy()
         # Per dictionary entry: usable (4 characters) and its MMDD number.
         four = np.array([len(w) == 4 for w in words], dtype=bool)
         numeric = np.array([len(w) == 4 and w.isascii() and w.isdigit() for w in words])
         values = np.array([int(w) if ok else -1 for w, ok in zip(words, numeric)], np.int64)
-        codes = ts.indices.to_numpy()
         keep = (action == TMALL_CLICK) & four[codes]
         broken = keep & ~numeric[codes]
         if broken.any():
             idx = int(np.flatnonzero(broken)[0])
-            raise RawLogError(
-                path, first_line + idx,
-                f"field 'time_stamp' is not a 4-digit MMDD (value {words[codes[idx]]!r})",
-            )
-        return (
-            cols["user_id"][keep], cols["item_id"][keep], cols["cat_id"][keep],
-            values[codes[keep]],
-        )
+            raise RawLogError(path, first_line + idx, "field 'time_stamp' is not a 4-digit MMDD "
+                              f"(value {words[codes[idx]]!r})")
+        mmdd = values[codes[keep]]
+        return cols["user_id"][keep], cols["item_id"][keep], cols["cat_id"][keep], mmdd
 
     return _read_events(
-        path, TMALL_COLUMNS, types, include, ints, has_header=True,
-        extra_check=_tmall_extra(path), keep_rows=keep_clicks, progress=progress,
+        path, TMALL_COLUMNS, ("user_id", "item_id", "cat_id", "action_type"), "time_stamp",
+        has_header=True, choice=("action_type", int, TMALL_ACTIONS),
+        keep_rows=keep_clicks, progress=progress,
     )
-
-
-def _tmall_extra(path: Path) -> Callable[[list[str], int], None]:
-    def check(fields: list[str], lineno: int) -> None:
-        if int(fields[6]) not in TMALL_ACTIONS:
-            raise RawLogError(path, lineno, f"unknown action_type {fields[6]!r}")
-
-    return check
 
 
 READERS: dict[str, Callable[..., EventLog]] = {"taobao": read_taobao_log, "tmall": read_tmall_log}

@@ -15,11 +15,10 @@ Layout of a dataset directory::
 
 Histories are not materialised: :meth:`Dataset.gather` builds them for any
 ``max_length`` with one vectorised gather over the memory-mapped sequence arrays.
-(Offsets are int64 so the format has no 2**31-event limit; everything else is int32.)
-
-Writes are atomic: everything goes into a temporary sibling directory which is
-``os.replace``-d into place only after the manifest (written last) is complete, so an
-interrupted write never leaves a complete-looking dataset.
+Offsets are int64 so the format has no 2**31-event limit.
+Writes are atomic: everything goes into a temporary sibling directory, ``os.replace``-d
+into place once the manifest (written last) is complete, so an interrupted write never
+looks complete.
 """
 
 from __future__ import annotations
@@ -42,8 +41,6 @@ SPLITS = ("train", "val", "test")
 SAMPLE_FIELDS = ("row", "pos", "iid", "cid", "label", "uid")
 SEQUENCE_FIELDS = ("seq_iid", "seq_cid", "seq_offsets", "seq_uid")
 ID_FIELDS = ("raw_uid", "raw_iid", "raw_cid")
-_DTYPES = {"seq_offsets": np.int64, "raw_uid": np.int64, "raw_iid": np.int64,
-           "raw_cid": np.int64}
 REQUIRED_KEYS = (
     "format", "protocol_version", "dataset", "counts", "user_count", "item_count",
     "category_count", "item_n", "cate_n", "max_length", "arrays",
@@ -76,25 +73,19 @@ def is_occupied(path: Path) -> bool:
 
 
 def _expected_dtype(name: str) -> type:
-    return _DTYPES.get(name, np.int32)
+    return np.int64 if name == "seq_offsets" or name in ID_FIELDS else np.int32
 
 
 def write_dataset(
-    output_dir: str | Path,
-    arrays: Mapping[str, np.ndarray],
-    manifest: Mapping[str, Any],
-    *,
+    output_dir: str | Path, arrays: Mapping[str, np.ndarray], manifest: Mapping[str, Any], *,
     overwrite: bool = False,
 ) -> Path:
     """Write ``arrays`` (name -> array) and ``manifest`` atomically to ``output_dir``.
 
     ``arrays`` must hold every name of :func:`array_names`; dtypes are enforced
     (int64 for offsets and raw ids, int32 otherwise). The manifest gains ``format``,
-    ``protocol_version`` and ``arrays`` (name -> shape).
-
-    Raises:
-        FileExistsError: ``output_dir`` exists (and is not an empty directory) and
-            ``overwrite`` is False.
+    ``protocol_version`` and ``arrays`` (name -> shape). FileExistsError if
+    ``output_dir`` exists (and is not an empty directory) and ``overwrite`` is False.
     """
     out = Path(output_dir)
     if is_occupied(out) and not overwrite:
@@ -109,9 +100,8 @@ def write_dataset(
             arr = np.ascontiguousarray(arrays[name], dtype=_expected_dtype(name))
             np.save(tmp / f"{name}.npy", arr, allow_pickle=False)
             shapes[name] = list(arr.shape)
-        full = dict(manifest)
-        full.update(format=FORMAT_NAME, protocol_version=PROTOCOL_VERSION, arrays=shapes)
-        write_manifest_file(tmp, full)
+        write_manifest_file(tmp, {**manifest, "format": FORMAT_NAME,
+                                  "protocol_version": PROTOCOL_VERSION, "arrays": shapes})
         move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -120,11 +110,8 @@ def write_dataset(
 
 
 def temp_sibling_dir(out: Path) -> Path:
-    """Create (with ``out``'s parents) an empty hidden directory next to ``out``.
-
-    Being on the same filesystem as ``out`` is what makes the final
-    :func:`move_into_place` an atomic ``os.replace``.
-    """
+    """Create (with ``out``'s parents) an empty hidden directory next to ``out``: on the
+    same filesystem, so the final :func:`move_into_place` is an atomic ``os.replace``."""
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
 
@@ -138,11 +125,9 @@ def write_manifest_file(directory: Path, manifest: Mapping[str, Any]) -> None:
 
 
 def move_into_place(tmp: Path, out: Path) -> None:
-    """``os.replace`` the finished directory ``tmp`` onto ``out``.
-
-    An empty ``out`` is removed; a non-empty one is moved aside first (``os.replace``
-    cannot replace a non-empty directory) and deleted only after ``tmp`` is in place.
-    """
+    """``os.replace`` the finished directory ``tmp`` onto ``out``. An empty ``out`` is
+    removed; a non-empty one is moved aside first (``os.replace`` cannot replace a
+    non-empty directory) and deleted only after ``tmp`` is in place."""
     if out.is_dir() and not any(out.iterdir()):
         out.rmdir()
     if out.exists():
@@ -156,9 +141,8 @@ def move_into_place(tmp: Path, out: Path) -> None:
 
 def array_names() -> list[str]:
     """Every array file of a dataset directory (without ``.npy``)."""
-    names = list(SEQUENCE_FIELDS) + list(ID_FIELDS)
-    names += [f"{split}_{field}" for split in SPLITS for field in SAMPLE_FIELDS]
-    return names
+    samples = [f"{split}_{field}" for split in SPLITS for field in SAMPLE_FIELDS]
+    return [*SEQUENCE_FIELDS, *ID_FIELDS, *samples]
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
@@ -170,8 +154,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DatasetError(f"{path} is missing: not a dataset, or an interrupted write")
     try:
-        with open(path) as fh:
-            manifest = json.load(fh)
+        manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DatasetError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(manifest, dict):
@@ -182,10 +165,8 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if manifest["format"] != FORMAT_NAME:
         raise DatasetError(f"{path}: format {manifest['format']!r}, expected {FORMAT_NAME!r}")
     if manifest["protocol_version"] != PROTOCOL_VERSION:
-        raise DatasetError(
-            f"{path}: protocol version {manifest['protocol_version']}, this code reads "
-            f"version {PROTOCOL_VERSION}; re-run the preprocessing"
-        )
+        raise DatasetError(f"{path}: protocol version {manifest['protocol_version']}, this "
+                           f"code reads version {PROTOCOL_VERSION}; re-run the preprocessing")
     return manifest
 
 
@@ -207,10 +188,9 @@ def load_arrays(directory: str | Path, manifest: Mapping[str, Any]) -> dict[str,
         if name not in shapes or list(arr.shape) != list(shapes[name]):
             raise DatasetError(f"{path}: shape {arr.shape}, manifest says {shapes.get(name)}")
         out[name] = arr
-    n_rows = out["seq_uid"].shape[0]
-    if out["seq_offsets"].shape[0] != n_rows + 1:
-        raise DatasetError(f"{directory}: seq_offsets has {out['seq_offsets'].shape[0]} "
-                           f"entries for {n_rows} rows")
+    n_rows, n_offsets = out["seq_uid"].shape[0], out["seq_offsets"].shape[0]
+    if n_offsets != n_rows + 1:
+        raise DatasetError(f"{directory}: seq_offsets has {n_offsets} entries for {n_rows} rows")
     if int(out["seq_offsets"][-1]) != out["seq_iid"].shape[0]:
         raise DatasetError(f"{directory}: seq_offsets end does not match seq_iid length")
     for split in SPLITS:
@@ -229,13 +209,10 @@ class Dataset:
         self._arrays = load_arrays(self.directory, self.manifest)
         self._max_length = self.manifest["max_length"]  # None: whole sequences stored
 
-    def _check_split(self, split: str) -> None:
-        if split not in SPLITS:
-            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-
     def num_samples(self, split: str) -> int:
         """Number of samples of ``split`` ('train', 'val' or 'test')."""
-        self._check_split(split)
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
         return int(self._arrays[f"{split}_label"].shape[0])
 
     def array(self, name: str) -> np.ndarray:
@@ -245,37 +222,29 @@ class Dataset:
     def gather(
         self, split: str, indices: np.ndarray | list[int] | slice, max_length: int = 200
     ) -> dict[str, np.ndarray]:
-        """Samples ``indices`` of ``split`` with histories of ``max_length``.
-
-        Returns:
-            uid, iid, cid, label: int32 [B];
-            hist_iid, hist_cid: int32 [B, max_length], left-padded with 0,
-            ``[:, -1]`` the most recent behaviour before the target.
-        """
-        self._check_max_length(max_length)
+        """Samples ``indices`` of ``split`` with histories of ``max_length``: uid, iid, cid,
+        label int32 [B]; hist_iid, hist_cid int32 [B, max_length], left-padded with 0,
+        ``[:, -1]`` the most recent behaviour before the target."""
+        if not isinstance(max_length, (int, np.integer)) or max_length < 1:
+            raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+        if self._max_length is not None and max_length > self._max_length:
+            raise ValueError(f"this dataset stores histories of at most {self._max_length} "
+                             f"behaviours (manifest max_length); got max_length={max_length}")
         batch = self.gather_spans(split, indices)
         start, stop = batch.pop("hist_start"), batch.pop("hist_stop")
-        a = self._arrays
-        batch["hist_iid"], batch["hist_cid"] = build_histories(
-            (a["seq_iid"], a["seq_cid"]), start, stop, max_length
-        )
+        sequences = (self._arrays["seq_iid"], self._arrays["seq_cid"])
+        batch["hist_iid"], batch["hist_cid"] = build_histories(sequences, start, stop, max_length)
         return batch
 
     def gather_spans(
         self, split: str, indices: np.ndarray | list[int] | slice
     ) -> dict[str, np.ndarray]:
-        """Samples ``indices`` of ``split`` with their histories as spans of the sequence
-        arrays instead of ``[B, L]`` arrays (what the pipeline sends to a device that holds
-        ``seq_iid`` / ``seq_cid`` and builds the histories there).
-
-        Returns:
-            uid, iid, cid, label: int32 [B];
-            hist_start, hist_stop: int64 [B], the whole history before the target is
-            ``seq_*[hist_start:hist_stop]`` (:func:`build_histories` keeps its last L).
-        """
-        self._check_split(split)
+        """Samples ``indices`` of ``split`` with each history as a span of the sequence
+        arrays (for a device that holds ``seq_iid`` / ``seq_cid``): uid, iid, cid, label
+        int32 [B]; hist_start, hist_stop int64 [B], the whole history before the target
+        being ``seq_*[hist_start:hist_stop]`` (:func:`build_histories` keeps its last L)."""
         a = self._arrays
-        n = self.num_samples(split)
+        n = self.num_samples(split)  # checks the split
         if isinstance(indices, slice):
             idx = np.arange(n)[indices]
         else:
@@ -284,36 +253,20 @@ class Dataset:
                 raise TypeError(f"indices must be integers, got dtype {idx.dtype}")
             if idx.size and (int(idx.min()) < -n or int(idx.max()) >= n):
                 raise IndexError(f"sample index out of range for {split} split of {n} samples")
-        row = np.asarray(a[f"{split}_row"][idx])
-        start = np.asarray(a["seq_offsets"][row])  # first event of the row
-        return {
-            "uid": np.asarray(a[f"{split}_uid"][idx]),
-            "iid": np.asarray(a[f"{split}_iid"][idx]),
-            "cid": np.asarray(a[f"{split}_cid"][idx]),
-            "label": np.asarray(a[f"{split}_label"][idx]),
-            "hist_start": start,
-            "hist_stop": start + np.asarray(a[f"{split}_pos"][idx]),  # exclusive
-        }
-
-    def _check_max_length(self, max_length: int) -> None:
-        if not isinstance(max_length, (int, np.integer)) or max_length < 1:
-            raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
-        if self._max_length is not None and max_length > self._max_length:
-            raise ValueError(
-                f"this dataset stores histories of at most {self._max_length} behaviours "
-                f"(manifest max_length); got max_length={max_length}"
-            )
+        batch = {k: np.asarray(a[f"{split}_{k}"][idx]) for k in ("uid", "iid", "cid", "label")}
+        start = np.asarray(a["seq_offsets"][np.asarray(a[f"{split}_row"][idx])])
+        stop = start + np.asarray(a[f"{split}_pos"][idx])  # exclusive
+        return {**batch, "hist_start": start, "hist_stop": stop}
 
 
 def build_histories(
     sequences: tuple[np.ndarray, ...], start: np.ndarray, stop: np.ndarray, max_length: int
 ) -> tuple[np.ndarray, ...]:
-    """The last ``max_length`` events of ``seq[start:stop]`` for each sequence array.
-
-    ``start``, ``stop`` [B]; returns one [B, max_length] array per sequence, left-padded
-    with 0 where the span is shorter, ``[:, -1]`` the event just before ``stop``.
-    ``dare_jax.data.device_histories.build_histories`` is the same arithmetic in jax; this
-    one works in place (a second ``[B, L]`` array costs more than the gather: page faults).
+    """The last ``max_length`` events of ``seq[start:stop]`` (``start``, ``stop`` [B]) for
+    each sequence array: [B, max_length] each, left-padded with 0 where the span is shorter,
+    ``[:, -1]`` the event just before ``stop``. ``device_histories.build_histories`` is the
+    same arithmetic in jax; this one works in place (a second ``[B, L]`` array costs more
+    than the gather: page faults).
     """
     start = np.asarray(start)[:, None]
     flat = np.asarray(stop)[:, None] + np.arange(-max_length, 0, dtype=np.int64)[None, :]
@@ -332,5 +285,4 @@ def open_dataset(directory: str | Path) -> Dataset:
 
 def load_split(directory: str | Path, split: str, max_length: int = 200) -> dict[str, np.ndarray]:
     """The whole ``split`` of a dataset as in-memory arrays (see :meth:`Dataset.gather`)."""
-    ds = open_dataset(directory)
-    return ds.gather(split, slice(None), max_length=max_length)
+    return open_dataset(directory).gather(split, slice(None), max_length=max_length)
