@@ -1,19 +1,19 @@
-"""What one evaluation's checkpoint writes cost: time, CPU and peak memory, before and after
-the driver wrote a new best only once.
+"""What an evaluation's checkpoint costs the training loop: the time it stalls, the time the
+write takes, CPU and peak memory, with the write waited for (a blocking save) or not
+(`dare_jax.checkpointing`'s asynchronous save).
 
-    python benchmarks/checkpoint_write.py --rows 4320325 --evaluations 3
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/checkpoint_write.py \\
+        --rows 4320325 --evaluations 3
 
-A DARE-sized training state (two [rows, 16] float32 item tables, their Adam moments kept
-flat as `RowSparseAdam` keeps them, reshaped to optax's layout for the checkpoint as
-`steps.to_checkpoint` does) is checkpointed with `dare_jax.checkpointing.RunCheckpoints` as
-the driver does at an evaluation that finds a new best, `--evaluations` times in a row.
-Each variant runs in its own child process, so its peak RSS (`wait4`) is its own:
+A DARE-sized training state (two [rows, 16] float32 item tables and their two Adam
+moments) is checkpointed with `dare_jax.checkpointing.RunCheckpoints`, `--evaluations`
+times in a row, each in its own child process (with this process's environment, the
+allocator setting included) so that its peak RSS (`wait4`) is its own:
 
-- `twice`: the best and the latest written separately (the driver until commit 3f56789),
-  with Orbax's default of writing every array at once;
-- `twice_limited`: the same with at most `SAVE_CONCURRENT_GB` written at a time;
-- `once_linked`: written once as the best, hard-linked as the latest (`RunCheckpoints.copy`),
-  limited (the driver now).
+- `blocking`: `save` and then `wait`: the loop stalls for the whole write;
+- `async`: `save` only: the loop stalls until the arrays are off the device, the files are
+  written in the background (the `write` column: from `save` until `wait` returns, measured
+  with nothing else running).
 """
 
 from __future__ import annotations
@@ -30,51 +30,37 @@ from pathlib import Path
 from child_process import run_measured  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
-VARIANTS = ("twice", "twice_limited", "once_linked")
+VARIANTS = ("blocking", "async")
 GIB = 1024**3
 
 
 def child(variant: str, rows: int, evaluations: int, directory: Path) -> None:
-    """Build the state, run the evaluations' writes, print one JSON line of timings."""
+    """Build the state, run the evaluations' saves, print one JSON line of timings."""
     import jax
-    import jax.numpy as jnp
 
     from dare_jax import checkpointing
 
-    if variant == "twice":
-        checkpointing.SAVE_CONCURRENT_GB = 96  # Orbax's own default
     key = jax.random.PRNGKey(0)
-    tables = ("attention", "representation")
-    params = {t: jax.random.normal(jax.random.fold_in(key, i), (rows, 16)) * 0.01
-              for i, t in enumerate(tables)}
-    mu = {t: jax.random.normal(jax.random.fold_in(key, 10 + i), (rows * 16,)) * 1e-3
-          for i, t in enumerate(tables)}
-    nu = {t: jnp.square(m) for t, m in mu.items()}
-    jax.block_until_ready((params, mu, nu))
+    names = [f"{kind}_{table}" for kind in ("param", "mu", "nu")
+             for table in ("attention", "representation")]
+    state = {name: jax.random.normal(jax.random.fold_in(key, i), (rows, 16)) * 0.01
+             for i, name in enumerate(names)}
+    jax.block_until_ready(state)
     checkpoints = checkpointing.RunCheckpoints(directory)
-    seconds, cpu = [], []
+    stall, write, cpu = [], [], []
     for evaluation in range(evaluations):
         step = 150 * (evaluation + 1)
-        progress = {"best_step": step}
         started, cpu_started = time.perf_counter(), time.process_time()
-
-        def saved_state():  # optax's layout, as steps.to_checkpoint makes it per save
-            return {"params": params,
-                    "mu": {t: m.reshape(rows, 16) for t, m in mu.items()},
-                    "nu": {t: n.reshape(rows, 16) for t, n in nu.items()}}
-
-        checkpoints.save(checkpointing.BEST, step, saved_state(), progress)
-        if variant == "once_linked":
-            checkpoints.copy(checkpointing.BEST, checkpointing.LATEST, step)
-        else:
-            checkpoints.save(checkpointing.LATEST, step, saved_state(), progress)
-        checkpoints.keep_only(checkpointing.BEST, step)
-        seconds.append(time.perf_counter() - started)
+        checkpoints.save(checkpointing.BEST, step, state, {"best_step": step})
+        if variant == "blocking":
+            checkpoints.wait()
+        stall.append(time.perf_counter() - started)
+        checkpoints.wait()
+        write.append(time.perf_counter() - started)
         cpu.append(time.process_time() - cpu_started)
     checkpoints.close()
-    sizes = {p.stat().st_ino: p.stat().st_size for p in directory.rglob("*") if p.is_file()}
-    print(json.dumps({"seconds": seconds, "cpu_seconds": cpu,
-                      "bytes_on_disk": sum(sizes.values())}))  # hard links counted once
+    disk = sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+    print(json.dumps({"stall": stall, "write": write, "cpu": cpu, "bytes_on_disk": disk}))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,28 +76,27 @@ def main(argv: list[str] | None = None) -> int:
         child(args.child, args.rows, args.evaluations, args.dir)
         return 0
     root = Path(tempfile.mkdtemp(prefix="ckpt_bench_", dir=args.dir))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     state_gib = 6 * args.rows * 16 * 4 / GIB
     print(f"state: {args.rows:,} rows x 16 x 2 tables, params + 2 moments = {state_gib:.2f} GiB"
-          f"; {args.evaluations} evaluations, each a new best; load "
+          f"; {args.evaluations} evaluations; load "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    print("| variant | seconds per evaluation | CPU s per evaluation | peak RSS | on disk |")
-    print("|---|---|---|---|---|")
+    print("| variant | loop stalled, s per evaluation | write, s | CPU s | peak RSS | on disk |")
+    print("|---|---|---|---|---|---|")
     try:
         for variant in args.variants.split(","):
             out = root / variant
             command = [sys.executable, __file__, "--child", variant, "--rows", str(args.rows),
                        "--evaluations", str(args.evaluations), "--dir", str(out)]
             with tempfile.TemporaryFile("w+") as output:
-                result = run_measured(command, cwd=REPO, env=env, output=output)
+                result = run_measured(command, cwd=REPO, output=output)
                 output.seek(0)
                 lines = output.read().splitlines()
             if result["exit_code"] != 0:
                 raise SystemExit(f"{variant} failed:\n" + "\n".join(lines[-20:]))
             figures = json.loads(lines[-1])
-            per_eval = ", ".join(f"{s:.1f}" for s in figures["seconds"])
-            per_cpu = ", ".join(f"{s:.1f}" for s in figures["cpu_seconds"])
-            print(f"| {variant} | {per_eval} | {per_cpu} | "
+            stall, write, cpu = (", ".join(f"{s:.2f}" for s in figures[key])
+                                 for key in ("stall", "write", "cpu"))
+            print(f"| {variant} | {stall} | {write} | {cpu} | "
                   f"{result['peak_rss_bytes'] / GIB:.2f} GiB | "
                   f"{figures['bytes_on_disk'] / GIB:.2f} GiB |", flush=True)
             shutil.rmtree(out, ignore_errors=True)

@@ -1,23 +1,27 @@
 """The stages of `benchmarks/device_check.sh`, under one time budget, every figure in one JSON.
 
-    python benchmarks/device_check.py --mode gpu|tiny --out DIR --site DIR [--budget S]
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/device_check.py --mode gpu|tiny
+        --out DIR --site DIR [--budget S] [--stages S1,S2,...]
 
-Started by `benchmarks/device_check.sh` after the offline install of the carried wheels
-into `--site` (its environment variable STAGES becomes `--stages`: a second run can measure
-only what the first one skipped). Stages (one that would start with too little of the
+Started by `benchmarks/device_check.sh` after the offline install of the carried wheels into
+`--site` (its environment variable STAGES becomes `--stages`: a second run can measure only
+what the first one skipped); every stage inherits the allocator setting of its command line,
+which the `environment` stage records. Stages (one that would start with too little of the
 budget left is skipped and says so; one that runs past its share is stopped), run in the
 order of `STAGES`, most important first:
 
 1. `environment`: the package versions and where they were imported from (the carried ones
-   from `--site`, JAX from the machine), the devices; on `gpu`, JAX must see a GPU.
+   from `--site`, JAX from the machine), the devices, the allocator's huge-page setting
+   (`dare_jax.huge_pages.status()`); on `gpu`, JAX must see a GPU.
 2. `parity_full_precision`: `python -m dare_jax.interop.check_parity .device/fixtures/*.npz`
    with `JAX_DEFAULT_MATMUL_PRECISION=highest` (must pass).
 3. `loop_dare`, then the same for TWIN and DIN: `benchmarks/training_loop.py`, the whole
    training loop (`python -m dare_jax.main --config configs/taobao_synthetic.py`) with the
    histories built on the host and on the device (`data.histories`).
 4. `step_dare` (and TWIN, DIN): `benchmarks/step_throughput.py`, the driver's training step
-   with RowSparseAdam (the default) and optax.adam, and the evaluation forward pass, with
-   compile seconds and device memory.
+   with `optim.table_updates` = `row_sparse` (the default, RowSparseAdam) and `dense`
+   (`optim.adam` on autodiff's gradients), and the evaluation step, with compile seconds and
+   device memory.
 5. `input_pipeline`: `benchmarks/input_pipeline.py` on the loop's dataset (host costs per
    batch, batches/s the pipeline delivers with 1 to 8 threads).
 6. `parity_default_precision`: the parity check at the GPU's default matmul precision
@@ -120,6 +124,7 @@ misplaced = [name for name in {CARRIED_MODULES!r} if not files[name].startswith(
 misplaced += [name for name in {MACHINE_MODULES!r} if site and files[name].startswith(site)]
 for name in ("dare_jax.train", "dare_jax.interop.check_parity", "configs.taobao_synthetic"):
     importlib.import_module(name)
+from dare_jax import huge_pages
 devices = jax.devices()
 report = {{
     "python": sys.version.split()[0],
@@ -129,6 +134,7 @@ report = {{
     "backend": jax.default_backend(),
     "devices": [f"{{d.platform}}:{{d.device_kind}}" for d in devices],
     "device_memory_limit_bytes": (devices[0].memory_stats() or {{}}).get("bytes_limit"),
+    "memory": huge_pages.status(),
 }}
 open(result, "w").write(json.dumps(report))
 print(json.dumps(report, indent=1))
@@ -261,7 +267,7 @@ class Check:
         result = self.scratch / f"step_{model}.json"
         command = [
             sys.executable, "benchmarks/step_throughput.py", "--models", model,
-            "--variants", "row_sparse,optax,forward", "--json", str(result), *self.scale.step,
+            "--variants", "row_sparse,dense,forward", "--json", str(result), *self.scale.step,
         ]  # fmt: skip
         self.stage(f"step_{model}", "step", command, result=result)
 
@@ -341,7 +347,7 @@ def summarize(report: dict) -> dict:
     for model in MODELS:
         figures: dict = {}
         step = stages.get(f"step_{model}", {}).get("result", {}).get("models", {}).get(model, {})
-        for variant in ("row_sparse", "optax", "forward"):
+        for variant in ("row_sparse", "dense", "forward"):
             if variant in step:
                 figures[f"step_{variant}_samples_per_s"] = round(step[variant]["samples_per_s"])
                 figures[f"step_{variant}_compile_seconds"] = step[variant]["compile_seconds"]
@@ -375,12 +381,12 @@ def print_summary(report: dict) -> None:
     print("\n== summary (samples/s; compile seconds excluded)")
     for name, stage in report["stages"].items():
         print(f"  {name:28s} {stage['status']}  {stage.get('seconds', '')}")
-    header = ("model", "step", "step optax", "forward", "loop host", "loop device",
+    header = ("model", "step", "step dense", "forward", "loop host", "loop device",
               "run host", "run device")  # fmt: skip
     print("  " + " ".join(f"{h:>11s}" for h in header))
     for model, f in report["summary"]["models"].items():
         cells = [f.get(k) for k in (
-            "step_row_sparse_samples_per_s", "step_optax_samples_per_s",
+            "step_row_sparse_samples_per_s", "step_dense_samples_per_s",
             "step_forward_samples_per_s", "loop_host_loop_samples_per_s",
             "loop_device_loop_samples_per_s", "loop_host_run_samples_per_s",
             "loop_device_run_samples_per_s")]  # fmt: skip

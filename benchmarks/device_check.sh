@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, one command, about 8 minutes on one NVIDIA GPU with no network: uses the
-# machine's python3 and its CUDA JAX as they are (never pip-installs JAX, never reaches a
+# The GPU check, one command on one NVIDIA GPU with no network, within BUDGET_SECONDS: uses
+# the machine's python3 and its CUDA JAX as they are (never pip-installs JAX, never reaches a
 # registry), installs the wheels benchmarks/device_prepare.sh put in .device/wheels offline,
 # then (benchmarks/device_check.py) checks parity with the official PyTorch outputs at full
 # float32 precision (must pass) and at the default precision (reported), and measures DIN,
@@ -9,14 +9,20 @@
 # with Taobao-sized tables, histories built on the host and on the device), compile time,
 # peak GPU memory, and the input pipeline's host costs.
 #
-#   benchmarks/device_prepare.sh                 # beforehand, where the registry is reached
-#   benchmarks/device_check.sh                   # on the GPU machine (.device carried along)
-#   benchmarks/device_check.sh --rehearse        # here: the same run on the CPU, tiny scale,
-#       in a copy of the checkout with ../shared out of reach, in a fresh virtual environment
-#       holding only the packages the GPU machine has (from the registry), the rest installed
-#       from .device/wheels311 alone, without network where `unshare -n` works
-#   benchmarks/device_check.sh --tiny            # what --rehearse runs inside its copy
+#   benchmarks/device_prepare.sh      # beforehand, where the registry is reached
+#   GLIBC_TUNABLES=glibc.malloc.hugetlb=1 benchmarks/device_check.sh
+#       # on the GPU machine (.device carried along)
+#   GLIBC_TUNABLES=glibc.malloc.hugetlb=1 benchmarks/device_check.sh --rehearse
+#       # here: the same run on the CPU, tiny scale, in a copy of the checkout with
+#       # ../shared out of reach, in a fresh virtual environment holding only the packages
+#       # the GPU machine has (from the registry), the rest installed from .device/wheels311
+#       # alone, without network where `unshare -n` works
+#   GLIBC_TUNABLES=glibc.malloc.hugetlb=1 benchmarks/device_check.sh --tiny
+#       # what --rehearse runs inside its copy
 #
+# GLIBC_TUNABLES=glibc.malloc.hugetlb=1 is the allocator setting the figures are measured
+# with (host buffers in 2 MiB pages; dare_jax.huge_pages): every stage inherits it (--rehearse
+# passes it on) and the environment stage records it.
 # Writes device_check.log and device_check.json (every figure, each stage's status) to $OUT
 # (default runs/device_check). Environment: PYTHON (default python3: the machine's), OUT,
 # BUDGET_SECONDS (default 470: the stages' total), STAGES (default all: a comma-separated
@@ -31,7 +37,7 @@ case "${1:-}" in
   "") ;;
   --tiny) MODE=tiny ;;
   --rehearse) MODE=rehearse ;;
-  -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,31p' "$0"; exit 0 ;;
   *) echo "unknown argument: $1 (expected --rehearse or --tiny)" >&2; exit 2 ;;
 esac
 OUT="${OUT:-runs/device_check}"
@@ -84,6 +90,7 @@ if [[ $MODE == rehearse ]]; then
   (cd "$WORK/checkout" && "${ISOLATE[@]}" env -i PATH="$WORK/venv/bin:/usr/bin:/bin" \
     HOME="$WORK/home" OUT="$OUT" PYTHON="$WORK/venv/bin/python" JAX_PLATFORMS=cpu \
     DARE_SHARED_DIR="$WORK/no-shared" BUDGET_SECONDS="${BUDGET_SECONDS:-900}" \
+    ${GLIBC_TUNABLES+GLIBC_TUNABLES="$GLIBC_TUNABLES"} \
     bash benchmarks/device_check.sh --tiny)
   STATUS=$?
   echo "== rehearsal done (status $STATUS); log and summary: $OUT/device_check.{log,json}"

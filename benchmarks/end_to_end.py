@@ -1,12 +1,15 @@
 """The paper's experiment end to end at Taobao size: generate, preprocess, train DARE and TWIN.
 
-    python benchmarks/end_to_end.py --root /work/scratch/e2e            # full size (defaults)
-    python benchmarks/end_to_end.py --root /tmp/e2e_small --users 3000 --rows 1200000   # rehearsal
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/end_to_end.py
+        --root /work/scratch/e2e                             # full size (defaults)
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/end_to_end.py
+        --root /tmp/e2e_small --users 3000 --rows 1200000    # rehearsal
 
-Steps, each in a child process so that its peak RSS is its own (`wait4`: the kernel's
-high-water mark), each skipped when its output exists (rerun the command after a kill: the
-data is generated once, a finished model is not trained again, an interrupted one resumes
-from its checkpoints through the driver's own resume):
+Steps, each in a child process (with this process's environment, the allocator setting
+included) so that its peak RSS is its own (`wait4`: the kernel's high-water mark), each
+skipped when its output exists (rerun the command after a kill: the data is generated once,
+a finished model is not trained again, an interrupted one resumes from its checkpoints
+through the driver's own resume):
 
 1. generation: `python -m preprocessing.synthetic` writes a synthetic Taobao-format log
    (`--users`, `--rows`; the defaults give an item table of >= 4 M rows and >= 5 M training
@@ -50,11 +53,10 @@ def load_average() -> str:
 def run_child(command: list[str], log_path: Path) -> dict:
     """Run `command` from the repository root, output appended to `log_path`; wall seconds,
     peak RSS and CPU seconds of the child, load average before and after. Exits on failure."""
-    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     before = load_average()
     print(f"$ {' '.join(command)}  (output: {log_path})", flush=True)
     with open(log_path, "a") as log:
-        result = run_measured(command, cwd=REPO, env=env, output=log)
+        result = run_measured(command, cwd=REPO, output=log)
     if result["exit_code"] != 0:
         raise SystemExit(
             f"failed with exit code {result['exit_code']}: {' '.join(command)}; see {log_path}"

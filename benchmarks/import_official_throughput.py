@@ -16,11 +16,12 @@ Taobao's 4,068,790 items, each item in one of 9,407 categories); the user's 19 t
 history; train samples are shuffled once, globally. ``iid_mapping.npy`` holds all
 4,068,790 items, as the full Taobao one does.
 
-    python benchmarks/import_official_throughput.py                  # ~1 M train samples
-    python benchmarks/import_official_throughput.py --files 3      # the first 3 files only
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/import_official_throughput.py
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/import_official_throughput.py
+        --files 3                                       # the first 3 train files only
 
-Generated files are large (~2 kB per sample): keep them under data/ (git-ignored)
-or /tmp, never in the repository.
+The child process inherits the allocator setting. Generated files are large (the script
+prints their size): keep them under data/ (git-ignored) or /tmp, never in the repository.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from child_process import run_measured  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent

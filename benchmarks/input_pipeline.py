@@ -1,11 +1,13 @@
 """Input pipeline cost per training batch: host gathering, copies, device-built histories.
 
-    python benchmarks/input_pipeline.py [--data DIR | --users 3000] [--batch 2048]
-        [--length 200] [--batches 30] [--threads 1,2,4] [--json PATH]
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/input_pipeline.py
+        [--data DIR | --users 3000] [--batch 2048] [--length 200] [--batches 30]
+        [--threads 1,2,4] [--json PATH]
 
 On a preprocessed dataset (`--data`, or a synthetic log of `--users` users generated and
 preprocessed once under `data/bench/input_pipeline_<users>`), with the training loop's own
-code (`dare_jax.train._Trainer.device_batch` mapped over `dare_jax.data.pipeline`):
+code (`dare_jax.experiment.Experiment` of `configs/taobao_synthetic.py` on that dataset, its
+tables sized by the dataset: `device_batch`, `train_batches` over `dare_jax.data.pipeline`):
 
 * per batch of shuffled training samples, medians over `--batches` batches: drawing the
   batch's sample indices (grain's per-sample shuffle, as the pipeline did before, and the
@@ -15,16 +17,19 @@ code (`dare_jax.train._Trainer.device_batch` mapped over `dare_jax.data.pipeline
   (`Partitioner.shard_batch`, waited for), and building the histories on the device from
   spans (`DeviceHistories`, waited for);
 * the whole pipeline: batches per second that a consumer receives, ready on the device, from
-  `pipeline.train_iterator` with `data.prefetch_threads` = each of `--threads` (the gather,
+  `Experiment.train_batches` with `data.prefetch_threads` = each of `--threads` (the gather,
   the copy and, for "device", the history build run in those threads; the consumer does
   nothing else, so this is the most the pipeline can feed a training loop).
 
-Every figure is wall time; the load average is printed before and after.
+Every figure is wall time; the load average is printed before and after, and the allocator
+setting (`dare_jax.huge_pages.status()`; the figures are measured with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` on the command line) is printed and recorded.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -36,23 +41,25 @@ import grain
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configs import taobao_synthetic
+from dare_jax import config, huge_pages
+from dare_jax.data import pipeline
+from dare_jax.data.preprocess import prepare_dataset
+from dare_jax.experiment import Experiment
 
-from configs import taobao_synthetic  # noqa: E402
-from dare_jax import train  # noqa: E402
-from dare_jax.data import pipeline  # noqa: E402
 
-
-def trainer_for(data_dir: str, batch: int, length: int, histories: str) -> train._Trainer:
-    """The training loop's trainer (nothing compiled yet) on `data_dir` at this batch shape."""
-    config = taobao_synthetic.get_config()
-    config.data.dir = data_dir
-    config.data.synthetic_users = 0
-    config.data.min_item_rows = config.data.min_category_rows = 0
-    config.data.max_length = length
-    config.data.histories = histories
-    config.train.batch_size = batch
-    return train._Trainer(config, train.prepare_dataset(config))
+def experiment_for(data_dir: str, batch: int, length: int, histories: str) -> Experiment:
+    """The training loop's experiment on `data_dir` at this batch shape (its steps are
+    built, not compiled: nothing here runs them)."""
+    cfg = taobao_synthetic.get_config()
+    cfg.data.dir = data_dir
+    cfg.data.synthetic_users = 0
+    cfg.data.min_item_rows = cfg.data.min_category_rows = 0
+    cfg.data.max_length = length
+    cfg.data.histories = histories
+    cfg.train.batch_size = batch
+    spec = config.resolve(cfg)
+    return Experiment(spec, prepare_dataset(spec.data))
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -65,7 +72,7 @@ def median_ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def per_batch_costs(dataset, trainer_host, trainer_device, args) -> dict[str, float]:
+def per_batch_costs(dataset, host: Experiment, device: Experiment, args) -> dict[str, float]:
     rng = np.random.default_rng(0)
     n = dataset.num_samples("train")
     batches = [rng.permutation(n)[: args.batch] for _ in range(args.batches)]
@@ -75,9 +82,13 @@ def per_batch_costs(dataset, trainer_host, trainer_device, args) -> dict[str, fl
         return batches[next(cursor) % len(batches)]
 
     full = dataset.gather("train", indices(), args.length)
-    spans = trainer_device.dataset.gather_spans("train", indices())
+    spans = device.dataset.gather_spans("train", indices())
     spans = {**spans, **{k: spans[k].astype(np.int32) for k in ("hist_start", "hist_stop")}}
-    on_device_spans = trainer_device.shard_batch(spans)
+
+    def copy(experiment: Experiment, batch: dict) -> dict:  # split on `data`, on the devices
+        return experiment.partitioner.shard_batch(batch, experiment.batch_size)
+
+    on_device_spans = copy(device, spans)
     seed = pipeline.shuffle_seed(0)
     grains = grain.MapDataset.range(n).shuffle(seed=seed).batch(args.batch, drop_remainder=True)
     ours = pipeline.ShuffledBatch(n, args.batch, seed)
@@ -91,29 +102,27 @@ def per_batch_costs(dataset, trainer_host, trainer_device, args) -> dict[str, fl
             lambda: dataset.gather_spans("train", indices()), args.batches
         ),
         "copy_histories_batch_ms": median_ms(
-            lambda: jax.block_until_ready(trainer_host.shard_batch(full)), args.batches
+            lambda: jax.block_until_ready(copy(host, full)), args.batches
         ),
         "copy_spans_batch_ms": median_ms(
-            lambda: jax.block_until_ready(trainer_device.shard_batch(spans)), args.batches
+            lambda: jax.block_until_ready(copy(device, spans)), args.batches
         ),
         "device_build_histories_ms": median_ms(
-            lambda: jax.block_until_ready(trainer_device.histories(on_device_spans)),
+            lambda: jax.block_until_ready(device.histories(on_device_spans)),
             args.batches,
         ),
     }
 
 
-def pipeline_rate(trainer: train._Trainer, threads: int, args) -> float:
-    """Batches per second received, ready on the device, from the training iterator."""
-    data = pipeline.train_dataset(
-        trainer.dataset,
-        batch_size=args.batch,
-        seed=0,
-        num_epochs=1000,
-        max_length=args.length,
-        histories=trainer.config.data.histories,
-    ).map(trainer.device_batch)
-    iterator = pipeline.train_iterator(data, prefetch=2 * threads, threads=threads)
+def pipeline_rate(experiment: Experiment, threads: int, args) -> float:
+    """Batches per second received, ready on the device, from the training iterator with
+    `data.prefetch_threads = threads`."""
+    spec = experiment.spec
+    spec = spec.replace(
+        data=dataclasses.replace(spec.data, prefetch_threads=threads),
+        train=dataclasses.replace(spec.train, num_epochs=1000),  # batches enough for any run
+    )
+    iterator = Experiment(spec, experiment.dataset).train_batches(seed=0)
     for _ in range(3):  # warm-up: threads started, buffer filled, programs compiled
         jax.block_until_ready(next(iterator))
     start = time.perf_counter()
@@ -135,25 +144,26 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data
     if data_dir is None:
         root = Path("data/bench") / f"input_pipeline_{args.users}"
-        config = taobao_synthetic.get_config()
-        config.data.dir, config.data.raw_path = str(root / "pre"), str(root / "log.csv")
-        config.data.synthetic_users = args.users
-        train.prepare_dataset(config)
-        data_dir = config.data.dir
-    host = trainer_for(data_dir, args.batch, args.length, "host")
-    device = trainer_for(data_dir, args.batch, args.length, "device")
+        cfg = taobao_synthetic.get_config()
+        cfg.data.dir, cfg.data.raw_path = str(root / "pre"), str(root / "log.csv")
+        cfg.data.synthetic_users = args.users
+        prepare_dataset(config.resolve(cfg).data)
+        data_dir = cfg.data.dir
+    host = experiment_for(data_dir, args.batch, args.length, "host")
+    device = experiment_for(data_dir, args.batch, args.length, "device")
     dataset = host.dataset
     print(
         f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cpus); "
         f"{data_dir}: {dataset.num_samples('train')} training samples, "
         f"{dataset.array('seq_iid').shape[0]} events; batch {args.batch}, L {args.length}; "
-        f"load average before: {os.getloadavg()[0]:.2f}",
+        f"memory {huge_pages.status()}; load average before: {os.getloadavg()[0]:.2f}",
         flush=True,
     )
     report: dict = {
         "jax": jax.__version__,
         "platform": jax.devices()[0].platform,
         "cpus": os.cpu_count(),
+        "memory": huge_pages.status(),
         "batch": args.batch,
         "length": args.length,
         "load_before": os.getloadavg()[0],
@@ -162,10 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, ms in report["per_batch_ms"].items():
         print(f"  {name:28s} {ms:8.2f} ms per batch", flush=True)
     report["pipeline_batches_per_s"] = {}
-    for trainer in (host, device):
-        mode = trainer.config.data.histories
+    for experiment in (host, device):
+        mode = experiment.spec.data.histories
         for threads in [int(t) for t in args.threads.split(",") if t.strip()]:
-            rate = pipeline_rate(trainer, threads, args)
+            rate = pipeline_rate(experiment, threads, args)
             report["pipeline_batches_per_s"][f"{mode}_threads{threads}"] = rate
             print(
                 f"  pipeline, histories {mode:6s} {threads} thread(s): {rate:8.1f} batches/s "

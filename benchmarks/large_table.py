@@ -1,26 +1,29 @@
-"""DARE with a ~30 M-row item table, end to end on one machine (lazy table updates).
+"""DARE with an item table of tens of millions of rows, end to end on one machine (lazy
+table updates).
 
-    python benchmarks/large_table.py --root /tmp/dare_large [--catalogue 44000000]
-        [--rows 126000000] [--users 120000] [--steps 300] [--table-updates lazy]
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/large_table.py --root /tmp/dare_large
+        [--catalogue 44000000] [--rows 126000000] [--users 120000] [--steps 300]
+        [--table-updates lazy|row_sparse|dense]
 
 1. Writes (once) a synthetic Taobao-format log (`dare_jax.data.synthetic.write_taobao_log`)
    whose catalogue has `--catalogue` items, with near-uniform item popularity and few re-visits
    (`item_zipf`, `p_revisit` below) so that most of the catalogue shows up in the log: the
-   preprocessed dataset's item table has item_n rows (about 30 M with the defaults: 70 %
-   of the catalogue at 2.9 log rows per item).
+   preprocessed dataset's item table has item_n rows (printed).
 2. Preprocesses it (once) with `python -m preprocessing.taobao` in a child process.
 3. Trains with the driver in a child process:
    `python -m dare_jax.main --config configs/taobao.py:model=dare,seeds=1,steps=N
-   --config.optim.table_updates=lazy ...` (paper setup otherwise: batch 2048, L = 200,
-   dims 16), one validation + checkpoint at the last step (the best, so the test evaluation
-   reuses the state in memory), then the test; no embedding export.
+   --config.optim.table_updates=lazy ...` (`--table-updates`: the `optim.table_updates`
+   value; the child inherits the allocator setting; paper setup otherwise: batch 2048,
+   L = 200, dims 16), one validation + checkpoint at the last step (the best, so the test
+   evaluation reuses the state in memory), then the test; no embedding export.
 
 Prints, per phase, wall time and the child's peak resident memory (`wait4` rusage: the kernel's
 high-water mark), and for training the samples/s between the first and the last logged
 training loss (rows of the run's metrics.jsonl, written every `--log-every` steps, timed as
 they appear): compilation, evaluation and checkpointing excluded, the input pipeline included.
-The load average is printed before and after each phase. Needs ~15 GB of memory and ~30 GB of
-disk under `--root` (log ~4.4 GB, dataset, two checkpoints of ~12 GB): run it alone.
+The load average is printed before and after each phase. Needs a large machine: memory
+for the tables and their Adam moments, and disk under `--root` for the log, the dataset and
+two checkpoints (benchmarks/README.md gives the sizes): run it alone.
 """
 
 from __future__ import annotations
@@ -36,8 +39,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a script from a checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO))
 
 # Generator settings that spread the log over the catalogue (defaults: item_zipf 0.4,
 # p_revisit 0.31, which concentrate a log on fewer, more popular items).
@@ -52,7 +53,7 @@ def _load() -> str:
 def run_child(cmd: list[str], on_start=None) -> dict:
     """Run `cmd` (cwd: the repository); wall seconds, peak RSS and CPU seconds of the child."""
     started = time.perf_counter()
-    child = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = subprocess.Popen(cmd, cwd=REPO)
     if on_start is not None:
         on_start()
     _, status, usage = os.wait4(child.pid, 0)
@@ -167,7 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300, help="training steps")
     parser.add_argument("--log-every", type=int, default=25, help="training-loss rows, steps")
     parser.add_argument("--model", default="dare")
-    parser.add_argument("--table-updates", default="lazy", choices=("lazy", "dense"))
+    parser.add_argument(
+        "--table-updates", default="lazy", choices=("lazy", "row_sparse", "dense"),
+        help="optim.table_updates (row_sparse: the paper's dense Adam from looked-up rows; "
+        "dense: the same maths on autodiff's dense gradients)",
+    )
     args = parser.parse_args(argv)
     args.root.mkdir(parents=True, exist_ok=True)
     log = make_log(args)

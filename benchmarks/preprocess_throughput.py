@@ -6,11 +6,13 @@ Generates (once, cached) a Taobao-format file of ``--rows`` rows with
 time and the child's peak resident memory (``wait4`` rusage, i.e. the kernel's
 high-water mark, not a sampled value).
 
-    python benchmarks/preprocess_throughput.py --rows 10000000
-    python benchmarks/preprocess_throughput.py --rows 100000000 --cache-dir /tmp/dare_bench
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/preprocess_throughput.py
+        --rows 10000000
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/preprocess_throughput.py
+        --rows 100000000 --cache-dir /tmp/dare_bench
 
-Generated files are large (~35 bytes per row): keep them under data/ (git-ignored)
-or /tmp, never in the repository.
+The child process inherits the allocator setting. Generated files are large (the script
+prints their size): keep them under data/ (git-ignored) or /tmp, never in the repository.
 """
 
 from __future__ import annotations
@@ -26,8 +28,6 @@ from pathlib import Path
 from child_process import run_measured  # benchmarks/ is on sys.path when run as a script
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # run as a script from a checkout without `pip install -e .`
-    sys.path.insert(0, str(REPO))
 
 
 def cached_log(rows: int, users: int, seed: int, cache_dir: Path) -> Path:

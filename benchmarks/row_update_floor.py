@@ -1,7 +1,8 @@
 """The machine's floor for a lazy table update: plain C, one pass over a batch's lookups.
 
-    python benchmarks/row_update_floor.py [--rows 4068791,12000000,30000000] [--batch 2048]
-        [--length 200] [--dim 16] [--repeats 5] [--cc cc]
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/row_update_floor.py
+        [--rows 4068791,12000000,30000000] [--batch 2048] [--length 200] [--dim 16]
+        [--repeats 5] [--cc cc]
 
 What a lazy Adam step must do to one item table at least: for each of the batch's
 B * (L + 1) lookups (ids drawn uniformly, as `step_throughput.py`'s random batches), read the
@@ -17,7 +18,9 @@ not an implementation: the ratio of XLA's lazy update to it is what is left to g
 `batch / (frozen-table step + 2 x floor)` bounds DARE's lazy step (two item tables per step).
 
 Prints, per table size and id order, the median milliseconds per pass over `--repeats`
-passes, and the load average before and after. Exits 2 without a C compiler.
+passes, and the load average before and after. The compiled loop runs in a child process,
+with this process's environment (the allocator setting included; it allocates its arrays
+itself, in 2 MiB pages). Exits 2 without a C compiler.
 """
 
 from __future__ import annotations

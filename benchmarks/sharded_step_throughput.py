@@ -1,14 +1,16 @@
 """Training samples/s of the driver's sharded step on 1 and on N simulated host devices.
 
-    python benchmarks/sharded_step_throughput.py [--models dare twin] [--steps 20] [--warmup 3]
-        [--batch 256] [--length 100] [--users 1500] [--devices 8]
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/sharded_step_throughput.py
+        [--models dare twin] [--steps 20] [--warmup 3] [--batch 256] [--length 100]
+        [--users 1500] [--devices 8]
 
-Each (model, mesh) runs in its own child process, since a JAX process's device
-count is fixed when JAX starts (`--xla_force_host_platform_device_count`). The
-child builds the real driver (`dare_jax.train._Trainer`: parameters created in
-their shardings, batches split on `data`, state donated) on the demo-scale
-synthetic dataset (generated once under data/bench/, git-ignored) and times
-`train_step(state, shard_batch(batch))` over pre-gathered batches, excluding
+Each (model, mesh) runs in its own child process (with this process's environment, the
+allocator setting included), since a JAX process's device count is fixed when JAX starts
+(`--xla_force_host_platform_device_count`). The child builds the driver's experiment
+(`dare_jax.experiment.Experiment` of `configs/demo.py`: parameters created in their
+shardings, batches split on `data`, state donated) on the demo-scale synthetic dataset
+(generated once under data/bench/, git-ignored) and times
+`train_step(state, device_batch(batch))` over pre-gathered batches, excluding
 compilation and warm-up. Meshes: 1 device; N devices data parallel (`mesh.data=N`);
 N devices as (N/2, 2) with the item and category tables split by rows over
 `model`. Simulated devices share the machine's cores: the figures show the
@@ -32,54 +34,56 @@ TABLES = "embed/.*/(item|category)$"
 
 
 def _child(spec: dict) -> dict:
-    sys.path.insert(0, str(REPO))
     import jax
 
     from configs import demo
-    from dare_jax import train
+    from dare_jax import config
     from dare_jax.data import pipeline
+    from dare_jax.data.preprocess import prepare_dataset
+    from dare_jax.experiment import Experiment
 
-    config = demo.get_config(f"model={spec['model']}")
-    config.data.synthetic_users = spec["users"]
-    config.data.raw_path = str(REPO / f"data/bench/sharded_{spec['users']}/log.csv")
-    config.data.dir = str(REPO / f"data/bench/sharded_{spec['users']}/pre")
-    config.data.max_length = spec["length"]
-    config.train.batch_size = spec["batch"]
+    cfg = demo.get_config(f"model={spec['model']}")
+    cfg.data.synthetic_users = spec["users"]
+    cfg.data.raw_path = str(REPO / f"data/bench/sharded_{spec['users']}/log.csv")
+    cfg.data.dir = str(REPO / f"data/bench/sharded_{spec['users']}/pre")
+    cfg.data.max_length = spec["length"]
+    cfg.train.batch_size = spec["batch"]
     for key, value in spec["mesh"].items():
-        config.mesh[key] = value
-    dataset = train.prepare_dataset(config)
-    trainer = train._Trainer(config, dataset)
+        cfg.mesh[key] = value
+    resolved = config.resolve(cfg)
+    dataset = prepare_dataset(resolved.data)
+    experiment = Experiment(resolved, dataset)
     data = pipeline.train_dataset(
         dataset,
-        batch_size=trainer.batch_size,
+        batch_size=experiment.batch_size,
         seed=0,
         num_epochs=1,
         max_length=spec["length"],
-        rows=trainer.rows,
+        rows=experiment.partitioner.local_rows(experiment.batch_size),
     )
     count = spec["warmup"] + spec["steps"]
     if count > len(data):
         raise SystemExit(f"only {len(data)} batches per epoch; lower --steps or --batch")
     batches = [data[i] for i in range(count)]
-    state = trainer.initial_state(0)
+    state = experiment.initial_state(0)
     times = []
     for index, batch in enumerate(batches):
         start = time.perf_counter()
-        state, out = trainer.train_step(state, trainer.shard_batch(batch))
+        state, out = experiment.train_step(state, experiment.device_batch(batch))
         jax.block_until_ready(out["total"])
         if index >= spec["warmup"]:
             times.append(time.perf_counter() - start)
     return {
         "devices": jax.device_count(),
-        "mesh": dict(trainer.partitioner.mesh.shape),
+        "mesh": dict(experiment.partitioner.mesh.shape),
         "samples_per_s": spec["batch"] / statistics.median(times),
         "step_ms": 1000 * statistics.median(times),
-        "compiled": trainer.train_step._cache_size(),
+        "compiled": experiment.train_step._cache_size(),
     }
 
 
 def _run(spec: dict, devices: int) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     result = subprocess.run(
         [sys.executable, __file__, "--child", json.dumps(spec)],

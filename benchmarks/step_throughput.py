@@ -1,23 +1,30 @@
 """Training and forward throughput (samples/s) of the models at Taobao scale.
 
-    python benchmarks/step_throughput.py [--models din twin dare eta sdim twin_v2] [--steps 5]
-        [--warmup 2]
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/step_throughput.py
+        [--models din twin dare eta sdim twin_v2] [--steps 5] [--warmup 2]
         [--batch 2048] [--length 200] [--item-n 4068791] [--cate-n 9408] [--dim 16]
-        [--variants optax,row_sparse,lazy,frozen_embeddings,forward] [--breakdown] [--json PATH]
+        [--variants dense,row_sparse,lazy,frozen_embeddings,forward] [--breakdown]
+        [--host-devices 2 --mesh 1,2] [--json PATH]
 
-Random int batches (ids drawn uniformly, about 10% left padding). A training step is the
-driver's (`dare_jax.steps.make_train_step`, one jitted program, state donated): forward +
-backward + a dense Adam update of ALL parameters (every table row, as the official PyTorch
-training with dense embedding gradients). `optax` runs it with `dare_jax.optim.adam` (optax's
-Adam with PyTorch's bias corrections) on autodiff's gradient (config
-`optim.sparse_table_updates=False`); `row_sparse` with
-`dare_jax.optim.RowSparseAdam` (the default: the same maths, table gradients as looked-up
-rows summed into carried buffers, moments in flat vectorised passes); `lazy` with
-`dare_jax.optim.LazyAdam` (config `optim.table_updates=lazy`: other maths, only the rows a
-batch looks up move; its cost should not depend on `--item-n`).
+Random int batches (ids drawn uniformly, about 10% left padding). The model is
+`TwoStageModel(ModelSpec(...))`. A training step is the driver's
+(`dare_jax.steps.make_train_step`, one jitted program, state donated) with the optimizer of
+`dare_jax.optim.make_optimizer(OptimSpec(table_updates=V))`, one variant per value V of
+config `optim.table_updates`:
+
+* `dense`: `dare_jax.optim.adam` (optax's Adam with PyTorch's bias corrections) on
+  autodiff's dense gradient: forward + backward + a dense Adam update of ALL parameters
+  (every table row, as the official PyTorch training with dense embedding gradients);
+* `row_sparse` (the config's default): `dare_jax.optim.RowSparseAdam`, the same maths, the
+  table gradients as looked-up rows summed into carried buffers, moments in flat
+  vectorised passes;
+* `lazy`: `dare_jax.optim.LazyAdam` (other maths: only the rows a batch looks up move; its
+  cost should not depend on `--item-n`).
+
 `frozen_embeddings` differentiates and updates everything except the embedding tables, to
 measure what the embedding gradients and their dense Adam update cost.
-`forward` is the jit-compiled evaluation forward pass (BatchNorm with running statistics).
+`forward` is the driver's evaluation step (`dare_jax.steps.make_eval_step`: the jitted
+forward pass, BatchNorm with running statistics).
 `--breakdown` also times the pieces of one item table's update: the gradient as autodiff forms
 it (scatter-add into a zero table) and exact alternatives (segment_sum, sorted ids), the
 scatter alone, Adam's square-root-and-divide pass over the table shaped `[rows, d]` and
@@ -30,14 +37,15 @@ Compilation and warm-up steps are excluded from the timings; each figure is the 
 with the XLA compile seconds inside it (`dare_jax.phase_timer`), and after each model the
 device's memory in use and its peak so far (GPU/TPU only). `--json PATH` writes every figure
 there. The machine load (1-minute load average) is printed before and after, since shared
-machines skew the figures. Like the driver, the script restarts itself with glibc's huge-page
-tunable where that applies (`dare_jax.huge_pages`; its status is printed);
-`DARE_JAX_HUGE_PAGES=0` measures with 4 KiB pages.
+machines skew the figures. The allocator setting (`dare_jax.huge_pages.status()`) is printed
+and recorded: the figures are measured with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` on the
+command line (XLA:CPU's buffers in 2 MiB pages); without it they sit in 4 KiB pages.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import os
@@ -45,13 +53,6 @@ import resource
 import statistics
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dare_jax import huge_pages
-
-# Before anything else (and before XLA_FLAGS below): measure what the driver runs with.
-huge_pages.restart_with_huge_pages()
 
 
 def _host_devices_from_argv(argv: list[str]) -> int:
@@ -74,19 +75,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import ml_collections
 
-from dare_jax import optim, steps
+from dare_jax import huge_pages, optim, steps
+from dare_jax.config import TABLE_UPDATES, OptimSpec
+from dare_jax.models import ModelSpec, TableKey, TwoStageModel, loss_terms
 from dare_jax.phase_timer import PhaseTimer
-from dare_jax.models import build_model, default_model_config, loss_terms
 from dare_jax.sharding import Partitioner, padded_rows
 
 # With a mesh, the item tables (and their Adam moments) are split by rows over `model`.
 ROW_SHARDED = r"embed/.*/item"
 
-WEIGHT_DECAY = 1e-6
-DRIVER_VARIANTS = ("optax", "row_sparse", "lazy")
-LEARNING_RATE = 0.01
+# The config's Adam and L2 penalty (OptimSpec's defaults: the paper's).
+OPTIM = OptimSpec()
+WEIGHT_DECAY = OPTIM.weight_decay
+LEARNING_RATE = OPTIM.lr
+DRIVER_VARIANTS = TABLE_UPDATES  # "dense", "row_sparse", "lazy": optim.table_updates
 
 
 def random_batch(
@@ -106,15 +109,15 @@ def random_batch(
     }
 
 
-def model_config(name: str, dim: int):
-    cfg = default_model_config()
-    cfg.name = name
-    cfg.item_embedding_dim = cfg.category_embedding_dim = cfg.time_embedding_dim = dim
-    if name == "din":
-        cfg.use_time = False
-    if name == "sdim":
-        cfg.use_aux_loss = False  # SDIM has no attention, hence no full-attention aux head
-    return cfg
+def model_spec(name: str, dim: int) -> ModelSpec:
+    return ModelSpec(
+        name=name,
+        item_embedding_dim=dim,
+        category_embedding_dim=dim,
+        time_embedding_dim=dim,
+        use_time=name != "din",  # DIN uses no time field
+        use_aux_loss=name != "sdim",  # SDIM has no attention, hence no full-attention aux head
+    )
 
 
 def make_frozen_embeddings_step(model, optimizer, state_shardings=None):
@@ -173,7 +176,7 @@ def time_calls(
     return durations
 
 
-def _variant_callable(model_cfg, model, variant: str, init_batch, batches, partitioner=None):
+def _variant_callable(model, variant: str, init_batch, batches, partitioner=None):
     """A no-argument callable running one timed unit (a train step or a forward pass)."""
     if partitioner is not None:
         batches = [jax.device_put(b, partitioner.batch_sharding) for b in batches]
@@ -183,12 +186,17 @@ def _variant_callable(model_cfg, model, variant: str, init_batch, batches, parti
         return batches[next(counter) % len(batches)]
 
     if variant in DRIVER_VARIANTS:
-        return _driver_callable(model_cfg, model, variant, init_batch, next_batch, partitioner)
+        return _driver_callable(model, variant, next_batch, partitioner)
     variables = jax.jit(lambda key: model.init(key, init_batch, train=False))(jax.random.PRNGKey(0))
+    # What the steps read of a state (model.init also returns the lookups' collections).
+    variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+    placement = ()
     if partitioner is not None:
-        variables = jax.device_put(variables, partitioner.state_shardings(variables))
-    if variant == "forward":
-        forward = jax.jit(lambda v, b: model.apply(v, b, train=False)["prob"])
+        shardings = partitioner.state_shardings(variables)
+        variables = jax.device_put(variables, shardings)
+        placement = (shardings, partitioner.batch_sharding, partitioner.replicated)
+    if variant == "forward":  # the driver's evaluation step
+        forward = steps.make_eval_step(model, *placement)
         return lambda: forward(variables, next_batch())
     params = variables["params"]
     trainable = {k: v for k, v in params.items() if k != "embed"}
@@ -214,26 +222,10 @@ def _variant_callable(model_cfg, model, variant: str, init_batch, batches, parti
     return run
 
 
-def _driver_callable(model_cfg, model, variant, init_batch, next_batch, partitioner):
-    """The driver's training step (`dare_jax.steps`) with `optim.adam`, RowSparseAdam or
-    LazyAdam."""
-    optim_cfg = ml_collections.ConfigDict(
-        {
-            "lr": LEARNING_RATE,
-            "b1": 0.9,
-            "b2": 0.999,
-            "eps": 1e-8,
-            "sparse_table_updates": variant != "optax",
-            "table_updates": "lazy" if variant == "lazy" else "dense",
-        }
-    )
-    model = build_model(
-        steps.training_model_config(model_cfg, optim_cfg),
-        model.item_n,
-        model.cate_n,
-        model.max_length,
-    )
-    optimizer = steps.make_optimizer(optim_cfg, model_cfg)
+def _driver_callable(model, variant, next_batch, partitioner):
+    """The driver's training step (`dare_jax.steps`) with the optimizer of
+    `optim.table_updates = variant`: `optim.adam`, RowSparseAdam or LazyAdam."""
+    optimizer = optim.make_optimizer(dataclasses.replace(OPTIM, table_updates=variant))
     batch = next_batch()
     placement = ()
     shardings = None
@@ -242,7 +234,7 @@ def _driver_callable(model_cfg, model, variant, init_batch, next_batch, partitio
         placement = (shardings, partitioner.batch_sharding, partitioner.replicated)
     key = jax.random.PRNGKey(0)
     state = steps.make_init_state(model, optimizer, shardings)(key, batch, key)
-    step = steps.make_train_step(model, optimizer, model_cfg, WEIGHT_DECAY, *placement)
+    step = steps.make_train_step(model, optimizer, WEIGHT_DECAY, *placement)
     box = {"state": state}
 
     def run():
@@ -350,17 +342,17 @@ def embedding_update_breakdown(args: argparse.Namespace) -> None:
 
     # dare_jax.optim.RowSparseAdam: previous rows re-zeroed and new rows added in the carried
     # buffer, moments and step in flat (vectorised) passes; params, state, scratch donated.
-    key = "embed/representation/item"
+    table = TableKey("representation", "item")
     params = {"embed": {"representation": {"item": jnp.zeros(shape)}}}
     adam = optim.RowSparseAdam(LEARNING_RATE)
     report(
         "dare_jax.optim.RowSparseAdam.update (flat passes), donated",
         jax.jit(
-            lambda state, r, i: adam.update(state[0], {}, {key: [(i, r)]}, *state[1:]),
+            lambda state, r, i: adam.update(state[0], {}, {table: [(i, r)]}, *state[1:]),
             donate_argnums=0,
             keep_unused=True,  # the step buffer is only written
         ),
-        (params, adam.init(params), adam.init_scratch(params, {key: n_rows})),
+        (params, adam.init(params), adam.init_scratch(params, {table: n_rows})),
     )
 
     # dare_jax.optim.LazyAdam: only the looked-up rows (duplicates merged through the count
@@ -370,7 +362,7 @@ def embedding_update_breakdown(args: argparse.Namespace) -> None:
     report(
         "dare_jax.optim.LazyAdam.update (looked-up rows), donated",
         jax.jit(
-            lambda state, r, i: lazy.update(state[0], {}, {key: [(i, r)]}, state[1]),
+            lambda state, r, i: lazy.update(state[0], {}, {table: [(i, r)]}, state[1]),
             donate_argnums=0,
         ),
         (params, lazy.init(params)),
@@ -378,7 +370,7 @@ def embedding_update_breakdown(args: argparse.Namespace) -> None:
 
 
 def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, dict]:
-    cfg = model_config(name, args.dim)
+    spec = model_spec(name, args.dim)
     partitioner = None
     item_rows = args.item_n
     if args.mesh != (1, 1):
@@ -387,7 +379,7 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, dict]:
             data, model_axis, ROW_SHARDED, devices=jax.devices()[: data * model_axis]
         )
         item_rows = padded_rows(args.item_n, model_axis)  # never-looked-up padding rows
-    model = build_model(cfg, item_rows, args.cate_n, args.length)
+    model = TwoStageModel(spec, item_rows, args.cate_n, args.length)
     rng = np.random.default_rng(0)
     batches = [
         random_batch(rng, args.batch, args.length, args.item_n, args.cate_n) for _ in range(2)
@@ -397,7 +389,7 @@ def benchmark_model(name: str, args: argparse.Namespace) -> dict[str, dict]:
     for variant in args.variants:
         timer = PhaseTimer()
         with timer.phase("first_call"):  # state creation, compilation and one step
-            fn = _variant_callable(cfg, model, variant, init_batch, batches, partitioner)
+            fn = _variant_callable(model, variant, init_batch, batches, partitioner)
             jax.block_until_ready(fn())
         cpu: list[float] = []
         faults: list[int] = []
@@ -447,8 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--variants",
-        default="optax,row_sparse,frozen_embeddings,forward",
-        help="comma-separated: optax, row_sparse, lazy, frozen_embeddings, forward",
+        default="dense,row_sparse,frozen_embeddings,forward",
+        help="comma-separated: dense, row_sparse, lazy (the optim.table_updates values), "
+        "frozen_embeddings, forward",
     )
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument(
@@ -490,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     known = {"frozen_embeddings", "forward", *DRIVER_VARIANTS}
     unknown = set(args.variants) - known
     if unknown:
-        print(f"unknown --variants entries: {sorted(unknown)}", file=sys.stderr)
+        renamed = " (optax is now dense: optim.table_updates)" if "optax" in unknown else ""
+        print(f"unknown --variants entries: {sorted(unknown)}{renamed}", file=sys.stderr)
         return 2
     print(
         f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cpus); "

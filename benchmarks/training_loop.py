@@ -1,6 +1,7 @@
 """Whole-loop training speed: fresh `python -m dare_jax.main` runs, read back from their timings.
 
-    python benchmarks/training_loop.py [--models dare twin din] [--histories host,device]
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/training_loop.py
+        [--models dare twin din] [--histories host,device]
         [--config configs/taobao_synthetic.py] [--steps 300] [--workdir DIR]
         [--set FIELD=VALUE ...] [--compile-cache DIR] [--timeout S] [--json PATH]
 
@@ -23,7 +24,10 @@ XLA compile seconds inside each) and prints, compile seconds excluded everywhere
 `--compile-cache DIR` gives the runs a persistent XLA compilation cache: a second run of
 the same model (another `data.histories`) then loads the compiled steps instead of
 compiling them again, and its compile seconds are those of what was not cached. `--json`
-writes every figure.
+writes every figure. The runs inherit this process's environment, so
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` on the command line (the allocator setting the
+figures are measured with: XLA:CPU's buffers in 2 MiB pages) reaches them; the setting
+(`dare_jax.huge_pages.status()`) is printed and recorded in the JSON.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from dare_jax import huge_pages
 
 REPO = Path(__file__).resolve().parent.parent
 # Phases of a seed after its state exists (dare_jax.train.train_seed); "init" and "export"
@@ -61,7 +67,6 @@ def run_one(args: argparse.Namespace, model: str, histories: str) -> dict:
         *(f"--config.{setting}" for setting in args.set),
     ]
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     if args.compile_cache:
         env["JAX_COMPILATION_CACHE_DIR"] = str(args.compile_cache)
         env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
@@ -170,13 +175,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="also write every figure to this JSON file")
     args = parser.parse_args(argv)
     histories = [h.strip() for h in args.histories.split(",") if h.strip()]
-    print(f"load average before: {os.getloadavg()[0]:.2f}", flush=True)
+    memory = huge_pages.status()
+    print(f"memory {memory}; load average before: {os.getloadavg()[0]:.2f}", flush=True)
     rows = []
     for model in args.models:
         for mode in histories:
             rows.append(run_one(args, model, mode))
             if args.json:
-                Path(args.json).write_text(json.dumps({"runs": rows}, indent=1))
+                Path(args.json).write_text(json.dumps({"memory": memory, "runs": rows}, indent=1))
     print_table(rows)
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 1 if any("error" in row for row in rows) else 0

@@ -1,7 +1,8 @@
 """TWIN-V2's clustering: quality and speed of the current algorithm against the previous one.
 
-    python benchmarks/twin_v2_clustering.py [--run RUN_DIR --data DATA_DIR] [--users 500]
-        [--length 200] [--max-size 8] [--batch 2048] [--steps 3]
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python benchmarks/twin_v2_clustering.py
+        [--run RUN_DIR --data DATA_DIR] [--users 500] [--length 200] [--max-size 8]
+        [--batch 2048] [--steps 3]
 
 Current (`dare_jax.models.twin_v2`): balanced bisection in static blocks on an 8-dimensional
 principal sketch, medians by radix select. Previous (until issue 14, kept here as the
@@ -17,7 +18,9 @@ Gaussian vectors (no structure), a mixture of 24 Gaussian groups per user (clear
 and, with --run and --data, a trained model's attention vectors `[item | category | time]`
 of the test histories (the run's exported `embed.<group>.<field>.npy`, group `attention` if
 present, else `shared`). Speed: the jit-compiled clustering of a `[batch, length, 48]` batch
-(median of --steps calls after one warm-up; CPU = this process's user + sys time).
+(median of --steps calls after one warm-up; CPU = this process's user + sys time), measured
+with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` on the command line (the allocator setting,
+`dare_jax.huge_pages.status()`, is printed).
 """
 
 from __future__ import annotations
@@ -33,10 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from dare_jax.models import twin_v2  # noqa: E402
-from dare_jax.models.search import History  # noqa: E402
+from dare_jax import huge_pages
+from dare_jax.models import twin_v2
+from dare_jax.models.search import History
 
 
 def current_clustering(vectors: jax.Array, valid: jax.Array, max_size: int) -> jax.Array:
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({os.cpu_count()} cpus); "
           f"load average {os.getloadavg()[0]:.2f}; L {args.length}, max cluster size "
           f"{args.max_size} ({2 ** twin_v2.cluster_levels(args.length, args.max_size)} "
-          "clusters)", flush=True)
+          f"clusters); memory {huge_pages.status()}", flush=True)
     print("| inputs | algorithm | within / total sum of squares | clusters used | largest "
           "| adjusted Rand vs previous |")
     print("|---|---|---|---|---|---|")

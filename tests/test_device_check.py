@@ -91,7 +91,7 @@ def test_prepare_then_rehearse(tmp_path):
         figures = report["summary"]["models"][model]
         for histories in ("host", "device"):
             assert figures[f"loop_{histories}_loop_samples_per_s"] > 0, (model, figures)
-        for variant in ("row_sparse", "optax", "forward"):
+        for variant in ("row_sparse", "dense", "forward"):
             assert figures[f"step_{variant}_samples_per_s"] > 0, (model, figures)
     pipeline = stages["input_pipeline"]["result"]
     assert set(pipeline["pipeline_batches_per_s"]) == {

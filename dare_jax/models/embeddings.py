@@ -130,6 +130,8 @@ def row_perturbations(
     empty: the tables keep their dense gradient (a plain `jax.grad` step).
     """
     out: dict[str, jax.Array] = {}
+    if module.is_initializing():  # init makes every collection mutable; the rows need none
+        return out
     for lookup in lookups(spec, fields):
         name = lookup.name
         passed = module.is_mutable_collection(PERTURBATIONS) or module.has_variable(
