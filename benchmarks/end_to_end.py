@@ -15,19 +15,24 @@ through the driver's own resume):
    (`--users`, `--rows`; the defaults give an item table of >= 4 M rows and >= 5 M training
    samples: the manifest's item_n and train count are printed and checked);
 2. preprocessing: `python -m preprocessing.taobao` (the paper's protocol);
-3. per model (`--models`, default dare,twin): `python -m dare_jax.main --config
-   configs/taobao.py:model=M,seeds=1` with the paper's setup (2 epochs, batch 2048,
+3. per model (`--models`, default dare,twin) and table update (`--table-updates`, default
+   row_sparse: the paper's Adam; lazy: only the looked-up rows move): `python -m
+   dare_jax.main --config configs/taobao.py:model=M,seeds=1
+   --config.optim.table_updates=U` with the paper's setup (2 epochs, batch 2048,
    validation and checkpoints every 150 steps, the best checkpoint tested, its tables
-   exported), one seed.
+   exported), one seed, into `runs/<M>_<U>`.
 
-The report splits each model's wall time with the driver's own phase timings
-(`timings` of the seed's result.json, `dare_jax/phase_timer.py`): compilation (the XLA
+The report splits each run's wall time with the driver's own phase timings (`timings` of
+results.json and of the seed's result.json, `dare_jax/phase_timer.py`): compilation (the XLA
 compile seconds of every phase), training (train steps and input waits, compilation
-excluded), evaluation, checkpoint writes and restores, export, and the rest (interpreter
-and JAX start-up, data opening, setup); plus training samples/s, the child's peak RSS, the
-size on disk of the checkpoints and of the exported tables, and the test AUC. A model that
-needed several invocations (killed and resumed) is reported for its last invocation only,
-and marked so. Everything is also written to `<root>/report.json`.
+excluded), evaluation, checkpoints (the time the loop stalls for them, and the wait for the
+last write), export, start-up (from the process's start to the driver's), data opening,
+setup (model and steps), seed init (state creation or restore) and finish (provenance,
+results); `other` is the wall time none of them covers. Also: the share of the wall time
+outside training, training samples/s, the child's peak RSS, the size on disk of the
+checkpoints and of the exported tables, and the test AUC. A run that needed several
+invocations (killed and resumed) is reported for its last invocation only, and marked so.
+Everything is also written to `<root>/report.json`.
 """
 
 from __future__ import annotations
@@ -84,10 +89,14 @@ def directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
 
 
-def train_model(model: str, root: Path, data_dir: Path, raw: Path, extra: list[str]) -> dict:
-    """Train one seed of `model` (or skip a finished run); its measurements and results."""
-    workdir = root / "runs" / model
-    record = root / "runs" / f"{model}.bench.json"
+def train_model(
+    model: str, updates: str, root: Path, data_dir: Path, raw: Path, extra: list[str]
+) -> dict:
+    """Train one seed of `model` with the table updates `updates` (or skip a finished run);
+    its measurements and results."""
+    name = f"{model}_{updates}"
+    workdir = root / "runs" / name
+    record = root / "runs" / f"{name}.bench.json"
     invocations = json.loads(record.read_text())["invocations"] if record.is_file() else []
     if not (workdir / "results.json").is_file():
         command = [
@@ -99,18 +108,19 @@ def train_model(model: str, root: Path, data_dir: Path, raw: Path, extra: list[s
             f"--config.data.dir={data_dir}",
             f"--config.data.raw_path={raw}",
             f"--config.workdir={workdir}",
+            f"--config.optim.table_updates={updates}",
             "--config.log.progress_bar=false",
             *extra,
         ]
         workdir.parent.mkdir(parents=True, exist_ok=True)
-        invocations.append(run_child(command, root / "runs" / f"{model}.log"))
+        invocations.append(run_child(command, root / "runs" / f"{name}.log"))
         record.write_text(json.dumps({"invocations": invocations}, indent=2) + "\n")
     else:
-        print(f"{model}: finished run, skipped (measured earlier)", flush=True)
+        print(f"{name}: finished run, skipped (measured earlier)", flush=True)
     results = json.loads((workdir / "results.json").read_text())
     seed = results["seeds"][0]
     return {
-        "model": model,
+        "model": name,
         "workdir": str(workdir),
         "invocations": invocations,
         "run_timings": results.get("timings"),
@@ -126,22 +136,26 @@ def train_model(model: str, root: Path, data_dir: Path, raw: Path, extra: list[s
 
 def phase_split(model: dict) -> dict:
     """Wall seconds of the last invocation by phase, compilation taken out of every phase."""
-    seconds = model["seed_timings"]["seconds"]
-    compile_s = model["seed_timings"]["compile_seconds"]
-    run_seconds = (model["run_timings"] or {}).get("seconds", {})
-    run_compile = (model["run_timings"] or {}).get("compile_seconds", {})
+    seed, run = model["seed_timings"], model["run_timings"]
 
-    def work(*phases: str) -> float:
-        return sum(seconds.get(p, 0.0) - compile_s.get(p, 0.0) for p in phases)
+    def work(timings: dict, *phases: str) -> float:
+        return sum(timings["seconds"].get(p, 0.0) - timings["compile_seconds"].get(p, 0.0)
+                   for p in phases)
 
+    run_compile = sum(s for p, s in run["compile_seconds"].items() if p != "seeds")
     split = {
-        "compilation": sum(compile_s.values()) + sum(run_compile.values()),
-        "training": work("train_steps", "input"),
-        "evaluation": work("eval"),
-        "checkpoints": work("checkpoint"),
-        "export": work("export"),
-        "init": work("init"),
-        "data_open_setup": sum(run_seconds.values()) - sum(run_compile.values()),
+        "training": work(seed, "train_steps", "input"),
+        "compilation": sum(seed["compile_seconds"].values()) + run_compile,
+        "evaluation": work(seed, "eval"),
+        "checkpoints": work(seed, "checkpoint"),
+        "export": work(seed, "export"),
+        "startup": run["seconds"].get("startup", 0.0),
+        "data": work(run, "prepare_data"),
+        "setup": work(run, "setup"),
+        "init": work(seed, "init"),
+        # The run's "seeds" phase beyond the seed's own phases, and the results.
+        "finish": work(seed, "finish") + work(run, "finish")
+        + run["seconds"].get("seeds", 0.0) - seed["total_seconds"],
     }
     wall = model["invocations"][-1]["wall_s"] if model["invocations"] else None
     split["other"] = None if wall is None else wall - sum(split.values())
@@ -166,48 +180,31 @@ def markdown(report: dict) -> str:
         f"Generation: {_child_text(data['generate'])}; "
         f"preprocessing: {_child_text(data['preprocess'])}",
         "",
-        "| model | wall | compilation | training | evaluation | checkpoints | export | other "
-        "| steps | samples/s (training) | CPU (user + sys) | peak RSS | checkpoints on disk "
-        "| exported tables | test AUC | load before -> after |",
-        "|---" * 16 + "|",
+        "| run | wall | training | compilation | evaluation | checkpoints | export | start-up "
+        "| data | setup | init | finish | other | outside training | samples/s (training) "
+        "| peak RSS | checkpoints on disk | test AUC | load before -> after |",
+        "|---" * 19 + "|",
     ]
+    phases = ("training", "compilation", "evaluation", "checkpoints", "export", "startup",
+              "data", "setup", "init", "finish", "other")
     for model in report["models"]:
         split = model["split"]
         last = model["invocations"][-1] if model["invocations"] else {}
         resumed = " (last of several invocations)" if len(model["invocations"]) > 1 else ""
         samples = model["seed_timings"]["samples_timed"]
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    model["model"] + resumed,
-                    f"{split['wall']:.0f} s" if split["wall"] else "n/a",
-                    f"{split['compilation']:.0f} s",
-                    f"{split['training']:.0f} s",
-                    f"{split['evaluation']:.0f} s",
-                    f"{split['checkpoints']:.0f} s",
-                    f"{split['export']:.0f} s",
-                    f"{split['other']:.0f} s" if split["other"] is not None else "n/a",
-                    f"{model['steps']:,}",
-                    f"{samples / split['training']:,.0f}" if split["training"] > 0 else "n/a",
-                    f"{last.get('cpu_s', 0):.0f} s",
-                    f"{last.get('peak_rss_bytes', 0) / GIB:.2f} GiB",
-                    f"{model['checkpoint_bytes'] / GIB:.2f} GiB",
-                    f"{model['export_bytes'] / GIB:.2f} GiB",
-                    f"{model['test']['auc']:.5f}",
-                    f"{last.get('load_before', '?')} -> {last.get('load_after', '?')}",
-                ]
-            )
-            + " |"
-        )
+        wall = split["wall"]
+        cells = [model["model"] + resumed, f"{wall:.0f} s" if wall else "n/a"]
+        cells += [f"{split[p]:.0f} s" if split[p] is not None else "n/a" for p in phases]
+        cells += [
+            f"{1 - split['training'] / wall:.1%}" if wall else "n/a",
+            f"{samples / split['training']:,.0f}" if split["training"] > 0 else "n/a",
+            f"{last.get('peak_rss_bytes', 0) / GIB:.2f} GiB",
+            f"{model['checkpoint_bytes'] / GIB:.2f} GiB",
+            f"{model['test']['auc']:.5f}",
+            f"{last.get('load_before', '?')} -> {last.get('load_after', '?')}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
-    lines.append(
-        "other = wall - the phases: interpreter and JAX start-up, imports, provenance; "
-        "init = state creation or checkpoint restore (excluding its compilation): "
-        + ", ".join(f"{m['model']} {m['split']['init']:.0f} s" for m in report["models"])
-        + "; data opening and setup: "
-        + ", ".join(f"{m['model']} {m['split']['data_open_setup']:.0f} s" for m in report["models"])
-    )
     lines.append(
         f"Machine: {os.cpu_count()} CPUs, "
         f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GIB:.0f} GiB RAM; code: "
@@ -226,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=56_000_000, help="rows of the synthetic log")
     parser.add_argument("--seed", type=int, default=0, help="generator seed")
     parser.add_argument("--models", default="dare,twin", help="comma-separated variants")
+    parser.add_argument("--table-updates", default="row_sparse",
+                        help="comma-separated optim.table_updates kinds (row_sparse,lazy,dense)")
     parser.add_argument("--set", action="append", default=[], metavar="--config.X=Y",
                         help="extra driver flag for every model (e.g. --set=--config.train."
                         "max_steps=300)")
@@ -266,9 +265,10 @@ def main(argv: list[str] | None = None) -> int:
           f"Taobao size {data['taobao_size']}", flush=True)
     models = []
     for model in [m.strip() for m in args.models.split(",") if m.strip()]:
-        entry = train_model(model, root, data_dir, raw, args.set)
-        entry["split"] = phase_split(entry)
-        models.append(entry)
+        for updates in [u.strip() for u in args.table_updates.split(",") if u.strip()]:
+            entry = train_model(model, updates, root, data_dir, raw, args.set)
+            entry["split"] = phase_split(entry)
+            models.append(entry)
     report = {"data": data, "models": models, "load_now": load_average()}
     (root / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     print(markdown(report), end="")

@@ -35,6 +35,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import psutil
 from tqdm import tqdm
 
 from dare_jax import checkpointing, config, provenance, run_logging, sharding, steps
@@ -69,6 +70,8 @@ def run(spec: config.ExperimentSpec) -> dict:
     flat = config.flat(spec)
     check_resumable(workdir, flat)
     timer = PhaseTimer()
+    # Interpreter start-up and imports, when this process was started to run this.
+    timer.seconds["startup"] = time.time() - psutil.Process().create_time()
     with timer.phase("prepare_data"):
         if jax.process_count() > 1:  # process 0 prepares the data once, the others open it
             from jax.experimental import multihost_utils
@@ -79,25 +82,27 @@ def run(spec: config.ExperimentSpec) -> dict:
         dataset = prepare_dataset(spec.data)
     with timer.phase("setup"):
         experiment = Experiment(spec, dataset)
-    if sharding.is_main_process() and not (workdir / "config.json").exists():
-        run_logging.write_json_atomic(workdir / "config.json", flat)
-    started = time.time()
+        if sharding.is_main_process() and not (workdir / "config.json").exists():
+            run_logging.write_json_atomic(workdir / "config.json", flat)
     first = spec.train.first_seed
-    seeds = range(first, first + spec.train.num_seeds)
-    results = [train_seed(experiment, seed, workdir / f"seed_{seed}") for seed in seeds]
-    out = {
-        "dataset": spec.data.name,
-        "variant": spec.variant,
-        "seeds": results,
-        **summarize(results),
-        "std_note": "sample standard deviation over seeds (ddof=1)",
-        "gauc_weighting": "per-user AUC weighted by the user's sample count; one-class users "
-        "skipped (category_auc likewise per target category)",
-        "seconds_this_invocation": round(time.time() - started, 1),
-        "timings": timer.summary(),  # data preparation and setup; each seed has its own
-        "provenance": provenance.collect(dataset.directory),
-        "config": config.to_dict(spec),
-    }
+    with timer.phase("seeds"):  # each seed has its own timings
+        results = [
+            train_seed(experiment, seed, workdir / f"seed_{seed}")
+            for seed in range(first, first + spec.train.num_seeds)
+        ]
+    with timer.phase("finish"):
+        out = {
+            "dataset": spec.data.name,
+            "variant": spec.variant,
+            "seeds": results,
+            **summarize(results),
+            "std_note": "sample standard deviation over seeds (ddof=1)",
+            "gauc_weighting": "per-user AUC weighted by the user's sample count; one-class "
+            "users skipped (category_auc likewise per target category)",
+            "provenance": provenance.collect(dataset.directory),
+            "config": config.to_dict(spec),
+        }
+    out["timings"] = timer.summary()
     if sharding.is_main_process():
         run_logging.write_json_atomic(workdir / "results.json", out)
     return out
@@ -144,12 +149,14 @@ def train_seed(experiment: Experiment, seed: int, seed_dir: Path) -> dict:
     if (seed_dir / "result.json").exists():
         return json.loads((seed_dir / "result.json").read_text())
     spec, timer = experiment.spec, PhaseTimer()
-    with SeedCheckpoints(experiment, seed_dir / "checkpoints") as checkpoints:
-        with timer.phase("init"):
-            state, progress = checkpoints.resume(seed)
+    with timer.phase("init"):
+        checkpoints = SeedCheckpoints(experiment, seed_dir / "checkpoints")
+        state, progress = checkpoints.resume(seed)
         first_step = int(state["step"])
         log = SeedLog(seed_dir, spec.log, seed, first_step or None)
-        state = train_steps(experiment, seed, state, progress, checkpoints, log, timer)
+        batches = experiment.train_batches(seed, progress.data_iterator)
+    with checkpoints:
+        state = train_steps(experiment, state, batches, progress, checkpoints, log, timer)
         step = experiment.total_steps
         if progress.best_step != step:  # else the best is the state in memory
             del state  # before the restore allocates the best one
@@ -163,43 +170,44 @@ def train_seed(experiment: Experiment, seed: int, seed_dir: Path) -> dict:
                 export_embeddings(experiment, state["params"], seed_dir / "embeddings")
         with timer.phase("checkpoint"):
             checkpoints.wait()  # for the last checkpoint still being written
-    timings = {**timer.summary(), "steps_timed": step - first_step, **peak_memory()}
-    timings["samples_timed"] = timings["steps_timed"] * experiment.batch_size
-    result = {
-        "seed": seed,
-        "steps": step,
-        "best_step": progress.best_step,
-        "val": progress.best_val,
-        "test": test,
-        "timings": timings,  # this invocation's (a resumed seed: the resumed part only)
-        "provenance": provenance.collect(experiment.dataset.directory),
-    }
+    with timer.phase("finish"):
+        result = {
+            "seed": seed,
+            "steps": step,
+            "best_step": progress.best_step,
+            "val": progress.best_val,
+            "test": test,
+            "provenance": provenance.collect(experiment.dataset.directory),
+        }
+    # This invocation's (a resumed seed: the resumed part only).
+    result["timings"] = {**timer.summary(), "steps_timed": step - first_step, **peak_memory()}
+    result["timings"]["samples_timed"] = (step - first_step) * experiment.batch_size
     if sharding.is_main_process():
         run_logging.write_json_atomic(seed_dir / "result.json", result)
     return result
 
 
-def train_steps(experiment, seed, state, progress, checkpoints, log, timer) -> dict:
+def train_steps(experiment, state, batches, progress, checkpoints, log, timer) -> dict:
     """The training loop from `state` to the last step: validation, checkpoints and logs on
     their steps (`progress` is updated in place); returns the last state."""
     spec, step = experiment.spec, int(state["step"])
-    batches = experiment.train_batches(seed, progress.data_iterator)
     losses = LossCheck(spec.train.dispatch_ahead)
     with log.progress_bar(step, experiment.total_steps, experiment.batch_size) as bar:
         while step < experiment.total_steps:
             with timer.phase("input"):
                 batch = next(batches)
-            with timer.phase("train_steps"):
+            with timer.phase("train_steps"):  # logging waits for the step: its time too
                 state, out = experiment.train_step(state, batch)
                 step += 1
                 losses.push(step, out["total"])
+                if step % spec.log.every_steps == 0:
+                    losses_now = {k: float(v) for k, v in out.items() if k != "observed"}
+                    log.train(step, losses_now, bar)
             bar.update(experiment.batch_size)
             if spec.export.gradients and step % spec.export.gradients_every_steps == 0:
                 with timer.phase("export"):
                     directory = log.seed_dir / "gradients"
                     export_gradients(out["observed"], step, directory, experiment.tables)
-            if step % spec.log.every_steps == 0:
-                log.train(step, {k: float(v) for k, v in out.items() if k != "observed"}, bar)
             if step % spec.train.eval_every_steps == 0 or step == experiment.total_steps:
                 with timer.phase("train_steps"):
                     losses.check_all()

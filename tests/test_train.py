@@ -93,12 +93,13 @@ def test_interrupted_run_resumes_to_identical_results(tiny_data, tmp_path, monke
         assert result["steps"] == 10 and result["best_step"] in (4, 8, 10)
         assert 0.0 <= result["test"]["auc"] <= 1.0
         timings = result["timings"]
-        phases = {"init", "input", "train_steps", "eval", "checkpoint", "export"}
+        phases = {"init", "input", "train_steps", "eval", "checkpoint", "export", "finish"}
         assert set(timings["seconds"]) == phases
         assert all(seconds > 0 for seconds in timings["seconds"].values())
         assert timings["steps_timed"] == 10
         assert timings["samples_timed"] == 10 * reference["config"]["train"]["batch_size"]
-    assert set(reference["timings"]["seconds"]) == {"prepare_data", "setup"}
+    run_phases = {"startup", "prepare_data", "setup", "seeds", "finish"}
+    assert set(reference["timings"]["seconds"]) == run_phases
     # Provenance (tests/test_provenance.py checks its fields against git, hashlib and jax).
     manifest_sha = hashlib.sha256((tiny_data / "manifest.json").read_bytes()).hexdigest()
     for record in [reference["provenance"]] + [r["provenance"] for r in reference["seeds"]]:
