@@ -1,22 +1,15 @@
-"""Exact, vectorised evaluation metrics for click-through-rate prediction.
+"""Exact, vectorised evaluation metrics for click-through-rate prediction, on the host over
+numpy arrays of the whole evaluation split (no sampling, no dropped last batch):
 
-Everything here runs on the host over numpy arrays collected from the whole
-evaluation split (no sampling, no dropped last batch):
-
-- AUC: the Mann-Whitney rank statistic; tied scores get their average rank, so
-  a tie between a positive and a negative counts one half (the same value as
-  scikit-learn's `roc_auc_score`).
-- grouped AUC (used for GAUC by user and the category-averaged AUC): the AUC
-  inside each group, computed for all groups at once from one lexicographic
-  sort; groups with only one class are skipped; the others are averaged with
-  weights equal to the group's sample count (the usual GAUC definition, as in
-  FuxiCTR and the DIN paper, with impressions = samples).
-- log loss: mean negative log-likelihood of the true class, probabilities
-  clipped to [eps, 1 - eps] with eps = 1e-7 (probabilities are float32 on the
-  device, so nothing finer is meaningful).
-- accuracy: a sample is predicted a click when its click probability is at
-  least 0.5, which is what `argmax` over `[p_click, p_no_click]` gives (ties go
-  to the first column, the click).
+- AUC: the Mann-Whitney rank statistic; tied scores get their average rank, so a tie
+  between a positive and a negative counts one half (as scikit-learn's `roc_auc_score`).
+- grouped AUC (GAUC by user, category AUC): the AUC inside each group, for all groups at
+  once from one lexicographic sort; groups with one class only are skipped, the others
+  averaged with weights equal to their sample count (the usual GAUC, as in the DIN paper).
+- log loss: mean negative log-likelihood of the true class, probabilities clipped to
+  [1e-7, 1 - 1e-7] (they are float32 on the device; nothing finer is meaningful).
+- accuracy: a click is predicted when its probability is at least 0.5, which is what
+  `argmax` over `[p_click, p_no_click]` gives (ties go to the click).
 """
 
 from __future__ import annotations
@@ -40,22 +33,19 @@ def _check_binary(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, n
 
 
 def _average_ranks_within_groups(groups: np.ndarray, scores: np.ndarray) -> tuple:
-    """1-based ranks of `scores` inside each group, tied scores averaged.
-
-    Returns (order, ranks_sorted, group_ids_sorted): `order` sorts the samples
-    by (group, score); `ranks_sorted[i]` is the rank of sample `order[i]`.
-    """
+    """1-based ranks of `scores` inside each group, tied scores averaged: (order,
+    ranks_sorted, group_ids_sorted), where `order` sorts the samples by (group, score) and
+    `ranks_sorted[i]` is the rank of sample `order[i]`."""
     order = np.lexsort((scores, groups))
-    sorted_groups = groups[order]
-    sorted_scores = scores[order]
+    sorted_groups, sorted_scores = groups[order], scores[order]
     n = sorted_scores.size
     position = np.arange(n, dtype=np.float64)
     # Start of each group in the sorted order.
     new_group = np.ones(n, dtype=bool)
     new_group[1:] = sorted_groups[1:] != sorted_groups[:-1]
     group_start = np.maximum.accumulate(np.where(new_group, position, 0.0))
-    # Runs of equal (group, score): a tie block. Its members share the mean of
-    # the ranks they would occupy: (first + last) / 2.
+    # Runs of equal (group, score): a tie block. Its members share the mean of the ranks
+    # they would occupy: (first + last) / 2.
     new_block = new_group.copy()
     new_block[1:] |= sorted_scores[1:] != sorted_scores[:-1]
     block_id = np.cumsum(new_block) - 1
@@ -69,17 +59,11 @@ def _average_ranks_within_groups(groups: np.ndarray, scores: np.ndarray) -> tupl
 def grouped_auc(
     labels: np.ndarray, scores: np.ndarray, groups: np.ndarray
 ) -> tuple[float, int, int]:
-    """Sample-count-weighted mean of the per-group AUC.
+    """Sample-count-weighted mean of the per-group AUC of labels `[N]` (0/1, 1 = click),
+    click scores `[N]` (probabilities or logits) and integer group ids `[N]`.
 
-    Args:
-      labels: `[N]` 0/1, 1 = click.
-      scores: `[N]` click scores (probabilities or logits).
-      groups: `[N]` integer group ids (user ids, category ids).
-
-    Returns:
-      (weighted AUC, number of groups used, number of samples in them). Groups
-      whose samples are all of one class have no AUC and are skipped. The AUC
-      is NaN when no group has both classes.
+    Returns (weighted AUC, number of groups used, number of samples in them); groups of one
+    class have no AUC and are skipped; the AUC is NaN when no group has both classes.
     """
     labels, scores = _check_binary(labels, scores)
     groups = np.asarray(groups).reshape(-1)
@@ -104,15 +88,10 @@ def grouped_auc(
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Exact ROC AUC (rank statistic, ties count one half). NaN with one class.
-
-    Args:
-      labels: `[N]` 0/1, 1 = click.
-      scores: `[N]` click scores.
-    """
+    """Exact ROC AUC of labels `[N]` (0/1) and scores `[N]` (ties count one half); NaN with
+    one class."""
     labels = np.asarray(labels).reshape(-1)
-    value, _, _ = grouped_auc(labels, scores, np.zeros(labels.shape, dtype=np.int64))
-    return value
+    return grouped_auc(labels, scores, np.zeros(labels.shape, dtype=np.int64))[0]
 
 
 def log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
@@ -135,27 +114,15 @@ def accuracy(labels: np.ndarray, probs: np.ndarray) -> float:
 def ctr_metrics(
     labels: np.ndarray, probs: np.ndarray, users: np.ndarray, categories: np.ndarray
 ) -> dict[str, float]:
-    """All evaluation metrics for one split.
-
-    Args:
-      labels: `[N]` 0/1 (1 = click).
-      probs: `[N]` predicted click probability.
-      users: `[N]` user id of each sample (for GAUC).
-      categories: `[N]` target category id of each sample (category AUC).
-
-    Returns:
-      dict with auc, log_loss, accuracy, gauc, category_auc, num_samples,
-      gauc_users and category_auc_categories (groups that had both classes).
-    """
+    """All evaluation metrics of one split from labels `[N]` (0/1), click probabilities `[N]`,
+    each sample's user id `[N]` (GAUC) and target category id `[N]` (category AUC): auc,
+    log_loss, accuracy, gauc, category_auc, num_samples, gauc_users and
+    category_auc_categories (the groups that had both classes)."""
     gauc, gauc_groups, _ = grouped_auc(labels, probs, users)
     cate_auc, cate_groups, _ = grouped_auc(labels, probs, categories)
     return {
-        "auc": auc(labels, probs),
-        "log_loss": log_loss(labels, probs),
-        "accuracy": accuracy(labels, probs),
-        "gauc": gauc,
-        "category_auc": cate_auc,
-        "num_samples": int(np.asarray(labels).size),
-        "gauc_users": gauc_groups,
+        "auc": auc(labels, probs), "log_loss": log_loss(labels, probs),
+        "accuracy": accuracy(labels, probs), "gauc": gauc, "category_auc": cate_auc,
+        "num_samples": int(np.asarray(labels).size), "gauc_users": gauc_groups,
         "category_auc_categories": cate_groups,
     }

@@ -1,15 +1,14 @@
 """Where a run's wall time goes: seconds per phase, XLA compile time, peak memory.
 
 `PhaseTimer` adds up wall-clock seconds per named phase (`with timer.phase("eval"):`);
-phases are not nested, so their seconds add up to the time they cover. JAX reports every
-compilation through `jax.monitoring` (tracing, lowering to MLIR, the backend compile);
-those seconds are attributed to the phase that was running when they happened (a jitted
-function compiles on its first call, inside that phase), so `seconds - compile_seconds`
-of a phase is the time it spent doing its work.
+phases do not nest, so their seconds add up to the time they cover. The compile seconds
+that JAX reports through `jax.monitoring` (tracing, lowering, backend compile) go to the
+phase running at the time (a jitted function compiles on its first call), so `seconds -
+compile_seconds` of a phase is the time it spent doing its work.
 
-Timing the host clock is honest on an accelerator only at points where the host waits
-for the device; the training loop fetches each step's loss one step late, so at most one
-step's device work can spill from a phase into the next.
+The host clock is honest on an accelerator only where the host waits for the device; the
+training loop fetches each step's loss one step late, so at most one step's device work
+can spill from a phase into the next.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from collections.abc import Iterator
 
 import jax
 
-# The jax.monitoring duration events of one compilation (same names in jax 0.10 and 0.11).
+# The jax.monitoring duration events of one compilation.
 COMPILE_EVENTS = (
     "/jax/core/compile/jaxpr_trace_duration",
     "/jax/core/compile/jaxpr_to_mlir_module_duration",
@@ -71,11 +70,9 @@ class PhaseTimer:
 
     def summary(self) -> dict:
         """{"seconds": {phase: s}, "compile_seconds": {phase: s}, "total_seconds": s}."""
-        return {
-            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
-            "compile_seconds": {k: round(v, 3) for k, v in self.compile_seconds.items()},
-            "total_seconds": round(sum(self.seconds.values()), 3),
-        }
+        return {"seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+                "compile_seconds": {k: round(v, 3) for k, v in self.compile_seconds.items()},
+                "total_seconds": round(sum(self.seconds.values()), 3)}
 
 
 def peak_memory() -> dict:

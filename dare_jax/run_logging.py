@@ -1,10 +1,8 @@
 """Run outputs: JSON-lines metrics, TensorBoard events, atomic JSON files.
 
-A resumed run restarts from its latest checkpoint at step s and recomputes
-every later step, so both logs first forget what was logged after s: the
-JSON-lines file is truncated to the records with step <= s (a half-written
-last line from a killed process is dropped too) and the TensorBoard writer
-is opened with `purge_step=s + 1`.
+A run resumed from its checkpoint at step s recomputes every later step, so both logs first
+forget what was logged after s: the JSON-lines file keeps the records with step <= s (and
+drops a torn last line of a killed process); TensorBoard is opened with `purge_step=s + 1`.
 """
 
 from __future__ import annotations
@@ -32,15 +30,14 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write `data` as indented JSON; readers see the old file or the new one, never half."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` to `path`; readers see the old file or the new one, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as fh:
-            json.dump(to_jsonable(data), fh, indent=2, sort_keys=False)
-            fh.write("\n")
+            fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -49,13 +46,16 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
         raise
 
 
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write `data` as indented JSON, atomically (`write_text_atomic`)."""
+    write_text_atomic(path, json.dumps(to_jsonable(data), indent=2) + "\n")
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """The complete records of a JSON-lines file (a torn last line is skipped)."""
-    records = []
     path = Path(path)
-    if not path.exists():
-        return records
-    for line in path.read_text().splitlines():
+    records = []
+    for line in path.read_text().splitlines() if path.exists() else []:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -64,26 +64,18 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 class MetricsLog:
-    """Append-only JSON-lines log: one record per event, e.g. {"step": 150, "split": "val", ...}.
-
-    Args:
-      path: the .jsonl file.
-      resume_step: keep only the records with step <= resume_step, test records excepted
-        (None: start a new file).
-    """
+    """Append-only JSON-lines log at `path`: one record per event, e.g. {"step": 150, ...}.
+    `resume_step`: keep only the records with step <= resume_step, test records excepted
+    (None: start a new file)."""
 
     def __init__(self, path: str | Path, resume_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
             # Test records are written once, at the very end: a resumed run writes them again.
-            kept = [
-                r
-                for r in read_jsonl(self.path)
-                if int(r.get("step", 0)) <= resume_step and r.get("split") != "test"
-            ]
-            text = "".join(json.dumps(r) + "\n" for r in kept)
-            write_text_atomic(self.path, text)
+            kept = [r for r in read_jsonl(self.path)
+                    if int(r.get("step", 0)) <= resume_step and r.get("split") != "test"]
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         elif resume_step is None and self.path.exists():
             self.path.unlink()
         self._file = open(self.path, "a")  # noqa: SIM115 (open for the whole run; see close)
@@ -94,13 +86,6 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 class TensorBoard:

@@ -1,33 +1,19 @@
 """Mesh and partition rules: one code path for 1 device, N devices and several hosts.
 
-`Partitioner` owns a `jax.make_mesh((data, model), ("data", "model"))` mesh and
-hands out `NamedSharding`s:
+`Partitioner` owns a `jax.make_mesh((data, model), ("data", "model"))` mesh and hands out
+`NamedSharding`s: the batch is split by rows over `data`; a state leaf whose path
+(`params/embed/attention/item`, `opt_state/0/mu/embed/attention/item`, ...) matches the
+`row_sharded` regex is split by rows over `model` (the big tables and their Adam moments);
+everything else is replicated. The training step is `jax.jit` with these as in/out
+shardings, so XLA inserts the collectives and the step function is the single-device one.
 
-- the batch is split by rows over `data` (and replicated over `model`);
-- a state leaf whose path (`params/embed/attention/item`,
-  `opt_state/0/mu/embed/attention/item`, ...) matches the `row_sharded` regex is
-  split by rows over `model` (the big embedding tables and their Adam moments);
-- everything else is replicated.
+Row-split tables need a row count divisible by `model`: they are padded to a multiple of
+`mesh.table_rows_multiple` (`padded_rows`), a config value rather than the device count so
+that a config initialises the same parameters on every mesh; padding rows are never looked
+up and get no gradient or L2 penalty.
 
-The training step is `jax.jit` with these shardings as in/out shardings: XLA
-inserts the collectives (gradient all-reduce over `data`, gathers from the
-row-split tables), so the step function itself is the single-device one. This
-replaces `jax.pmap`, which is in maintenance mode in current JAX (a wrapper over
-jit/shard_map since 0.8). On one device every sharding is trivial and the same
-code runs unchanged.
-
-Row-split tables must have a row count divisible by the `model` axis; real
-vocabularies (Taobao: 4,068,791 items) rarely are, so the trainer pads the
-table's row count up to a multiple of `mesh.table_rows_multiple` (see
-`padded_rows`). Padding rows are never looked up (ids < item_n), get zero
-gradients and are excluded from the L2 penalty like every embedding row. The
-multiple is a config value, not the device count, so the same config
-initialises the same parameters on every mesh.
-
-Multi-host: `initialize_distributed` wraps `jax.distributed.initialize()`;
-after it every process sees the global device list, the mesh spans all of
-them, and each process feeds only the batch rows that its own devices hold
-(`local_rows`, `shard_batch`).
+Multi-host: after `initialize_distributed` the mesh spans every process's devices, and each
+process feeds only the batch rows its own devices hold (`local_rows`, `shard_batch`).
 """
 
 from __future__ import annotations
@@ -50,20 +36,14 @@ class ShardingError(ValueError):
 
 
 def initialize_distributed(
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-    *,
-    auto: bool = False,
+    coordinator_address: str | None = None, num_processes: int | None = None,
+    process_id: int | None = None, *, auto: bool = False,
 ) -> bool:
-    """Join a multi-process JAX run; returns True when one was joined.
+    """Join a multi-process JAX run (before any other JAX call); True when one was joined.
 
-    Arguments left as None are taken from the environment variables
-    `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and `JAX_PROCESS_ID`. With none
-    of them set and `auto=False` this is a single-process run and nothing happens;
-    with `auto=True` JAX detects a managed cluster (SLURM, Open MPI, Kubernetes,
-    Cloud TPU) by itself. Must run before any other JAX call. On CPU the
-    processes talk through gloo collectives.
+    Arguments left as None come from `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and
+    `JAX_PROCESS_ID`. With no coordinator and `auto=False` this is a single-process run;
+    `auto=True` lets JAX detect a managed cluster (SLURM, Open MPI, Kubernetes, Cloud TPU).
     """
     coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if num_processes is None and os.environ.get("JAX_NUM_PROCESSES"):
@@ -72,19 +52,14 @@ def initialize_distributed(
         process_id = int(os.environ["JAX_PROCESS_ID"])
     if not (coordinator_address or auto):
         if num_processes not in (None, 1):
-            raise ShardingError(
-                f"num_processes={num_processes} needs a coordinator address "
-                "(--coordinator_address or JAX_COORDINATOR_ADDRESS)"
-            )
+            raise ShardingError(f"num_processes={num_processes} needs a coordinator address "
+                                "(--coordinator_address or JAX_COORDINATOR_ADDRESS)")
         return False
     # CPU-only processes need a collectives backend to all-reduce across processes; the
     # setting is ignored on GPU/TPU, which use NCCL / ICI.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-    )
+    jax.distributed.initialize(coordinator_address=coordinator_address,
+                               num_processes=num_processes, process_id=process_id)
     return True
 
 
@@ -98,7 +73,8 @@ def padded_rows(rows: int, multiple: int) -> int:
     return int(math.ceil(rows / multiple) * multiple)
 
 
-def _path_name(path: tuple) -> str:
+def path_name(path: tuple) -> str:
+    """A pytree key path as slash-separated names (`params/embed/attention/item`)."""
     return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
 
 
@@ -108,25 +84,19 @@ class Partitioner:
     Args:
       data: size of the `data` axis (-1: every device not used by `model`).
       model: size of the `model` axis (-1: every device not used by `data`).
-      row_sharded: regex searched in each state leaf's path; matching leaves with
-        at least one dimension are split by rows over `model`. Empty: none.
+      row_sharded: regex searched in each state leaf's path; matching leaves with at least
+        one dimension are split by rows over `model`. Empty: none.
       devices: the devices of the mesh (default: all devices of all processes).
 
-    Raises:
-      ShardingError: the axis sizes do not multiply to the device count, or the
-        regex does not compile.
+    Raises ShardingError when the axis sizes do not multiply to the device count or the
+    regex does not compile.
     """
 
     def __init__(
-        self,
-        data: int = -1,
-        model: int = 1,
-        row_sharded: str = "",
-        devices: list | None = None,
+        self, data: int = -1, model: int = 1, row_sharded: str = "", devices: list | None = None
     ):
         devices = list(jax.devices() if devices is None else devices)
-        count = len(devices)
-        data, model = int(data), int(model)
+        count, data, model = len(devices), int(data), int(model)
         if data == -1 and model == -1:
             raise ShardingError("mesh.data and mesh.model cannot both be -1")
         for name, size in (("mesh.data", data), ("mesh.model", model)):
@@ -137,37 +107,26 @@ class Partitioner:
         elif model == -1:
             model = count // data if count % data == 0 else -1
         if data < 1 or model < 1 or data * model != count:
-            raise ShardingError(
-                f"mesh.data x mesh.model must equal the {count} device(s) "
-                f"({jax.process_count()} process(es)); got data={data}, model={model}"
-            )
+            raise ShardingError(f"mesh.data x mesh.model must equal the {count} device(s) "
+                                f"({jax.process_count()} process(es)); got data={data}, "
+                                f"model={model}")
         try:
             self.rule = re.compile(row_sharded) if row_sharded else None
         except re.error as error:
             raise ShardingError(f"config field mesh.row_sharded = {row_sharded!r}: {error}")
         # Auto axes: XLA's partitioner propagates shardings inside the step, so the
         # model code needs no sharding annotations.
-        self.mesh = jax.make_mesh(
-            (data, model), (DATA, MODEL), axis_types=(jax.sharding.AxisType.Auto,) * 2,
-            devices=devices,
-        )
+        auto = (jax.sharding.AxisType.Auto,) * 2
+        self.mesh = jax.make_mesh((data, model), (DATA, MODEL), axis_types=auto, devices=devices)
+        self.data_size, self.model_size = data, model  # the mesh's axis sizes
         self.replicated = NamedSharding(self.mesh, P())
         self.batch_sharding = NamedSharding(self.mesh, P(DATA))
         self.row_sharding = NamedSharding(self.mesh, P(MODEL))
 
-    @property
-    def data_size(self) -> int:
-        return int(self.mesh.shape[DATA])
-
-    @property
-    def model_size(self) -> int:
-        return int(self.mesh.shape[MODEL])
-
     def is_row_sharded(self, path_name: str) -> bool:
-        """Whether the state leaf at `path_name` (slash-separated) is split by rows.
-
-        The row-sparse optimizer's `scratch/touched/<table>` id lists are as long as a
-        batch's lookups, not a table: always replicated."""
+        """Whether the state leaf at `path_name` (slash-separated) is split by rows. The
+        row-sparse optimizer's `scratch/touched/<table>` id lists are as long as a batch's
+        lookups, not a table: always replicated."""
         if path_name.startswith("scratch/touched/"):
             return False
         return bool(self.rule and self.rule.search(path_name))
@@ -177,51 +136,43 @@ class Partitioner:
         if not (self.is_row_sharded(path_name) and len(shape) >= 1):
             return self.replicated
         if shape[0] % self.model_size:
-            raise ShardingError(
-                f"{path_name} has {shape[0]} rows, not divisible by mesh.model = "
-                f"{self.model_size}; set mesh.table_rows_multiple to a multiple of it"
-            )
+            raise ShardingError(f"{path_name} has {shape[0]} rows, not divisible by mesh.model "
+                                f"= {self.model_size}; set mesh.table_rows_multiple to a "
+                                "multiple of it")
         return self.row_sharding
 
     def state_shardings(self, abstract_state: Any) -> Any:
         """A `NamedSharding` per leaf of `abstract_state` (arrays or ShapeDtypeStructs)."""
         return jax.tree_util.tree_map_with_path(
-            lambda path, leaf: self.leaf_sharding(_path_name(path), tuple(np.shape(leaf))),
+            lambda path, leaf: self.leaf_sharding(path_name(path), tuple(np.shape(leaf))),
             abstract_state,
         )
 
     def abstract(self, abstract_state: Any) -> Any:
         """`abstract_state` as ShapeDtypeStructs carrying their shardings (restore targets)."""
-        shardings = self.state_shardings(abstract_state)
         return jax.tree.map(
             lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
-            abstract_state,
-            shardings,
+            abstract_state, self.state_shardings(abstract_state),
         )
 
     def check_batch_size(self, batch_size: int, field: str = "train.batch_size") -> None:
         """ShardingError unless `batch_size` splits evenly over `data` and the processes."""
         quantum = math.lcm(self.data_size, jax.process_count())
         if batch_size % quantum:
-            raise ShardingError(
-                f"config field {field} = {batch_size}: must be a multiple of {quantum} "
-                f"(mesh data axis {self.data_size}, {jax.process_count()} process(es))"
-            )
+            raise ShardingError(f"config field {field} = {batch_size}: must be a multiple of "
+                                f"{quantum} (mesh data axis {self.data_size}, "
+                                f"{jax.process_count()} process(es))")
 
     def local_rows(self, batch_size: int) -> tuple[int, int]:
-        """[start, stop) of the global batch rows that this process's devices hold.
-
-        Every process computes the same global batch of sample indices and
-        gathers only these rows (its data slice).
-        """
+        """[start, stop) of the global batch rows that this process's devices hold (every
+        process computes the same global batch of sample indices and gathers only these)."""
         index_map = self.batch_sharding.addressable_devices_indices_map((batch_size,))
         # Devices along `model` hold the same rows: the set keeps each slice once.
         slices = sorted({(i[0].start or 0, i[0].stop or batch_size) for i in index_map.values()})
         start, stop = slices[0][0], slices[-1][1]
         if sum(b - a for a, b in slices) != stop - start:
-            raise ShardingError(
-                f"process {jax.process_index()} holds non-contiguous batch rows {slices}"
-            )
+            raise ShardingError(f"process {jax.process_index()} holds non-contiguous batch "
+                                f"rows {slices}")
         return start, stop
 
     def shard_batch(self, local_batch: dict[str, np.ndarray], batch_size: int) -> dict:

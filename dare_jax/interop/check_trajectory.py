@@ -3,32 +3,24 @@
     python -m dare_jax.interop.check_trajectory FIXTURE.npz [FIXTURE.npz ...] --data DIR
         [--optimizer both|row_sparse|dense] [--float64]
 
-A fixture (`../shared/fixtures/reference_trajectory/*.npz`, README there) records the
-official code (github thuml/DARE) training one model from its official initial weights
-(`init/<state_dict key>`) over the training file of an official preprocessing, in file
-order: every step's loss terms [total, ctr + aux, aux, l2], computed before that step's
-update, in float32 (`steps_f32`) and, from the same weights, in float64 (`steps_f64`); and
-the final test predictions in both BatchNorm modes. DIR is that preprocessing imported with
-`python -m preprocessing.import_official --input DIR_OFFICIAL --output DIR`.
+A fixture records the official code (github thuml/DARE) training one model from its official
+initial weights (`init/<state_dict key>`) over an official preprocessing in file order: each
+step's loss terms [total, ctr + aux, aux, l2] before its update, in float32 (`steps_f32`)
+and float64 (`steps_f64`), and the final test predictions in both BatchNorm modes. DIR is
+that preprocessing imported with `python -m preprocessing.import_official`.
 
-The check trains with the driver's experiment (`dare_jax.experiment`), not a copy of it:
-the spec is the official run's (model from the constructor kwargs, Adam lr, L2 weight,
-batch size, epochs) with `data.shuffle=False` and `model.init_from=FIXTURE`; the experiment
-builds the initial state, the data iterator and the jitted train step as for any run, with
-the default row-gradient Adam (`optim.table_updates=row_sparse`) and with the autodiff one
-(`dense`). A step passes when
+The check trains with the driver's own experiment (`dare_jax.experiment`) on the official
+run's spec (`trajectory_spec`), with the row-gradient Adam (`optim.table_updates=row_sparse`)
+and the autodiff one (`dense`). A step passes when, for each term (f32, f64: official runs),
 
-    |ours - f64| <= max(1e-5 * |f64|, 3 * |f32 - f64|)        for each of the four terms
+    |ours - f64| <= max(1e-5 * |f64|, 3 * |f32 - f64|)
 
-(f32, f64: the official runs). Every step up to the fixture's
-`steps_where_reference_f32_within_1e4th_of_f64` must pass: after that the official float32
-run itself leaves the float64 one (top-k selections flip on rounding), so later steps and
-the final test AUCs (both BatchNorm modes) are printed beside the official ones, not judged.
-
-`--float64` trains the same way in float64 (jax x64) and requires every step of the whole
-run, and the final test predictions, to agree with the official float64 run to 1e-9
-relative: with the rounding gone, every step's arithmetic (Adam, L2, BatchNorm statistics,
-time ids, data order) is shown to be the official one, past the float32 horizon.
+Every step up to the fixture's `steps_where_reference_f32_within_1e4th_of_f64` must pass;
+after that the official float32 run itself leaves the float64 one (top-k selections flip on
+rounding), so later steps and the test AUCs are printed beside the official ones, not judged.
+`--float64` trains in float64 (jax x64) and requires every step and the final test
+predictions to match the official float64 run to 1e-9 relative: every step's arithmetic
+(Adam, L2, BatchNorm statistics, time ids, data order) is the official one.
 
 Exit code 0 when every fixture passes, 1 when a step fails, 2 on unusable input.
 """
@@ -51,8 +43,9 @@ from dare_jax import metrics
 from dare_jax.config import DataSpec, ExperimentSpec, LogSpec, MeshSpec, OptimSpec, TrainSpec
 from dare_jax.data import open_dataset
 from dare_jax.evaluate import predict
-from dare_jax.experiment import Experiment
+from dare_jax.experiment import Experiment, ExperimentError
 from dare_jax.interop import torch_weights
+from dare_jax.interop.check_parity import run_checks
 
 TERMS = ("total", "ctr+aux", "aux", "l2")
 RELATIVE_FLOOR = 1e-5  # float32 noise allowed on any step
@@ -86,9 +79,8 @@ class StepComparison:
 @dataclasses.dataclass
 class TestComparison:
     """Final test predictions of one BatchNorm mode against the official ones. The official
-    AUCs are the exact rank AUC (`dare_jax.metrics.auc`) of the official predictions; the
-    fixtures' own `test_auc_*` figures (`recorded_*`) come from the official evaluation code
-    and are 0.0032 lower on every fixture (38.5 to 39 of the 12,168 positive-negative pairs)."""
+    AUCs are `dare_jax.metrics.auc` of the official predictions; `recorded_*` are the
+    fixture's `test_auc_*`, from the official evaluation code (slightly lower)."""
 
     mode: str
     auc: float
@@ -113,8 +105,7 @@ class TrajectoryResult:
 
     @property
     def ok(self) -> bool:
-        steps_ok = all(s.ok for s in self.steps if s.required)
-        return steps_ok and all(t.ok for t in self.tests if t.required)
+        return all(c.ok for c in [*self.steps, *self.tests] if c.required)
 
 
 def load_fixture(path: str | Path) -> dict[str, Any]:
@@ -131,49 +122,25 @@ def load_fixture(path: str | Path) -> dict[str, Any]:
 def trajectory_spec(
     fixture_path: str | Path, meta: dict, data_dir: str | Path, table_updates: str
 ) -> ExperimentSpec:
-    """The experiment of the official run a fixture records."""
+    """The experiment of the official run a fixture records (model from the constructor
+    kwargs, its Adam lr, L2 weight, batch size and epochs; file order, one device)."""
     model, _, _, max_length = torch_weights.config_from_official_kwargs(
         meta["constructor_kwargs"]
     )
     batch_size = int(meta["batch_size"])
     return ExperimentSpec(
         # kind: only the raw-log reader depends on it; none is read here.
-        data=DataSpec(
-            name=f"official {meta.get('data', '')}".strip(),
-            kind="taobao",
-            dir=str(data_dir),
-            max_length=max_length,
-            shuffle=False,
-        ),
+        data=DataSpec(name=f"official {meta.get('data', '')}".strip(), kind="taobao",
+                      dir=str(data_dir), max_length=max_length, shuffle=False),
         model=model.replace(init_from=str(fixture_path)),
-        optim=OptimSpec(
-            lr=float(meta["adam_lr"]),
-            weight_decay=float(meta["weight_decay"]),
-            table_updates=table_updates,
-        ),
-        train=TrainSpec(
-            batch_size=batch_size,
-            eval_batch_size=batch_size,
-            num_epochs=int(meta["epochs"]),
-            num_seeds=1,
-        ),
-        mesh=MeshSpec(data=1),  # one device, as the official run
+        optim=OptimSpec(lr=float(meta["adam_lr"]), weight_decay=float(meta["weight_decay"]),
+                        table_updates=table_updates),
+        train=TrainSpec(batch_size=batch_size, eval_batch_size=batch_size,
+                        num_epochs=int(meta["epochs"]), num_seeds=1),
+        mesh=MeshSpec(data=1),
         log=LogSpec(progress_bar=False),
         variant=model.name,
     )
-
-
-def _float64_state(state: dict) -> dict:
-    def widen(x):
-        return x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x
-
-    return jax.tree.map(widen, state)
-
-
-def _test_predictions(spec: ExperimentSpec, state, dataset, mode: str) -> np.ndarray:
-    """Click probabilities `[N]` of the test split in file order, in one BatchNorm mode."""
-    model = spec.model.replace(eval_batchnorm_uses_batch_stats=mode == "batch_stats")
-    return predict(Experiment(spec.replace(model=model), dataset), state, "test")["prob"]
 
 
 def check_fixture(
@@ -188,25 +155,24 @@ def check_fixture(
     kwargs = meta["constructor_kwargs"]
     for key in ("item_n", "cate_n"):
         if int(dataset.manifest[key]) != int(kwargs[key]):
-            raise ValueError(
-                f"{data_dir}: {key} = {dataset.manifest[key]}, but {path} was trained with "
-                f"{key} = {kwargs[key]}: not the official preprocessing it was trained on"
-            )
+            raise ValueError(f"{data_dir}: {key} = {dataset.manifest[key]}, but {path} was "
+                             f"trained with {key} = {kwargs[key]}: not the official "
+                             "preprocessing it was trained on")
     f32, f64 = np.asarray(fixture["steps_f32"]), np.asarray(fixture["steps_f64"])
     required = int(meta["steps_where_reference_f32_within_1e4th_of_f64"])
-    x64 = jax.enable_x64(True) if float64 else contextlib.nullcontext()
-    with x64:
+    with jax.enable_x64(True) if float64 else contextlib.nullcontext():
         experiment = Experiment(spec, dataset)
         if experiment.total_steps != len(f64):
-            raise ValueError(
-                f"{path}: {len(f64)} recorded steps, but {data_dir} gives "
-                f"{experiment.total_steps} ({experiment.steps_per_epoch} batches of "
-                f"{experiment.batch_size} per epoch x {spec.train.num_epochs} epochs)"
-            )
+            raise ValueError(f"{path}: {len(f64)} recorded steps, but {data_dir} gives "
+                             f"{experiment.total_steps} ({experiment.steps_per_epoch} batches "
+                             f"of {experiment.batch_size} per epoch x {spec.train.num_epochs} "
+                             "epochs)")
         seed = int(meta.get("seed", 0))  # unused: fixed weights, file order, no dropout
         state = experiment.initial_state(seed)
         if float64:
-            state = _float64_state(state)
+            state = jax.tree.map(
+                lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                state)
         batches = experiment.train_batches(seed)
         comparisons = []
         for step in range(experiment.total_steps):
@@ -216,38 +182,28 @@ def check_fixture(
             if float64:
                 tolerance = FLOAT64_RTOL * np.abs(f64[step])
             else:
-                tolerance = np.maximum(
-                    RELATIVE_FLOOR * np.abs(f64[step]),
-                    REFERENCE_DRIFT_FACTOR * np.abs(f32[step] - f64[step]),
-                )
+                tolerance = np.maximum(RELATIVE_FLOOR * np.abs(f64[step]),
+                                       REFERENCE_DRIFT_FACTOR * np.abs(f32[step] - f64[step]))
             tolerance = np.maximum(tolerance, np.finfo(np.float64).tiny)
-            required_step = float64 or step < required
-            comparisons.append(
-                StepComparison(step, ours, f32[step], f64[step], tolerance, required_step)
-            )
+            comparisons.append(StepComparison(step, ours, f32[step], f64[step], tolerance,
+                                              float64 or step < required))
         label = np.asarray(fixture["test_label"])
         tests = []
-        for mode in BATCHNORM_MODES:
-            prob = _test_predictions(spec, state, dataset, mode)
+        for mode in BATCHNORM_MODES:  # test click probabilities [N] in file order
+            model = spec.model.replace(eval_batchnorm_uses_batch_stats=mode == "batch_stats")
+            prob = predict(Experiment(spec.replace(model=model), dataset), state, "test")["prob"]
             ref64 = np.asarray(fixture[f"test_prob_f64/{mode}"], np.float64)
             if prob.shape != ref64.shape:
-                raise ValueError(
-                    f"{path}: {ref64.shape[0]} test predictions, {data_dir} has {prob.shape[0]}"
-                )
+                raise ValueError(f"{path}: {ref64.shape[0]} test predictions, {data_dir} has "
+                                 f"{prob.shape[0]}")
             diff = float(np.max(np.abs(prob - ref64)))
-            tests.append(
-                TestComparison(
-                    mode,
-                    metrics.auc(label, prob),
-                    metrics.auc(label, np.asarray(fixture[f"test_prob_f32/{mode}"])),
-                    metrics.auc(label, ref64),
-                    float(fixture[f"test_auc_f32/{mode}"]),
-                    float(fixture[f"test_auc_f64/{mode}"]),
-                    diff,
-                    required=float64,
-                    ok=diff <= FLOAT64_RTOL * float(np.max(np.abs(ref64))),
-                )
-            )
+            tests.append(TestComparison(
+                mode, metrics.auc(label, prob),
+                metrics.auc(label, np.asarray(fixture[f"test_prob_f32/{mode}"])),
+                metrics.auc(label, ref64),
+                float(fixture[f"test_auc_f32/{mode}"]), float(fixture[f"test_auc_f64/{mode}"]),
+                diff, required=float64, ok=diff <= FLOAT64_RTOL * float(np.max(np.abs(ref64))),
+            ))
     return TrajectoryResult(
         str(path), spec.model.name, optimizer, "float64" if float64 else "float32",
         len(f64) if float64 else required, comparisons, tests,
@@ -256,13 +212,11 @@ def check_fixture(
 
 def format_result(result: TrajectoryResult) -> str:
     """The per-step table and the test AUCs of one run."""
-    if result.dtype == "float64":
-        rule = f"|ours - f64| <= {FLOAT64_RTOL:g} |f64|, every step"
-    else:
-        rule = (
-            f"|ours - f64| <= max({RELATIVE_FLOOR:g} |f64|, {REFERENCE_DRIFT_FACTOR:g} "
-            f"|f32 - f64|), steps 0-{result.required_steps - 1}"
-        )
+    rule = (
+        f"|ours - f64| <= {FLOAT64_RTOL:g} |f64|, every step" if result.dtype == "float64"
+        else f"|ours - f64| <= max({RELATIVE_FLOOR:g} |f64|, {REFERENCE_DRIFT_FACTOR:g} "
+        f"|f32 - f64|), steps 0-{result.required_steps - 1}"
+    )
     lines = [
         f"== {result.path}: {result.model}, {result.optimizer} Adam, {result.dtype} "
         f"(pass: {rule})",
@@ -278,13 +232,13 @@ def format_result(result: TrajectoryResult) -> str:
             f"   {s.step:>4}  {status:<9}{s.ours[0]:>14.8f}{s.f64[0]:>14.8f}{drift:>11.1e}"
             + "".join(f"{r:>10.3g}" for r in s.ratio)
         )
-    for t in result.tests:
-        lines.append(
-            f"   test AUC ({t.mode:13s}) ours {t.auc:.5f}   official f32 {t.auc_f32:.5f}  "
-            f"f64 {t.auc_f64:.5f} (recorded {t.recorded_f32:.5f}, {t.recorded_f64:.5f})   "
-            f"max |p - p_f64| {t.max_abs_diff_f64:.2e}"
-            + (("  ok" if t.ok else "  FAIL") if t.required else "")
-        )
+    lines += [
+        f"   test AUC ({t.mode:13s}) ours {t.auc:.5f}   official f32 {t.auc_f32:.5f}  "
+        f"f64 {t.auc_f64:.5f} (recorded {t.recorded_f32:.5f}, {t.recorded_f64:.5f})   "
+        f"max |p - p_f64| {t.max_abs_diff_f64:.2e}"
+        + (("  ok" if t.ok else "  FAIL") if t.required else "")
+        for t in result.tests
+    ]
     required = [s for s in result.steps if s.required]
     failed = [s.step for s in required if not s.ok]
     later = [s for s in result.steps if not s.required]
@@ -298,37 +252,19 @@ def format_result(result: TrajectoryResult) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: 0 when every run passes, 1 otherwise, 2 on bad input."""
-    from dare_jax.experiment import ExperimentError
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("fixtures", nargs="+", help="training-trajectory fixture .npz files")
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="the official preprocessed directory, imported with preprocessing.import_official",
-    )
-    parser.add_argument(
-        "--optimizer",
-        choices=("both", *OPTIMIZERS),
-        default="both",
-        help="the driver's Adam path(s) to train with (default both)",
-    )
-    parser.add_argument(
-        "--float64", action="store_true", help="train in float64; every step must match f64"
-    )
+    parser.add_argument("--data", required=True, help="the official preprocessed directory, "
+                        "imported with preprocessing.import_official")
+    parser.add_argument("--optimizer", choices=("both", *OPTIMIZERS), default="both",
+                        help="the driver's Adam path(s) to train with (default both)")
+    parser.add_argument("--float64", action="store_true",
+                        help="train in float64; every step must match f64")
     args = parser.parse_args(argv)
     optimizers = OPTIMIZERS if args.optimizer == "both" else [args.optimizer]
-    all_ok = True
-    for fixture in args.fixtures:
-        for optimizer in optimizers:
-            try:
-                result = check_fixture(fixture, args.data, optimizer, args.float64)
-            except (OSError, KeyError, ValueError, ExperimentError) as err:
-                print(f"== {fixture}: cannot check: {err}", file=sys.stderr)
-                return 2
-            print(format_result(result), flush=True)
-            all_ok = all_ok and result.ok
-    return 0 if all_ok else 1
+    jobs = ((f, args.data, o, args.float64) for f in args.fixtures for o in optimizers)
+    return run_checks(
+        jobs, check_fixture, format_result, (OSError, KeyError, ValueError, ExperimentError))
 
 
 if __name__ == "__main__":

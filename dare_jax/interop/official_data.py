@@ -1,36 +1,24 @@
 """Import a directory written by the official DARE preprocessing into our format.
 
-The official scripts write ``train_XXXX_N.npy`` (several files, numbered from 0001,
-N rows each), ``val.npy`` and ``test.npy``: pickled numpy object arrays whose rows are
-``[uid, target_iid, target_cid, label_onehot, hist_iid (200), hist_cid (200)]``, plus
-``uid_mapping.npy``, ``iid_mapping.npy`` and ``cid_mapping.npy`` (pickled dicts raw id ->
+The official scripts write ``train_XXXX_N.npy`` (numbered from 0001, N rows each), ``val.npy``
+and ``test.npy``, pickled object arrays of rows ``[uid, target_iid, target_cid, label_onehot,
+hist_iid (200), hist_cid (200)]``, and ``{uid,iid,cid}_mapping.npy`` (pickled dicts raw id ->
 dense id).
 
 **Security:** these files can only be read with ``allow_pickle=True``, which can run
 arbitrary code from the file. Only import files you produced yourself or trust.
 
-Storage choice: the official samples only carry 200-long windows, so each distinct
-window ``(uid, hist_iid, hist_cid)`` becomes its own sequence row of exactly 200 ids
-(padding zeros included) and every sample - a positive and the negatives that share
-its history - points at that row with position 200. Rows are numbered in order of
-first use. The manifest therefore says ``max_length = 200``: longer histories do not
-exist in these files. Sample order is kept: train in file order (already shuffled by
-the official script), then val, test.
+Each distinct window ``(uid, hist_iid, hist_cid)`` becomes one sequence row of exactly 200
+ids (padding zeros included), numbered in order of first use; every sample points at its
+row with position 200 (``max_length = 200``). Samples keep their order: train in file order
+(already shuffled by the official script), then val, test.
 
-Streaming: the files are read one at a time (train files in number order, then val,
-test). Each one is converted to int32 arrays, its new windows and its samples are
-appended to the output ``.npy`` files (written in pieces, header fixed at the end),
-and its Python objects are freed before the next file is read. Windows are looked up
-across files in a table of 128-bit window hashes (two independent 64-bit polynomial
-hashes) -> row, and every sample's window is then compared element by element with
-its row (rows of earlier files are read back from the output written so far), so a
-hash collision can never merge different histories (it raises instead).
-
-Memory: one official file's Python objects (about 1.5 GB for a 102,400-row file of
-the full Taobao data) and its int32 arrays, the largest ``*_mapping.npy`` dict while
-it is converted (before any sample file), plus 28 bytes per distinct window (hash
-table and row uid) - independent of the number of files. Measured: 1.89 GiB peak RSS for
-ten 102,400-row files, 1.87 GiB for one (benchmarks/README.md).
+Files are read one at a time, converted to int32 and appended to the output ``.npy`` files
+(header fixed at the end), so memory does not grow with their number: one file's Python
+objects, the largest mapping dict, plus 28 bytes per distinct window. Windows are matched
+across files by 128-bit hashes (two independent 64-bit polynomial hashes), then compared
+element by element with their row (earlier files' rows read back from the output), so a
+hash collision raises instead of merging different histories.
 """
 
 from __future__ import annotations
@@ -39,7 +27,7 @@ import pickle
 import re
 import shutil
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
@@ -53,11 +41,15 @@ from dare_jax.data import storage
 WINDOW = 200
 _TRAIN_RE = re.compile(r"train_(\d{4})_(\d+)\.npy")
 _MAPPINGS = {"uid": "uid_mapping.npy", "iid": "iid_mapping.npy", "cid": "cid_mapping.npy"}
+# Official sample columns in file order: name, width (None: one int per row).
+_COLUMNS = (("uid", None), ("iid", None), ("cid", None), ("label", 2),
+            ("hist_iid", WINDOW), ("hist_cid", WINDOW))
 _INT32_MAX = int(np.iinfo(np.int32).max)
 # Rows of stored windows read back per memory map while verifying: bounds the mapped
 # pages (counted as resident memory) to 2 x 8192 x 800 bytes.
 _READBACK_ROWS = 8192
 _CONVERT_ROWS = 8192  # rows of an official file converted to int64 at a time
+_HEADER_BYTES = 128  # multiple of 64: the array data stays aligned for memory maps
 
 
 class OfficialDataError(ValueError):
@@ -72,9 +64,8 @@ def _load_pickled(path: Path) -> Any:
     except (OSError, ValueError, EOFError, pickle.UnpicklingError) as exc:
         raise OfficialDataError(f"{path}: cannot be read as a .npy file: {exc}") from exc
     except Exception as exc:  # a corrupt pickle can fail with almost any exception type
-        raise OfficialDataError(
-            f"{path}: corrupt pickled .npy file: {type(exc).__name__}: {exc}"
-        ) from exc
+        message = f"corrupt pickled .npy file: {type(exc).__name__}: {exc}"
+        raise OfficialDataError(f"{path}: {message}") from exc
 
 
 def _mapping_to_raw(path: Path) -> np.ndarray:
@@ -83,13 +74,14 @@ def _mapping_to_raw(path: Path) -> np.ndarray:
     mapping = obj.item() if isinstance(obj, np.ndarray) and obj.shape == () else obj
     if not isinstance(mapping, dict):
         raise OfficialDataError(f"{path}: expected a pickled dict, found {type(mapping).__name__}")
-    if len(mapping) > _INT32_MAX:
-        raise OfficialDataError(f"{path}: {len(mapping)} ids do not fit int32 dense ids")
-    raw = np.fromiter(mapping.keys(), dtype=np.int64, count=len(mapping))
-    dense = np.fromiter(mapping.values(), dtype=np.int64, count=len(mapping))
-    if len(mapping) and not np.array_equal(np.sort(dense), np.arange(1, len(mapping) + 1)):
-        raise OfficialDataError(f"{path}: dense ids are not exactly 1..{len(mapping)}")
-    out = np.zeros(len(mapping) + 1, dtype=np.int64)
+    n = len(mapping)
+    if n > _INT32_MAX:
+        raise OfficialDataError(f"{path}: {n} ids do not fit int32 dense ids")
+    raw = np.fromiter(mapping.keys(), dtype=np.int64, count=n)
+    dense = np.fromiter(mapping.values(), dtype=np.int64, count=n)
+    if n and not np.array_equal(np.sort(dense), np.arange(1, n + 1)):
+        raise OfficialDataError(f"{path}: dense ids are not exactly 1..{n}")
+    out = np.zeros(n + 1, dtype=np.int64)
     out[dense] = raw
     return out
 
@@ -97,20 +89,14 @@ def _mapping_to_raw(path: Path) -> np.ndarray:
 def _int_chunks(
     path: Path, column: np.ndarray, name: str, width: int | None
 ) -> Iterator[tuple[int, np.ndarray]]:
-    """Object column of ints or int lists -> (first row, int64 [rows] or [rows, width]).
-
-    Converted ``_CONVERT_ROWS`` rows at a time so that the int64 temporaries stay small
-    next to the file's Python objects.
-    """
-    n = column.shape[0]
-    for lo in range(0, n, _CONVERT_ROWS):
+    """Object column of ints or int lists -> (first row, int64 [rows] or [rows, width]),
+    ``_CONVERT_ROWS`` rows at a time so that the int64 temporaries stay small."""
+    for lo in range(0, column.shape[0], _CONVERT_ROWS):
         part = column[lo : lo + _CONVERT_ROWS]
         want = (part.shape[0],) if width is None else (part.shape[0], width)
-        problem = None
         try:
             values = np.asarray(part.tolist(), dtype=np.int64)
-            if values.shape != want:
-                problem = f"shape {values.shape}, expected {want}"
+            problem = None if values.shape == want else f"shape {values.shape}, expected {want}"
         except (ValueError, TypeError, OverflowError) as exc:
             problem = str(exc)
         if problem is not None:
@@ -138,8 +124,7 @@ def _rows_to_arrays(
     """One official sample file -> int32 uid, iid, cid, label [N], hist_iid, hist_cid [N, 200].
 
     ``limits`` gives the largest valid dense id of 'uid', 'iid' and 'cid' (mapping sizes).
-    Each column's Python objects are released as soon as it is converted, so the peak
-    is the unpickled file plus small int64 chunks.
+    Each column's Python objects are released once it is converted.
     """
     data = _load_pickled(path)
     if not (isinstance(data, np.ndarray) and data.ndim == 2 and data.shape[1] == 6):
@@ -149,15 +134,7 @@ def _rows_to_arrays(
     if expected_rows is not None and n != expected_rows:
         raise OfficialDataError(f"{path}: file name says {expected_rows} rows, found {n}")
     out: dict[str, np.ndarray] = {}
-    specs = (
-        ("uid", 0, None),
-        ("iid", 1, None),
-        ("cid", 2, None),
-        ("label", 3, 2),
-        ("hist_iid", 4, WINDOW),
-        ("hist_cid", 5, WINDOW),
-    )
-    for name, col, width in specs:
+    for col, (name, width) in enumerate(_COLUMNS):
         key = name.removeprefix("hist_")
         values = np.empty((n, WINDOW) if width == WINDOW else (n,), dtype=np.int32)
         for lo, part in _int_chunks(path, data[:, col], name, width):
@@ -165,18 +142,14 @@ def _rows_to_arrays(
                 ok = (part == [1, 0]).all(1) | (part == [0, 1]).all(1)
                 if not ok.all():
                     bad = int(np.flatnonzero(~ok)[0])
-                    raise OfficialDataError(
-                        f"{path}: row {lo + bad}: label {part[bad].tolist()} is "
-                        "not one-hot [1, 0] / [0, 1]"
-                    )
+                    raise OfficialDataError(f"{path}: row {lo + bad}: label "
+                                            f"{part[bad].tolist()} is not one-hot [1, 0] / [0, 1]")
                 part = part[:, 0]
             elif part.size and (part.min() < 0 or part.max() > limits[key]):
                 wrong = ((part < 0) | (part > limits[key])).reshape(part.shape[0], -1)
                 bad = lo + int(np.flatnonzero(wrong.any(1))[0])
-                raise OfficialDataError(
-                    f"{path}: row {bad}: {name} has ids outside 0..{limits[key]} "
-                    f"(the ids of {_MAPPINGS[key]})"
-                )
+                raise OfficialDataError(f"{path}: row {bad}: {name} has ids outside "
+                                        f"0..{limits[key]} (the ids of {_MAPPINGS[key]})")
             values[lo : lo + part.shape[0]] = part
         data[:, col] = None  # frees this column's lists and ints before the next one
         out[name] = values
@@ -184,20 +157,17 @@ def _rows_to_arrays(
 
 
 def _train_files(directory: Path) -> list[tuple[Path, int]]:
-    found = []
-    for path in directory.iterdir():
-        m = _TRAIN_RE.fullmatch(path.name)
-        if m:
-            found.append((int(m.group(1)), path, int(m.group(2))))
+    found = sorted(
+        (int(m.group(1)), path, int(m.group(2)))
+        for path in directory.iterdir()
+        if (m := _TRAIN_RE.fullmatch(path.name))
+    )
     if not found:
         raise OfficialDataError(f"{directory}: no train_XXXX_N.npy file")
-    found.sort()
     numbers = [f[0] for f in found]
     if numbers != list(range(1, len(found) + 1)):
-        raise OfficialDataError(
-            f"{directory}: train files are not numbered 0001..{len(found):04d}"
-            f" without gaps (found {numbers})"
-        )
+        raise OfficialDataError(f"{directory}: train files are not numbered 0001..{len(found):04d}"
+                                f" without gaps (found {numbers})")
     return [(p, n) for _, p, n in found]
 
 
@@ -205,11 +175,10 @@ def _train_files(directory: Path) -> list[tuple[Path, int]]:
 def _hash_coefficients() -> tuple[np.ndarray, np.ndarray]:
     """Two fixed odd uint64 [2 * WINDOW + 1] coefficient vectors (uid, iids, cids)."""
     rng = np.random.default_rng(20250127)
-    a, b = (
+    return tuple(
         rng.integers(1, 2**63, size=2 * WINDOW + 1, dtype=np.uint64) | np.uint64(1)
         for _ in range(2)
     )
-    return a, b
 
 
 def _window_hash(uid: np.ndarray, hist_iid: np.ndarray, hist_cid: np.ndarray) -> np.ndarray:
@@ -222,10 +191,8 @@ def _window_hash(uid: np.ndarray, hist_iid: np.ndarray, hist_cid: np.ndarray) ->
             hi_iid = hist_iid[sl].astype(np.uint64)
             hi_cid = hist_cid[sl].astype(np.uint64)
             for k, coeff in enumerate(_hash_coefficients()):
-                h = uid[sl].astype(np.uint64) * coeff[0]
-                h += hi_iid @ coeff[1 : WINDOW + 1]
-                h += hi_cid @ coeff[WINDOW + 1 :]
-                out[sl, k] = h
+                h = uid[sl].astype(np.uint64) * coeff[0] + hi_iid @ coeff[1 : WINDOW + 1]
+                out[sl, k] = h + hi_cid @ coeff[WINDOW + 1 :]
     return out
 
 
@@ -237,8 +204,7 @@ class WindowTable:
     """
 
     def __init__(self) -> None:
-        self._h1 = np.empty(0, dtype=np.uint64)
-        self._h2 = np.empty(0, dtype=np.uint64)
+        self._h1, self._h2 = np.empty(0, dtype=np.uint64), np.empty(0, dtype=np.uint64)
         self._row = np.empty(0, dtype=np.int64)
 
     def __len__(self) -> int:
@@ -272,11 +238,8 @@ class WindowTable:
 
 
 def _npy_header(dtype: np.dtype, n: int) -> bytes:
-    """A .npy version 1.0 header for a 1-D C-order array of ``n`` elements.
-
-    Always ``_HEADER_BYTES`` long (the dict is padded with spaces, which the format
-    allows), so it can be written first as a placeholder and rewritten in place.
-    """
+    """A .npy version 1.0 header for a 1-D C-order array of ``n`` elements, always
+    ``_HEADER_BYTES`` long (space padding), so that it can be rewritten in place."""
     text = f"{{'descr': '{np.dtype(dtype).str}', 'fortran_order': False, 'shape': ({n},), }}"
     body = text.ljust(_HEADER_BYTES - 10 - 1) + "\n"
     header = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(body)) + body.encode("latin1")
@@ -284,16 +247,11 @@ def _npy_header(dtype: np.dtype, n: int) -> bytes:
     return header
 
 
-_HEADER_BYTES = 128  # multiple of 64: the array data stays aligned for memory maps
-
-
 class _NpyAppender:
     """A 1-D ``.npy`` file written in pieces; the header gets the final length on close."""
 
     def __init__(self, path: Path, dtype: type) -> None:
-        self.path = path
-        self.dtype = np.dtype(dtype)
-        self.size = 0
+        self.path, self.dtype, self.size = path, np.dtype(dtype), 0
         self._fh: BinaryIO = open(path, "wb")  # noqa: SIM115 (closed in close())
         self._fh.write(_npy_header(self.dtype, 0))
 
@@ -306,17 +264,10 @@ class _NpyAppender:
         """Rows ``rows`` (int [K]) of the data written so far seen as [size / width, width]."""
         self._fh.flush()
         out = np.empty((rows.shape[0], width), dtype=self.dtype)
-        if self.size == 0:
-            return out
         # A fresh map per block: pages touched through a map count as resident memory.
+        shape = (self.size // width, width)
         for lo in range(0, rows.shape[0], _READBACK_ROWS):
-            stored = np.memmap(
-                self.path,
-                dtype=self.dtype,
-                mode="r",
-                offset=_HEADER_BYTES,
-                shape=(self.size // width, width),
-            )
+            stored = np.memmap(self.path, self.dtype, mode="r", offset=_HEADER_BYTES, shape=shape)
             out[lo : lo + _READBACK_ROWS] = stored[rows[lo : lo + _READBACK_ROWS]]
             del stored
         return out
@@ -331,6 +282,11 @@ class _NpyAppender:
         self._fh.close()
 
 
+def _same_windows(a: Sequence[np.ndarray], b: Sequence[np.ndarray]) -> np.ndarray:
+    """bool [K]: whether windows a[k] and b[k] (uid [K], hist_iid, hist_cid [K, 200]) match."""
+    return (a[0] == b[0]) & (a[1] == b[1]).all(1) & (a[2] == b[2]).all(1)
+
+
 def _array_dtype(name: str) -> type:
     return np.int64 if name == "seq_offsets" or name.startswith("raw_") else np.int32
 
@@ -340,92 +296,57 @@ class _StreamingImport:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.writers: dict[str, _NpyAppender] = {}
-        for name in ["seq_iid", "seq_cid"] + [
-            f"{s}_{f}" for s in storage.SPLITS for f in storage.SAMPLE_FIELDS
-        ]:
-            self.writers[name] = _NpyAppender(tmp / f"{name}.npy", _array_dtype(name))
+        names = ["seq_iid", "seq_cid"]
+        names += [f"{s}_{f}" for s in storage.SPLITS for f in storage.SAMPLE_FIELDS]
+        self.writers = {n: _NpyAppender(tmp / f"{n}.npy", _array_dtype(n)) for n in names}
         self.table = WindowTable()
-        self._row_uid: list[np.ndarray] = []  # int32 uid of each row, one chunk per file
-        self._row_uid_flat = np.empty(0, dtype=np.int32)
-
-    def row_uid(self) -> np.ndarray:
-        if self._row_uid:
-            self._row_uid_flat = np.concatenate([self._row_uid_flat, *self._row_uid])
-            self._row_uid = []
-        return self._row_uid_flat
+        self.row_uid = np.empty(0, dtype=np.int32)  # the uid of each row
 
     def add_file(self, path: Path, split: str, cols: dict[str, np.ndarray]) -> None:
         """Append one file's samples (int32 arrays from ``_rows_to_arrays``)."""
-        uid, hist_iid, hist_cid = cols["uid"], cols["hist_iid"], cols["hist_cid"]
+        windows = uid, hist_iid, hist_cid = cols["uid"], cols["hist_iid"], cols["hist_cid"]
         hashes = _window_hash(uid, hist_iid, hist_cid)
         _, first, local = np.unique(hashes, axis=0, return_index=True, return_inverse=True)
-        local = local.ravel()
         # Local windows renumbered in order of first use in the file.
         order = np.argsort(first)
-        rank = np.empty_like(order)
-        rank[order] = np.arange(order.shape[0])
-        local = rank[local]
-        first = first[order]
-        del order, rank
+        local, first = np.argsort(order)[local.ravel()], first[order]
         # Exact check inside the file: each sample equals its window's first sample.
-        same = (
-            (hist_iid == hist_iid[first[local]]).all(1)
-            & (hist_cid == hist_cid[first[local]]).all(1)
-            & (uid == uid[first[local]])
-        )
+        same = _same_windows(windows, [w[first[local]] for w in windows])
         if not same.all():
-            raise OfficialDataError(
-                f"{path}: row {int(np.flatnonzero(~same)[0])}: window hash "
-                "collision; cannot import safely"
-            )
+            raise OfficialDataError(f"{path}: row {int(np.flatnonzero(~same)[0])}: window hash "
+                                    "collision; cannot import safely")
         keys = hashes[first]
         row = self.table.lookup(keys)
         old = np.flatnonzero(row >= 0)
         if old.size:  # exact check against the rows stored from earlier files
-            old_rows = row[old]
-            at = first[old]
-            same = (
-                (self.writers["seq_iid"].read_rows(old_rows, WINDOW) == hist_iid[at]).all(1)
-                & (self.writers["seq_cid"].read_rows(old_rows, WINDOW) == hist_cid[at]).all(1)
-                & (self.row_uid()[old_rows] == uid[at])
-            )
+            old_rows, at = row[old], first[old]
+            stored = [self.writers[f"seq_{k}"].read_rows(old_rows, WINDOW) for k in ("iid", "cid")]
+            same = _same_windows([self.row_uid[old_rows], *stored], [w[at] for w in windows])
             if not same.all():
                 bad = int(at[np.flatnonzero(~same)[0]])
-                raise OfficialDataError(
-                    f"{path}: row {bad}: window hash collision with an "
-                    "earlier file; cannot import safely"
-                )
+                raise OfficialDataError(f"{path}: row {bad}: window hash collision with an "
+                                        "earlier file; cannot import safely")
         new = np.flatnonzero(row < 0)  # ascending: first-use order
         row[new] = self.table.add(keys[new])
         at = first[new]
         self.writers["seq_iid"].append(hist_iid[at])
         self.writers["seq_cid"].append(hist_cid[at])
-        self._row_uid.append(uid[at].astype(np.int32))
+        self.row_uid = np.concatenate([self.row_uid, uid[at].astype(np.int32)])
         sample_row = row[local]
         if sample_row.size and int(sample_row.max()) > _INT32_MAX:
             raise OfficialDataError(f"{path}: more than {_INT32_MAX} distinct windows")
-        fields = {
-            "row": sample_row,
-            "pos": np.full(uid.shape[0], WINDOW, dtype=np.int32),
-            "iid": cols["iid"],
-            "cid": cols["cid"],
-            "label": cols["label"],
-            "uid": uid,
-        }
+        fields = {"row": sample_row, "pos": np.full(uid.shape[0], WINDOW, dtype=np.int32),
+                  "iid": cols["iid"], "cid": cols["cid"], "label": cols["label"], "uid": uid}
         for field, values in fields.items():
             self.writers[f"{split}_{field}"].append(values)
 
     def finish(self, raw: dict[str, np.ndarray]) -> dict[str, list[int]]:
         """Close the streamed files, write the small arrays; name -> shape."""
         shapes = {name: list(w.close()) for name, w in self.writers.items()}
-        n_rows = len(self.table)
         small = {
-            "seq_uid": self.row_uid(),
-            "seq_offsets": np.arange(n_rows + 1, dtype=np.int64) * WINDOW,
-            "raw_uid": raw["uid"],
-            "raw_iid": raw["iid"],
-            "raw_cid": raw["cid"],
+            "seq_uid": self.row_uid,
+            "seq_offsets": np.arange(len(self.table) + 1, dtype=np.int64) * WINDOW,
+            **{f"raw_{key}": raw[key] for key in ("uid", "iid", "cid")},
         }
         for name, arr in small.items():
             arr = np.ascontiguousarray(arr, dtype=_array_dtype(name))
@@ -439,60 +360,40 @@ class _StreamingImport:
 
 
 def import_official(
-    input_dir: str | Path,
-    output_dir: str | Path,
-    *,
-    dataset: str | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
+    input_dir: str | Path, output_dir: str | Path, *, dataset: str | None = None,
+    overwrite: bool = False, progress: bool = True,
 ) -> Path:
-    """Convert an official preprocessed directory into a dataset directory, file by file.
+    """Convert the official directory ``input_dir`` (train_XXXX_N.npy, val.npy, test.npy,
+    *_mapping.npy) into the dataset directory ``output_dir``, file by file; ``load_split``
+    then returns exactly the official rows (uid, target, label 1 = click, both histories) in
+    the official order. The output is written to a temporary sibling directory and moved
+    into place only when complete; ``dataset`` is the name in its manifest (default: the
+    input directory's name); ``progress`` shows a bar over the input files.
 
-    ``load_split(output_dir, split)`` then returns exactly the official rows (uid,
-    target, label 1 = click, both 200-long histories) in the official order. Memory
-    does not grow with the number of train files (see the module docstring).
-
-    Args:
-        input_dir: directory with train_XXXX_N.npy, val.npy, test.npy, *_mapping.npy.
-        output_dir: dataset directory to create (atomically: written to a temporary
-            sibling directory, moved into place only when complete).
-        dataset: name recorded in the manifest (default: the input directory's name).
-        overwrite: replace an existing ``output_dir``.
-        progress: show a progress bar over the input files.
-
-    Raises:
-        OfficialDataError: missing or malformed input files (the message names the file,
-            and the row where one is at fault).
-        FileExistsError: ``output_dir`` exists and not ``overwrite``.
+    Raises OfficialDataError on missing or malformed input files (naming the file, and the
+    row at fault), FileExistsError when ``output_dir`` exists and not ``overwrite``.
     """
-    src = Path(input_dir)
-    out = Path(output_dir)
+    src, out = Path(input_dir), Path(output_dir)
     if not src.is_dir():
         raise OfficialDataError(f"official data directory not found: {src}")
     if storage.is_occupied(out) and not overwrite:
         raise FileExistsError(f"output directory already exists: {out} (use overwrite=True)")
-    files: dict[str, list[tuple[Path, int | None]]] = {"train": _train_files(src)}
-    for split in ("val", "test"):
-        path = src / f"{split}.npy"
+    all_files = [("train", p, n) for p, n in _train_files(src)]
+    all_files += [(split, src / f"{split}.npy", None) for split in ("val", "test")]
+    mapping_files = [src / name for name in _MAPPINGS.values()]
+    for path in [p for _, p, _ in all_files[-2:]] + mapping_files:
         if not path.is_file():
             raise OfficialDataError(f"{path} is missing")
-        files[split] = [(path, None)]
-    for name in _MAPPINGS.values():
-        if not (src / name).is_file():
-            raise OfficialDataError(f"{src / name} is missing")
-    all_files = [(s, p, n) for s in storage.SPLITS for p, n in files[s]]
-    mapping_files = [src / name for name in _MAPPINGS.values()]
 
     tmp = storage.temp_sibling_dir(out)
-    # sha256 of the inputs for the manifest, in a thread (hashlib releases the GIL) while
-    # the main thread unpickles; each file is hashed just before it is read, so both
-    # reads share the page cache.
+    # Inputs' sha256 for the manifest, in a thread (hashlib releases the GIL), each file just
+    # before the main thread unpickles it, so that both reads share the page cache.
     hasher = ThreadPoolExecutor(max_workers=1)
     digests: dict[Path, Future[str]] = {}
     state: _StreamingImport | None = None
     try:
         raw = {}
-        for (key, name), path in zip(_MAPPINGS.items(), mapping_files, strict=True):
+        for key, path in zip(_MAPPINGS, mapping_files, strict=True):
             digests[path] = hasher.submit(storage.sha256_file, path)
             raw[key] = _mapping_to_raw(path)
         limits = {key: int(arr.shape[0] - 1) for key, arr in raw.items()}
@@ -510,20 +411,13 @@ def import_official(
         n_rows = shapes["seq_uid"][0]
         n_items, n_cates = limits["iid"], limits["cid"]
         manifest = {
-            "dataset": dataset if dataset is not None else src.name,
-            "seed": None,
-            "counts": counts,
-            "user_count": limits["uid"],
-            "item_count": n_items,
-            "category_count": n_cates,
-            "item_n": n_items + 1,
-            "cate_n": n_cates + 1,
-            "sequence_rows": int(n_rows),
-            "sequence_events": int(n_rows * WINDOW),
-            "min_events": 210,
-            "train_target_offsets": list(range(3, 94, 5)),
-            "negatives_per_positive": 2,
-            "max_length": WINDOW,
+            "dataset": dataset if dataset is not None else src.name, "seed": None,
+            "counts": counts, "user_count": limits["uid"],
+            "item_count": n_items, "category_count": n_cates,
+            "item_n": n_items + 1, "cate_n": n_cates + 1,
+            "sequence_rows": int(n_rows), "sequence_events": int(n_rows * WINDOW),
+            "min_events": 210, "train_target_offsets": list(range(3, 94, 5)),
+            "negatives_per_positive": 2, "max_length": WINDOW,
             "source_files": [
                 storage.source_entry(p, digests[p].result())
                 for p in [p for _, p, _ in all_files] + mapping_files

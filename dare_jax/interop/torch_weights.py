@@ -1,14 +1,12 @@
 """Import official PyTorch DARE weights (github thuml/DARE `DIN` class) into our variables.
 
 The official `state_dict` names every module by the attribute that holds it; tied modules
-(shared tables and maps) appear under every attribute name that points at them, with identical
-values. `official_names(spec, path)` lists, for one of our leaves, every official name it
-corresponds to; `import_state_dict` fills a variables template (from `model.init`) from a
-state dict, transposing Linear weights (PyTorch `(out, in)` -> our kernel `[in, out]`) and
-putting BatchNorm running statistics into `batch_stats`.
-
-A state dict comes from a fixture `.npz` (keys `state/<name>`) or from a `.pth` file when
-torch happens to be installed (torch is NOT a dependency of this project).
+(shared tables and maps) appear under every attribute name that points at them, with
+identical values. `official_names(spec, path)` lists every official name of one of our
+leaves; `import_state_dict` fills a variables template (from `model.init`) from a state
+dict, transposing Linear weights (PyTorch `(out, in)` -> our kernel `[in, out]`) and putting
+BatchNorm running statistics into `batch_stats`. A state dict comes from an `.npz` or from a
+`.pth` file when torch happens to be installed (torch is NOT a dependency of this project).
 """
 
 from __future__ import annotations
@@ -22,32 +20,23 @@ import numpy as np
 from dare_jax.models.variants import ROLES, VariantSpec
 
 _HEAD_MODULES = {"main": "main_mlp", "aux": "auxiliary_mlp"}
+# Our leaf name -> the official parameter or buffer name.
+_LEAF_SUFFIX = {"kernel": "weight", "scale": "weight", "slope": "weight", "bias": "bias",
+                "mean": "running_mean", "var": "running_var"}
 
 
-def _role_words(role: str) -> tuple[str, str]:
-    """'attention_target' -> ('attention', 'target')."""
+def _official_role(role: str) -> str:
+    """'attention_target' -> 'attention_of_target'."""
     kind, who = role.split("_")
-    return kind, who
+    return f"{kind}_of_{who}"
 
 
 def _sequential_index(layer: str, has_leading_batchnorm: bool) -> int:
     """Index in an official nn.Sequential of our `dense_i` / `prelu_i` / `batch_norm`."""
     if layer == "batch_norm":
         return 0
-    kind, index = layer.rsplit("_", 1)
-    position = 2 * int(index) + (1 if kind == "prelu" else 0)
-    return position + (1 if has_leading_batchnorm else 0)
-
-
-def _leaf_suffix(leaf: str) -> str:
-    return {
-        "kernel": "weight",
-        "scale": "weight",
-        "slope": "weight",
-        "bias": "bias",
-        "mean": "running_mean",
-        "var": "running_var",
-    }[leaf]
+    kind, index = layer.rsplit("_", 1)  # each dense_i is followed by its prelu_i
+    return 2 * int(index) + int(kind == "prelu") + int(has_leading_batchnorm)
 
 
 def official_module_names(spec: VariantSpec, path: tuple[str, ...]) -> list[str]:
@@ -55,24 +44,20 @@ def official_module_names(spec: VariantSpec, path: tuple[str, ...]) -> list[str]
     root = path[0]
     if root == "embed":
         group, field = path[1], path[2]
-        return [
-            f"{field}_id_embedding_layer_for_{'_of_'.join(_role_words(r))}"
-            for r in ROLES
-            if spec.tables[r] == group
-        ]
+        roles = [r for r in ROLES if spec.tables[r] == group]
+        return [f"{field}_id_embedding_layer_for_{_official_role(r)}" for r in roles]
     if root == "project":
         proj = spec.projection
         if proj is None:
             raise KeyError(f"parameter {'/'.join(path)} but the variant has no projection")
-        group = path[1]
-        roles = [r for r in ROLES if proj.groups[r] == group]
+        roles = [r for r in ROLES if proj.groups[r] == path[1]]  # path[1]: the table group
         if proj.per_field:
             field, layer = path[2], path[3]
-            modules = [f"mlp_for_{field}_{'_of_'.join(_role_words(r))}" for r in roles]
+            modules = [f"mlp_for_{field}_{_official_role(r)}" for r in roles]
             if proj.hidden:  # nn.Sequential(Linear, PReLU, ..., Linear)
                 return [f"{m}.{_sequential_index(layer, False)}" for m in modules]
             return modules  # a bare nn.Linear
-        return [f"mlp_for_{'_of_'.join(_role_words(r))}" for r in roles]
+        return [f"mlp_for_{_official_role(r)}" for r in roles]
     if root == "head":
         return [f"{_HEAD_MODULES[path[1]]}.{_sequential_index(path[2], True)}"]
     if root == "din_attention":
@@ -84,17 +69,8 @@ def official_names(spec: VariantSpec, path: tuple[str, ...]) -> list[str]:
     """Every official state_dict name of our leaf `path` (params or batch_stats)."""
     if path[0] == "embed":  # the table itself is the leaf
         return [f"{m}.weight" for m in official_module_names(spec, path)]
-    suffix = _leaf_suffix(path[-1])
+    suffix = _LEAF_SUFFIX[path[-1]]
     return [f"{m}.{suffix}" for m in official_module_names(spec, path[:-1])]
-
-
-def _to_ours(leaf: str, value: np.ndarray, expected_shape: tuple[int, ...]) -> np.ndarray:
-    value = np.asarray(value)
-    if leaf == "kernel":
-        value = value.T  # PyTorch Linear weight is (out, in)
-    if value.shape != tuple(expected_shape):
-        raise ValueError(f"shape {value.shape} does not fit {tuple(expected_shape)}")
-    return value.astype(np.float32)
 
 
 def flatten_tree(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()):
@@ -116,17 +92,14 @@ def unflatten_tree(items: list[tuple[tuple[str, ...], Any]]) -> dict[str, Any]:
 
 
 def import_state_dict(
-    spec: VariantSpec,
-    variables: Mapping[str, Any],
-    state: Mapping[str, np.ndarray],
+    spec: VariantSpec, variables: Mapping[str, Any], state: Mapping[str, np.ndarray],
     tie_atol: float = 0.0,
 ) -> tuple[dict[str, Any], list[str]]:
     """Fill `variables` ({'params', 'batch_stats'} template) from an official `state` dict.
 
     Every leaf of the template must be found; tied names must hold equal values (up to
-    `tie_atol`), otherwise the state dict is not from this variant. Returns
-    (new variables as nested dicts of numpy float32 arrays, official names left unused,
-    e.g. `num_batches_tracked`).
+    `tie_atol`), otherwise the state dict is not from this variant. Returns (new variables as
+    nested dicts of numpy float32 arrays, unused official names such as `num_batches_tracked`).
     """
     used: set[str] = set()
     new_variables: dict[str, Any] = {}
@@ -135,31 +108,24 @@ def import_state_dict(
             continue
         items = []
         for path, leaf in flatten_tree(variables[collection]):
+            where = f"{collection}/{'/'.join(path)}"
             names = official_names(spec, path)
             present = [n for n in names if n in state]
             if not present:
-                raise KeyError(
-                    f"{collection}/{'/'.join(path)}: none of the official names "
-                    f"{names} is in the state dict"
-                )
+                raise KeyError(f"{where}: none of the official names {names} is in the state dict")
             first = np.asarray(state[present[0]])
             for other in present[1:]:
                 if not np.allclose(np.asarray(state[other]), first, rtol=0, atol=tie_atol):
-                    raise ValueError(
-                        f"{other} should be tied to {present[0]} in variant "
-                        f"{spec.official_name!r} but holds different values"
-                    )
-            try:
-                value = _to_ours(path[-1], first, np.shape(leaf))
-            except ValueError as err:
-                raise ValueError(
-                    f"{collection}/{'/'.join(path)} from {present[0]}: {err}"
-                ) from None
-            items.append((path, value))
+                    raise ValueError(f"{other} should be tied to {present[0]} in variant "
+                                     f"{spec.official_name!r} but holds different values")
+            value = first.T if path[-1] == "kernel" else first  # PyTorch Linear: (out, in)
+            if value.shape != tuple(np.shape(leaf)):
+                raise ValueError(f"{where} from {present[0]}: shape {value.shape} does not fit "
+                                 f"{tuple(np.shape(leaf))}")
+            items.append((path, value.astype(np.float32)))
             used.update(present)
         new_variables[collection] = unflatten_tree(items)
-    unused = sorted(set(state) - used)
-    return new_variables, unused
+    return new_variables, sorted(set(state) - used)
 
 
 def export_state_dict(spec: VariantSpec, variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -169,15 +135,12 @@ def export_state_dict(spec: VariantSpec, variables: Mapping[str, Any]) -> dict[s
     for collection in ("params", "batch_stats"):
         for path, value in flatten_tree(variables.get(collection, {})):
             value = np.asarray(value)
-            if path[-1] == "kernel":
-                value = value.T
-            for name in official_names(spec, path):
-                state[name] = value
+            state.update(dict.fromkeys(official_names(spec, path),
+                                       value.T if path[-1] == "kernel" else value))
     return state
 
 
-# Prefixes under which fixture files hold a state_dict: parity fixtures (`state/`), training
-# trajectory fixtures (the initial weights, `init/`).
+# Where fixtures hold a state_dict: parity (`state/`), training trajectory (`init/`).
 NPZ_STATE_PREFIXES = ("state/", "init/")
 
 
@@ -197,11 +160,9 @@ def state_from_pth(path: str | Path) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError as err:
-        raise ImportError(
-            f"reading {path} needs PyTorch, which is not a dependency of dare-jax; install "
-            "torch (CPU build is enough) or convert the checkpoint to .npz with keys "
-            "state/<name> on a machine that has it"
-        ) from err
+        raise ImportError(f"reading {path} needs PyTorch, which is not a dependency of dare-jax; "
+                          "install torch (CPU build is enough) or convert the checkpoint to "
+                          ".npz with keys state/<name> on a machine that has it") from err
     loaded = torch.load(str(path), map_location="cpu", weights_only=True)
     if not isinstance(loaded, Mapping):
         raise TypeError(f"{path}: expected a state_dict (mapping), got {type(loaded).__name__}")
@@ -216,6 +177,14 @@ def load_state(path: str | Path) -> dict[str, np.ndarray]:
     if path.suffix in (".pth", ".pt"):
         return state_from_pth(path)
     raise ValueError(f"{path}: unknown weight file type {path.suffix!r} (want .npz or .pth)")
+
+
+# Official constructor options that keep their name in ModelSpec, with the official defaults.
+_OFFICIAL_DIMS = {"time_embedding_dim": 16, "attention_item_embedding_dim": -1,
+                  "attention_category_embedding_dim": -1, "attention_time_embedding_dim": -1}
+_OFFICIAL_FLAGS = {"use_cross_feature": False, "use_aux_loss": False, "use_time": True,
+                   "soft_search": False, "use_long_seq_average": True, "only_odot": False,
+                   "mlp_position_after_concat": False, "observe_attn_repr_grad": False}
 
 
 def config_from_official_kwargs(kwargs: Mapping[str, Any]) -> tuple[Any, int, int, int]:
@@ -250,24 +219,11 @@ def config_from_official_kwargs(kwargs: Mapping[str, Any]) -> tuple[Any, int, in
         name=name,
         category_embedding_dim=category_dim,
         item_embedding_dim=category_dim if item_dim == -1 else item_dim,
-        time_embedding_dim=int(kwargs.get("time_embedding_dim", 16)),
-        **{
-            f"attention_{field}_embedding_dim": int(
-                kwargs.get(f"attention_{field}_embedding_dim", -1)
-            )
-            for field in ("item", "category", "time")
-        },
-        use_cross_feature=bool(kwargs.get("use_cross_feature", False)),
-        use_aux_loss=bool(kwargs.get("use_aux_loss", False)),
-        use_time=bool(kwargs.get("use_time", True)),
+        **{key: int(kwargs.get(key, default)) for key, default in _OFFICIAL_DIMS.items()},
         time_mode=str(kwargs.get("use_time_mode", "concat")),
-        soft_search=bool(kwargs.get("soft_search", False)),
         top_k=int(kwargs.get("top_k", 10)),
-        use_long_seq_average=bool(kwargs.get("use_long_seq_average", True)),
-        only_odot=bool(kwargs.get("only_odot", False)),
-        mlp_position_after_concat=bool(kwargs.get("mlp_position_after_concat", False)),
         mlp_hidden_layer=tuple(int(h) for h in kwargs.get("mlp_hidden_layer") or [32]),
-        observe_attn_repr_grad=bool(kwargs.get("observe_attn_repr_grad", False)),
+        **{key: bool(kwargs.get(key, default)) for key, default in _OFFICIAL_FLAGS.items()},
     )
     spec.check_history_length(max_length)
     return spec, int(need("item_n")), int(need("cate_n")), max_length
