@@ -86,19 +86,17 @@ CASES: dict[str, tuple[str, dict]] = {
 
 
 def case_config(name: str):
-    """The model config of case `name` (configs/taobao.py's variant, small dims and tables)."""
+    """The `ModelSpec` of case `name` (configs/taobao.py's variant, small dims and tables)."""
     from configs.taobao import get_config
+    from dare_jax.config import resolve
 
     variant, overrides = CASES[name]
-    cfg = get_config(f"model={variant}").model
-    for field in ("item", "category", "time"):
-        cfg[f"{field}_embedding_dim"] = 4
-    cfg.top_k = TOP_K
-    cfg.init_std = 0.3  # well-separated scores: the top-k is not decided by rounding
-    cfg.time_table_size = LENGTH + 1
-    for key, value in overrides.items():
-        cfg[key] = value
-    return cfg
+    model = resolve(get_config(f"model={variant}")).model
+    fields = {f"{field}_embedding_dim": 4 for field in ("item", "category", "time")}
+    fields["top_k"] = TOP_K
+    fields["init_std"] = 0.3  # well-separated scores: the top-k is not decided by rounding
+    fields["time_table_size"] = LENGTH + 1
+    return model.replace(**{**fields, **overrides})
 
 
 def make_batch(seed: int = 0) -> dict[str, np.ndarray]:
@@ -160,12 +158,12 @@ def case_params(shapes) -> dict:
 def run_case(name: str, model_cfg=None) -> dict[str, dict[str, np.ndarray]]:
     """{'outputs', 'eval', 'loss', 'grads'} of case `name` (flat dicts of arrays; `grads`
     holds `sketch`es for the big leaves, keys ending in SKETCH_SUFFIX). model_cfg: the case's
-    config (default `case_config(name)`), e.g. with extra fields set."""
-    from dare_jax.models import build_model, loss_terms
+    `ModelSpec` (default `case_config(name)`), e.g. with extra fields set."""
+    from dare_jax.models import TwoStageModel, loss_terms
 
     cfg = case_config(name) if model_cfg is None else model_cfg
     batch = make_batch()
-    model = build_model(cfg, ITEM_N, CATE_N, LENGTH)
+    model = TwoStageModel(cfg, ITEM_N, CATE_N, LENGTH)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch, train=False))
     params = jax.tree.map(jnp.asarray, case_params(shapes["params"]))
     batch_stats = jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype), shapes["batch_stats"])

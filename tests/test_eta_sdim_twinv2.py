@@ -10,22 +10,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dare_jax.models import build_model, default_model_config, eta, sdim, twin_v2
+from dare_jax.models import ModelSpec, TwoStageModel, eta, sdim, twin_v2
 from dare_jax.models.search import PADDING_SCORE
 
 ITEM_N, CATE_N, LENGTH, BATCH, TOP_K = 60, 7, 24, 6, 4
 
 
-def make_cfg(name: str, **overrides):
-    cfg = default_model_config()
-    cfg.name = name
-    cfg.top_k = TOP_K
-    cfg.init_std = 0.3
+def make_cfg(name: str, **overrides) -> ModelSpec:
+    fields = {"name": name, "top_k": TOP_K, "init_std": 0.3}
     if name == "sdim":
-        cfg.use_aux_loss = False
-    for key, value in overrides.items():
-        cfg[key] = value
-    return cfg
+        fields["use_aux_loss"] = False
+    return ModelSpec(**{**fields, **overrides})
 
 
 def make_batch(seed=0, batch=BATCH, length=LENGTH):
@@ -44,7 +39,7 @@ def make_batch(seed=0, batch=BATCH, length=LENGTH):
 
 def setup(name, seed=0, **overrides):
     cfg = make_cfg(name, **overrides)
-    model = build_model(cfg, ITEM_N, CATE_N, LENGTH)
+    model = TwoStageModel(cfg, ITEM_N, CATE_N, LENGTH)
     batch = make_batch(seed)
     variables = model.init(jax.random.PRNGKey(seed), batch)
     return cfg, model, batch, variables

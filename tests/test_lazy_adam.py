@@ -6,18 +6,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from dare_jax import checkpointing, optim, sharding, steps, train
+from dare_jax.config import ConfigError, OptimSpec
 from dare_jax.data import open_dataset, pipeline, preprocess_log
 from dare_jax.data.synthetic import write_taobao_log
-from dare_jax.models import build_model, default_model_config
+from dare_jax.models import ModelSpec, TableKey, TwoStageModel, loss_terms
+from dare_jax.models.embeddings import EMBEDDING_IDS, PERTURBATIONS
 from dare_jax.run_logging import read_jsonl
 from crash_support import SimulatedCrash, crashing_train_iterator
-from sharding_worker import make_config
+from sharding_worker import make_spec
 from tiny_setup import random_batch as _batch
 from tiny_setup import tiny_overrides
 
@@ -33,11 +34,12 @@ def _close(have, want, what, atol=1e-7):
 class NumpyLazyAdam:
     """The rule of dare_jax/optim.py, row by row in plain numpy (float32)."""
 
-    def __init__(self, params: dict[str, np.ndarray]):
+    def __init__(self, params: dict[tuple[str, ...], np.ndarray]):
+        """params: {path: array}, tables at ("embed", group, field)."""
         self.p = {k: np.array(v, np.float32) for k, v in params.items()}
         self.m = {k: np.zeros_like(v) for k, v in self.p.items()}
         self.v = {k: np.zeros_like(v) for k, v in self.p.items()}
-        self.k = {k: np.zeros(len(v), np.int64) for k, v in self.p.items() if "embed/" in k}
+        self.k = {k: np.zeros(len(v), np.int64) for k, v in self.p.items() if k[0] == "embed"}
         self.t = 0
 
     def _adam(self, p, m, v, g, bc1, bc2):
@@ -46,8 +48,9 @@ class NumpyLazyAdam:
         step = (m / bc1) / (np.sqrt(v / bc2) + np.float32(EPS))
         return p - np.float32(LR) * step, m, v
 
-    def step(self, dense_grads: dict[str, np.ndarray], lookups: dict[str, list]):
-        """lookups: {table: [(ids, rows), ...]}: every lookup of this batch, duplicates kept."""
+    def step(self, dense_grads: dict[tuple, np.ndarray], lookups: dict[tuple, list]):
+        """lookups: {table path: [(ids, rows), ...]}: every lookup of this batch, duplicates
+        kept."""
         self.t += 1
         for key, p in self.p.items():
             if key in self.k:
@@ -91,7 +94,9 @@ def test_update_follows_the_numpy_rule_with_duplicates_and_untouched_rows():
     state = adam.init(params)
     oracle = NumpyLazyAdam(optim.flatten_params(params))
     update = jax.jit(adam.update)
-    touched: dict[str, set] = {"embed/g/item": set(), "embed/g/category": set()}
+    item, category, time = (("embed", "g", field) for field in ("item", "category", "time"))
+    head_kernel = ("head", "kernel")
+    touched: dict[tuple, set] = {item: set(), category: set()}
     for t in range(5):
         item_ids = rng.integers(0, 25, size=30).astype(np.int32)  # rows 25.. never looked up
         item_ids[:3] = item_ids[3]  # a quadruple duplicate
@@ -100,19 +105,22 @@ def test_update_follows_the_numpy_rule_with_duplicates_and_untouched_rows():
             item_ids[:] = 1  # one row looked up 30 times
         lookups = {
             # A table's rows come as several lookups (target, history).
-            "embed/g/item": [
+            item: [
                 (item_ids[:10], rng.normal(size=(10, 4))),
                 (item_ids[10:], rng.normal(size=(20, 4))),
             ],
-            "embed/g/category": [(category_ids, rng.normal(size=(12, 4)))],
+            category: [(category_ids, rng.normal(size=(12, 4)))],
         }
         lookups = {k: [(i, r.astype(np.float32)) for i, r in v] for k, v in lookups.items()}
         for key, pairs in lookups.items():
             touched[key] |= {int(i) for ids, _ in pairs for i in ids}
         head = rng.normal(size=(3, 2)).astype(np.float32)
-        oracle.step({"head/kernel": head}, lookups)
-        rows = {k: [(jnp.asarray(i), jnp.asarray(r)) for i, r in v] for k, v in lookups.items()}
-        params, state = update(params, {"head/kernel": jnp.asarray(head)}, rows, state)
+        oracle.step({head_kernel: head}, lookups)
+        rows = {
+            optim.table_of(k): [(jnp.asarray(i), jnp.asarray(r)) for i, r in v]
+            for k, v in lookups.items()
+        }
+        params, state = update(params, {head_kernel: jnp.asarray(head)}, rows, state)
         flat = optim.flatten_params(params)
         mu, nu = optim.flatten_params(state.mu), optim.flatten_params(state.nu)
         counts = optim.flatten_params(state.row_count)
@@ -126,7 +134,7 @@ def test_update_follows_the_numpy_rule_with_duplicates_and_untouched_rows():
     # Rows never looked up kept their initial values exactly, with zero moments and counts.
     initial = optim.flatten_params(_params(np.random.default_rng(0)))
     flat = optim.flatten_params(params)
-    for key, rows_n in (("embed/g/item", 50), ("embed/g/category", 7), ("embed/g/time", 9)):
+    for key, rows_n in ((item, 50), (category, 7), (time, 9)):
         never = sorted(set(range(rows_n)) - touched.get(key, set()))
         assert never
         np.testing.assert_array_equal(np.asarray(flat[key])[never], np.asarray(initial[key])[never])
@@ -162,8 +170,8 @@ def test_rows_looked_up_at_every_step_follow_dense_adam():
         for key in ids:
             np.add.at(dense[key], ids[key], rows[key])
         table_rows = {
-            f"embed/g/{k}": [(jnp.asarray(ids[k][:7]), jnp.asarray(rows[k][:7])),
-                             (jnp.asarray(ids[k][7:]), jnp.asarray(rows[k][7:]))]
+            TableKey("g", k): [(jnp.asarray(ids[k][:7]), jnp.asarray(rows[k][:7])),
+                               (jnp.asarray(ids[k][7:]), jnp.asarray(rows[k][7:]))]
             for k in ids
         }
         params, state = adam.update(params, {}, table_rows, state)
@@ -175,27 +183,25 @@ def test_rows_looked_up_at_every_step_follow_dense_adam():
             _close(state.nu["embed"]["g"][key], ref_state[0].nu["embed"]["g"][key], key)
 
 
-def _optim_cfg(table_updates="lazy", sparse=True) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        {"lr": LR, "b1": B1, "b2": B2, "eps": EPS, "sparse_table_updates": sparse,
-         "table_updates": table_updates}
-    )
+def _optim_spec(table_updates="lazy") -> OptimSpec:
+    return OptimSpec(lr=LR, b1=B1, b2=B2, eps=EPS, table_updates=table_updates)
 
 
-def _looked_up(model, variables, batch) -> dict[str, np.ndarray]:
-    """{table: the rows the model's training forward pass reads for `batch`} (the ids its
+def _looked_up(model, variables, batch) -> dict[tuple, np.ndarray]:
+    """{table path: the rows the model's training forward pass reads for `batch`} (the ids its
     lookups sow; padding id 0 included); tables it never reads are absent."""
     _, state = model.apply(
         variables,
         batch,
         train=True,
-        mutable=["batch_stats", optim.EMBEDDING_IDS, optim.PERTURBATIONS],
+        mutable=["batch_stats", EMBEDDING_IDS, PERTURBATIONS],
         rngs={"dropout": jax.random.PRNGKey(0)},
     )
-    rows: dict[str, np.ndarray] = {}
-    for name, ids in state[optim.EMBEDDING_IDS].items():
+    table = {lookup.name: lookup.table for lookup in model.lookups}
+    rows: dict[tuple, np.ndarray] = {}
+    for name, ids in state[EMBEDDING_IDS].items():
         ids = np.ravel(ids[0] if isinstance(ids, tuple) else ids)
-        key = optim.table_key(name)
+        key = table[name].path
         rows[key] = np.union1d(rows.get(key, ids), ids)
     return rows
 
@@ -241,18 +247,15 @@ def test_driver_step_follows_the_numpy_rule_on_autodiff_gradients(name, override
     The item and time tables have more rows than a batch's lookups (updated row by row), the
     category table fewer (updated whole under a mask)."""
     item_n, cate_n, length, wd = 400, 9, 12, 1e-3
-    cfg = default_model_config()
-    cfg.name, cfg.top_k = name, 4
-    cfg.update(overrides)
-    optim_cfg = _optim_cfg()
-    model = build_model(steps.training_model_config(cfg, optim_cfg), item_n, cate_n, length)
-    optimizer = steps.make_optimizer(optim_cfg, cfg)
+    model = TwoStageModel(ModelSpec(name=name, top_k=4, **overrides), item_n, cate_n, length)
+    optimizer = optim.make_optimizer(_optim_spec())
     assert isinstance(optimizer, optim.LazyAdam)
-    train_step = steps.make_train_step(model, optimizer, cfg, wd)
+    train_step = steps.make_train_step(model, optimizer, wd)
     rng = np.random.default_rng(1)
     batches = [_batch(rng, 8, length, item_n, cate_n) for _ in range(3)]
     key = jax.random.PRNGKey(0)
-    state = steps.create_train_state(model, optimizer, key, batches[0], key)
+    init_state = steps.make_init_state(model, optimizer)
+    state = init_state(key, batches[0], key)
     oracle = NumpyLazyAdam(optim.flatten_params(state["params"]))
     batch_stats = state["batch_stats"]
 
@@ -263,7 +266,7 @@ def test_driver_step_follows_the_numpy_rule_on_autodiff_gradients(name, override
                 {"params": params, "batch_stats": batch_stats}, batch, train=True,
                 mutable=["batch_stats"], rngs={"dropout": rng},
             )
-            terms = steps.loss_lib.loss_terms(outputs, batch["label"], params, wd)
+            terms = loss_terms(outputs, batch["label"], params, wd)
             return terms["total"], (terms["total"], updates["batch_stats"])
 
         return jax.grad(loss, has_aux=True)(params)
@@ -278,7 +281,7 @@ def test_driver_step_follows_the_numpy_rule_on_autodiff_gradients(name, override
         grads = optim.flatten_params(grads)
         lookups = {t: [(rows, np.asarray(grads[t])[rows])] for t, rows in looked_up.items()}
         oracle.step(grads, lookups)
-        item_table = sorted(t for t in looked_up if t.endswith("/item"))[0]
+        item_table = sorted(t for t in looked_up if t[-1] == "item")[0]
         never -= set(looked_up[item_table].tolist())
         state, metrics = train_step(state, batch)
         _close(metrics["total"], want_loss, f"{name} step {step} loss", atol=1e-6)
@@ -289,16 +292,16 @@ def test_driver_step_follows_the_numpy_rule_on_autodiff_gradients(name, override
             np.testing.assert_array_equal(np.asarray(count), oracle.k[table], f"{name} {table}")
         for leaf, want in oracle.p.items():
             what = f"{name} step {step} {leaf}"
-            if not optim.is_table(leaf):
+            if optim.table_of(leaf) is None:
                 _close(flat[leaf], want, what, NOISE_PARAM_ATOL)
-            elif leaf.endswith("/time"):  # row 0: the target's constant time id
+            elif leaf[-1] == "time":  # row 0: the target's constant time id
                 _close(flat[leaf][1:], want[1:], what, STEP_PARAM_ATOL)
                 _close(flat[leaf][0], want[0], what, NOISE_PARAM_ATOL)
             else:
                 _close(flat[leaf], want, what, STEP_PARAM_ATOL)
     assert train_step._cache_size() == 1
     # Rows no batch looked up did not move.
-    initial = steps.create_train_state(model, optimizer, key, batches[0], key)["params"]
+    initial = init_state(key, batches[0], key)["params"]
     never = sorted(never)
     assert never
     np.testing.assert_array_equal(
@@ -311,42 +314,39 @@ def test_driver_step_follows_the_numpy_rule_on_autodiff_gradients(name, override
 
 
 @pytest.mark.parametrize(
-    "model_overrides,optim_overrides,message",
+    "optim_overrides,message",
     [
-        ({}, {"sparse_table_updates": False}, "contradicts it"),
-        ({}, {"table_updates": "sparse"}, "expected one of \\['dense', 'lazy'\\]"),
+        # The removed switch (now table_updates="dense") is refused, not ignored.
+        ({"sparse_table_updates": False}, "unknown fields \\['sparse_table_updates'\\]"),
+        (
+            {"table_updates": "sparse"},
+            "optim.table_updates.*expected one of \\['dense', 'row_sparse', 'lazy'\\]",
+        ),
     ],
 )
-def test_lazy_refusals_name_the_field(model_overrides, optim_overrides, message):
-    cfg = default_model_config()
-    cfg.update(model_overrides)
-    optim_cfg = _optim_cfg()
-    optim_cfg.update(optim_overrides)
-    with pytest.raises(ValueError, match=message):
-        steps.make_optimizer(optim_cfg, cfg)
-    config = make_config({f"optim.{k}": v for k, v in optim_overrides.items()}, "model=dare")
-    config.optim.table_updates = optim_cfg.table_updates
-    for key, value in model_overrides.items():
-        config.model[key] = value
-    with pytest.raises(train.RunError, match=message):
-        train.check_config(config)
+def test_lazy_refusals_name_the_field(optim_overrides, message):
+    if "sparse_table_updates" not in optim_overrides:
+        with pytest.raises(ValueError, match=message):
+            OptimSpec(**optim_overrides)
+    overrides = {"optim.table_updates": "lazy"}
+    overrides.update({f"optim.{k}": v for k, v in optim_overrides.items()})
+    with pytest.raises(ConfigError, match=message):
+        make_spec(overrides, "model=dare")
 
 
-def test_dense_stays_the_default():
-    config = make_config({}, "model=dare")
-    assert config.optim.table_updates == "dense"
-    assert isinstance(steps.make_optimizer(config.optim, config.model), optim.RowSparseAdam)
+def test_row_sparse_stays_the_default():
+    """The paper's dense Adam from the looked-up rows (formerly "dense")."""
+    spec = make_spec({}, "model=dare")
+    assert spec.optim.table_updates == "row_sparse"
+    assert isinstance(optim.make_optimizer(spec.optim), optim.RowSparseAdam)
 
 
 def _compiled_lazy_step(item_n: int):
-    cfg = default_model_config()
-    cfg.name, cfg.top_k = "twin", 4
-    optim_cfg = _optim_cfg()
-    model = build_model(steps.training_model_config(cfg, optim_cfg), item_n, 9, 12)
-    optimizer = steps.make_optimizer(optim_cfg, cfg)
+    model = TwoStageModel(ModelSpec(name="twin", top_k=4), item_n, 9, 12)
+    optimizer = optim.make_optimizer(_optim_spec())
     batch = _batch(np.random.default_rng(0), 16, 12, item_n, 9)
     abstract = steps.abstract_state(model, optimizer, batch)
-    step = steps.make_train_step(model, optimizer, cfg, 1e-6)
+    step = steps.make_train_step(model, optimizer, 1e-6)
     return abstract, step.lower(abstract, batch).compile()
 
 
@@ -369,11 +369,8 @@ def test_step_memory_follows_the_lookups_not_the_table():
 
 def test_row_sharding_rule_splits_the_lazy_state():
     """With `mesh.row_sharded`, the lazy moments and per-row counts of a table follow its rows."""
-    cfg = default_model_config()
-    cfg.name, cfg.top_k = "dare", 4
-    optim_cfg = _optim_cfg()
-    model = build_model(steps.training_model_config(cfg, optim_cfg), 128, 64, 12)
-    optimizer = steps.make_optimizer(optim_cfg, cfg)
+    model = TwoStageModel(ModelSpec(name="dare", top_k=4), 128, 64, 12)
+    optimizer = optim.make_optimizer(_optim_spec())
     batch = _batch(np.random.default_rng(0), 4, 12, 128, 64)
     abstract = steps.abstract_state(model, optimizer, batch)
     partitioner = sharding.Partitioner(-1, 1, "embed/.*/(item|category)$")
@@ -407,14 +404,14 @@ def test_killed_lazy_run_resumes_bit_identically(tiny_data, tmp_path, monkeypatc
     load its checkpoints."""
     lazy = {"optim.table_updates": "lazy", "log.every_steps": 1}
     straight = tmp_path / "straight"
-    train.run(make_config(tiny_overrides(tiny_data, straight, **lazy), "model=dare"))
+    train.run(make_spec(tiny_overrides(tiny_data, straight, **lazy), "model=dare"))
     killed = tmp_path / "killed"
     with monkeypatch.context() as patch:
         patch.setattr(pipeline, "train_iterator", crashing_train_iterator(6))
         with pytest.raises(SimulatedCrash):
-            train.run(make_config(tiny_overrides(tiny_data, killed, **lazy), "model=dare"))
-    assert checkpointing.RunCheckpoints(killed / "seed_0/checkpoints").step() == 4
-    train.run(make_config(tiny_overrides(tiny_data, killed, **lazy), "model=dare"))
+            train.run(make_spec(tiny_overrides(tiny_data, killed, **lazy), "model=dare"))
+    assert checkpointing.RunCheckpoints(killed / "seed_0/checkpoints").newest()[1] == 4
+    train.run(make_spec(tiny_overrides(tiny_data, killed, **lazy), "model=dare"))
     log = "seed_0/metrics.jsonl"
     assert read_jsonl(killed / log) == read_jsonl(straight / log)
     for table in sorted((straight / "seed_0/embeddings").iterdir()):
@@ -426,18 +423,18 @@ def test_killed_lazy_run_resumes_bit_identically(tiny_data, tmp_path, monkeypatc
     loaded = load_run(killed, which="latest")
     counts = optim.flatten_params(loaded.state["opt_state"].row_count)
     # Each item row's count is the number of the 10 training batches that looked it up.
-    config = make_config(tiny_overrides(tiny_data, killed, **lazy), "model=dare")
+    spec = make_spec(tiny_overrides(tiny_data, killed, **lazy), "model=dare")
     batches = pipeline.train_dataset(
         open_dataset(tiny_data),
-        batch_size=int(config.train.batch_size),
+        batch_size=spec.train.batch_size,
         seed=0,
-        num_epochs=int(config.train.num_epochs),
-        max_length=int(config.data.max_length),
+        num_epochs=spec.train.num_epochs,
+        max_length=spec.data.max_length,
     )
-    expected = np.zeros(counts["embed/representation/item"].shape, np.int64)
+    expected = np.zeros(counts[("embed", "representation", "item")].shape, np.int64)
     for index in range(10):
         batch = batches[index]
         expected[np.unique(np.concatenate([batch["iid"], batch["hist_iid"].ravel()]))] += 1
     assert expected.max() > 1 and (expected == 0).any()
-    for table in ("embed/representation/item", "embed/attention/item"):
-        np.testing.assert_array_equal(np.asarray(counts[table]), expected, table)
+    for table in (("embed", "representation", "item"), ("embed", "attention", "item")):
+        np.testing.assert_array_equal(np.asarray(counts[table]), expected, str(table))

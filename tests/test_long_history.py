@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dare_jax.models import TwoStageModel, build_model, default_model_config
+from dare_jax.models import ModelSpec, TwoStageModel
 from tests.test_eta_sdim_twinv2 import CATE_N, ITEM_N, LENGTH, make_batch, make_cfg
 
 
@@ -47,9 +47,9 @@ def assert_trees_close(a, b, rtol=1e-3, atol=2e-5):  # summation order differs
 )
 def test_chunked_equals_unchunked(name, overrides):
     batch = make_batch(5)
-    whole = build_model(make_cfg(name, **overrides), ITEM_N, CATE_N, LENGTH)
+    whole = TwoStageModel(make_cfg(name, **overrides), ITEM_N, CATE_N, LENGTH)
     # 7 does not divide L = 24: exercises the left padding of the first chunk
-    chunked = build_model(make_cfg(name, search_chunk=7, **overrides), ITEM_N, CATE_N, LENGTH)
+    chunked = TwoStageModel(make_cfg(name, search_chunk=7, **overrides), ITEM_N, CATE_N, LENGTH)
     variables = whole.init(jax.random.PRNGKey(1), batch)
     g_whole, out_whole = grads_and_outputs(whole, variables, batch)
     g_chunk, out_chunk = grads_and_outputs(chunked, variables, batch)
@@ -63,8 +63,8 @@ def test_chunked_equals_unchunked(name, overrides):
 
 def test_bfloat16_scores_are_close_to_float32():
     batch = make_batch(6)
-    f32 = build_model(make_cfg("twin", search_chunk=8), ITEM_N, CATE_N, LENGTH)
-    bf16 = build_model(
+    f32 = TwoStageModel(make_cfg("twin", search_chunk=8), ITEM_N, CATE_N, LENGTH)
+    bf16 = TwoStageModel(
         make_cfg("twin", search_chunk=8, score_dtype="bfloat16"), ITEM_N, CATE_N, LENGTH
     )
     variables = f32.init(jax.random.PRNGKey(2), batch)
@@ -78,7 +78,7 @@ def test_bfloat16_scores_are_close_to_float32():
 
 def compiled_temp_bytes(name: str, length: int, chunk: int, batch_size: int = 8) -> int:
     cfg = make_cfg(name, search_chunk=chunk, time_table_size=length + 1, top_k=20)
-    model = build_model(cfg, 1000, 20, length)
+    model = TwoStageModel(cfg, 1000, 20, length)
     rng = np.random.default_rng(0)
     hist = rng.integers(1, 1000, (batch_size, length)).astype(np.int32)
     batch = {
@@ -136,24 +136,21 @@ def test_training_step_memory_is_linear_without_a_full_history_tensor(name):
     ],
 )
 def test_bad_configs_name_field_and_value(overrides, match):
-    cfg = default_model_config()
-    for key, value in overrides.items():
-        cfg[key] = value
     with pytest.raises(ValueError, match=match):
-        build_model(cfg, ITEM_N, CATE_N, LENGTH)
+        ModelSpec(**overrides).check_history_length(LENGTH)
 
 
 def test_every_variant_is_the_one_model_with_its_search_as_data():
     from configs.base import MODEL_VARIANTS
     from configs.demo import get_config
-    from dare_jax.models import resolve_variant
+    from dare_jax.config import resolve
 
     searches = {}
     for variant in MODEL_VARIANTS:
-        config = get_config(f"model={variant}")
-        model = build_model(config.model, ITEM_N, CATE_N, int(config.data.max_length))
+        experiment = resolve(get_config(f"model={variant}"))
+        model = TwoStageModel(experiment.model, ITEM_N, CATE_N, experiment.data.max_length)
         assert type(model) is TwoStageModel
-        spec = resolve_variant(config.model)
+        spec = experiment.model.variant
         searches[variant] = spec.search
         assert ("attention" in spec.table_groups) == (
             variant.startswith("dare") or variant.endswith(("decoupled", "observe_grad"))
@@ -163,6 +160,6 @@ def test_every_variant_is_the_one_model_with_its_search_as_data():
     assert {searches[n] for n in ("eta", "sdim", "twin_v2")} == {"eta", "sdim", "twin_v2"}
     # Chunks, bfloat16 scores and gradient observation apply across searches.
     cfg = make_cfg("twin", soft_search=False, search_chunk=8, score_dtype="bfloat16")
-    assert resolve_variant(cfg).search == "hard"
+    assert cfg.variant.search == "hard"
     cfg = make_cfg("twin_v2", observe_attn_repr_grad=True, search_chunk=8)
-    assert resolve_variant(cfg).synchronised_copies
+    assert cfg.variant.observes_gradients

@@ -9,7 +9,6 @@ float32 cancellations in the table gradients make it about 1e-5)."""
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import jax
@@ -18,19 +17,18 @@ import numpy as np
 import pytest
 
 from configs import base
-from dare_jax.models import build_model, resolve_variant
+from configs.taobao import get_config
+from dare_jax.config import resolve
+from dare_jax.models import ModelSpec, TwoStageModel
 
 ITEM_N, CATE_N, LENGTH, BATCH, TOP_K = 40, 5, 12, 6, 4
 PAD = float(-(2**32) + 1)
 
 
-def variant_cfg(variant, **overrides):
-    cfg = importlib.import_module("configs.taobao").get_config(f"model={variant}").model
-    cfg.top_k = TOP_K
-    cfg.init_std = 0.3  # well-separated scores, so the top-k is not decided by rounding
-    for key, value in overrides.items():
-        cfg[key] = value
-    return cfg
+def variant_cfg(variant, **overrides) -> ModelSpec:
+    model = resolve(get_config(f"model={variant}")).model
+    # init_std 0.3: well-separated scores, so the top-k is not decided by rounding
+    return model.replace(**{"top_k": TOP_K, "init_std": 0.3, **overrides})
 
 
 def two_stage_variants():
@@ -39,7 +37,7 @@ def two_stage_variants():
     return [
         variant
         for variant in sorted(base.MODEL_VARIANTS)
-        if resolve_variant(variant_cfg(variant)).search in ("soft", "hard")
+        if variant_cfg(variant).variant.search in ("soft", "hard")
     ]
 
 
@@ -96,7 +94,7 @@ def hard_indices(batch, k):
 
 
 def reference(cfg, params, batch):
-    spec = resolve_variant(cfg)
+    spec = cfg.variant
     proj = spec.projection
     fields = ("item", "category", "time") if cfg.use_time else ("item", "category")
     target_ids = {"item": batch["iid"], "category": batch["cid"], "time": np.zeros(BATCH, int)}
@@ -204,7 +202,7 @@ def check_against_reference(cfg, batch):
 
 
 def _check_against_reference(cfg, batch):
-    model = build_model(cfg, ITEM_N, CATE_N, LENGTH)
+    model = TwoStageModel(cfg, ITEM_N, CATE_N, LENGTH)
     variables = model.init(jax.random.PRNGKey(1), batch, train=False)
     variables = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), variables)
     label = jnp.asarray(batch["label"])
@@ -259,13 +257,13 @@ def test_row_sparse_gradients_scatter_to_the_reference_table_gradients(variant):
     """Lookup rows keep their contract (names, `[B, d]`, `[B, L, d]`, unbatched time
     `[L, d]` with ids `[L]`); scattered by their ids they give the tables' gradients."""
     with jax.enable_x64(True):
-        _check_row_sparse(variant_cfg(variant, row_sparse_embedding_grads=True), make_batch(2))
+        _check_row_sparse(variant_cfg(variant), make_batch(2))
 
 
 def lookup_row_gradients(model, variables, batch, objective):
     """(rows, ids): the gradient of `objective(outputs)` (training mode) w.r.t. every lookup's
-    rows, {name: `[..., d]`}, and the sown ids, {name: (`[...]`,)}; the model must be built
-    with row_sparse_embedding_grads."""
+    rows, {name: `[..., d]`}, and the sown ids, {name: (`[...]`,)} (the model exposes them
+    when the `perturbations` collection is mutable)."""
     _, state = model.apply(
         variables, batch, train=True, mutable=["perturbations", "batch_stats", "embedding_ids"]
     )
@@ -286,7 +284,7 @@ def lookup_row_gradients(model, variables, batch, objective):
 def _check_row_sparse(cfg, batch):
     _, variables, want = _check_against_reference(cfg, batch)
     variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-    model = build_model(cfg, ITEM_N, CATE_N, LENGTH)
+    model = TwoStageModel(cfg, ITEM_N, CATE_N, LENGTH)
     label = jnp.asarray(batch["label"])
     rows, ids = lookup_row_gradients(
         model, variables, batch, lambda out: log_likelihood(out, label)

@@ -13,32 +13,21 @@ import optax
 import pytest
 
 from dare_jax.interop import torch_weights
-from dare_jax.models import (
-    build_model,
-    combine_path_gradients,
-    default_model_config,
-    l2_penalty,
-    loss_terms,
-    resolve_variant,
-    validate_model_config,
-)
+from dare_jax.models import ModelSpec, TwoStageModel, l2_penalty, loss_terms
+from dare_jax.models.gradient_paths import combine_path_gradients
 from dare_jax.models.search import PADDING_SCORE
 
 ITEM_N, CATE_N, LENGTH, BATCH, TOP_K = 50, 6, 12, 16, 4
 
 
-def make_cfg(name="dare", **overrides):
-    cfg = default_model_config()
-    cfg.name = name
-    cfg.top_k = TOP_K
-    cfg.init_std = 0.3  # well-separated scores for the tests (the default 0.01 is the paper's)
+def make_cfg(name="dare", **overrides) -> ModelSpec:
+    # init_std 0.3: well-separated scores for the tests (the default 0.01 is the paper's)
+    fields = {"name": name, "top_k": TOP_K, "init_std": 0.3}
     if name in ("din", "DIN"):
-        cfg.use_time = False
+        fields["use_time"] = False
     if name == "projection_two_linear":
-        cfg.mlp_position_after_concat = True
-    for key, value in overrides.items():
-        cfg[key] = value
-    return cfg
+        fields["mlp_position_after_concat"] = True
+    return ModelSpec(**{**fields, **overrides})
 
 
 def make_batch(seed=0, batch=BATCH, length=LENGTH):
@@ -57,7 +46,7 @@ def make_batch(seed=0, batch=BATCH, length=LENGTH):
 
 
 def init(cfg, seed=0, batch=None):
-    model = build_model(cfg, ITEM_N, CATE_N, LENGTH)
+    model = TwoStageModel(cfg, ITEM_N, CATE_N, LENGTH)
     batch = make_batch(seed) if batch is None else batch
     return model, model.init(jax.random.PRNGKey(seed), batch, train=False), batch
 
@@ -96,11 +85,8 @@ def count(tree):
     ],
 )
 def test_validation_names_field_and_value(overrides, field):
-    cfg = make_cfg(**{k: v for k, v in overrides.items() if k == "name"})
-    for key, value in overrides.items():
-        cfg[key] = value
     with pytest.raises(ValueError) as err:
-        validate_model_config(cfg, ITEM_N, CATE_N, LENGTH)
+        make_cfg(**overrides).check_history_length(LENGTH)
     assert repr(field) in str(err.value)
 
 
@@ -112,7 +98,7 @@ def test_official_names_are_accepted():
         ("twin", "twin"),
     ]:
         cfg = make_cfg(official)
-        assert resolve_variant(cfg).name == ours
+        assert cfg.variant.name == ours
 
 
 # ------------------------------------------------- structure vs the official constructor
@@ -120,12 +106,12 @@ def test_official_names_are_accepted():
 
 def official_parameter_count(cfg, item_n, cate_n):
     """Trainable parameter count of the official `DIN(...)` constructor, from its rules."""
-    name = resolve_variant(cfg).official_name
-    rep = {f: int(cfg[f"{f}_embedding_dim"]) for f in ("item", "category", "time")}
+    name = cfg.variant.official_name
+    rep = {f: int(getattr(cfg, f"{f}_embedding_dim")) for f in ("item", "category", "time")}
     att = {
         f: rep[f]
-        if cfg[f"attention_{f}_embedding_dim"] == -1
-        else int(cfg[f"attention_{f}_embedding_dim"])
+        if getattr(cfg, f"attention_{f}_embedding_dim") == -1
+        else int(getattr(cfg, f"attention_{f}_embedding_dim"))
         for f in rep
     }
     rows = {"item": item_n, "category": cate_n, "time": 2000}
@@ -249,8 +235,8 @@ def test_parameter_count_and_shapes_match_official_constructor(name, overrides):
     assert ("aux_prob" in out) == bool(cfg.use_aux_loss)
     np.testing.assert_allclose(np.asarray(out["prob"]).sum(1), 1 + 2e-8, rtol=1e-6)
     # Weight import round trip through the official names.
-    state = torch_weights.export_state_dict(resolve_variant(cfg), variables)
-    restored, unused = torch_weights.import_state_dict(resolve_variant(cfg), variables, state)
+    state = torch_weights.export_state_dict(cfg.variant, variables)
+    restored, unused = torch_weights.import_state_dict(cfg.variant, variables, state)
     assert unused == []
     jax.tree.map(np.testing.assert_array_equal, restored, jax.device_get(variables))
 
@@ -258,7 +244,7 @@ def test_parameter_count_and_shapes_match_official_constructor(name, overrides):
 def test_official_state_dict_names_of_per_field_projection():
     cfg = make_cfg("projection")
     _, variables, _ = init(cfg)
-    names = set(torch_weights.export_state_dict(resolve_variant(cfg), variables))
+    names = set(torch_weights.export_state_dict(cfg.variant, variables))
     maps = {
         f"mlp_for_{f}_{k}_of_{w}.weight"
         for f in ("item", "category", "time")
@@ -278,7 +264,7 @@ def test_official_state_dict_names_of_per_field_projection():
 def test_import_rejects_untied_values():
     cfg = make_cfg("twin")
     _, variables, _ = init(cfg)
-    spec = resolve_variant(cfg)
+    spec = cfg.variant
     state = torch_weights.export_state_dict(spec, variables)
     state["item_id_embedding_layer_for_representation_of_behavior.weight"] = (
         state["item_id_embedding_layer_for_representation_of_behavior.weight"] + 1.0
@@ -332,7 +318,7 @@ def test_dare_attention_and_representation_tables_are_decoupled():
 
 def numpy_features(cfg, params, batch):
     """The main-MLP input recomputed in numpy from the tables (no projection variants)."""
-    spec = resolve_variant(cfg)
+    spec = cfg.variant
     embed = {
         g: {f: np.asarray(t, np.float64) for f, t in fields.items()}
         for g, fields in params["embed"].items()
@@ -454,14 +440,14 @@ def test_eval_uses_running_stats_unless_official_option():
     train_out, _ = model.apply(variables, batch, train=True, mutable=["batch_stats"])
     eval_out = model.apply(variables, batch, train=False)
     assert not np.allclose(train_out["prob"], eval_out["prob"])
-    cfg.eval_batchnorm_uses_batch_stats = True
-    official = build_model(cfg, ITEM_N, CATE_N, LENGTH).apply(variables, batch, train=False)
+    cfg = cfg.replace(eval_batchnorm_uses_batch_stats=True)
+    official = TwoStageModel(cfg, ITEM_N, CATE_N, LENGTH).apply(variables, batch, train=False)
     np.testing.assert_allclose(official["prob"], train_out["prob"], rtol=1e-6)
 
 
 def test_official_initialisation():
     cfg = make_cfg("din", init_std=0.01, item_embedding_dim=64, category_embedding_dim=64)
-    model = build_model(cfg, 2000, CATE_N, LENGTH)
+    model = TwoStageModel(cfg, 2000, CATE_N, LENGTH)
     variables = model.init(jax.random.PRNGKey(0), make_batch(), train=False)
     params = variables["params"]
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -547,7 +533,7 @@ def test_gradient_path_hooks(avoid):
     combined, observed = combine_path_gradients(grads, cfg, observed_fields=None)
 
     # Plain TWIN with the same values: its shared-table gradient is the sum of the two paths.
-    twin_model = build_model(make_cfg("twin"), ITEM_N, CATE_N, LENGTH)
+    twin_model = TwoStageModel(make_cfg("twin"), ITEM_N, CATE_N, LENGTH)
     twin_params = {k: v for k, v in params.items() if k != "embed"}
     twin_params["embed"] = {"shared": params["embed"]["representation"]}
     twin_vars = {"params": twin_params, "batch_stats": variables["batch_stats"]}
@@ -669,7 +655,7 @@ def test_train_step_compiles_once_for_repeated_batches():
 def test_official_names_of_projection_modules(name, overrides, expected):
     cfg = make_cfg(name, **overrides)
     _, variables, _ = init(cfg)
-    names = set(torch_weights.export_state_dict(resolve_variant(cfg), variables))
+    names = set(torch_weights.export_state_dict(cfg.variant, variables))
     prefix = next(iter(expected)).split(".")[0]
     assert expected <= names
     if name == "projection":  # after concatenation: exactly the 4 maps, no per-field ones

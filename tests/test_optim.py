@@ -8,13 +8,13 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
 
 from dare_jax import optim, steps
-from dare_jax.models import build_model, default_model_config
+from dare_jax.config import OptimSpec
+from dare_jax.models import ModelSpec, TableKey, TwoStageModel, loss_terms
 from tiny_setup import random_batch as _batch
 
 LR = 0.01
@@ -99,7 +99,8 @@ def test_update_equals_adam_on_dense_gradient_with_duplicates_and_untouched_rows
     }
     adam = optim.RowSparseAdam(LR)
     state = adam.init(params)
-    scratch = adam.init_scratch(params, {"embed/g/item": 30})
+    item = TableKey("g", "item")
+    scratch = adam.init_scratch(params, {item: 30})
     ref_opt = optim.adam(LR)
     ref_params = params
     ref_state = ref_opt.init(ref_params)
@@ -125,7 +126,7 @@ def test_update_equals_adam_on_dense_gradient_with_duplicates_and_untouched_rows
         pairs = [(jnp.asarray(ids[:10]), jnp.asarray(rows[:10]))]
         pairs.append((jnp.asarray(ids[10:]), jnp.asarray(rows[10:])))
         params, state, scratch = step(
-            params, {"head/kernel": jnp.asarray(head_grad)}, {"embed/g/item": pairs}, state, scratch
+            params, {("head", "kernel"): jnp.asarray(head_grad)}, {item: pairs}, state, scratch
         )
         as_optax = adam.to_optax_state(state, params)
         for k, ref in _flat(ref_params).items():
@@ -133,7 +134,7 @@ def test_update_equals_adam_on_dense_gradient_with_duplicates_and_untouched_rows
             _close(_flat(as_optax[0].mu)[k], _flat(ref_state[0].mu)[k], f"step {t} mu {k}")
             _close(_flat(as_optax[0].nu)[k], _flat(ref_state[0].nu)[k], f"step {t} nu {k}")
         # The carried buffer holds exactly this step's summed gradient (older rows zeroed).
-        _close(scratch.grad_sum["embed/g/item"].reshape(rows_n, d), dense, f"step {t} buffer")
+        _close(scratch.grad_sum["embed"]["g"]["item"].reshape(rows_n, d), dense, f"step {t} buffer")
     # Untouched rows still moved (dense Adam), as the reference says.
     never = sorted(set(range(rows_n)) - touched_ever)
     assert never and not np.allclose(np.asarray(params["embed"]["g"]["item"])[never], 0)
@@ -145,9 +146,10 @@ def test_update_equals_adam_on_dense_gradient_with_duplicates_and_untouched_rows
     assert jax.tree.structure(ref_state) == jax.tree.structure(as_optax)
 
 
-def _optim_cfg(sparse: bool) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(
-        {"lr": LR, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "sparse_table_updates": sparse}
+def _optim_spec(sparse: bool) -> OptimSpec:
+    """Adam on the tables' rows ("row_sparse") or on autodiff's dense gradients ("dense")."""
+    return OptimSpec(
+        lr=LR, b1=0.9, b2=0.999, eps=1e-8, table_updates="row_sparse" if sparse else "dense"
     )
 
 
@@ -174,20 +176,17 @@ def _optim_cfg(sparse: bool) -> ml_collections.ConfigDict:
 )
 def test_driver_step_matches_the_dense_adam_step(name, overrides):
     item_n, cate_n, length, wd = 60, 9, 12, 1e-3
-    cfg = default_model_config()
-    cfg.name, cfg.top_k = name, 4
-    cfg.update(overrides)
+    cfg = ModelSpec(name=name, top_k=4, **overrides)
     rng = np.random.default_rng(1)
     batches = [_batch(rng, 8, length, item_n, cate_n) for _ in range(3)]
     runs = {}
     for sparse in (False, True):
-        optim_cfg = _optim_cfg(sparse)
-        model = build_model(steps.training_model_config(cfg, optim_cfg), item_n, cate_n, length)
-        optimizer = steps.make_optimizer(optim_cfg, cfg)
+        model = TwoStageModel(cfg, item_n, cate_n, length)
+        optimizer = optim.make_optimizer(_optim_spec(sparse))
         assert isinstance(optimizer, optim.RowSparseAdam) == sparse
-        train_step = steps.make_train_step(model, optimizer, cfg, wd)
+        train_step = steps.make_train_step(model, optimizer, wd)
         key = jax.random.PRNGKey(0)
-        state = steps.create_train_state(model, optimizer, key, batches[0], key)
+        state = steps.make_init_state(model, optimizer)(key, batches[0], key)
         losses, observed = [], []
         for batch in batches:
             state, metrics = train_step(state, batch)
@@ -214,27 +213,20 @@ def test_driver_step_matches_the_dense_adam_step(name, overrides):
 
 
 def test_every_model_uses_row_sparse_updates_and_checkpoint_layout_round_trips():
-    cfg = default_model_config()
-    cfg.name, cfg.top_k = "twin", 2
-    observing = cfg.copy_and_resolve_references()
-    observing.observe_attn_repr_grad = True
-    assert isinstance(steps.make_optimizer(_optim_cfg(True), observing), optim.RowSparseAdam)
-    assert steps.training_model_config(observing, _optim_cfg(True)).row_sparse_embedding_grads
-    assert isinstance(
-        steps.make_optimizer(_optim_cfg(False), observing), optax.GradientTransformation
-    )
-    eta = cfg.copy_and_resolve_references()
-    eta.name = "eta"
-    assert steps.uses_row_sparse_updates(eta, _optim_cfg(True))
-    assert not steps.uses_row_sparse_updates(cfg, _optim_cfg(False))
+    cfg = ModelSpec(name="twin", top_k=2)
+    # The optimizer is the optim spec's alone (no model-dependent choice): row-sparse Adam by
+    # default, optax-style Adam on dense gradients on request.
+    assert OptimSpec().table_updates == "row_sparse"
+    assert isinstance(optim.make_optimizer(OptimSpec()), optim.RowSparseAdam)
+    assert isinstance(optim.make_optimizer(_optim_spec(True)), optim.RowSparseAdam)
+    assert isinstance(optim.make_optimizer(_optim_spec(False)), optax.GradientTransformation)
 
-    optim_cfg = _optim_cfg(True)
-    model = build_model(steps.training_model_config(cfg, optim_cfg), 20, 5, 12)
-    optimizer = steps.make_optimizer(optim_cfg, cfg)
+    model = TwoStageModel(cfg, 20, 5, 12)
+    optimizer = optim.make_optimizer(_optim_spec(True))
     batch = _batch(np.random.default_rng(0), 4, 12, 20, 5)
     key = jax.random.PRNGKey(0)
-    state = steps.create_train_state(model, optimizer, key, batch, key)
-    state, _ = steps.make_train_step(model, optimizer, cfg, 0.0)(state, batch)
+    state = steps.make_init_state(model, optimizer)(key, batch, key)
+    state, _ = steps.make_train_step(model, optimizer, 0.0)(state, batch)
     saved = steps.to_checkpoint(state, optimizer)
     template = steps.abstract_state(model, steps.checkpoint_optimizer(optimizer), batch)
     assert jax.tree.structure(saved) == jax.tree.structure(template)
@@ -244,34 +236,60 @@ def test_every_model_uses_row_sparse_updates_and_checkpoint_layout_round_trips()
         for a, b in zip(jax.tree.leaves(restored[name]), jax.tree.leaves(state[name])):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
     # Fresh scratch: zero buffers, nothing to re-zero (out-of-range ids).
-    table = "embed/shared/item"
-    assert not np.any(np.asarray(restored["scratch"].grad_sum[table]))
-    assert np.all(np.asarray(restored["scratch"].touched[table]) == 20)
-    assert restored["scratch"].touched[table].shape == (4 * 13,)
+    grad_sum = restored["scratch"].grad_sum["embed"]["shared"]["item"]
+    touched = restored["scratch"].touched["embed"]["shared"]["item"]
+    assert not np.any(np.asarray(grad_sum))
+    assert np.all(np.asarray(touched) == 20)
+    assert touched.shape == (4 * 13,)
 
 
 def test_bad_rows_and_missing_gradients_raise():
     params = {"embed": {"g": {"item": jnp.zeros((4, 2))}}, "w": jnp.zeros((2,))}
     adam = optim.RowSparseAdam(LR)
-    state, scratch = adam.init(params), adam.init_scratch(params, {"embed/g/item": 1})
-    one_row = {"embed/g/item": [(jnp.zeros((1,), jnp.int32), jnp.zeros((1, 2)))]}
+    item = TableKey("g", "item")
+    state, scratch = adam.init(params), adam.init_scratch(params, {item: 1})
+    one_row = {item: [(jnp.zeros((1,), jnp.int32), jnp.zeros((1, 2)))]}
     with pytest.raises(KeyError, match="'w'"):
         adam.update(params, {}, one_row, state, scratch)
     with pytest.raises(KeyError, match="unknown tables"):
-        rows = {"embed/g/other": [(jnp.zeros((1,), jnp.int32), jnp.zeros((1, 2)))]}
-        adam.update(params, {"w": jnp.zeros((2,))}, rows, state, scratch)
+        rows = {TableKey("g", "other"): [(jnp.zeros((1,), jnp.int32), jnp.zeros((1, 2)))]}
+        adam.update(params, {("w",): jnp.zeros((2,))}, rows, state, scratch)
     with pytest.raises(ValueError, match="2 gradient rows"):
-        rows = {"embed/g/item": [(jnp.zeros((2,), jnp.int32), jnp.zeros((2, 2)))]}
-        adam.update(params, {"w": jnp.zeros((2,))}, rows, state, scratch)
-    with pytest.raises(ValueError, match="group:field:role"):
-        optim.table_key("item")
+        rows = {item: [(jnp.zeros((2,), jnp.int32), jnp.zeros((2, 2)))]}
+        adam.update(params, {("w",): jnp.zeros((2,))}, rows, state, scratch)
+    # Tables are the leaves under `embed`, typed by (group, field).
+    assert optim.table_of(("embed", "g", "item")) == item
+    assert optim.table_of(("w",)) is None
 
 
-def test_gradient_fn_refuses_a_model_without_row_gradients():
-    cfg = default_model_config()
-    cfg.name, cfg.top_k = "twin", 2
-    model = build_model(cfg, 20, 5, 12)  # flag off: no perturbations
+def test_gradient_fn_gives_any_model_its_table_gradients_as_rows():
+    """No flag: `make_gradient_fn` gets every table's gradient of a plain model as lookup rows,
+    which, scattered by their ids, are autodiff's dense table gradients; the other leaves get
+    autodiff's gradients."""
+    model = TwoStageModel(ModelSpec(name="twin", top_k=2), 20, 5, 12)
     batch = _batch(np.random.default_rng(0), 4, 12, 20, 5)
     variables = model.init(jax.random.PRNGKey(0), batch, train=False)
-    with pytest.raises(ValueError, match="row_sparse_embedding_grads=True"):
-        optim.make_gradient_fn(model, 0.0)(variables["params"], variables["batch_stats"], batch)
+    params, stats, wd = variables["params"], variables["batch_stats"], 1e-3
+    terms, _, dense, rows = optim.make_gradient_fn(model, wd)(params, stats, batch)
+
+    def loss(params):
+        outputs, _ = model.apply(
+            {"params": params, "batch_stats": stats}, batch, train=True, mutable=["batch_stats"]
+        )
+        return loss_terms(outputs, batch["label"], params, wd)["total"]
+
+    want_loss, want = jax.value_and_grad(loss)(params)
+    _close(terms["total"], want_loss, "loss")
+    want = optim.flatten_params(want)
+    tables = {optim.table_of(path) for path in want} - {None}
+    assert set(rows) == tables == {TableKey("shared", f) for f in ("item", "category", "time")}
+    assert set(dense) == {path for path in want if optim.table_of(path) is None}
+    for path, expected in want.items():
+        table = optim.table_of(path)
+        if table is None:
+            _close(dense[path], expected, str(path))
+            continue
+        got = np.zeros(expected.shape, np.float64)
+        for ids, values in rows[table]:
+            np.add.at(got, np.asarray(ids), np.asarray(values, np.float64))
+        _close(got, expected, str(path))

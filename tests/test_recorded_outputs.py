@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dare_jax.models import build_model, loss_terms
+from dare_jax.models import TwoStageModel, loss_terms
 from tests import recorded_outputs as rec
 from tests.test_model_fast_paths import lookup_row_gradients
 
@@ -49,10 +49,7 @@ def assert_matches(name: str, got: dict, want: dict, rtol: float = 2e-5, atol: f
 
 def run_sketched(name: str, **overrides) -> dict:
     """`rec.run_case` of case `name` with model config overrides."""
-    cfg = rec.case_config(name)
-    for key, value in overrides.items():
-        cfg[key] = value
-    return rec.run_case(name, cfg)
+    return rec.run_case(name, rec.case_config(name).replace(**overrides))
 
 
 def compare(name: str, got: dict):
@@ -92,14 +89,11 @@ def test_chunked_searches_equal_the_recorded_unchunked(name):
 
 
 def row_sparse_table_gradients(name: str, **overrides) -> dict[str, np.ndarray]:
-    """{table key: gradient} scattered from the model's lookup rows (row_sparse_embedding_grads)
-    for case `name`, with the recorded case's parameters and loss."""
-    cfg = rec.case_config(name)
-    cfg.row_sparse_embedding_grads = True
-    for key, value in overrides.items():
-        cfg[key] = value
+    """{table key: gradient} scattered from the model's lookup rows (the `perturbations`
+    collection) for case `name`, with the recorded case's parameters and loss."""
+    cfg = rec.case_config(name).replace(**overrides)
     batch = rec.make_batch()
-    model = build_model(cfg, rec.ITEM_N, rec.CATE_N, rec.LENGTH)
+    model = TwoStageModel(cfg, rec.ITEM_N, rec.CATE_N, rec.LENGTH)
     shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), batch, train=False))
     params = jax.tree.map(jnp.asarray, rec.case_params(shapes["params"]))
     stats = jax.tree.map(lambda s: jnp.full(s.shape, 0.5, s.dtype), shapes["batch_stats"])

@@ -164,7 +164,8 @@ class VariantSpec:
 def _projection_spec(name: str, options: Any) -> ProjectionSpec | None:
     if not name.startswith("projection"):
         return None
-    if options.mlp_position_after_concat:
+    # (projection_two_linear is after-concat only; ModelSpec refuses it otherwise.)
+    if options.mlp_position_after_concat or name == "projection_two_linear":
         if name == "projection":
             return ProjectionSpec(False, (), dict(_PER_ROLE), use_bias=True)
         return ProjectionSpec(False, (), dict(_PER_KIND), use_bias=True)  # two_linear
