@@ -54,19 +54,49 @@ def test_epochs_are_fresh_permutations_with_remainder_dropped():
     assert not np.array_equal(_uids(pipeline.train_iterator(other), 1)[0], batches[0])
 
 
-def test_unshuffled_training_is_file_order_in_every_epoch():
-    source = FakeSource({"train": 53})
+def _official_loader(file_rows, batch_size):
+    """The official loader's batches (github thuml/DARE `dataset.py`, several files): each
+    file read `batch_size` rows at a time, its last batch whatever is left."""
+    batches, start = [], 0
+    for rows in file_rows:
+        data = np.arange(start, start + rows)
+        batches += [data[i : i + batch_size] for i in range(0, rows, batch_size)]
+        start += rows
+    return batches
+
+
+@pytest.mark.parametrize(
+    "num, file_rows",
+    [(53, None), (60, None), (53, [20, 25, 8]), (pipeline.OFFICIAL_FILE_ROWS + 13, None)],
+)
+def test_unshuffled_training_is_the_official_loader_in_every_epoch(num, file_rows):
+    """File order: the official files (an import's `train_file_rows`, else files of the
+    official preprocessing's size) in batches, the last of each partial, filled with its own
+    samples and masked; the same in every epoch and for every seed."""
+    source = FakeSource({"train": num})
+    if file_rows is not None:
+        source.manifest = {"train_file_rows": file_rows}
+    batch_size = 10 if num < 1000 else 25_600
+    expected = _official_loader(file_rows or [num], batch_size)
+    assert pipeline.steps_per_epoch(source, batch_size, shuffle=False) == len(expected)
     dataset = pipeline.train_dataset(
-        source, batch_size=10, seed=3, num_epochs=2, max_length=4, shuffle=False
+        source, batch_size=batch_size, seed=3, num_epochs=2, max_length=4, shuffle=False
     )
-    batches = _uids(pipeline.train_iterator(dataset), 10)
-    expected = [np.arange(b * 10, (b + 1) * 10) for b in range(5)]  # samples 50-52 dropped
-    for got, want in zip(batches, expected + expected):
-        np.testing.assert_array_equal(got, want)
+    iterator = pipeline.train_iterator(dataset)
+    partial = any(len(batch) < batch_size for batch in expected)
+    for want in expected + expected:
+        got = next(iterator)
+        assert got["uid"].shape == (batch_size,)
+        np.testing.assert_array_equal(got["uid"], np.resize(want, batch_size))
+        if partial:
+            np.testing.assert_array_equal(got["example_mask"], np.arange(batch_size) < len(want))
+        else:  # full batches only: the batches are what they always were
+            assert "example_mask" not in got
     other_seed = pipeline.train_dataset(
-        source, batch_size=10, seed=4, num_epochs=1, max_length=4, shuffle=False
+        source, batch_size=batch_size, seed=4, num_epochs=1, max_length=4, shuffle=False
     )
-    np.testing.assert_array_equal(_uids(pipeline.train_iterator(other_seed), 1)[0], expected[0])
+    first = next(pipeline.train_iterator(other_seed))["uid"]
+    np.testing.assert_array_equal(first, np.resize(expected[0], batch_size))
 
 
 @pytest.mark.parametrize("num", [1, 2, 3, 256, 257, 65536, 65537, 1 << 20, 11_000_000, 2**31 + 5])

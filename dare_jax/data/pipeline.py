@@ -9,7 +9,12 @@ layer's vectorised `gather` builds the `[B, L]` histories for all of them in one
   the paper). Element `j` is computed directly with `index_shuffle`, so it is the same
   batch whatever came before it and the iterator's state (`{"next_index": j}`) is the
   exact resume point. `shuffle=False` (config `data.shuffle`): file order in every
-  epoch, as the official code trains (its preprocessing shuffles the files once).
+  epoch, as the official loader trains (its preprocessing shuffles the samples once): each
+  training file of the official preprocessing (its sizes from an imported manifest's
+  `train_file_rows`, else files of `OFFICIAL_FILE_ROWS`) in batches of B, the last one of
+  a file partial. A partial batch is filled up to B with its own samples, and every batch
+  of such an epoch carries `example_mask` `[B]` (False on the filler rows): the loss and the
+  BatchNorm statistics are taken over the real rows only, as the official step does.
 - Evaluation: every sample once, in file order; the last batch is filled up to the
   static batch size with its own samples, and a `valid` mask `[B]` is False on those.
 
@@ -35,6 +40,7 @@ from dare_jax.data.index_shuffle import index_shuffle
 Batch = dict[str, np.ndarray]
 HISTORY_KEYS = ("hist_iid", "hist_cid")
 HISTORIES = ("host", "device")
+OFFICIAL_FILE_ROWS = 102_400  # training samples per file written by the official preprocessing
 
 
 class SampleSource(Protocol):
@@ -86,27 +92,40 @@ class _GatherBatch:
 class ShuffledBatch:
     """grain map function: training batch number `j` -> its sample indices `[B]` (int64),
     those of element `j` of `MapDataset.range(num).shuffle(seed).batch(B,
-    drop_remainder=True).repeat(...)`; `shuffle=False`: the file-order batch `j`."""
+    drop_remainder=True).repeat(...)`."""
 
-    def __init__(self, num: int, batch_size: int, seed: int, shuffle: bool = True):
-        self.num, self.batch_size, self.seed, self.shuffle = num, batch_size, seed, shuffle
+    def __init__(self, num: int, batch_size: int, seed: int):
+        self.num, self.batch_size, self.seed = num, batch_size, seed
         self.per_epoch = num // batch_size
 
     def __call__(self, j: int) -> np.ndarray:
         epoch, index_in_epoch = divmod(int(j), self.per_epoch)
         positions = index_in_epoch * self.batch_size + np.arange(self.batch_size)
-        if not self.shuffle:  # file order, the same in every epoch
-            return positions
         return index_shuffle(positions, self.num - 1, (self.seed + epoch) % 2**32)
 
 
-def steps_per_epoch(source: SampleSource, batch_size: int) -> int:
-    """Full training batches per epoch (the remainder is dropped)."""
+def file_order_batches(source: SampleSource, batch_size: int) -> np.ndarray:
+    """`[n, 2]` (start, stop) of one epoch's training batches in file order: each file of
+    the official preprocessing in batches of `batch_size`, the last one of a file partial."""
+    num = source.num_samples("train")
+    files = getattr(source, "manifest", {}).get("train_file_rows")
+    if not files:
+        files = [OFFICIAL_FILE_ROWS] * (num // OFFICIAL_FILE_ROWS) + [num % OFFICIAL_FILE_ROWS]
+    ends = np.cumsum([n for n in files if n])
+    starts = [range(end - n, end, batch_size) for n, end in zip(files, ends) if n]
+    start = np.fromiter((s for r in starts for s in r), np.int64)
+    stop = np.minimum(start + batch_size, np.repeat(ends, [len(r) for r in starts]))
+    return np.stack([start, stop], axis=1)
+
+
+def steps_per_epoch(source: SampleSource, batch_size: int, shuffle: bool = True) -> int:
+    """Training batches per epoch: full ones (the remainder is dropped), or with `shuffle`
+    off those of `file_order_batches`."""
     num = source.num_samples("train")
     if num < batch_size:
         raise ValueError(f"batch_size={batch_size} is larger than the training split "
                          f"({num} samples)")
-    return num // batch_size
+    return num // batch_size if shuffle else len(file_order_batches(source, batch_size))
 
 
 def train_dataset(
@@ -118,14 +137,26 @@ def train_dataset(
 
     Each element holds `batch_size` samples, or only rows `[start, stop)` of that global
     batch with `rows` (this process's slice); `histories` as in the module docstring.
-    `shuffle=False`: file order in every epoch (`seed` unused).
+    `shuffle=False`: file order in every epoch (`seed` unused; see the module docstring).
     """
-    per_epoch = steps_per_epoch(source, batch_size)  # validates the batch size
+    per_epoch = steps_per_epoch(source, batch_size, shuffle)  # validates the batch size
     _check_rows(rows, batch_size)
-    num = source.num_samples("train")
-    batch_indices = ShuffledBatch(num, batch_size, shuffle_seed(seed), shuffle)
-    batches = grain.MapDataset.range(per_epoch * num_epochs).map(batch_indices)
-    return batches.map(_GatherBatch(source, "train", max_length, blind_history, rows, histories))
+    gather = _GatherBatch(source, "train", max_length, blind_history, rows, histories)
+    if shuffle:
+        batch_indices = ShuffledBatch(source.num_samples("train"), batch_size, shuffle_seed(seed))
+        return grain.MapDataset.range(per_epoch * num_epochs).map(batch_indices).map(gather)
+    spans = file_order_batches(source, batch_size)
+    masked = bool(np.any(spans[:, 1] - spans[:, 0] < batch_size))
+    take = slice(*rows) if rows is not None else slice(None)
+
+    def element(j: int) -> Batch:
+        start, stop = spans[j % per_epoch]
+        batch = gather(np.resize(np.arange(start, stop), batch_size))
+        if masked:  # the same keys in every batch: one compiled step
+            batch["example_mask"] = (np.arange(batch_size) < stop - start)[take]
+        return batch
+
+    return grain.MapDataset.range(per_epoch * num_epochs).map(element)
 
 
 def train_iterator(

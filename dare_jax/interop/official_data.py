@@ -418,6 +418,8 @@ def import_official(
             "sequence_rows": int(n_rows), "sequence_events": int(n_rows * WINDOW),
             "min_events": 210, "train_target_offsets": list(range(3, 94, 5)),
             "negatives_per_positive": 2, "max_length": WINDOW,
+            # The official loader batches each training file on its own (`dare_jax.data.pipeline`).
+            "train_file_rows": [n for split, _, n in all_files if split == "train"],
             "source_files": [
                 storage.source_entry(p, digests[p].result())
                 for p in [p for _, p, _ in all_files] + mapping_files
