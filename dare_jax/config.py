@@ -1,16 +1,11 @@
 """The configuration, resolved once: a `ConfigDict` in, immutable typed specs out.
 
-`resolve(config)` checks every field of an experiment's `ml_collections.ConfigDict` (from a
-config file under `configs/`, with any `--config.<path>=<value>` overrides) and returns an
-`ExperimentSpec`: one frozen dataclass per section (`data`, `model`, `optim`, `train`,
-`mesh`, `log`, `export`). Everything below the entry point takes these specs; nothing else
-reads the `ConfigDict`. Each spec checks its own fields when it is built and raises
-`ConfigError` (a ValueError) naming the field and the value; `ExperimentSpec` checks the
-fields that depend on each other.
-
-The field defaults here are the paper's training setup; `default_config()` is the
-`ConfigDict` the config files start from. A run directory's `config.json` is `flat(spec)`,
-and `resolve(unflatten(flat))` gives the spec back.
+`resolve(config)` checks every field of an experiment's `ConfigDict` (a config file under
+`configs/` with any `--config.<path>=<value>` overrides) and returns an `ExperimentSpec` of
+frozen section specs, all that the code below the entry point reads; a field that cannot
+work raises `ConfigError` (a ValueError) naming it and its value. The defaults are the
+paper's training setup (`default_config()`); a run's `config.json` is `flat(spec)`, and
+`resolve(unflatten(flat))` gives the spec back.
 """
 
 from __future__ import annotations
@@ -55,48 +50,32 @@ class DataSpec:
     preprocess_seed: int = 0  # negative-sampling seed of the preprocessing
     max_length: int = 200  # history length L fed to the model
     blind_history: bool = False  # zero every history (the history-blind baseline)
-    # True: a fresh permutation of the training samples every epoch (seeded by the run seed).
-    # False: the training file in file order every epoch, as the official code trains (its
-    # preprocessing shuffles the file once; so does ours).
-    shuffle: bool = True
+    shuffle: bool = True  # epoch permutations (run seed); False: file order, as the official code
     synthetic_users: int = 0  # > 0: generate a synthetic Taobao-format log first
     synthetic_rows: int = 0  # target row count of that log (0: the generator's default)
     synthetic_seed: int = 0  # the generator's seed
-    # `dare_jax.data.synthetic.LogStructure` fields of that log (the rest: its defaults).
-    synthetic_structure: tuple[tuple[str, Any], ...] = ()
-    # Where each batch's [B, L] histories are built (the same batches either way): "host"
-    # gathers them in the input pipeline; "device" keeps the sequence arrays on the devices
-    # (8 bytes per stored event) and sends only each sample's history span.
+    synthetic_structure: tuple[tuple[str, Any], ...] = ()  # its `LogStructure` fields
+    # Where the [B, L] histories are built (same batches): "host" (the input pipeline) or
+    # "device" (sequences kept on the devices; only history spans are sent).
     histories: str = "host"
     prefetch_threads: int = 2  # threads preparing (and copying) the next batches
-    # Tables of at least this many rows (0: the dataset's item_n / cate_n). The extra rows
-    # are never looked up but cost what every row costs: for measuring speed at a larger
-    # catalogue's table size on a small dataset (configs/taobao_synthetic.py).
+    # Tables of at least this many rows (0: item_n / cate_n), the extra rows never looked up:
+    # speed at a larger catalogue's table size (configs/taobao_synthetic.py).
     min_item_rows: int = 0
     min_category_rows: int = 0
 
     def __post_init__(self):
-        structure = self.synthetic_structure
-        if isinstance(structure, Mapping):
-            structure = structure.items()
-        structure = tuple(sorted((str(k), _frozen(v)) for k, v in structure))
+        items = self.synthetic_structure
+        items = items.items() if isinstance(items, Mapping) else items
+        structure = tuple(sorted((str(k), _frozen(v)) for k, v in items))
         object.__setattr__(self, "synthetic_structure", structure)
         _require(self.kind in DATA_KINDS, "data.kind", self.kind, f"expected one of {DATA_KINDS}")
         _require(bool(self.dir), "data.dir", self.dir, "where is the preprocessed dataset?")
-        _require(
-            self.histories in HISTORIES, "data.histories", self.histories, f"one of {HISTORIES}"
-        )
+        histories = self.histories
+        _require(histories in HISTORIES, "data.histories", histories, f"one of {HISTORIES}")
         _at_least(self, "data", 1, "max_length")
-        _at_least(
-            self,
-            "data",
-            0,
-            "prefetch_threads",
-            "min_item_rows",
-            "min_category_rows",
-            "synthetic_users",
-            "synthetic_rows",
-        )
+        _at_least(self, "data", 0, "prefetch_threads", "min_item_rows", "min_category_rows")
+        _at_least(self, "data", 0, "synthetic_users", "synthetic_rows")
         from dare_jax.data.synthetic import LogStructure
 
         try:
@@ -119,20 +98,14 @@ class OptimSpec:
     b2: float = 0.999
     eps: float = 1e-8  # PyTorch Adam's default, as in the official code
     weight_decay: float = 1e-6  # L2 penalty on non-bias, non-embedding weights
-    # The embedding tables' maths: "row_sparse" (the paper's dense Adam: every row moves at
-    # every step, computed from the looked-up rows' gradients), "dense" (the same maths from
-    # autodiff's dense table gradients) or "lazy" (a row moves only at the steps that look
-    # it up, with its own bias correction). See dare_jax.optim.
+    # The tables' maths (dare_jax.optim): "row_sparse" (the paper's dense Adam, from the rows'
+    # gradients), "dense" (the same from dense gradients) or "lazy" (only looked-up rows move).
     table_updates: str = "row_sparse"
 
     def __post_init__(self):
         _require(math.isfinite(self.lr) and self.lr > 0, "optim.lr", self.lr, "must be positive")
-        _require(
-            self.table_updates in TABLE_UPDATES,
-            "optim.table_updates",
-            self.table_updates,
-            f"expected one of {list(TABLE_UPDATES)}",
-        )
+        kind, expected = self.table_updates, f"expected one of {list(TABLE_UPDATES)}"
+        _require(kind in TABLE_UPDATES, "optim.table_updates", kind, expected)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,42 +113,26 @@ class TrainSpec:
     batch_size: int = 2048
     num_epochs: int = 2
     max_steps: int = -1  # > 0: stop after this many steps
-    # Each step's loss is checked (a NaN stops the run, naming the step) this many steps after
-    # it was dispatched, so the host queues that many steps on the device.
-    dispatch_ahead: int = 4
+    dispatch_ahead: int = 4  # steps queued on the device before a loss is checked for NaN
     eval_every_steps: int = 150  # validation (and the latest checkpoint) every N steps
     eval_batch_size: int = 2048
     first_seed: int = 0
     num_seeds: int = 5
 
     def __post_init__(self):
-        _at_least(
-            self,
-            "train",
-            1,
-            "batch_size",
-            "eval_batch_size",
-            "num_epochs",
-            "eval_every_steps",
-            "num_seeds",
-            "dispatch_ahead",
-        )
+        _at_least(self, "train", 1, "batch_size", "eval_batch_size", "num_epochs")
+        _at_least(self, "train", 1, "eval_every_steps", "num_seeds", "dispatch_ahead")
         _at_least(self, "train", 0, "first_seed")
-        _require(
-            self.max_steps == -1 or self.max_steps >= 1,
-            "train.max_steps",
-            self.max_steps,
-            "-1 (all) or >= 1",
-        )
+        steps = self.max_steps
+        _require(steps == -1 or steps >= 1, "train.max_steps", steps, "-1 (all) or >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshSpec:
-    """A (data, model) device mesh over every device of every process (dare_jax.sharding):
-    the batch is split on `data`; parameters whose path matches the `row_sharded` regex
-    (e.g. "embed/.*/item$"), and their Adam moments, are split by rows on `model`, their
-    row counts padded to a multiple of `table_rows_multiple` (a multiple of `model`) so that
-    one config gives the same numbers on every mesh; everything else is replicated."""
+    """A (data, model) mesh over every device of every process (dare_jax.sharding): the batch
+    is split on `data`; parameters matching the `row_sharded` regex (e.g. "embed/.*/item$")
+    and their moments by rows on `model`, padded to a multiple of `table_rows_multiple` (of
+    `model`) so that one config gives the same numbers on any mesh; the rest is replicated."""
 
     data: int = -1  # -1: every device not used by `model`
     model: int = 1
@@ -240,12 +197,9 @@ class ExperimentSpec:
             self.model.check_history_length(self.data.max_length)
         except ValueError as error:
             raise ConfigError(str(error)) from error
-        _require(
-            not self.export.gradients or self.model.variant.observes_gradients,
-            "export.gradients",
-            True,
-            "needs model.observe_attn_repr_grad or model.avoid_domination (a twin-family model)",
-        )
+        ok = not self.export.gradients or self.model.variant.observes_gradients
+        why = "needs model.observe_attn_repr_grad or model.avoid_domination"
+        _require(ok, "export.gradients", True, f"{why} (a twin-family model)")
 
     def replace(self, **sections: Any) -> ExperimentSpec:
         """A copy with whole sections (or `variant`, `workdir`) replaced, checked again."""
@@ -269,24 +223,20 @@ def resolve(config: ml_collections.ConfigDict | Mapping[str, Any]) -> Experiment
     """The `ExperimentSpec` of `config` (a ConfigDict or nested dict with every field);
     ConfigError naming the first missing, unknown or bad field."""
     tree = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
-    unknown = sorted(set(tree) - set(SECTIONS) - {"variant", "workdir"})
-    if unknown:
+    if unknown := sorted(set(tree) - set(SECTIONS) - {"variant", "workdir"}):
         raise ConfigError(f"config has unknown top-level fields {unknown}")
     sections = {name: _section(name, cls, tree.get(name)) for name, cls in SECTIONS.items()}
-    return ExperimentSpec(
-        **sections, variant=str(tree.get("variant", "")), workdir=str(tree.get("workdir", ""))
-    )
+    variant, workdir = str(tree.get("variant", "")), str(tree.get("workdir", ""))
+    return ExperimentSpec(**sections, variant=variant, workdir=workdir)
 
 
 def _section(name: str, cls: type, values: Any) -> Any:
     if not isinstance(values, Mapping):
         raise ConfigError(f"config has no {name} section")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(values) - set(fields))
-    if unknown:
+    if unknown := sorted(set(values) - set(fields)):
         raise ConfigError(f"config section {name} has unknown fields {unknown}")
-    missing = sorted(set(fields) - set(values))
-    if missing:
+    if missing := sorted(set(fields) - set(values)):
         raise ConfigError(f"config section {name} lacks the fields {missing}")
     kwargs = {key: _typed(f"{name}.{key}", fields[key].type, values[key]) for key in fields}
     try:

@@ -17,15 +17,11 @@ COLUMNS = ("label", "uid", "cid")
 
 
 def predict(experiment: Experiment, state: dict, split: str) -> dict[str, np.ndarray]:
-    """Click probability of every sample of `split`, in file order, with its columns:
-    {"prob" (float64), "label", "uid", "cid"} `[N]`.
-
-    The eval batch (`train.eval_batch_size`, rounded up to a multiple of the data axis and
-    process count) is padded at the end and masked: each batch carries `example_mask`, so
-    that BatchNorm's batch statistics (`model.eval_batchnorm_uses_batch_stats`) leave out
-    the filler rows. Every process gets the same arrays over all samples (the exact AUC
-    needs them all).
-    """
+    """Click probability of every sample of `split` in file order, with its columns:
+    {"prob" (float64), "label", "uid", "cid"} `[N]`, the same on every process. The eval
+    batch (`train.eval_batch_size`, rounded up to a multiple of the data axis and process
+    count) is padded at the end; its `example_mask` keeps the filler rows out of BatchNorm's
+    batch statistics (`model.eval_batchnorm_uses_batch_stats`)."""
     spec, dataset, partitioner = experiment.spec, experiment.dataset, experiment.partitioner
     batch_size = min(spec.train.eval_batch_size, dataset.num_samples(split))
     quantum = math.lcm(partitioner.data_size, jax.process_count())
@@ -42,9 +38,8 @@ def predict(experiment: Experiment, state: dict, split: str) -> dict[str, np.nda
         histories=spec.data.histories,
     ):
         batch = {**batch, "example_mask": valid[rows[0] : rows[1]]}
-        columns = {key: batch[key] for key in COLUMNS}
         batch = experiment.device_batch(batch, batch_size)
-        columns = experiment.replicate({key: batch[key] for key in columns})
+        columns = experiment.replicate({key: batch[key] for key in COLUMNS})
         outputs.append((experiment.eval_step(state, batch), columns, valid))  # fetched later
     out = {"prob": np.concatenate([np.asarray(p, np.float64)[v] for p, _, v in outputs])}
     for key in COLUMNS:
@@ -79,10 +74,9 @@ def export_gradients(observed, step: int, directory: Path, tables: Tables) -> No
     if not sharding.is_main_process():
         return
     directory.mkdir(parents=True, exist_ok=True)
-    arrays = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(observed)[0]:
-        name = _name(path).replace("/", ".")
-        arrays[name] = _real_rows(name, leaf, tables)
+    leaves = jax.tree_util.tree_flatten_with_path(observed)[0]
+    named = {_name(path).replace("/", "."): leaf for path, leaf in leaves}
+    arrays = {name: _real_rows(name, leaf, tables) for name, leaf in named.items()}
     np.savez(directory / f"step_{step:08d}.npz", **arrays)
 
 

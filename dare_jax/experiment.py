@@ -7,11 +7,8 @@ state, compiled steps and input pipeline out.
     batches = experiment.train_batches(seed)
     state, losses = experiment.train_step(state, next(batches))
 
-The driver (`dare_jax.train`), the analyses (restoring a run), the interop checks, the
-benchmarks and the tests all build their model and steps here. The state is created
-directly in its shardings (`dare_jax.sharding`), the steps are `jax.jit`-compiled once and
-shared by every `Experiment` of the same model, optimizer, mesh and shapes in a process
-(several runs of a sweep, a notebook or the tests do not compile again).
+The state is created directly in its shardings (`dare_jax.sharding`); the jitted steps are
+shared by every `Experiment` of the same model, optimizer, mesh and shapes in a process.
 """
 
 from __future__ import annotations
@@ -45,18 +42,14 @@ class Tables(NamedTuple):
 
 
 def table_rows(spec: ExperimentSpec, manifest: dict) -> Tables:
-    """The dataset's item_n and cate_n, or `data.min_item_rows` / `data.min_category_rows`
-    when larger, padded up to a multiple of `mesh.table_rows_multiple` when some table is
-    row-sharded (so the rows split evenly over `model`)."""
+    """The dataset's item_n and cate_n or the larger `data.min_*_rows`, padded to a multiple
+    of `mesh.table_rows_multiple` when some table is row-sharded."""
     real_item, real_category = int(manifest["item_n"]), int(manifest["cate_n"])
     item = max(real_item, spec.data.min_item_rows)
     category = max(real_category, spec.data.min_category_rows)
     if spec.mesh.row_sharded:
-        multiple = spec.mesh.table_rows_multiple
-        item, category = (
-            sharding.padded_rows(item, multiple),
-            sharding.padded_rows(category, multiple),
-        )
+        item = sharding.padded_rows(item, spec.mesh.table_rows_multiple)
+        category = sharding.padded_rows(category, spec.mesh.table_rows_multiple)
     return Tables(item, category, real_item, real_category)
 
 
@@ -88,15 +81,12 @@ def compile_steps(
     max_length: int,
     batch_shapes: tuple[tuple[str, tuple[int, ...], str], ...],
 ) -> CompiledSteps:
-    """The model, optimizer and jitted steps; `batch_shapes` ((key, shape, dtype), ...) of a
-    global training batch. The state's shardings come from its abstract shapes
-    (`jax.eval_shape`), so parameters are created directly in their shardings."""
+    """The model, optimizer, state shardings (from the abstract state) and jitted steps;
+    `batch_shapes`: ((key, shape, dtype), ...) of a global training batch."""
     model = TwoStageModel(model_spec, tables.item, tables.category, max_length)
     optimizer = optim.make_optimizer(optim_spec)
     partitioner = partitioner_for(mesh)
-    batch = {
-        key: jax.ShapeDtypeStruct(shape, np.dtype(dtype)) for key, shape, dtype in batch_shapes
-    }
+    batch = {key: jax.ShapeDtypeStruct(shape, np.dtype(d)) for key, shape, d in batch_shapes}
     shardings = partitioner.state_shardings(steps.abstract_state(model, optimizer, batch))
     placement = (shardings, partitioner.batch_sharding, partitioner.replicated)
     return CompiledSteps(
@@ -111,13 +101,11 @@ def compile_steps(
 
 
 class Experiment:
-    """Everything built once per experiment and shared by its seeds.
-
-    Attributes: spec, dataset, partitioner (mesh and shardings), tables, model, optimizer,
-    train_step, eval_step (jitted), batch_size, steps_per_epoch, total_steps, histories
-    (the on-device history builder with `data.histories = "device"`, else None).
-    Raises ExperimentError when the specs do not fit the dataset or the devices.
-    """
+    """Everything built once per experiment and shared by its seeds: spec, dataset,
+    partitioner, tables, model, optimizer, the jitted train_step and eval_step, batch_size,
+    steps_per_epoch, total_steps, histories (the on-device history builder with
+    `data.histories = "device"`, else None). ExperimentError when the specs do not fit the
+    dataset or the devices."""
 
     def __init__(self, spec: ExperimentSpec, dataset):
         self.spec, self.dataset = spec, dataset
@@ -135,11 +123,8 @@ class Experiment:
         self.total_steps = self.steps_per_epoch * spec.train.num_epochs
         if spec.train.max_steps > 0:
             self.total_steps = min(self.total_steps, spec.train.max_steps)
-        example = self.example_batch()
-        shapes = tuple(
-            (key, tuple(np.shape(value)), np.asarray(value).dtype.str)
-            for key, value in sorted(example.items())
-        )
+        batch = self.example_batch()
+        shapes = tuple((k, np.shape(v), np.asarray(v).dtype.str) for k, v in sorted(batch.items()))
         try:
             self._compiled = compile_steps(
                 spec.model, spec.optim, spec.mesh, self.tables, spec.data.max_length, shapes
@@ -148,7 +133,7 @@ class Experiment:
             raise ExperimentError(str(error)) from error
         self.model, self.optimizer = self._compiled.model, self._compiled.optimizer
         self.train_step, self.eval_step = self._compiled.train_step, self._compiled.eval_step
-        self.initial_weights = self._initial_weights(example)
+        self.initial_weights = self._initial_weights(batch)
 
     def example_batch(self) -> dict:
         """The first training batch (numpy), whose shapes the steps are compiled for: the
@@ -184,10 +169,9 @@ class Experiment:
         return state
 
     def train_batches(self, seed: int, position: dict | None = None):
-        """The seed's checkpointable iterator (`get_state()`) over the training batches, on
-        the devices (this process's rows of each, shuffled per epoch or in file order with
-        `data.shuffle` off), from `position` (a saved `get_state()`) or the start. The copy
-        to the devices runs in the pipeline's prefetch threads, overlapping the steps."""
+        """The seed's checkpointable iterator (`get_state()`) over the training batches on the
+        devices (this process's rows, `data.shuffle` or file order), from `position` (a saved
+        `get_state()`) or the start; the pipeline's prefetch threads copy them to the devices."""
         data = self.spec.data
         batches = pipeline.train_dataset(
             self.dataset,
@@ -216,8 +200,7 @@ class Experiment:
         return self.partitioner.abstract(abstract)
 
     def restore(self, checkpoints, which: str, step: int | None = None) -> tuple[dict, dict]:
-        """(training state, progress) from a `latest` or `best` checkpoint of a
-        `dare_jax.checkpointing.RunCheckpoints`."""
+        """(state, progress) from a `latest` or `best` checkpoint of a `RunCheckpoints`."""
         saved, progress = checkpoints.restore(which, self.checkpoint_template(), step=step)
         return self._compiled.from_checkpoint(saved), progress
 
@@ -226,13 +209,12 @@ class Experiment:
 
     @functools.cached_property
     def replicate(self):
-        """A jitted identity that gathers any pytree onto every device (each host can then
-        read whole arrays: evaluation outputs, exported tables)."""
+        """A jitted identity that gathers any pytree onto every device (whole arrays on
+        every host: evaluation outputs, exported tables)."""
         return self.partitioner.replicate_fn()
 
 
 def _put_like(value: np.ndarray, like: jax.Array) -> jax.Array:
-    """`value` as a global array in `like`'s sharding and dtype (each process supplies the
-    shards its devices hold)."""
+    """`value` as a global array in `like`'s sharding and dtype (from each process's shards)."""
     value = np.asarray(value, like.dtype)
     return jax.make_array_from_callback(value.shape, like.sharding, lambda index: value[index])

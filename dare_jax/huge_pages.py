@@ -1,14 +1,9 @@
 """Whether XLA:CPU's buffers sit in 2 MiB pages (a start-up setting of glibc's allocator).
 
-On the CPU, XLA allocates every buffer with glibc's malloc. With transparent huge pages in
-`madvise` mode (the default of many Linux distributions) that memory comes in 4 KiB pages
-unless glibc >= 2.35 is told `glibc.malloc.hugetlb=1`, which it reads only when a process
-starts: set it in the launch command,
-
-    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python -m dare_jax.main --config ...
-
-(the README's CPU section gives its measured effect). It changes speed, never numbers. This
-module only reads the setting: `status()` for a run's provenance, `hint()` for start-up.
+With transparent huge pages in `madvise` mode (many Linux distributions' default), glibc's
+malloc, which XLA:CPU allocates every buffer with, gives 4 KiB pages unless glibc >= 2.35
+reads `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` at process start. It changes speed, never
+numbers. This module only reads the setting: `status()` for provenance, `hint()` at start-up.
 """
 
 from __future__ import annotations
@@ -22,12 +17,9 @@ THP_MODE_FILE = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 def hugetlb_value(tunables: str | None) -> str | None:
     """The glibc.malloc.hugetlb value a GLIBC_TUNABLES string sets (None: unset)."""
-    value = None
-    for pair in (tunables or "").split(":"):
-        name, _, setting = pair.partition("=")
-        if name == HUGETLB:
-            value = setting
-    return value
+    pairs = (pair.partition("=") for pair in (tunables or "").split(":"))
+    values = [setting for name, _, setting in pairs if name == HUGETLB]
+    return values[-1] if values else None  # the last one counts
 
 
 def thp_mode(path: str = THP_MODE_FILE) -> str | None:
@@ -43,10 +35,7 @@ def thp_mode(path: str = THP_MODE_FILE) -> str | None:
 
 def status() -> dict[str, str | None]:
     """The kernel's mode and glibc's hugetlb value of this process (None: unset)."""
-    return {
-        "transparent_huge_pages": thp_mode(),
-        HUGETLB: hugetlb_value(os.environ.get(TUNABLES)),
-    }
+    return {"transparent_huge_pages": thp_mode(), HUGETLB: hugetlb_value(os.environ.get(TUNABLES))}
 
 
 def hint() -> str | None:

@@ -4,21 +4,12 @@
     python -m dare_jax.main --config configs/taobao.py:model=twin,dim=64 --config.optim.lr=0.005
     python -m dare_jax.main --config configs/demo.py
 
-Any config field can be overridden with `--config.<path>=<value>`.
-
-Devices: `--config.mesh.data` / `--config.mesh.model` shape the device mesh
-(default: data parallel over every device), `--config.mesh.row_sharded`
-splits embedding tables by rows over `model` (see `dare_jax.sharding`).
-Several processes (hosts): start the same command on each with
-
-    --coordinator_address=HOST0:PORT --num_processes=N --process_id=I
-
-or with the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
-JAX_PROCESS_ID (or `--distributed_auto` under SLURM / Open MPI / Kubernetes).
-
-Bad input (config, data, run directory, checkpoint) ends with a one-paragraph
-message on stderr and exit code 2, without a traceback. On a CPU, start it with
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` for speed (`dare_jax.huge_pages`).
+Any config field can be overridden with `--config.<path>=<value>` (`--config.mesh.*` shapes
+the device mesh). Several processes (hosts) run the same command, each with
+`--coordinator_address=HOST0:PORT --num_processes=N --process_id=I` (or the JAX_* variables
+of those names, or `--distributed_auto`). Bad input (config, data, run directory,
+checkpoint) ends with a one-paragraph message on stderr and exit code 2, without a
+traceback. On a CPU, start it with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` for speed.
 """
 
 from __future__ import annotations
@@ -53,8 +44,7 @@ _DISTRIBUTED_AUTO = flags.DEFINE_bool(
 
 
 def _print_summary(results: dict) -> None:
-    mean, std = results["mean"], results["std"]
-    seeds = len(results["seeds"])
+    mean, std, seeds = results["mean"], results["std"], len(results["seeds"])
     print(f"{results['dataset']} {results['variant']}: test over {seeds} seed(s)")
     for name in ("auc", "gauc", "category_auc", "log_loss", "accuracy"):
         print(f"  {name:13s} {mean[name]:.5f} +- {std[name]:.5f}")
@@ -73,13 +63,11 @@ def user_errors() -> tuple[type[Exception], ...]:
 
 
 def start_process() -> None:
-    """Quiet console logging, a hint about huge pages where they would help, then join the
-    multi-process run if one is configured (before anything else touches JAX: the device
-    list becomes global); exit 2 if that fails. Shared with `dare_jax.sweep`."""
+    """Quiet console logging, a huge-pages hint where it would help, then joining any
+    multi-process run (before anything touches JAX: the device list becomes global)."""
     from dare_jax import huge_pages
 
-    hint = huge_pages.hint()
-    if hint:
+    if hint := huge_pages.hint():
         print(hint, file=sys.stderr)
     if not flags.FLAGS["verbosity"].present:
         # Orbax logs every save at INFO through absl; keep the console to our own lines.
@@ -113,10 +101,8 @@ def main(argv: list[str]) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print(
-            "interrupted; rerun the same command to resume from the latest checkpoint",
-            file=sys.stderr,
-        )
+        hint = "interrupted; rerun the same command to resume from the latest checkpoint"
+        print(hint, file=sys.stderr)
         sys.exit(130)
     if sharding.is_main_process():
         _print_summary(results)

@@ -3,20 +3,15 @@ b2 0.999, eps 1e-8, bias correction; the L2 penalty is part of the loss):
 
 * "dense" (`adam`): the official optimizer as an optax transformation on autodiff's dense
   gradient: every table row moves at every step.
-* "row_sparse" (`RowSparseAdam`, the default): the same maths, operation for operation
-  (tests compare it with `adam`), from the tables' gradients as looked-up rows. The model
-  passes each table gather through a Flax perturbation (`TwoStageModel.lookups`), so
-  `jax.grad` w.r.t. `perturbations` yields the rows' cotangents `[..., d]` and autodiff never
-  forms a dense table gradient. Each table's dense gradient lives in a buffer carried from
-  step to step (`TableScratch`): the previous step's rows are set back to 0 and this step's
-  rows scatter-added (duplicates summed), in place, so no fresh table-sized buffer is
-  allocated per step. The moments and buffers of a table are stored flat (`[rows * d]`):
-  XLA:CPU vectorises the square root and divisions of a 1-D loop, not of a `[rows, 16]` one.
-  The params keep their `[rows, d]` shape, so the Adam step is written to the flat step
-  buffer and the params move by `-lr` times it in a second, sqrt-free pass.
-* "lazy" (`LazyAdam`): a table row changes only at the steps whose batch looks it up. For
-  row r at step t, with G_r the sum of the cotangents of this batch's lookups of r and k_r
-  the number of steps so far that looked r up:
+* "row_sparse" (`RowSparseAdam`, the default): the same maths, operation for operation, from
+  the tables' gradients as looked-up rows (`jax.grad` w.r.t. the `perturbations` the model
+  adds to each gather, `TwoStageModel.lookups`), so autodiff never forms a dense table
+  gradient; the dense one is summed in place in a buffer carried between steps
+  (`TableScratch`). Moments and buffers are stored flat (`[rows * d]`) because XLA:CPU
+  vectorises the sqrt and divisions of a 1-D loop, not of a `[rows, 16]` one.
+* "lazy" (`LazyAdam`): a table row changes only at the steps whose batch looks it up
+  (whatever the gradient: the padding row 0 counts). With G_r the sum of this batch's
+  cotangents of row r and k_r the number of steps so far that looked r up:
 
       if the batch looks r up:  k_r += 1
                                 m_r = b1 m_r + (1 - b1) G_r
@@ -24,26 +19,14 @@ b2 0.999, eps 1e-8, bias correction; the L2 penalty is part of the loss):
                                 p_r -= lr (m_r / (1 - b1^k_r)) / (sqrt(v_r / (1 - b2^k_r)) + eps)
       otherwise:                p_r, m_r, v_r, k_r unchanged.
 
-  The bias correction uses the row's own count k_r, not the global step: a row's moments
-  are then exactly Adam's moments over the gradients that row has received, so the
-  correction removes exactly their zero-initialisation bias. (TensorFlow Addons' LazyAdam and
-  PyTorch's SparseAdam use the global step, so a row first seen at step 1,000 takes a first
-  step 0.1 sqrt(1 - 0.999^1000) / sqrt(0.001) = 2.5 times Adam's lr-sized first step.) A row
-  looked up at every step follows dense Adam. "Looked up" means by the batch, whatever the
-  gradient (the padding row 0 counts). The counts are optimizer state and checkpointed.
-  A lazy step reads and writes only the looked-up rows of a table, its moments and counts:
-  duplicates are merged without sorting (each looked-up row's count slot briefly holds the
-  position of one of its lookups), and the update of the distinct rows runs in chunks of
-  `UPDATE_CHUNK` lookups so its temporaries stay in the cache. A table with no more rows
-  than one batch's lookups (the category table) is updated whole under a looked-up mask.
+  With its own count k_r, a row's bias correction removes exactly the zero-initialisation
+  bias of its moments (with the global step, as in TensorFlow Addons' LazyAdam and PyTorch's
+  SparseAdam, a row first seen at step 1,000 takes a first step 0.1 sqrt(1 - 0.999^1000) /
+  sqrt(0.001) = 2.5 times Adam's). A row looked up at every step follows dense Adam.
 
-Bias correction: every optimizer here computes `1 - b**t` with `bias_correction`, as
-accurately as the moments' dtype allows (PyTorch evaluates it in double precision); optax's
-float32 `1 - 0.999**t` is 1.3e-5 to 2e-5 relative too small for the first thousand steps.
-
-Checkpoints hold RowSparseAdam's state in `adam`'s layout (`to_optax_state`), without the
-scratch buffers (a zero buffer with nothing to re-zero is the same state), so a run can be
-resumed or analysed with either; LazyAdam's state is checkpointed as it is.
+Checkpoints hold RowSparseAdam's state in `adam`'s layout (`to_optax_state`) without the
+scratch buffers, so a run can be resumed or analysed with either; LazyAdam's state (row
+counts included) is checkpointed as it is.
 """
 
 from __future__ import annotations
@@ -84,14 +67,10 @@ class RowSparseAdamState(NamedTuple):
 
 
 class TableScratch(NamedTuple):
-    """Per-table buffers carried between steps, not checkpointed (each nested like the
-    params' tables: {"embed": {group: {field: array}}}).
-
-    grad_sum: flat `[rows * d]`, the last step's summed gradient (zero outside `touched`);
-    step: flat `[rows * d]`, the last Adam step (overwritten every step; carried only so that
-    its memory is reused in place); touched: int32 `[n]`, the ids the gradient was summed at
-    (n = the lookups of one batch; `rows` = out of range = nothing to re-zero).
-    """
+    """Per-table buffers carried between steps (nested like the params' tables), not
+    checkpointed. grad_sum: flat `[rows * d]`, the last step's summed gradient (zero outside
+    `touched`); step: flat `[rows * d]`, the last Adam step (carried to reuse its memory);
+    touched: int32 `[n]` (n: one batch's lookups), the ids summed at (`rows`: none)."""
 
     grad_sum: Any
     step: Any
@@ -99,10 +78,8 @@ class TableScratch(NamedTuple):
 
 
 class LazyAdamState(NamedTuple):
-    """count: int32 `[]` steps done (the bias correction of non-table leaves); mu, nu: nested
-    like the params (tables `[rows, d]`); row_count: {"embed": {group: {field: int32
-    `[rows]`}}}, how many steps have looked each table row up (its bias correction). All of
-    it is checkpointed as is."""
+    """count: int32 `[]` steps done; mu, nu: nested like the params; row_count: int32 `[rows]`
+    per table (nested like the params' tables), the steps that have looked each row up."""
 
     count: jax.Array
     mu: Any
@@ -129,18 +106,13 @@ def table_gradient_rows(
     embedding_ids: dict[str, Any],
     lookups: tuple[Lookup, ...],
 ) -> Rows:
-    """{table: [(ids `[n]`, cotangent rows `[n, d]`), ...]}, one pair per lookup.
-
-    perturbation_grads: {lookup name: `[..., d]`} (grad w.r.t. the `perturbations` collection);
-    embedding_ids: the sown `embedding_ids` collection ({name: (ids `[...]`,)}); lookups: the
-    model's (`TwoStageModel.lookups`). The lookups are kept apart (not concatenated: that
-    would copy every row once more), in the order of their names.
-    """
+    """{table: [(ids `[n]`, cotangent rows `[n, d]`), ...]}, one pair per lookup in name order
+    (not concatenated: that would copy every row once more). perturbation_grads: {lookup
+    name: `[..., d]`}; embedding_ids: the sown `embedding_ids` ({name: (ids `[...]`,)})."""
     table = {lookup.name: lookup.table for lookup in lookups}
     rows: Rows = {}
     for name in sorted(perturbation_grads):
-        cotangent = perturbation_grads[name]
-        ids = embedding_ids[name]
+        cotangent, ids = perturbation_grads[name], embedding_ids[name]
         ids = ids[0] if isinstance(ids, tuple) else ids
         d = cotangent.shape[-1]
         flat_ids = jnp.broadcast_to(ids, cotangent.shape[:-1]).reshape(-1).astype(jnp.int32)
@@ -153,22 +125,15 @@ def perturbation_shapes(model: Any, variables: dict[str, Any], batch: Any, **kwa
     {lookup name: ShapeDtypeStruct}. Trace-time only (jax.eval_shape)."""
 
     def run(variables, batch, kwargs):
-        _, state = model.apply(
-            variables,
-            batch,
-            train=True,
-            mutable=[PERTURBATIONS, "batch_stats", EMBEDDING_IDS],
-            **kwargs,
-        )
+        mutable = [PERTURBATIONS, "batch_stats", EMBEDDING_IDS]
+        _, state = model.apply(variables, batch, train=True, mutable=mutable, **kwargs)
         return state.get(PERTURBATIONS, {})
 
     # Everything as arguments: `batch` may hold ShapeDtypeStructs.
     return jax.eval_shape(run, variables, batch, kwargs)
 
 
-def lookup_sizes(
-    model: Any, variables: dict[str, Any], batch: Any, **kwargs
-) -> dict[TableKey, int]:
+def lookup_sizes(model: Any, variables: dict, batch: Any, **kwargs) -> dict[TableKey, int]:
     """{table: number of rows one training apply on `batch` looks up}."""
     table = {lookup.name: lookup.table for lookup in model.lookups}
     sizes: dict[TableKey, int] = {}
@@ -178,24 +143,20 @@ def lookup_sizes(
 
 
 def bias_correction(decay: float, count: jax.Array, dtype: Any) -> jax.Array:
-    """`1 - decay**count` in `dtype`, accurate to that dtype's rounding.
-
-    Computed as `-expm1(count * log(decay))` with `log(decay)` taken in double precision on
-    the host (PyTorch's Adam takes `1 - beta**step` in Python floats). optax's float32
-    `1 - decay**count` rounds decay first: for 0.999 it is 1.3e-5 relative too small.
-    """
+    """`1 - decay**count` in `dtype`, accurate to its rounding (PyTorch takes it in Python
+    floats): `-expm1(count * log(decay))`, `log(decay)` in double precision on the host,
+    because optax's float32 `1 - decay**count` rounds decay first (0.999: 1.3e-5 too small)."""
     return -jnp.expm1(jnp.asarray(count).astype(dtype) * math.log(decay))
 
 
 def adam_direction(m: jax.Array, v: jax.Array, bc1: jax.Array, bc2: jax.Array, eps: float):
-    """The bias-corrected Adam step direction `m_hat / (sqrt(v_hat) + eps)` (eps_root 0;
-    scaled by -lr afterwards); bc1, bc2: the bias corrections, broadcastable to m."""
+    """Adam's direction `m_hat / (sqrt(v_hat) + eps)` (eps_root 0; scaled by -lr afterwards);
+    bc1, bc2: the bias corrections, broadcastable to m."""
     return (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps)
 
 
 def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
     """`optax.scale_by_adam(b1, b2, eps)` (same moments, same state) with `bias_correction`."""
-    base = optax.scale_by_adam(b1, b2, eps)
 
     def update(updates, state, params=None):
         del params
@@ -207,10 +168,9 @@ def scale_by_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
             bc1, bc2 = bias_correction(b1, count, m.dtype), bias_correction(b2, count, v.dtype)
             return adam_direction(m, v, bc1, bc2, eps)
 
-        directions = jax.tree.map(direction, mu, nu)
-        return directions, optax.ScaleByAdamState(count=count, mu=mu, nu=nu)
+        return jax.tree.map(direction, mu, nu), optax.ScaleByAdamState(count, mu, nu)
 
-    return optax.GradientTransformation(base.init, update)
+    return optax.GradientTransformation(optax.scale_by_adam(b1, b2, eps).init, update)
 
 
 def adam(
@@ -223,8 +183,8 @@ def adam(
 
 @dataclasses.dataclass(frozen=True)
 class _Adam:
-    """Adam's hyperparameters and expressions: optax.adam's moments and step (eps_root 0),
-    with `bias_correction`, so both optimizers below round as `adam` does."""
+    """Adam's hyperparameters and optax.adam's expressions (eps_root 0) with
+    `bias_correction`, so that both optimizers below round as `adam` does."""
 
     lr: float
     b1: float = 0.9
@@ -235,31 +195,29 @@ class _Adam:
         """optax.adam's first and second moment updates, in its order."""
         return (1 - self.b1) * g + self.b1 * m, (1 - self.b2) * (g * g) + self.b2 * v
 
-    def _step(self, m, v, bc1, bc2):
-        return adam_direction(m, v, bc1, bc2, self.eps)
-
     def _bias_corrections(self, count: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
-        """(1 - b1^count, 1 - b2^count) in the moments' dtype (`bias_correction`; float64 for
-        the float64 trajectory check); count int32, any shape (LazyAdam: per-row counts)."""
+        """(1 - b1^count, 1 - b2^count) in `dtype`; count int32, any shape (LazyAdam: per row)."""
         return bias_correction(self.b1, count, dtype), bias_correction(self.b2, count, dtype)
 
-    def _update_leaves(self, params, mu, nu, dense_grads: Flat, count, update_table):
+    def _update_all(self, params, state, dense_grads: Flat, table_rows: Rows, count, table_step):
         """Adam over every leaf: non-table leaves here, on their dense gradient with the global
-        `count`; table leaves by `update_table(table, p, m, v) -> (p, m, v)`. Returns the
-        nested (params, mu, nu)."""
-        flat_m, flat_v = flatten_params(mu), flatten_params(nu)
+        `count`; table leaves by `table_step(table, pairs, p, m, v) -> (p, m, v)` (pairs: the
+        table's `table_rows`, m and v from `state`). Returns the nested (params, mu, nu)."""
+        flat_p, flat_m, flat_v = (flatten_params(tree) for tree in (params, state.mu, state.nu))
+        if unknown := {t for t in table_rows if t.path not in flat_p}:
+            raise KeyError(f"gradient rows for unknown tables {sorted(unknown)}")
         new_p, new_m, new_v = {}, {}, {}
-        for key, p in flatten_params(params).items():
+        for key, p in flat_p.items():
             m, v = flat_m[key], flat_v[key]
-            table = table_of(key)
-            if table is not None:
-                new_p[key], new_m[key], new_v[key] = update_table(table, p, m, v)
+            if (table := table_of(key)) is not None:
+                pairs = table_rows.get(table, [])
+                new_p[key], new_m[key], new_v[key] = table_step(table, pairs, p, m, v)
                 continue
             if key not in dense_grads:
                 raise KeyError(f"no gradient for the non-table parameter {key!r}")
             new_m[key], new_v[key] = self._moments(m, v, dense_grads[key])
             bc1, bc2 = self._bias_corrections(count, m.dtype)
-            new_p[key] = p + (-self.lr) * self._step(new_m[key], new_v[key], bc1, bc2)
+            new_p[key] = p + (-self.lr) * adam_direction(new_m[key], new_v[key], bc1, bc2, self.eps)
         return tuple(unflatten_params(tree) for tree in (new_p, new_m, new_v))
 
 
@@ -273,8 +231,7 @@ class RowSparseAdam(_Adam):
         return RowSparseAdamState(jnp.zeros((), jnp.int32), zeros, jax.tree.map(jnp.copy, zeros))
 
     def init_scratch(self, params: Any, sizes: dict[TableKey, int]) -> TableScratch:
-        """Zero buffers for every table; `touched` of length `sizes[table]` (from
-        `lookup_sizes`; 0 for a table no lookup reads), filled with the out-of-range id."""
+        """Zero buffers; `touched` of length `sizes[table]` (`lookup_sizes`), out of range."""
         tables = {k: v for k, v in flatten_params(params).items() if table_of(k)}
 
         def per_table(make):
@@ -294,23 +251,16 @@ class RowSparseAdam(_Adam):
         state: RowSparseAdamState,
         scratch: TableScratch,
     ) -> tuple[Any, RowSparseAdamState, TableScratch]:
-        """One Adam step, numerically the dense Adam on the dense gradient.
-
-        params: nested; dense_grads: {key: gradient} of every non-table leaf; table_rows:
-        `table_gradient_rows` (a table without rows gets the g = 0 update). Returns (params,
-        state, scratch). Jit with all three donated so that the table passes run in place;
-        the total rows of a table must equal its `touched` length (fixed shapes).
-        """
+        """One step of dense Adam on the dense gradient -> (params, state, scratch).
+        dense_grads: {key: gradient} of every non-table leaf; table_rows: `table_gradient_rows`
+        (a table without rows gets the g = 0 update; a table's rows must number its `touched`
+        length). Jit with all three donated so that the table passes run in place."""
         count = state.count + 1
         old = {name: flatten_params(tree) for name, tree in scratch._asdict().items()}
-        unknown = {t for t in table_rows if t.path not in old["touched"]}
-        if unknown:
-            raise KeyError(f"gradient rows for unknown tables {sorted(unknown)}")
         new = {name: dict(flat) for name, flat in old.items()}
 
-        def update_table(table, p, m, v):
-            pairs, path = table_rows.get(table, []), table.path
-            ids = [i for i, _ in pairs]
+        def table_step(table, pairs, p, m, v):
+            path, ids = table.path, [i for i, _ in pairs]
             new_touched = jnp.concatenate(ids) if ids else jnp.zeros((0,), jnp.int32)
             if new_touched.shape != old["touched"][path].shape:
                 raise ValueError(
@@ -325,38 +275,30 @@ class RowSparseAdam(_Adam):
                 grad = grad.at[i].add(r.astype(p.dtype), mode="drop")
             g = grad.reshape(-1)
             m, v = self._moments(m, v, g)
-            step = self._step(m, v, *self._bias_corrections(count, m.dtype))
+            step = adam_direction(m, v, *self._bias_corrections(count, m.dtype), self.eps)
             new["grad_sum"][path], new["step"][path], new["touched"][path] = g, step, new_touched
             return p + (-self.lr) * step.reshape(p.shape), m, v
 
-        params, mu, nu = self._update_leaves(
-            params, state.mu, state.nu, dense_grads, count, update_table
-        )
+        params, mu, nu = self._update_all(params, state, dense_grads, table_rows, count, table_step)
         scratch = TableScratch(**{name: unflatten_params(flat) for name, flat in new.items()})
         return params, RowSparseAdamState(count, mu, nu), scratch
 
     def to_optax_state(self, state: RowSparseAdamState, params: Any) -> Any:
         """The same state in optax.adam's layout (moments shaped like the params)."""
 
-        def reshape(moment, p):
-            return moment.reshape(p.shape)
+        def shaped(moments):
+            return jax.tree.map(lambda m, p: m.reshape(p.shape), moments, params)
 
         template = adam(self.lr, self.b1, self.b2, self.eps).init(
             jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
         )
-        adam_state = template[0]._replace(
-            count=state.count,
-            mu=jax.tree.map(reshape, state.mu, params),
-            nu=jax.tree.map(reshape, state.nu, params),
-        )
-        return (adam_state, *template[1:])
+        head = template[0]._replace(count=state.count, mu=shaped(state.mu), nu=shaped(state.nu))
+        return (head, *template[1:])
 
     def from_optax_state(self, optax_state: Any) -> RowSparseAdamState:
         """Inverse of `to_optax_state`."""
-        adam_state = optax_state[0]
-        return RowSparseAdamState(
-            adam_state.count, _flat_tables(adam_state.mu), _flat_tables(adam_state.nu)
-        )
+        count, mu, nu = optax_state[0]  # optax.ScaleByAdamState
+        return RowSparseAdamState(count, _flat_tables(mu), _flat_tables(nu))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,27 +311,18 @@ class LazyAdam(_Adam):
         flat = flatten_params(params)
         counts = {k: jnp.zeros((v.shape[0],), jnp.int32) for k, v in flat.items() if table_of(k)}
         zeros = jax.tree.map(jnp.zeros_like, params)
-        return LazyAdamState(
-            jnp.zeros((), jnp.int32),
-            zeros,
-            jax.tree.map(jnp.copy, zeros),
-            unflatten_params(counts),
-        )
+        count = jnp.zeros((), jnp.int32)
+        return LazyAdamState(count, zeros, jax.tree.map(jnp.copy, zeros), unflatten_params(counts))
 
     def update(
         self, params: Any, dense_grads: Flat, table_rows: Rows, state: LazyAdamState
     ) -> tuple[Any, LazyAdamState]:
-        """One step. params: nested; dense_grads: {key: gradient} of every non-table leaf;
-        table_rows: `table_gradient_rows` (a table without rows is left as it is). Returns
-        (params, state). Jit with both donated so that the row writes happen in place."""
+        """One step -> (params, state), arguments as `RowSparseAdam.update` (a table without
+        rows is left as it is). Jit with both donated so that the rows are written in place."""
         flat_k = flatten_params(state.row_count)
-        unknown = {t for t in table_rows if t.path not in flat_k}
-        if unknown:
-            raise KeyError(f"gradient rows for unknown tables {sorted(unknown)}")
         new_k = dict(flat_k)
 
-        def update_table(table, p, m, v):
-            pairs = table_rows.get(table, [])
+        def table_step(table, pairs, p, m, v):
             lookups = sum(ids.shape[0] for ids, _ in pairs)
             if lookups == 0:
                 return p, m, v
@@ -398,9 +331,7 @@ class LazyAdam(_Adam):
             return p, m, v
 
         count = state.count + 1
-        params, mu, nu = self._update_leaves(
-            params, state.mu, state.nu, dense_grads, count, update_table
-        )
+        params, mu, nu = self._update_all(params, state, dense_grads, table_rows, count, table_step)
         return params, LazyAdamState(count, mu, nu, unflatten_params(new_k))
 
     def _small_table(self, p, m, v, row_count, pairs):
@@ -414,20 +345,15 @@ class LazyAdam(_Adam):
         row_count = row_count + looked_up.astype(row_count.dtype)
         bc1, bc2 = self._bias_corrections(row_count, m.dtype)
         m_new, v_new = self._moments(m, v, grad)
-        step = self._step(m_new, v_new, bc1[:, None], bc2[:, None])
+        step = adam_direction(m_new, v_new, bc1[:, None], bc2[:, None], self.eps)
         mask = looked_up[:, None]
-        return (
-            jnp.where(mask, p + (-self.lr) * step, p),
-            jnp.where(mask, m_new, m),
-            jnp.where(mask, v_new, v),
-            row_count,
-        )
+        p = jnp.where(mask, p + (-self.lr) * step, p)
+        return p, jnp.where(mask, m_new, m), jnp.where(mask, v_new, v), row_count
 
     def _large_table(self, p, m, v, row_count, pairs):
-        """A table with more rows than the batch's lookups: only the looked-up rows of p, m,
-        v and the counts are read and written (in place when donated); temporaries `[n, d]`
-        for the n lookups, and `[UPDATE_CHUNK, d]` for the Adam update itself, which runs
-        over the distinct looked-up rows only."""
+        """A table with more rows than the batch's n lookups: only the looked-up rows of p,
+        m, v and the counts are read and written (in place when donated); temporaries `[n, d]`,
+        and `[UPDATE_CHUNK, d]` for the Adam update of the distinct looked-up rows."""
         rows_n, width = p.shape
         ids = jnp.concatenate([i for i, _ in pairs]) if len(pairs) > 1 else pairs[0][0]
         n = ids.shape[0]
@@ -435,21 +361,19 @@ class LazyAdam(_Adam):
         padded = -(-n // chunk) * chunk
         position = jnp.arange(n, dtype=jnp.int32)
         before = row_count.at[ids].get(mode="fill", fill_value=0)
-        # Merge duplicate lookups without sorting: each looked-up row's count slot briefly
-        # holds -1 - (the position of one of its lookups, whichever write lands), so all
-        # lookups of a row read back the same representative position. `min(before, 0)` is
-        # 0 (counts are >= 0); it makes the write depend on `before`, so XLA reads the old
-        # counts first and writes in place instead of copying the whole count array.
+        # Merge duplicate lookups without sorting: a looked-up row's count slot briefly holds
+        # -1 - the position of one of its lookups (whichever write lands), which all its
+        # lookups read back. `min(before, 0)` is 0 but makes XLA read the old counts first
+        # and write in place instead of copying the whole count array.
         marked = row_count.at[ids].set(-1 - position + jnp.minimum(before, 0), mode="drop")
         # An out-of-range id (which makes the forward pass NaN) reads n: no representative.
         representative = -1 - marked.at[ids].get(mode="fill", fill_value=-1 - n)
         first = representative == position  # one lookup per distinct looked-up row
         counts = before + 1
         row_count = marked.at[jnp.where(first, ids, rows_n)].set(counts, mode="drop")
-        # Each representative's summed gradient at its position: every lookup's row in a copy
-        # of the rows, the other lookups' rows added onto their representative's (faster
-        # than zeros plus every row, and unlike a zero buffer not merged by XLA with the
-        # other tables' into one buffer that it then copies for each).
+        # Each representative's summed gradient at its position: a copy of the rows, the
+        # other lookups' rows added onto their representative's (a zero buffer would be
+        # merged by XLA with the other tables' into one buffer that it then copies for each).
         pad = jnp.zeros((padded - n, width), p.dtype)
         grad = jnp.concatenate([rows.astype(p.dtype) for _, rows in pairs] + [pad])
         onto = jnp.where(first, padded, representative)  # padded: none
@@ -465,8 +389,7 @@ class LazyAdam(_Adam):
         firsts = firsts.at[jnp.where(first, slot, padded)].set(position, mode="drop")
         chunks = (slot[-1] + chunk) // chunk  # slot[-1] + 1 distinct rows
 
-        # The Adam update chunk by chunk, so that its gathered rows and intermediates stay in
-        # the cache instead of streaming `[n, d]` arrays through memory several times.
+        # The Adam update chunk by chunk, so that its rows and intermediates stay in the cache.
         def update_chunk(index, tables):
             p, m, v = tables
             at = jax.lax.dynamic_slice_in_dim(firsts, index * chunk, chunk)
@@ -476,12 +399,9 @@ class LazyAdam(_Adam):
             m_rows = m.at[rows].get(mode="fill", fill_value=0)
             v_rows = v.at[rows].get(mode="fill", fill_value=0)
             m_rows, v_rows = self._moments(m_rows, v_rows, g)
-            step = self._step(m_rows, v_rows, bc1[:, None], bc2[:, None])
-            return (
-                p.at[rows].add((-self.lr) * step, mode="drop"),
-                m.at[rows].set(m_rows, mode="drop"),
-                v.at[rows].set(v_rows, mode="drop"),
-            )
+            step = adam_direction(m_rows, v_rows, bc1[:, None], bc2[:, None], self.eps)
+            p = p.at[rows].add((-self.lr) * step, mode="drop")
+            return p, m.at[rows].set(m_rows, mode="drop"), v.at[rows].set(v_rows, mode="drop")
 
         p, m, v = jax.lax.fori_loop(0, chunks, update_chunk, (p, m, v))
         return p, m, v, row_count
@@ -495,19 +415,14 @@ def _flat_tables(tree: Any) -> Any:
 
 def make_gradient_fn(model: Any, weight_decay: float):
     """`grads(params, batch_stats, batch, **apply_kwargs) -> (terms, batch_stats, dense_grads,
-    table_rows)` (not jitted). terms: the `loss_terms` dict; dense_grads: {path: gradient} of
-    every non-table leaf; table_rows: `table_gradient_rows`. The tables carry no L2 term, so
-    their whole gradient is the lookup rows."""
+    table_rows)` (not jitted): the `loss_terms` dict, {path: gradient} of every non-table leaf
+    and `table_gradient_rows` (the tables carry no L2 term: their gradient is the rows)."""
 
     def loss_fn(dense, perturbations, tables, batch_stats, batch, kwargs):
         params = unflatten_params({**dense, **tables})
-        outputs, new_state = model.apply(
-            {"params": params, "batch_stats": batch_stats, PERTURBATIONS: perturbations},
-            batch,
-            train=True,
-            mutable=["batch_stats", EMBEDDING_IDS],
-            **kwargs,
-        )
+        variables = {"params": params, "batch_stats": batch_stats, PERTURBATIONS: perturbations}
+        mutable = ["batch_stats", EMBEDDING_IDS]
+        outputs, new_state = model.apply(variables, batch, train=True, mutable=mutable, **kwargs)
         terms = loss_terms(outputs, batch["label"], params, weight_decay)
         return terms["total"], (terms, new_state["batch_stats"], new_state[EMBEDDING_IDS])
 

@@ -4,23 +4,13 @@
     python -m dare_jax.sweep --config configs/demo.py:seeds=3 --models dare,twin \\
         --out runs/sweeps/demo --config.train.max_steps=300
 
-Each point of the grid is the variant `model=M,dim=D` of the config file (added to any
-variant the file argument already names, e.g. `:seeds=3`), with the `--config.<path>=<value>`
-overrides applied exactly as `python -m dare_jax.main` applies them; it is trained by the
-driver (`dare_jax.train.run`) into its own run directory:
-
-- without --out, the directory `python -m dare_jax.main --config FILE:model=M,dim=D` uses
-  (`runs/<dataset>/<M>_d<D>`), so a sweep and single runs share their directories;
-- with --out DIR: `DIR/<M>_d<D>`.
-
-Without --dims the config's own dimension is used and the directories are `<M>`. At the end
-the sweep prints the `python -m analysis.table` command that tabulates its runs.
-
-Killed at any point and started again with the same command, a sweep skips the finished
-runs (their `results.json` exists and their config matches), resumes the interrupted one
-from its latest checkpoint (the driver's exact resume) and goes on. A run directory that
-holds another config is refused, as by the driver. Every config of the grid is resolved
-before the first run starts, so a typo in --models costs nothing.
+Each point is the variant `model=M,dim=D` of the config file (after any variant the file
+argument names, e.g. `:seeds=3`) with the `--config.*` overrides, as `dare_jax.main` builds
+it, trained into the run directory `dare_jax.main` would use (`runs/<dataset>/<M>_d<D>`,
+`<M>` without --dims) or `DIR/<M>_d<D>` with --out DIR; at the end it prints the
+`python -m analysis.table` command over its runs. Run again, a sweep skips the finished runs
+(same config, `results.json` written) and resumes the interrupted one; a run directory
+holding another config is refused. Every point is resolved before the first run starts.
 """
 
 from __future__ import annotations
@@ -33,9 +23,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import ml_collections
 from absl import app, flags
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
 from dare_jax import config as config_lib
 from dare_jax import main as driver  # defines --config (with overrides) and the process flags
@@ -58,30 +47,22 @@ def variant_args(base_arg: str, models: Sequence[str], dims: Sequence[int] | Non
     if not models:
         raise SweepError("--models is empty: name at least one variant")
     for label, values in (("--models", list(models)), ("--dims", list(dims or []))):
-        repeated = sorted({str(v) for v in values if values.count(v) > 1})
-        if repeated:
+        if repeated := sorted({str(v) for v in values if values.count(v) > 1}):
             raise SweepError(f"{label} repeats {repeated}")
     base_keys = {part.partition("=")[0].strip() for part in base_arg.split(",") if part.strip()}
     for key, given in (("model", True), ("dim", bool(dims))):
         if given and key in base_keys:
-            raise SweepError(
-                f"the config argument {base_arg!r} already sets {key}=; the sweep sets it "
-                f"from --{key}s"
-            )
-    points = []
-    for model in models:
-        for dim in dims or [None]:
-            parts = [base_arg] if base_arg else []
-            parts.append(f"model={model}")
-            if dim is not None:
-                parts.append(f"dim={dim}")
-            points.append(",".join(parts))
-    return points
+            why = f"the sweep sets it from --{key}s"
+            raise SweepError(f"the config argument {base_arg!r} already sets {key}=; {why}")
+    base = [base_arg] if base_arg else []
+    return [
+        ",".join(base + [f"model={model}"] + ([f"dim={dim}"] if dim is not None else []))
+        for model in models
+        for dim in dims or [None]
+    ]
 
 
-def load_config(
-    config_file: str, arg: str, overrides: Mapping[str, Any]
-) -> ml_collections.ConfigDict:
+def load_config(config_file: str, arg: str, overrides: Mapping[str, Any]) -> ConfigDict:
     """`get_config(arg)` of the config file, locked, with the parsed --config.* overrides
     applied on top: what `python -m dare_jax.main --config FILE:ARG --config.x=y` builds."""
     spec = importlib.util.spec_from_file_location("dare_jax_sweep_config", config_file)
@@ -105,12 +86,10 @@ def sweep_specs(
     overrides: Mapping[str, Any],
     out: str | Path | None = None,
 ) -> list[config_lib.ExperimentSpec]:
-    """The resolved specs of the grid, each with its run directory (`workdir`).
-
-    config_file_arg: 'configs/x.py' or 'configs/x.py:ARG'; overrides: dotted path -> value
-    (`--config.*` as absl parsed them). `workdir` may not be overridden: every run needs
-    its own directory. SweepError or ConfigError naming the bad point.
-    """
+    """The resolved specs of the grid, each with its own run directory (`workdir`, which
+    overrides may therefore not set). config_file_arg: 'configs/x.py[:ARG]'; overrides:
+    dotted path -> value (`--config.*` as absl parsed them). SweepError or ConfigError naming
+    the bad point."""
     if "workdir" in overrides:
         raise SweepError(
             "--config.workdir would put every run of the sweep in one directory; "
@@ -187,13 +166,9 @@ def main(argv: list[str]) -> None:
     from dare_jax import sharding
 
     try:
-        specs = sweep_specs(
-            config_flags.get_config_filename(config_flag),
-            _MODELS.value,
-            _dims(_DIMS.value),
-            config_flags.get_override_values(config_flag),
-            _OUT.value,
-        )
+        config_file = config_flags.get_config_filename(config_flag)
+        overrides = config_flags.get_override_values(config_flag)
+        specs = sweep_specs(config_file, _MODELS.value, _dims(_DIMS.value), overrides, _OUT.value)
         run_sweep(specs)
     except (SweepError, *driver.user_errors()) as error:
         print(f"error: {error}", file=sys.stderr)
