@@ -113,7 +113,9 @@ class Experiment:
         try:
             self.partitioner = partitioner_for(spec.mesh)
             self.partitioner.check_batch_size(self.batch_size)
-            self.steps_per_epoch = pipeline.steps_per_epoch(dataset, self.batch_size)
+            shuffle = spec.data.shuffle
+            self.steps_per_epoch = pipeline.steps_per_epoch(dataset, self.batch_size, shuffle)
+            self.masked_batches = pipeline.has_partial_batches(dataset, self.batch_size, shuffle)
             self.histories = None
             if spec.data.histories == "device":
                 self.histories = DeviceHistories(dataset, spec.data.max_length, self.partitioner)
@@ -136,9 +138,12 @@ class Experiment:
         self.initial_weights = self._initial_weights(batch)
 
     def example_batch(self) -> dict:
-        """The first training batch (numpy), whose shapes the steps are compiled for: the
+        """A training batch (numpy) with the keys and shapes the steps are compiled for: the
         same samples on every process (numpy inputs of a jitted function are replicated)."""
-        return self.dataset.gather("train", np.arange(self.batch_size), self.spec.data.max_length)
+        batch = self.dataset.gather("train", np.arange(self.batch_size), self.spec.data.max_length)
+        if self.masked_batches:  # file order with partial batches (dare_jax.data.pipeline)
+            batch["example_mask"] = np.ones(self.batch_size, bool)
+        return batch
 
     def _initial_weights(self, example: dict) -> dict | None:
         """`model.init_from`'s official weights as our {'params', 'batch_stats'} (numpy),

@@ -423,7 +423,7 @@ def make_gradient_fn(model: Any, weight_decay: float):
         variables = {"params": params, "batch_stats": batch_stats, PERTURBATIONS: perturbations}
         mutable = ["batch_stats", EMBEDDING_IDS]
         outputs, new_state = model.apply(variables, batch, train=True, mutable=mutable, **kwargs)
-        terms = loss_terms(outputs, batch["label"], params, weight_decay)
+        terms = loss_terms(outputs, batch["label"], params, weight_decay, batch.get("example_mask"))
         return terms["total"], (terms, new_state["batch_stats"], new_state[EMBEDDING_IDS])
 
     def grads(params, batch_stats, batch, **kwargs):

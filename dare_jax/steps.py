@@ -189,7 +189,9 @@ def _dense_train_step(model, optimizer, weight_decay: float):
         outputs, updates = model.apply(
             variables, batch, train=True, mutable=["batch_stats"], rngs={"dropout": rng}
         )
-        terms = loss_lib.loss_terms(outputs, batch["label"], params, weight_decay)
+        terms = loss_lib.loss_terms(
+            outputs, batch["label"], params, weight_decay, batch.get("example_mask")
+        )
         return terms["total"], (terms, updates.get("batch_stats", state["batch_stats"]))
 
     def train_step(state: State, batch: Batch) -> tuple[State, dict[str, jax.Array]]:

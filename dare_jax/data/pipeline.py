@@ -65,8 +65,13 @@ class _GatherBatch:
     `histories="device"` the histories as int32 spans (`hist_start`, `hist_stop`)."""
 
     def __init__(
-        self, source: SampleSource, split: str, max_length: int, blind_history: bool,
-        rows: tuple[int, int] | None = None, histories: str = "host",
+        self,
+        source: SampleSource,
+        split: str,
+        max_length: int,
+        blind_history: bool,
+        rows: tuple[int, int] | None = None,
+        histories: str = "host",
     ):
         if histories not in HISTORIES:
             raise ValueError(f"histories={histories!r}: expected one of {HISTORIES}")
@@ -118,19 +123,33 @@ def file_order_batches(source: SampleSource, batch_size: int) -> np.ndarray:
     return np.stack([start, stop], axis=1)
 
 
+def has_partial_batches(source: SampleSource, batch_size: int, shuffle: bool) -> bool:
+    """Whether the training batches carry `example_mask` (file order with a partial batch)."""
+    spans = None if shuffle else file_order_batches(source, batch_size)
+    return spans is not None and bool(np.any(spans[:, 1] - spans[:, 0] < batch_size))
+
+
 def steps_per_epoch(source: SampleSource, batch_size: int, shuffle: bool = True) -> int:
     """Training batches per epoch: full ones (the remainder is dropped), or with `shuffle`
     off those of `file_order_batches`."""
     num = source.num_samples("train")
     if num < batch_size:
-        raise ValueError(f"batch_size={batch_size} is larger than the training split "
-                         f"({num} samples)")
+        raise ValueError(
+            f"batch_size={batch_size} is larger than the training split ({num} samples)"
+        )
     return num // batch_size if shuffle else len(file_order_batches(source, batch_size))
 
 
 def train_dataset(
-    source: SampleSource, *, batch_size: int, seed: int, num_epochs: int, max_length: int,
-    blind_history: bool = False, rows: tuple[int, int] | None = None, shuffle: bool = True,
+    source: SampleSource,
+    *,
+    batch_size: int,
+    seed: int,
+    num_epochs: int,
+    max_length: int,
+    blind_history: bool = False,
+    rows: tuple[int, int] | None = None,
+    shuffle: bool = True,
     histories: str = "host",
 ) -> grain.MapDataset:
     """All training batches of `num_epochs` epochs, `steps_per_epoch * num_epochs` elements.
@@ -146,7 +165,7 @@ def train_dataset(
         batch_indices = ShuffledBatch(source.num_samples("train"), batch_size, shuffle_seed(seed))
         return grain.MapDataset.range(per_epoch * num_epochs).map(batch_indices).map(gather)
     spans = file_order_batches(source, batch_size)
-    masked = bool(np.any(spans[:, 1] - spans[:, 0] < batch_size))
+    masked = has_partial_batches(source, batch_size, shuffle)
     take = slice(*rows) if rows is not None else slice(None)
 
     def element(j: int) -> Batch:
@@ -160,7 +179,9 @@ def train_dataset(
 
 
 def train_iterator(
-    dataset: grain.MapDataset, state: dict[str, Any] | None = None, prefetch: int = 2,
+    dataset: grain.MapDataset,
+    state: dict[str, Any] | None = None,
+    prefetch: int = 2,
     threads: int = 1,
 ) -> grain.DatasetIterator:
     """A checkpointable iterator; `state` is a former `iterator.get_state()`.
@@ -169,8 +190,9 @@ def train_iterator(
     trains (in order: element j is the same whatever the thread count); `prefetch=0`
     prepares each batch when it is asked for.
     """
-    options = grain.ReadOptions(num_threads=threads if prefetch else 0,
-                                prefetch_buffer_size=prefetch)
+    options = grain.ReadOptions(
+        num_threads=threads if prefetch else 0, prefetch_buffer_size=prefetch
+    )
     iterator = dataset.to_iter_dataset(options).__iter__()
     if state is not None:
         iterator.set_state(state)
@@ -178,8 +200,14 @@ def train_iterator(
 
 
 def eval_batches(
-    source: SampleSource, split: str, *, batch_size: int, max_length: int,
-    blind_history: bool = False, rows: tuple[int, int] | None = None, histories: str = "host",
+    source: SampleSource,
+    split: str,
+    *,
+    batch_size: int,
+    max_length: int,
+    blind_history: bool = False,
+    rows: tuple[int, int] | None = None,
+    histories: str = "host",
 ) -> Iterator[tuple[Batch, np.ndarray]]:
     """(batch, valid `[B]` bool) over every sample of `split`, in order.
 

@@ -124,19 +124,29 @@ def trajectory_spec(
 ) -> ExperimentSpec:
     """The experiment of the official run a fixture records (model from the constructor
     kwargs, its Adam lr, L2 weight, batch size and epochs; file order, one device)."""
-    model, _, _, max_length = torch_weights.config_from_official_kwargs(
-        meta["constructor_kwargs"]
-    )
+    model, _, _, max_length = torch_weights.config_from_official_kwargs(meta["constructor_kwargs"])
     batch_size = int(meta["batch_size"])
     return ExperimentSpec(
         # kind: only the raw-log reader depends on it; none is read here.
-        data=DataSpec(name=f"official {meta.get('data', '')}".strip(), kind="taobao",
-                      dir=str(data_dir), max_length=max_length, shuffle=False),
+        data=DataSpec(
+            name=f"official {meta.get('data', '')}".strip(),
+            kind="taobao",
+            dir=str(data_dir),
+            max_length=max_length,
+            shuffle=False,
+        ),
         model=model.replace(init_from=str(fixture_path)),
-        optim=OptimSpec(lr=float(meta["adam_lr"]), weight_decay=float(meta["weight_decay"]),
-                        table_updates=table_updates),
-        train=TrainSpec(batch_size=batch_size, eval_batch_size=batch_size,
-                        num_epochs=int(meta["epochs"]), num_seeds=1),
+        optim=OptimSpec(
+            lr=float(meta["adam_lr"]),
+            weight_decay=float(meta["weight_decay"]),
+            table_updates=table_updates,
+        ),
+        train=TrainSpec(
+            batch_size=batch_size,
+            eval_batch_size=batch_size,
+            num_epochs=int(meta["epochs"]),
+            num_seeds=1,
+        ),
         mesh=MeshSpec(data=1),
         log=LogSpec(progress_bar=False),
         variant=model.name,
@@ -144,10 +154,15 @@ def trajectory_spec(
 
 
 def check_fixture(
-    path: str | Path, data_dir: str | Path, optimizer: str = "row_sparse", float64: bool = False
+    path: str | Path,
+    data_dir: str | Path,
+    optimizer: str = "row_sparse",
+    float64: bool = False,
+    steps: int | None = None,
 ) -> TrajectoryResult:
-    """Train the fixture's official run with the driver's experiment and compare; raises
-    ValueError, KeyError or OSError on unusable input."""
+    """Train the fixture's official run with the driver's experiment and compare (only its
+    first `steps` steps, and no test predictions, when given); raises ValueError, KeyError or
+    OSError on unusable input."""
     fixture = load_fixture(path)
     meta = fixture["meta"]
     spec = trajectory_spec(path, meta, data_dir, optimizer)
@@ -155,71 +170,94 @@ def check_fixture(
     kwargs = meta["constructor_kwargs"]
     for key in ("item_n", "cate_n"):
         if int(dataset.manifest[key]) != int(kwargs[key]):
-            raise ValueError(f"{data_dir}: {key} = {dataset.manifest[key]}, but {path} was "
-                             f"trained with {key} = {kwargs[key]}: not the official "
-                             "preprocessing it was trained on")
+            raise ValueError(
+                f"{data_dir}: {key} = {dataset.manifest[key]}, but {path} was "
+                f"trained with {key} = {kwargs[key]}: not the official "
+                "preprocessing it was trained on"
+            )
     f32, f64 = np.asarray(fixture["steps_f32"]), np.asarray(fixture["steps_f64"])
     required = int(meta["steps_where_reference_f32_within_1e4th_of_f64"])
     with jax.enable_x64(True) if float64 else contextlib.nullcontext():
         experiment = Experiment(spec, dataset)
         if experiment.total_steps != len(f64):
-            raise ValueError(f"{path}: {len(f64)} recorded steps, but {data_dir} gives "
-                             f"{experiment.total_steps} ({experiment.steps_per_epoch} batches "
-                             f"of {experiment.batch_size} per epoch x {spec.train.num_epochs} "
-                             "epochs)")
+            raise ValueError(
+                f"{path}: {len(f64)} recorded steps, but {data_dir} gives "
+                f"{experiment.total_steps} ({experiment.steps_per_epoch} batches "
+                f"of {experiment.batch_size} per epoch x {spec.train.num_epochs} "
+                "epochs)"
+            )
         seed = int(meta.get("seed", 0))  # unused: fixed weights, file order, no dropout
         state = experiment.initial_state(seed)
         if float64:
             state = jax.tree.map(
                 lambda x: x.astype(jnp.float64) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                state)
+                state,
+            )
         batches = experiment.train_batches(seed)
         comparisons = []
-        for step in range(experiment.total_steps):
+        last = experiment.total_steps if steps is None else min(steps, experiment.total_steps)
+        for step in range(last):
             state, out = experiment.train_step(state, next(batches))
             v = {k: np.float64(x) for k, x in jax.device_get(out).items()}
             ours = np.array([v["total"], v["ctr"] + v["aux"], v["aux"], v["l2"]])  # TERMS
             if float64:
                 tolerance = FLOAT64_RTOL * np.abs(f64[step])
             else:
-                tolerance = np.maximum(RELATIVE_FLOOR * np.abs(f64[step]),
-                                       REFERENCE_DRIFT_FACTOR * np.abs(f32[step] - f64[step]))
+                tolerance = np.maximum(
+                    RELATIVE_FLOOR * np.abs(f64[step]),
+                    REFERENCE_DRIFT_FACTOR * np.abs(f32[step] - f64[step]),
+                )
             tolerance = np.maximum(tolerance, np.finfo(np.float64).tiny)
-            comparisons.append(StepComparison(step, ours, f32[step], f64[step], tolerance,
-                                              float64 or step < required))
+            comparisons.append(
+                StepComparison(
+                    step, ours, f32[step], f64[step], tolerance, float64 or step < required
+                )
+            )
         label = np.asarray(fixture["test_label"])
         tests = []
-        for mode in BATCHNORM_MODES:  # test click probabilities [N] in file order
+        for mode in BATCHNORM_MODES if steps is None else ():  # test clicks [N], file order
             model = spec.model.replace(eval_batchnorm_uses_batch_stats=mode == "batch_stats")
             prob = predict(Experiment(spec.replace(model=model), dataset), state, "test")["prob"]
             ref64 = np.asarray(fixture[f"test_prob_f64/{mode}"], np.float64)
             if prob.shape != ref64.shape:
-                raise ValueError(f"{path}: {ref64.shape[0]} test predictions, {data_dir} has "
-                                 f"{prob.shape[0]}")
+                raise ValueError(
+                    f"{path}: {ref64.shape[0]} test predictions, {data_dir} has {prob.shape[0]}"
+                )
             diff = float(np.max(np.abs(prob - ref64)))
-            tests.append(TestComparison(
-                mode, metrics.auc(label, prob),
-                metrics.auc(label, np.asarray(fixture[f"test_prob_f32/{mode}"])),
-                metrics.auc(label, ref64),
-                float(fixture[f"test_auc_f32/{mode}"]), float(fixture[f"test_auc_f64/{mode}"]),
-                diff, required=float64, ok=diff <= FLOAT64_RTOL * float(np.max(np.abs(ref64))),
-            ))
+            tests.append(
+                TestComparison(
+                    mode,
+                    metrics.auc(label, prob),
+                    metrics.auc(label, np.asarray(fixture[f"test_prob_f32/{mode}"])),
+                    metrics.auc(label, ref64),
+                    float(fixture[f"test_auc_f32/{mode}"]),
+                    float(fixture[f"test_auc_f64/{mode}"]),
+                    diff,
+                    required=float64,
+                    ok=diff <= FLOAT64_RTOL * float(np.max(np.abs(ref64))),
+                )
+            )
     return TrajectoryResult(
-        str(path), spec.model.name, optimizer, "float64" if float64 else "float32",
-        len(f64) if float64 else required, comparisons, tests,
+        str(path),
+        spec.model.name,
+        optimizer,
+        "float64" if float64 else "float32",
+        min(last, len(f64) if float64 else required),
+        comparisons,
+        tests,
     )
 
 
 def format_result(result: TrajectoryResult) -> str:
     """The per-step table and the test AUCs of one run."""
     rule = (
-        f"|ours - f64| <= {FLOAT64_RTOL:g} |f64|, every step" if result.dtype == "float64"
+        f"|ours - f64| <= {FLOAT64_RTOL:g} |f64|, every step"
+        if result.dtype == "float64"
         else f"|ours - f64| <= max({RELATIVE_FLOOR:g} |f64|, {REFERENCE_DRIFT_FACTOR:g} "
         f"|f32 - f64|), steps 0-{result.required_steps - 1}"
     )
     lines = [
-        f"== {result.path}: {result.model}, {result.optimizer} Adam, {result.dtype} "
-        f"(pass: {rule})",
+        f"== {result.path}: {result.model}, {result.optimizer} Adam, {result.dtype} (pass: {rule})",
         "   err/tol = |ours - f64| / tolerance per term (<= 1 passes); "
         "f32 drift = the official float32 run's |f32 - f64| / |f64| of the total",
         f"   {'step':>4}  {'status':<9}{'total (ours)':>14}{'total (f64)':>14}{'f32 drift':>11}"
@@ -244,7 +282,8 @@ def format_result(result: TrajectoryResult) -> str:
     later = [s for s in result.steps if not s.required]
     lines.append(
         f"   -> {'PASS' if result.ok else 'FAIL'}: {len(required) - len(failed)}/{len(required)}"
-        f" required steps within tolerance" + (f" (failed: {failed})" if failed else "")
+        f" required steps within tolerance"
+        + (f" (failed: {failed})" if failed else "")
         + (f"; later steps within it: {sum(s.ok for s in later)}/{len(later)}" if later else "")
     )
     return "\n".join(lines)
@@ -254,17 +293,26 @@ def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: 0 when every run passes, 1 otherwise, 2 on bad input."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("fixtures", nargs="+", help="training-trajectory fixture .npz files")
-    parser.add_argument("--data", required=True, help="the official preprocessed directory, "
-                        "imported with preprocessing.import_official")
-    parser.add_argument("--optimizer", choices=("both", *OPTIMIZERS), default="both",
-                        help="the driver's Adam path(s) to train with (default both)")
-    parser.add_argument("--float64", action="store_true",
-                        help="train in float64; every step must match f64")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="the official preprocessed directory, imported with preprocessing.import_official",
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=("both", *OPTIMIZERS),
+        default="both",
+        help="the driver's Adam path(s) to train with (default both)",
+    )
+    parser.add_argument(
+        "--float64", action="store_true", help="train in float64; every step must match f64"
+    )
     args = parser.parse_args(argv)
     optimizers = OPTIMIZERS if args.optimizer == "both" else [args.optimizer]
     jobs = ((f, args.data, o, args.float64) for f in args.fixtures for o in optimizers)
     return run_checks(
-        jobs, check_fixture, format_result, (OSError, KeyError, ValueError, ExperimentError))
+        jobs, check_fixture, format_result, (OSError, KeyError, ValueError, ExperimentError)
+    )
 
 
 if __name__ == "__main__":
