@@ -1,11 +1,9 @@
 """ETA (Chen et al. 2021): SimHash signatures and Hamming-distance top-k retrieval.
 
-A fixed random Gaussian projection R `[m, D]` (never trained) maps an attention vector e to
-the m-bit signature sign(R e) (bit = 1 where R e > 0). Signatures are packed into
-ceil(m / 32) uint32 words; the Hamming distance is the population count of the XOR. The k
-behaviours with the smallest distance to the target's signature are kept (ties: the more
-recent first), then ordinary target attention runs over those k. The hashing is integer /
-boolean and gradient-free; the embeddings train through the attention over the k.
+A fixed random Gaussian projection R `[m, D]` maps an attention vector e to the m-bit
+signature sign(R e), packed into ceil(m / 32) uint32 words; the Hamming distance is the
+population count of the XOR. Target attention runs over the k behaviours nearest the
+target's signature (ties: the more recent). The hashing is gradient-free.
 """
 
 from __future__ import annotations
@@ -40,50 +38,36 @@ def signature_bits(vectors: Behaviours, planes: jax.Array) -> jax.Array:
     return projected > 0
 
 
-def pack_bits(bits: jax.Array) -> jax.Array:
-    """bool `[..., m]` -> uint32 `[..., ceil(m / 32)]`; bit i goes to word i // 32, bit i % 32."""
+def signatures(vectors: Behaviours, planes: jax.Array) -> jax.Array:
+    """Packed signatures uint32 `[..., ceil(m / 32)]` of vectors `[..., D]`: bit i goes to
+    word i // 32, bit i % 32."""
+    bits = signature_bits(vectors, planes)
     m = bits.shape[-1]
     words = -(-m // WORD_BITS)
     padded = jnp.pad(bits, [(0, 0)] * (bits.ndim - 1) + [(0, words * WORD_BITS - m)])
     grouped = padded.reshape(bits.shape[:-1] + (words, WORD_BITS)).astype(jnp.uint32)
-    shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32)
-    return jnp.sum(grouped << shifts, axis=-1, dtype=jnp.uint32)
-
-
-def signatures(vectors: Behaviours, planes: jax.Array) -> jax.Array:
-    """Packed signatures uint32 `[..., W]` of vectors `[..., D]` (W = ceil(m / 32))."""
-    return pack_bits(signature_bits(vectors, planes))
+    return jnp.sum(grouped << jnp.arange(WORD_BITS, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
 
 
 def hamming_distance(history: jax.Array, target: jax.Array) -> jax.Array:
-    """int32 `[..., L]` distances between history `[..., L, W]` and target `[..., W]`
-    signatures."""
+    """int32 `[..., L]` distances of history `[..., L, W]` to target `[..., W]` signatures."""
     diff = jnp.bitwise_xor(history, target[..., None, :])
     return jnp.sum(jax.lax.population_count(diff).astype(jnp.int32), axis=-1)
 
 
 def hamming_top_k(distance: jax.Array, valid: jax.Array, k: int, num_bits: int) -> jax.Array:
-    """Indices `[B, k]` of the k valid positions with the smallest Hamming distance.
-
-    distance `[..., L]` int, valid `[..., L]` bool. Ties go to the more recent (larger)
-    position; padding ranks below every valid position (with fewer than k valid behaviours
-    the last slots are padding positions, which the caller masks). One `top_k` over the
-    integer priority (num_bits - distance) * L + position.
-    """
+    """Indices `[..., k]` of the k valid positions (distance, valid `[..., L]`) with the
+    smallest Hamming distance, ties to the more recent; padding ranks last (the caller masks
+    it). One `top_k` over the integer priority (num_bits - distance) * L + position."""
     length = distance.shape[-1]
     position = jnp.arange(length, dtype=jnp.int32)
     priority = jnp.where(valid, (num_bits - distance) * length + position, position - length)
-    _, indices = jax.lax.top_k(priority, k)
-    return indices
+    return jax.lax.top_k(priority, k)[1]
 
 
-def search(
-    query: jax.Array, target: dict[str, jax.Array], history: History, cfg, want_full: bool
-) -> Retrieval:
-    """ETA for one example: the k behaviours nearest the target in Hamming distance, then
-    target attention over them. The full-history scores are computed for the aux loss only:
-    without it ETA has no aux head, `official_parameters_always` or not (there is no official
-    ETA constructor to match), so `want_full` is not consulted."""
+def search(query: jax.Array, target, history: History, cfg, want_full: bool) -> Retrieval:
+    """ETA for one example. Only the aux loss needs the full-history scores: without it ETA
+    has no aux head (no official constructor to match), so `want_full` is not consulted."""
     bits = int(cfg.hash_bits)
     planes = random_hyperplanes(bits, query.shape[-1], int(cfg.hash_seed))
     target_signature = signatures(query, planes)

@@ -8,7 +8,6 @@ Official initialisation: every parameter whose name is not a bias ~ Normal(0, in
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -21,21 +20,15 @@ BATCHNORM_MOMENTUM = 0.1  # PyTorch convention: running = (1 - m) * running + m 
 
 def normal_init(std: float):
     """Normal(0, std) initialiser."""
-
-    def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
-        return std * jax.random.normal(key, shape, dtype)
-
-    return init
+    return lambda key, shape, dtype=jnp.float32: std * jax.random.normal(key, shape, dtype)
 
 
 def torch_linear_bias_init(fan_in: int):
     """PyTorch's default Linear bias: Uniform(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
     bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
-
-    def init(key: jax.Array, shape: Sequence[int], dtype=jnp.float32) -> jax.Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    return init
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+        key, shape, dtype, -bound, bound
+    )
 
 
 class Linear(nn.Module):
@@ -48,8 +41,7 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         fan_in = x.shape[-1]
-        kernel = self.param("kernel", normal_init(self.init_std), (fan_in, self.features))
-        y = jnp.dot(x, kernel)
+        y = jnp.dot(x, self.param("kernel", normal_init(self.init_std), (fan_in, self.features)))
         if self.use_bias:
             y = y + self.param("bias", torch_linear_bias_init(fan_in), (self.features,))
         return y
@@ -66,17 +58,21 @@ class PReLU(nn.Module):
         return jnp.where(x >= 0, x, slope[0] * x)
 
 
+def _mlp(x, hidden, features: int, use_bias: bool, init_std: float) -> jax.Array:
+    """Linear + PReLU per hidden size, then Linear(features); submodules dense_i, prelu_i."""
+    for i, width in enumerate(hidden):
+        x = Linear(width, use_bias, init_std, name=f"dense_{i}")(x)
+        x = PReLU(init_std, name=f"prelu_{i}")(x)
+    return Linear(features, use_bias, init_std, name=f"dense_{len(hidden)}")(x)
+
+
 class BatchNorm1d(nn.Module):
     """PyTorch BatchNorm1d over `[B, F]`: eps 1e-5, momentum 0.1 (PyTorch convention).
-
-    Training normalises with the batch mean and the biased batch variance and, when the
-    `batch_stats` collection is mutable, updates the running statistics with the UNBIASED
-    variance (as PyTorch does; flax.linen.BatchNorm would use the biased one and the opposite
-    momentum convention). Evaluation uses the running statistics unless
-    `use_batch_stats_at_eval` (the official code never switches to evaluation mode).
-    `mask` `[B]` (bool; None = every row): the rows the batch statistics are taken over, so
-    the filler rows of a padded evaluation batch do not move them; every row is normalised.
-    """
+    Training normalises with the batch mean and biased variance and updates the running
+    statistics (when `batch_stats` is mutable) with the UNBIASED variance, as PyTorch does.
+    Evaluation uses the running statistics unless `use_batch_stats_at_eval` (the official
+    code never switches to evaluation mode). `mask` `[B]` (None: all): the rows the batch
+    statistics are taken over (not a padded batch's filler rows); all rows are normalised."""
 
     init_std: float = 0.01
     use_batch_stats_at_eval: bool = False
@@ -101,21 +97,17 @@ class BatchNorm1d(nn.Module):
                 var = jnp.sum(weight * jnp.square(x - mean), axis=0) / n
                 bessel = n / jnp.maximum(n - 1, 1)
             if train and self.is_mutable_collection("batch_stats") and not self.is_initializing():
-                unbiased = var * bessel
                 m = BATCHNORM_MOMENTUM
                 running_mean.value = (1 - m) * running_mean.value + m * mean
-                running_var.value = (1 - m) * running_var.value + m * unbiased
+                running_var.value = (1 - m) * running_var.value + m * (var * bessel)
         else:
             mean, var = running_mean.value, running_var.value
         return (x - mean) * jax.lax.rsqrt(var + BATCHNORM_EPS) * scale + bias
 
 
 class MLPHead(nn.Module):
-    """BatchNorm, then Linear + PReLU per hidden size, then Linear(2): logits `[B, 2]`.
-
-    Parameter names: batch_norm, dense_0, prelu_0, dense_1, ... (the official main head is
-    hidden (200, 80), the auxiliary head (200,)).
-    """
+    """BatchNorm (`batch_norm`), then Linear + PReLU per hidden size, then Linear(2): logits
+    `[B, 2]`. `mask` `[B]`: the rows BatchNorm takes batch statistics over."""
 
     hidden: tuple[int, ...]
     init_std: float = 0.01
@@ -123,13 +115,8 @@ class MLPHead(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool, mask: jax.Array | None = None) -> jax.Array:
-        """`mask` `[B]`: the rows BatchNorm takes batch statistics over (see BatchNorm1d)."""
         norm = BatchNorm1d(self.init_std, self.use_batch_stats_at_eval, name="batch_norm")
-        x = norm(x, train, mask)
-        for i, width in enumerate(self.hidden):
-            x = Linear(width, init_std=self.init_std, name=f"dense_{i}")(x)
-            x = PReLU(self.init_std, name=f"prelu_{i}")(x)
-        return Linear(2, init_std=self.init_std, name=f"dense_{len(self.hidden)}")(x)
+        return _mlp(norm(x, train, mask), self.hidden, 2, True, self.init_std)
 
 
 class ProjectionMLP(nn.Module):
@@ -142,9 +129,4 @@ class ProjectionMLP(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        for i, width in enumerate(self.hidden):
-            x = Linear(width, self.use_bias, self.init_std, name=f"dense_{i}")(x)
-            x = PReLU(self.init_std, name=f"prelu_{i}")(x)
-        return Linear(
-            self.features, self.use_bias, self.init_std, name=f"dense_{len(self.hidden)}"
-        )(x)
+        return _mlp(x, self.hidden, self.features, self.use_bias, self.init_std)

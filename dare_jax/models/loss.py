@@ -16,34 +16,21 @@ EMBEDDING_ROOT = "embed"
 
 
 def _path_names(path: tuple[Any, ...]) -> tuple[str, ...]:
-    names = []
-    for entry in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(entry, attr):
-                names.append(str(getattr(entry, attr)))
-                break
-        else:
-            names.append(str(entry))
-    return tuple(names)
+    keys = ("key", "name", "idx")  # of the path entries, tried in order
+    return tuple(str(next((getattr(e, a) for a in keys if hasattr(e, a)), e)) for e in path)
 
 
 def is_l2_penalised(path: tuple[str, ...]) -> bool:
-    """True for leaves counted in the L2 penalty: not under `embed/` and not named `bias`.
-
-    (The official rule: parameter name contains neither 'bias' nor 'embedding'. BatchNorm
-    scale, PReLU slopes, projection and DIN-attention kernels are therefore penalised.)
-    """
+    """True for leaves counted in the L2 penalty: not under `embed/` and not named `bias` (the
+    official rule: the name contains neither 'bias' nor 'embedding')."""
     return EMBEDDING_ROOT not in path[:1] and path[-1] != "bias"
 
 
 def l2_penalty(params: Any) -> jax.Array:
-    """Sum of squares of every penalised leaf of `params` (selected by path): a float32
-    scalar (float64 for float64 params, as `dare_jax.interop.check_trajectory --float64`)."""
-    leaves = [
-        leaf
-        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-        if is_l2_penalised(_path_names(path))
-    ]
+    """Sum of squares of every penalised leaf of `params`: a float32 scalar (float64 for
+    float64 params, as `dare_jax.interop.check_trajectory --float64`)."""
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    leaves = [leaf for path, leaf in flat if is_l2_penalised(_path_names(path))]
     dtype = jnp.result_type(jnp.float32, *leaves)
     total = jnp.zeros((), dtype)
     for leaf in leaves:
@@ -73,10 +60,8 @@ def loss_terms(
 ) -> dict[str, jax.Array]:
     """{'total', 'ctr', 'aux', 'l2'}: aux is 0 without an auxiliary head in `outputs`."""
     ctr = cross_entropy(outputs["prob"], label, example_weight)
-    aux = (
-        cross_entropy(outputs["aux_prob"], label, example_weight)
-        if "aux_prob" in outputs
-        else jnp.zeros((), ctr.dtype)
-    )
+    aux = jnp.zeros((), ctr.dtype)
+    if "aux_prob" in outputs:
+        aux = cross_entropy(outputs["aux_prob"], label, example_weight)
     l2 = l2_penalty(params)
     return {"total": ctr + aux + weight_decay * l2, "ctr": ctr, "aux": aux, "l2": l2}

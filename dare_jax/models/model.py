@@ -5,10 +5,7 @@ Batch (dict of int arrays): `iid, cid [B]`, `hist_iid, hist_cid [B, L]` (left-pa
 mask (hist_iid > 0); optional overrides `tid [B]`, `hist_tid [B, L]`, `mask [B, L]`; optional
 `example_mask [B]` (bool): the rows BatchNorm takes batch statistics over (evaluation with
 `eval_batchnorm_uses_batch_stats` passes the valid rows of a padded batch; default all).
-
-First stage: the variant's search (`VariantSpec.search`, a key of SEARCHES), written for one
-example and `jax.vmap`-ed over the batch. Options of every search that scores the history:
-`search_chunk` (chunked, linear memory) and `score_dtype`.
+First stage: the variant's search (a key of SEARCHES), for one example, vmapped.
 
 Outputs: `prob [B, 2]` (column 0 = click; softmax + 1e-8 as official), `logits [B, 2]`,
 `aux_prob [B, 2]` (aux loss on), `representation [B, F]` (the main-MLP input) and, per search:
@@ -20,19 +17,13 @@ with the aux loss), `topk_indices [B, k]`; ETA `hamming_distance [B, L]`; SDIM
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dare_jax.models import eta, sdim, search, twin_v2
-from dare_jax.models.embeddings import (
-    EmbeddingTables,
-    Lookup,
-    Projections,
-    lookup_roles,
-    lookups,
-    row_perturbations,
-)
+from dare_jax.models import embeddings, eta, sdim, search, twin_v2
 from dare_jax.models.layers import MLPHead
 from dare_jax.models.spec import ModelSpec
 from dare_jax.models.variants import ROLES, VariantSpec
@@ -52,37 +43,24 @@ SEARCHES = {
 }
 
 
-def history_time_ids(length: int) -> jax.Array:
-    """`[L]` time ids: position j -> L - j, so the most recent behaviour has 1."""
-    return length - jnp.arange(length, dtype=jnp.int32)
-
-
-def read_batch(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    """The model inputs of `batch` (see the module docstring) as int32 / bool arrays.
-
-    Keys iid, cid `[B]`; hist_iid, hist_cid `[B, L]`; tid, hist_tid: the batch's overrides
-    (`[B]`, `[B, L]`), else the derived ids, the same for every example: `[]` and `[L]`
-    (`history_time_ids`); valid `[B, L]`: the batch's `mask`, else hist_iid > 0;
-    example_mask `[B]` or None.
-    """
-    ids = {k: jnp.asarray(batch[k], jnp.int32) for k in ("iid", "cid", "hist_iid", "hist_cid")}
-    length = ids["hist_iid"].shape[1]
-    ids["tid"] = jnp.asarray(batch.get("tid", 0), jnp.int32)
-    hist_tid = batch["hist_tid"] if "hist_tid" in batch else history_time_ids(length)
-    ids["hist_tid"] = jnp.asarray(hist_tid, jnp.int32)
-    mask = batch.get("mask")
-    ids["valid"] = ids["hist_iid"] > 0 if mask is None else jnp.asarray(mask).astype(bool)
-    example_mask = batch.get("example_mask")
-    ids["example_mask"] = None if example_mask is None else jnp.asarray(example_mask, bool)
-    return ids
+def read_batch(batch: dict[str, jax.Array]):
+    """int32 / bool (target ids `[B]`, history ids `[B, L]`, each {item, category, time};
+    valid `[B, L]`; example_mask `[B]` or None); derived time ids are `[]` and `[L]`."""
+    length = jnp.shape(batch["hist_iid"])[1]
+    target = {"item": batch["iid"], "category": batch["cid"], "time": batch.get("tid", 0)}
+    history_time = batch["hist_tid"] if "hist_tid" in batch else length - jnp.arange(length)
+    history = {"item": batch["hist_iid"], "category": batch["hist_cid"], "time": history_time}
+    target, history = (
+        {k: jnp.asarray(v, jnp.int32) for k, v in x.items()} for x in (target, history)
+    )
+    mask, example_mask = batch.get("mask"), batch.get("example_mask")
+    valid = history["item"] > 0 if mask is None else jnp.asarray(mask).astype(bool)
+    return target, history, valid, None if example_mask is None else jnp.asarray(example_mask, bool)
 
 
 class TwoStageModel(nn.Module):
     """Search over the history (the variant's strategy), aggregate, predict with an MLP.
-
-    Attributes: cfg (the model's options), item_n and cate_n (the item and category table
-    rows), max_length (the history length L).
-    """
+    item_n, cate_n: table rows; max_length: the history length L."""
 
     cfg: ModelSpec
     item_n: int
@@ -99,17 +77,13 @@ class TwoStageModel(nn.Module):
         return ("item", "category", "time") if self.cfg.use_time else ("item", "category")
 
     @property
-    def lookups(self) -> tuple[Lookup, ...]:
+    def lookups(self) -> tuple[embeddings.Lookup, ...]:
         """Every gather of a training step (`dare_jax.optim` reads their gradient rows)."""
-        return lookups(self.spec, self.fields)
+        return embeddings.lookups(self.spec, self.fields)
 
     def _score_split(self) -> int | None:
-        """Width of the separately scaled last part of the attention vector (None: no split).
-
-        Concat mode splits off the time part. Without time, the official code still splits
-        at the last attention_time_embedding_dim entries (with dims 16 the item and category
-        parts are then scaled separately); we do the same so weights stay interchangeable.
-        """
+        """Width of the separately scaled last part of the attention vector (None: no split):
+        the time part or, without time (as officially), the last attention time-dim entries."""
         cfg, spec = self.cfg, self.spec
         if cfg.time_mode == "add":
             return None
@@ -120,190 +94,106 @@ class TwoStageModel(nn.Module):
 
     @nn.compact
     def __call__(self, batch: dict[str, jax.Array], train: bool = False) -> dict[str, jax.Array]:
-        cfg, spec = self.cfg, self.spec
-        inputs = read_batch(batch)
-        batch_size = inputs["hist_iid"].shape[0]
+        cfg, spec, fields = self.cfg, self.spec, self.fields
+        target_ids, history_ids, valid, example_mask = read_batch(batch)
 
-        # Embedding tables (time tables exist even without time when official_parameters_always).
-        rows = (("item", self.item_n), ("category", self.cate_n))
+        # Time tables exist even without time when official_parameters_always.
+        sizes = (("item", self.item_n), ("category", self.cate_n))
         if cfg.use_time or cfg.official_parameters_always:
-            rows += (("time", int(cfg.time_table_size)),)
-        tables = EmbeddingTables(spec, rows, cfg.init_std, name="embed")()
-        fields = self.fields
+            sizes += (("time", int(cfg.time_table_size)),)
+        tables = embeddings.EmbeddingTables(spec, sizes, cfg.init_std, name="embed")()
         unused_time = {}
         if not cfg.use_time and cfg.official_parameters_always:
             unused_time = {r: spec.table_dims[spec.tables[r]]["time"] for r in ROLES}
-        project = Projections(
+        project = embeddings.Projections(
             spec, bool(cfg.use_time), str(cfg.time_mode), cfg.init_std, unused_time, name="project"
         )
 
-        def perturbations(ids: dict[str, jax.Array], is_target: bool) -> dict[str, jax.Array]:
-            return row_perturbations(self, spec, tables, ids, fields, is_target)
-
         # Targets: `[B, D]` vectors (the derived time id is looked up once and broadcast).
-        target_ids = {"item": inputs["iid"], "category": inputs["cid"], "time": inputs["tid"]}
-        target_rows = lookup_roles(
-            spec, tables, target_ids, fields, TARGET_ROLES, perturbations(target_ids, True)
-        )
-        target_rows = jax.tree.map(
-            lambda r: jnp.broadcast_to(r, (batch_size, r.shape[-1])), target_rows
-        )
+        changes = embeddings.row_perturbations(self, spec, tables, target_ids, fields, True)
+        rows = embeddings.lookup_roles(spec, tables, target_ids, fields, TARGET_ROLES, changes)
+        rows = jax.tree.map(lambda r: jnp.broadcast_to(r, (valid.shape[0], r.shape[-1])), rows)
         targets = {
             role: jnp.concatenate(search.as_parts(vector), axis=-1)
-            for role, vector in project(target_rows).items()
+            for role, vector in project(rows).items()
         }
 
-        # History: per-position ids (derived time ids `[L]`, the same for every example, stay
-        # unbatched under vmap) and row perturbations, looked up by the search as it goes.
-        history_ids = {
-            "item": inputs["hist_iid"],
-            "category": inputs["hist_cid"],
-            "time": inputs["hist_tid"],
-        }
-        positions = {**history_ids, "valid": inputs["valid"], **perturbations(history_ids, False)}
+        # History: per-position ids and row perturbations, looked up by the search as it goes.
+        changes = embeddings.row_perturbations(self, spec, tables, history_ids, fields, False)
+        positions = {**history_ids, "valid": valid, **changes}
         # Derived time ids `[L]` (and their rows' perturbation) are the same for every example.
         unbatched = {"time"} | {x.name for x in self.lookups if x.table.field == "time"}
-        shared_time = inputs["hist_tid"].ndim == 1
+        shared_time = history_ids["time"].ndim == 1
         in_axes = {key: None if shared_time and key in unbatched else 0 for key in positions}
 
         def vectors(at: dict[str, jax.Array], role: str) -> search.Behaviours:
-            return project(lookup_roles(spec, tables, at, fields, (role,), at))[role]
+            return project(embeddings.lookup_roles(spec, tables, at, fields, (role,), at))[role]
 
+        dtype = str(cfg.score_dtype)
         if spec.score == "din_mlp":
-            score = search.DinAttentionScores(
-                cfg.init_std, dtype=str(cfg.score_dtype), name="din_attention"
-            )
+            score = search.DinAttentionScores(cfg.init_std, dtype=dtype, name="din_attention")
         else:
-            split, dtype = self._score_split(), str(cfg.score_dtype)
+            split = self._score_split()
+            score = functools.partial(search.dot_product_scores, split=split, dtype=dtype)
 
-            def score(query: jax.Array, keys: search.Behaviours) -> jax.Array:
-                return search.dot_product_scores(query, keys, split, dtype)
-
-        # Chunks only change memory; init runs unchunked so that every parameter is created
-        # outside the chunk loop.
+        # Init runs unchunked, so that every parameter is created outside the chunk loop.
         chunk = 0 if self.is_initializing() else int(cfg.search_chunk)
         want_full = cfg.use_aux_loss or (self.is_initializing() and cfg.official_parameters_always)
 
-        def one_example(query, target_category, positions):
+        def one_example(query, category, positions):
             history = search.History(positions, vectors, score, chunk)
-            found = SEARCHES[spec.search](
-                query, {"category": target_category}, history, cfg, want_full
-            )
+            found = SEARCHES[spec.search](query, {"category": category}, history, cfg, want_full)
             average = None
             if cfg.use_long_seq_average:
                 weights = found.counted.astype(found.retrieved.dtype)
                 average = history.weighted_sum(weights) / (jnp.sum(weights) + 1.0)
             return found.retrieved, found.full, average, found.outputs
 
-        retrieved, full_aggregate, average, outputs = jax.vmap(
-            one_example, in_axes=(0, 0, in_axes)
-        )(targets["attention_target"], inputs["cid"], positions)
+        retrieved, full, average, outputs = jax.vmap(one_example, in_axes=(0, 0, in_axes))(
+            targets["attention_target"], target_ids["category"], positions
+        )
 
+        # The aux head reads the full-attention aggregate as main_features the retrieved one; it
+        # also exists with official_parameters_always (as the official constructor builds it).
         target_repr = targets["representation_target"]
         representation = main_features(cfg, target_repr, retrieved, average)
-        outputs = dict(outputs, representation=representation)
-        outputs.update(
-            predict(
-                cfg,
-                representation,
-                target_repr,
-                full_aggregate,
-                train,
-                self.is_initializing(),
-                inputs["example_mask"],
-            )
-        )
+        aux_input = None
+        if full is not None and want_full:
+            aux_input = main_features(cfg, target_repr, full, None)
+        heads = _Heads(cfg.init_std, bool(cfg.eval_batchnorm_uses_batch_stats), name="head")
+        logits, aux_logits = heads(representation, aux_input, train, example_mask)
+        outputs = dict(outputs, representation=representation, logits=logits)
+        if cfg.use_aux_loss and aux_logits is not None:
+            outputs["aux_logits"] = aux_logits
+            outputs["aux_prob"] = jax.nn.softmax(aux_logits, axis=-1) + PROBABILITY_EPS
+        outputs["prob"] = jax.nn.softmax(logits, axis=-1) + PROBABILITY_EPS
         return outputs
 
 
 def main_features(
-    cfg: ModelSpec,
-    target_repr: jax.Array,
-    retrieved: jax.Array,
-    average: jax.Array | None,
+    cfg: ModelSpec, target_repr: jax.Array, retrieved: jax.Array, average: jax.Array | None
 ) -> jax.Array:
-    """The main-MLP input `[B, F]` in SPEC order: target representation, the retrieved
-    aggregate, the history average (when used); then, with the cross feature (TR), the
-    target times the aggregate (and times the average). `only_odot` keeps the products only.
-    All inputs `[B, D_repr]`; `average` is None without `use_long_seq_average`."""
-    features = [] if cfg.only_odot else [target_repr, retrieved]
-    if average is not None and not cfg.only_odot:
-        features.append(average)
+    """The MLP input `[B, F]` in SPEC order: target representation, the retrieved aggregate,
+    the history average (None without `use_long_seq_average`); then, with the cross feature
+    (TR), the target times the aggregate (and the average). `only_odot` keeps the products."""
+    extra = [] if average is None else [average]
+    features = [] if cfg.only_odot else [target_repr, retrieved, *extra]
     if cfg.use_cross_feature:
-        features.append(target_repr * retrieved)
-        if average is not None:
-            features.append(target_repr * average)
+        features += [target_repr * x for x in (retrieved, *extra)]
     return jnp.concatenate(features, axis=-1)
 
 
-def predict(
-    cfg: ModelSpec,
-    representation: jax.Array,
-    target_repr: jax.Array,
-    full_aggregate: jax.Array | None,
-    train: bool,
-    initializing: bool,
-    example_mask: jax.Array | None = None,
-) -> dict[str, jax.Array]:
-    """The heads, called from inside a model's compact `__call__` (they become its `head/...`
-    submodule; `initializing` is the caller's `self.is_initializing()`): `logits`, `prob`
-    `[B, 2]` and, with the aux loss, `aux_logits`, `aux_prob`. `example_mask` `[B]`: the
-    rows their BatchNorm takes batch statistics over (None: all).
-
-    The aux head reads `[target repr, full-attention aggregate, their product]` (without TR:
-    the first two; `only_odot`: the product). Its parameters also exist when the aux loss is
-    off and `official_parameters_always` (as the official constructor builds them);
-    `full_aggregate` None means the model has no full attention (no aux head at all).
-    """
-    heads = _Heads(
-        MAIN_HEAD_HIDDEN,
-        AUX_HEAD_HIDDEN,
-        init_std=cfg.init_std,
-        use_batch_stats_at_eval=bool(cfg.eval_batchnorm_uses_batch_stats),
-        name="head",
-    )
-    aux_input = None
-    wants_aux = cfg.use_aux_loss or (initializing and cfg.official_parameters_always)
-    if full_aggregate is not None and wants_aux:
-        if cfg.only_odot:
-            aux_input = target_repr * full_aggregate
-        elif cfg.use_cross_feature:
-            aux_input = jnp.concatenate(
-                [target_repr, full_aggregate, target_repr * full_aggregate], axis=-1
-            )
-        else:
-            aux_input = jnp.concatenate([target_repr, full_aggregate], axis=-1)
-    main_logits, aux_logits = heads(representation, aux_input, train, example_mask)
-    outputs = {"logits": main_logits}
-    if cfg.use_aux_loss and aux_logits is not None:
-        outputs["aux_logits"] = aux_logits
-        outputs["aux_prob"] = jax.nn.softmax(aux_logits, axis=-1) + PROBABILITY_EPS
-    outputs["prob"] = jax.nn.softmax(main_logits, axis=-1) + PROBABILITY_EPS
-    return outputs
-
-
 class _Heads(nn.Module):
-    """Main head (`head/main/...`) and auxiliary head (`head/aux/...`)."""
+    """Main head (`head/main/...`) and, given an input, the auxiliary head (`head/aux/...`)."""
 
-    main_hidden: tuple[int, ...]
-    aux_hidden: tuple[int, ...]
     init_std: float = 0.01
     use_batch_stats_at_eval: bool = False
 
     @nn.compact
-    def __call__(
-        self,
-        main_input: jax.Array,
-        aux_input: jax.Array | None,
-        train: bool,
-        example_mask: jax.Array | None = None,
-    ):
-        main = MLPHead(self.main_hidden, self.init_std, self.use_batch_stats_at_eval, name="main")(
-            main_input, train, example_mask
-        )
-        aux = None
-        if aux_input is not None:
-            aux = MLPHead(self.aux_hidden, self.init_std, self.use_batch_stats_at_eval, name="aux")(
-                aux_input, train, example_mask
-            )
-        return main, aux
+    def __call__(self, main_input, aux_input, train: bool, example_mask: jax.Array | None):
+        def head(hidden: tuple[int, ...], name: str, x: jax.Array) -> jax.Array:
+            mlp = MLPHead(hidden, self.init_std, self.use_batch_stats_at_eval, name=name)
+            return mlp(x, train, example_mask)
+
+        main = head(MAIN_HEAD_HIDDEN, "main", main_input)
+        return main, None if aux_input is None else head(AUX_HEAD_HIDDEN, "aux", aux_input)

@@ -20,10 +20,7 @@ NORM_EPS = 1e-12  # keeps the normalisation of an empty bucket (zero sum) finite
 
 def bucket_codes(vectors: Behaviours, planes: jax.Array, group_bits: int) -> jax.Array:
     """int32 `[..., m / tau]` bucket codes of vectors `[..., D]` (or parts); planes `[m, D]`,
-    tau = group_bits.
-
-    Code of group g = sum_i bit[g * tau + i] * 2**i.
-    """
+    tau = group_bits. Code of group g = sum_i bit[g * tau + i] * 2**i."""
     bits = signature_bits(vectors, planes)
     m = bits.shape[-1]
     if m % group_bits:
@@ -32,27 +29,19 @@ def bucket_codes(vectors: Behaviours, planes: jax.Array, group_bits: int) -> jax
     return jnp.sum(grouped << jnp.arange(group_bits, dtype=jnp.int32), axis=-1)
 
 
-def bucket_matches(
-    history_codes: jax.Array, target_codes: jax.Array, valid: jax.Array
-) -> jax.Array:
-    """bool `[..., L, G]`: behaviour j is valid and shares the target's bucket in group g.
-
-    history_codes `[..., L, G]`, target_codes `[..., G]`, valid `[..., L]`.
-    """
-    same = history_codes == target_codes[..., None, :]
-    return same & valid[..., None]
+def bucket_matches(history_codes: jax.Array, target_codes: jax.Array, valid: jax.Array):
+    """bool `[..., L, G]`: behaviour j is valid and shares the target's bucket in group g;
+    history_codes `[..., L, G]`, target_codes `[..., G]`, valid `[..., L]`."""
+    return (history_codes == target_codes[..., None, :]) & valid[..., None]
 
 
 def normalised_group_average(bucket_sums: jax.Array) -> jax.Array:
-    """`[..., G, D]` per-group bucket sums -> `[..., D]`: l2-normalise each group, average
-    over G."""
+    """Per-group bucket sums `[..., G, D]` -> `[..., D]`: l2-normalised, averaged over G."""
     norms = jnp.sqrt(jnp.sum(bucket_sums * bucket_sums, axis=-1, keepdims=True) + NORM_EPS)
     return jnp.mean(bucket_sums / norms, axis=-2)
 
 
-def search(
-    query: jax.Array, target: dict[str, jax.Array], history: History, cfg, want_full: bool
-) -> Retrieval:
+def search(query: jax.Array, target, history: History, cfg, want_full: bool) -> Retrieval:
     """SDIM for one example: per hash group, the representation sum of the behaviours in the
     target's bucket, l2-normalised, averaged over the groups (no attention: `full` is None)."""
     tau = int(cfg.sdim_group_bits)

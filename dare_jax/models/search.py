@@ -1,19 +1,16 @@
-"""First stage (search) and second stage (aggregation), written for ONE example.
+"""First stage (search) and second stage (aggregation), written for ONE example (vmapped).
 
-The model `jax.vmap`s a search over the batch: a search sees the target's attention vector
-`[D]` and its history of L behaviours (a `History`) and returns a `Retrieval`. Soft search
-keeps the top-k scores (`jax.lax.top_k`), softmaxes over them and sums the kept
-representation vectors; hard search (SIM) selects k behaviours by category and recency with
-one `top_k` over an integer priority. ETA, SDIM and TWIN-V2 have their own (`eta.py`, ...).
+A search sees the target's attention vector `[D]` and its `History` of L behaviours and
+returns a `Retrieval`. Soft search: softmax over the top-k scores, sum of the kept
+representation vectors; hard search (SIM): k behaviours by category and recency.
 
 Behaviour vectors `[L, D]` are passed as their PARTS along D (item, category, time `[L, d]`):
 scores and aggregates are sums of per-part products, so the composed `[L, D]` is never built
-(under vmap the time part, the same for every example, stays unbatched). The score,
-selection and aggregation functions accept leading batch dims (`[..., L]`) too.
+(the time part, the same for every example, stays unbatched). The score, selection and
+aggregation functions accept leading batch dims (`[..., L]`) too.
 
-`search_chunk` > 0 processes the history in chunks (`History.map` / `History.total`): a
-chunk's rows are looked up, used and dropped, and the backward pass recomputes them
-(`jax.checkpoint`), so memory grows with L only through `[L]`-sized results.
+`search_chunk` > 0 processes the history in chunks (`History.map` / `History.total`) whose
+rows are recomputed in the backward pass (`jax.checkpoint`): memory linear in L.
 """
 
 from __future__ import annotations
@@ -29,8 +26,7 @@ import jax.numpy as jnp
 
 from dare_jax.models.layers import Linear, PReLU, normal_init, torch_linear_bias_init
 
-# Behaviour vectors `[..., L, D]`, or their parts along D.
-Behaviours = jax.Array | tuple[jax.Array, ...]
+Behaviours = jax.Array | tuple[jax.Array, ...]  # vectors `[..., L, D]`, or their parts along D
 Positions = dict[str, jax.Array]  # per-position arrays of one history, each `[L, ...]`
 
 # The official masking value; exp(PADDING_SCORE - max) underflows to exactly 0 in float32.
@@ -38,7 +34,6 @@ PADDING_SCORE = float(-(2**32) + 1)
 
 
 def as_parts(values: Behaviours) -> tuple[jax.Array, ...]:
-    """The parts of `values` (a plain array is a single part)."""
     return values if isinstance(values, tuple) else (values,)
 
 
@@ -51,9 +46,8 @@ def part_slices(parts: tuple[jax.Array, ...]):
 
 
 def scored_product(spec: str, a: jax.Array, b: jax.Array, dtype: str) -> jax.Array:
-    """`jnp.einsum(spec, a, b)`; dtype 'bfloat16' multiplies in bfloat16 and sums in float32
-    ('float32': the inputs' own precision, float64 in tests that enable it)."""
-    if dtype == "float32":
+    """`jnp.einsum(spec, a, b)`; 'bfloat16' multiplies in bfloat16 and sums in float32."""
+    if dtype == "float32":  # the inputs' own precision (float64 in tests that enable it)
         return jnp.einsum(spec, a, b)
     return jnp.einsum(spec, a.astype(dtype), b.astype(dtype), preferred_element_type=jnp.float32)
 
@@ -67,14 +61,10 @@ def weighted_sum(weights: jax.Array, values: Behaviours) -> jax.Array:
 def dot_product_scores(
     query: jax.Array, keys: Behaviours, split: int | None, dtype: str = "float32"
 ) -> jax.Array:
-    """Scaled dot-product scores `[..., L]` of query `[..., D]` against keys `[..., L, D]`.
-
-    split=None: `<q, k> / sqrt(D)` (time mode "add").
-    split=t: the last t entries (the time part) and the first D - t (the semantic part) are
-    scored separately, `<q_sem, k_sem> / sqrt(D - t) + <q_time, k_time> / sqrt(t)` (SPEC 3).
-    Each is a sum of per-part products; a part that straddles D - t is sliced there.
-    dtype 'bfloat16': products in bfloat16, sums in float32.
-    """
+    """Scaled dot-product scores `[..., L]` of query `[..., D]` against keys `[..., L, D]`:
+    split=None: `<q, k> / sqrt(D)` (time mode "add"); split=t: the semantic part (first D - t
+    entries) and the time part (last t) scaled separately, `<q_sem, k_sem> / sqrt(D - t) +
+    <q_time, k_time> / sqrt(t)` (SPEC 3); a key part that straddles D - t is sliced there."""
     width = query.shape[-1]
     d_sem = width if split is None else width - split
     semantic, time = [], []
@@ -86,16 +76,12 @@ def dot_product_scores(
                 product = scored_product("...d,...ld->...l", query[..., lo:hi], piece, dtype)
                 (semantic if hi <= d_sem else time).append(product)
     scores = sum(semantic) / math.sqrt(d_sem)
-    if split is None:
-        return scores
-    return scores + sum(time) / math.sqrt(split)
+    return scores if split is None else scores + sum(time) / math.sqrt(split)
 
 
 class DinAttentionScores(nn.Module):
-    """DIN's learnable scores: MLP([q, k, q - k, q * k]) / D; Linear(4D, 36), PReLU, Linear(36, 1).
-
-    query `[..., D]`, keys `[..., L, D]` (or parts) -> `[..., L]`.
-    """
+    """DIN's learnable scores `[..., L]`: MLP([q, k, q - k, q * k]) / D; Linear(4D, 36), PReLU,
+    Linear(36, 1). query `[..., D]`, keys `[..., L, D]` (or parts)."""
 
     init_std: float = 0.01
     hidden: int = 36
@@ -110,14 +96,9 @@ class DinAttentionScores(nn.Module):
 
 
 class _DinFirstLayer(nn.Module):
-    """Linear(4D, H) on [q, k, q - k, q * k] (params `kernel [4D, H]`, `bias [H]`), regrouped.
-
-    q W_q + k W_k + (q - k) W_d + (q * k) W_p + b = q (W_q + W_d) + b + k (W_k - W_d + diag(q) W_p)
-    is the same function; per position it costs one [D] x [D, H] product instead of
-    [4D] x [4D, H], and the [L, 4D] concatenation is never built (4x fewer FLOPs, which
-    dominate DIN's step). query `[..., D]`, keys `[..., L, D]` (or parts: the product over D
-    is a sum of per-part products) -> `[..., L, H]`.
-    """
+    """Linear(4D, H) on [q, k, q - k, q * k] (params `kernel [4D, H]`, `bias [H]`) -> `[..., L, H]`,
+    regrouped: q (W_q + W_d) + b + k (W_k - W_d + diag(q) W_p) is the same function at a
+    quarter of the FLOPs (which dominate DIN's step), without the [L, 4D] concatenation."""
 
     features: int
     init_std: float = 0.01
@@ -132,12 +113,9 @@ class _DinFirstLayer(nn.Module):
         per_query = w_k - w_d + query[..., :, None] * w_p  # [..., D, H]
         per_position = sum(
             scored_product(
-                "...ld,...dh->...lh",
-                part,
-                per_query[..., offset : offset + part.shape[-1], :],
-                self.dtype,
+                "...ld,...dh->...lh", p, per_query[..., o : o + p.shape[-1], :], self.dtype
             )
-            for offset, part in part_slices(as_parts(keys))
+            for o, p in part_slices(as_parts(keys))
         )
         return per_position + (jnp.dot(query, w_q + w_d) + bias)[..., None, :]
 
@@ -148,45 +126,31 @@ def mask_scores(scores: jax.Array, mask: jax.Array) -> jax.Array:
 
 
 def full_attention(masked_scores: jax.Array, values: Behaviours) -> jax.Array:
-    """Softmax over all L masked scores `[..., L]`, weighted sum of values `[..., L, D]` (or
-    parts) -> `[..., D]`."""
+    """Softmax over all masked scores `[..., L]`, weighted sum of values -> `[..., D]`."""
     return weighted_sum(jax.nn.softmax(masked_scores, axis=-1), values)
-
-
-def take_positions(values: jax.Array, indices: jax.Array) -> jax.Array:
-    """values `[..., L, d]`, indices `[..., k]` -> `[..., k, d]`."""
-    return jnp.take_along_axis(values, indices[..., None], axis=-2)
 
 
 def aggregate_selected(
     masked_scores: jax.Array, values: Behaviours, indices: jax.Array
 ) -> jax.Array:
-    """Softmax over the selected scores only, weighted sum of the selected values.
-
-    masked_scores `[..., L]`, values `[..., L, D]` (or parts), indices `[..., k]` -> `[..., D]`.
-    """
+    """Softmax over the scores at `indices [..., k]` only, weighted sum of those values."""
     weights = jax.nn.softmax(jnp.take_along_axis(masked_scores, indices, axis=-1), axis=-1)
-    return weighted_sum(weights, tuple(take_positions(p, indices) for p in as_parts(values)))
+    taken = tuple(jnp.take_along_axis(p, indices[..., None], axis=-2) for p in as_parts(values))
+    return weighted_sum(weights, taken)
 
 
 def soft_search_indices(masked_scores: jax.Array, k: int) -> jax.Array:
     """Indices `[..., k]` of the k best masked scores `[..., L]` (gradient-free)."""
-    _, indices = jax.lax.top_k(jax.lax.stop_gradient(masked_scores), k)
-    return indices
+    return jax.lax.top_k(jax.lax.stop_gradient(masked_scores), k)[1]
 
 
 def hard_search_indices(
     valid: jax.Array, same_category: jax.Array, k: int
 ) -> tuple[jax.Array, jax.Array]:
-    """SIM-style selection of exactly k positions.
-
-    valid `[..., L]` (a real behaviour), same_category `[..., L]` (its category is the
-    target's). Rule: the most recent same-category behaviours (at most k); if fewer than k, the
-    most recent other valid behaviours until there are k; if there are fewer than k valid
-    behaviours in all, the remaining slots are padding positions (their scores stay masked,
-    so they get zero weight). Position j is more recent than i < j.
-    Returns (indices `[..., k]`, selected `[..., L]` bool: selected AND valid).
-    """
+    """SIM-style selection of exactly k positions (valid, same_category: bool `[..., L]`): the
+    most recent same-category behaviours (at most k), then the most recent other valid ones,
+    then padding positions (masked, so zero weight); position j is more recent than i < j.
+    Returns (indices `[..., k]`, selected `[..., L]`: selected AND valid)."""
     length = valid.shape[-1]
     position = jnp.arange(length, dtype=jnp.int32)
     same = valid & same_category
@@ -199,48 +163,29 @@ def hard_search_indices(
     return indices, chosen & valid
 
 
-# ------------------------------------------------------------------ one example's history
-
-
 class Retrieval(NamedTuple):
-    """What a search returns for one example.
+    """What a search returns for one example."""
 
-    retrieved: `[D_repr]` the second-stage aggregate (a main-MLP feature).
-    full: `[D_repr]` softmax attention over every kept behaviour (the aux head's input), or
-      None for a search without attention (SDIM).
-    counted: `[L]` bool, the behaviours the history average (`use_long_seq_average`) counts.
-    outputs: extra model outputs (`attention_scores`, `topk_indices`, ...).
-    """
-
-    retrieved: jax.Array
-    full: jax.Array | None
-    counted: jax.Array
-    outputs: dict[str, jax.Array]
+    retrieved: jax.Array  # `[D_repr]` the second-stage aggregate (a main-MLP feature)
+    full: jax.Array | None  # `[D_repr]` softmax attention over all (aux head input); SDIM: None
+    counted: jax.Array  # `[L]` bool: the behaviours the history average counts
+    outputs: dict[str, jax.Array]  # extra model outputs (`attention_scores`, ...)
 
 
 @dataclasses.dataclass(frozen=True)
 class History:
-    """One example's history, looked up lazily, in chunks of `chunk` positions (0: at once).
+    """One example's history, looked up lazily, in chunks of `chunk` positions (0: at once)."""
 
-    positions: per-position arrays `[L, ...]`: ids `item`, `category`, `time`, `valid` (bool),
-      the lookups' row perturbations (row-sparse gradients) and any arrays a search adds
-      (`with_arrays`). `vectors(positions, role)` gives the role's behaviour vectors (parts)
-      of some positions (a chunk, or the kept ones). `score(query, keys)` scores keys `[P, D]`
-      -> `[P]` (not masked). Chunks are left-padded with id 0 and valid False.
-    """
-
+    # `[L, ...]` ids `item`, `category`, `time`, `valid` (bool), the lookups' row perturbations
+    # and any arrays a search adds; chunks are left-padded with id 0 and valid False.
     positions: Positions
-    vectors: Callable[[Positions, str], Behaviours]
-    score: Callable[[jax.Array, Behaviours], jax.Array]
+    vectors: Callable[[Positions, str], Behaviours]  # (positions, role) -> vectors (parts)
+    score: Callable[[jax.Array, Behaviours], jax.Array]  # (query, keys `[P, D]`) -> `[P]`
     chunk: int
 
     @property
     def length(self) -> int:
         return self.positions["valid"].shape[0]
-
-    @property
-    def chunked(self) -> bool:
-        return 0 < self.chunk < self.length
 
     def keys(self, positions: Positions) -> Behaviours:
         return self.vectors(positions, "attention_behavior")
@@ -249,20 +194,15 @@ class History:
         return self.vectors(positions, "representation_behavior")
 
     def masked_scores(self, query: jax.Array, positions: Positions) -> jax.Array:
-        """Scores `[P]` of `positions`, PADDING_SCORE where not valid."""
         return mask_scores(self.score(query, self.keys(positions)), positions["valid"])
 
     def scores(self, query: jax.Array) -> jax.Array:
-        """Masked scores `[L]` of the whole history (chunk by chunk)."""
+        """Masked scores `[L]` of the whole history."""
         return self.map(lambda positions: self.masked_scores(query, positions))
 
     def with_arrays(self, **arrays: jax.Array) -> History:
         """The same history with more per-position arrays `[L, ...]` (chunked alongside)."""
         return dataclasses.replace(self, positions={**self.positions, **arrays})
-
-    def take(self, indices: jax.Array) -> Positions:
-        """The positions `indices [k]` of every per-position array."""
-        return {key: value[indices] for key, value in self.positions.items()}
 
     def _split(self) -> tuple[Positions, int]:
         """Every array left-padded to a multiple of `chunk` and reshaped to `[n, C, ...]`."""
@@ -274,9 +214,8 @@ class History:
         return out, pad
 
     def map(self, fn: Callable[[Positions], Any]) -> Any:
-        """fn (positions `[P]` -> per-position results `[P, ...]`, a pytree) over the history
-        -> `[L, ...]`, chunk by chunk."""
-        if not self.chunked:
+        """fn (positions `[P]` -> a pytree of `[P, ...]`) over the history -> `[L, ...]`."""
+        if not 0 < self.chunk < self.length:
             return fn(self.positions)
         chunks, pad = self._split()
         stacked = jax.lax.map(jax.checkpoint(fn), chunks)  # [n, C, ...]
@@ -285,7 +224,7 @@ class History:
     def total(self, fn: Callable[[Positions], Any]) -> Any:
         """The sum over chunks of fn (positions -> a pytree of sums over those positions);
         fn must give 0 for padding positions (weights 0, or `valid`-masked)."""
-        if not self.chunked:
+        if not 0 < self.chunk < self.length:
             return fn(self.positions)
         chunks, _ = self._split()
 
@@ -295,8 +234,7 @@ class History:
 
         shapes = jax.eval_shape(fn, jax.tree.map(lambda x: x[0], chunks))
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        total, _ = jax.lax.scan(body, zeros, chunks)
-        return total
+        return jax.lax.scan(body, zeros, chunks)[0]
 
     def weighted_sum(self, weights: jax.Array) -> jax.Array:
         """`sum_l weights[l, ...] values[l]`: weights `[L]` -> `[D]`, `[L, G]` -> `[G, D]`."""
@@ -309,9 +247,9 @@ class History:
         return self.with_arrays(_weights=weights).total(partial)
 
     def attend(self, query: jax.Array, indices: jax.Array) -> jax.Array:
-        """Softmax over the masked scores of the behaviours at `indices [k]` only, weighted sum
-        of their representation vectors -> `[D]` (only the k rows are looked up)."""
-        kept = self.take(indices)
+        """Softmax over the masked scores at `indices [k]` only, weighted sum of their
+        representation vectors -> `[D]` (only the k rows are looked up)."""
+        kept = {key: value[indices] for key, value in self.positions.items()}
         weights = jax.nn.softmax(self.masked_scores(query, kept), axis=-1)
         return weighted_sum(weights, self.values(kept))
 
@@ -326,20 +264,16 @@ def attention_over(
     return Retrieval(history.attend(query, indices), full, history.positions["valid"], outputs)
 
 
-def soft_search(
-    query: jax.Array, target: dict[str, jax.Array], history: History, cfg, want_full: bool
-) -> Retrieval:
+def soft_search(query: jax.Array, target, history: History, cfg, want_full: bool) -> Retrieval:
     """TWIN / DARE / DIN: the top-k of the scores over the whole history."""
     masked = history.scores(query)
     indices = soft_search_indices(masked, int(cfg.top_k))
     return attention_over(query, history, masked, indices, want_full)
 
 
-def hard_search(
-    query: jax.Array, target: dict[str, jax.Array], history: History, cfg, want_full: bool
-) -> Retrieval:
-    """TWIN (hard), SIM-style: k behaviours by category and recency (`hard_search_indices`);
-    the others' scores are masked, so the aux head's full attention is over the k too."""
+def hard_search(query: jax.Array, target, history: History, cfg, want_full: bool) -> Retrieval:
+    """TWIN (hard), SIM-style: k behaviours by category and recency; the others' scores are
+    masked, so the aux head's full attention is over the k too."""
     same_category = history.positions["category"] == target["category"]
     valid = history.positions["valid"]
     indices, selected = hard_search_indices(valid, same_category, int(cfg.top_k))

@@ -12,6 +12,7 @@ import dataclasses
 
 from dare_jax.models.variants import (
     AFTER_CONCAT_PROJECTION_NAMES,
+    FIELDS,
     OWN_SEARCH_NAMES,
     PER_FIELD_PROJECTION_NAMES,
     SINGLE_TABLE_NAMES,
@@ -26,15 +27,11 @@ SCORE_DTYPES: tuple[str, ...] = ("float32", "bfloat16")
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """The model options (config section `model`); ValueError naming the field on a bad one.
-
     Attention dims of -1 are the representation dims of that field. Beyond the official
     constructor's options: `official_parameters_always` builds the aux head and the time
     tables even when unused, as the official constructor does (parameter counts, the L2
-    penalty and weight import then match it); `init_from` is a PyTorch `state_dict` (`.pth`,
-    needs torch) or an `.npz` of it to start every seed from (`dare_jax.interop.torch_weights`);
-    `search_chunk` and `score_dtype` change memory and speed of every search that scores the
-    history, not its maths.
-    """
+    penalty and weight import then match it); `init_from` is a PyTorch `state_dict` (`.pth`)
+    or an `.npz` of it to start every seed from (`dare_jax.interop.torch_weights`)."""
 
     name: str = "dare"
     item_embedding_dim: int = 16
@@ -60,6 +57,7 @@ class ModelSpec:
     time_table_size: int = 2000
     official_parameters_always: bool = True
     init_from: str = ""
+    # Memory and speed of every search that scores the history, not its maths:
     search_chunk: int = 0  # history positions per chunk (linear memory in L); 0: all at once
     score_dtype: str = "float32"  # 'float32' | 'bfloat16' (score products; float32 sums)
     decoupled_tables: bool = False  # ETA, SDIM, TWIN-V2 with DARE's two kinds of tables
@@ -84,12 +82,11 @@ class ModelSpec:
 
     def embedding_dims(self, kind: str) -> dict[str, int]:
         """{field: width} of the 'attention' or 'representation' tables."""
+        prefix = "attention_" if kind == "attention" else ""
         dims = {}
-        for field in ("item", "category", "time"):
-            dims[field] = int(getattr(self, f"{field}_embedding_dim"))
-            attention = int(getattr(self, f"attention_{field}_embedding_dim"))
-            if kind == "attention" and attention != -1:
-                dims[field] = attention
+        for field in FIELDS:
+            width = int(getattr(self, f"{prefix}{field}_embedding_dim"))
+            dims[field] = width if width != -1 else int(getattr(self, f"{field}_embedding_dim"))
         return dims
 
     def check_history_length(self, max_length: int) -> None:
@@ -99,11 +96,8 @@ class ModelSpec:
         if self.top_k > max_length:
             _fail("top_k", self.top_k, f"must be in 1..max_length ({max_length})")
         if self.time_table_size <= max_length:
-            _fail(
-                "time_table_size",
-                self.time_table_size,
-                f"must exceed max_length ({max_length}): history time ids run 1..max_length",
-            )
+            why = f"must exceed max_length ({max_length}): history time ids run 1..max_length"
+            _fail("time_table_size", self.time_table_size, why)
 
 
 def _fail(field: str, value: object, why: str) -> None:
@@ -111,11 +105,10 @@ def _fail(field: str, value: object, why: str) -> None:
 
 
 def _validate(spec: ModelSpec, variant: VariantSpec) -> None:
-    """The official constructor's assertions (DIN without time, only_odot needs the cross
-    feature, attention dims only for the multi-table variants, time mode "add" widths), and
-    the checks the official code leaves to a crash."""
+    """The official constructor's assertions (DIN without time, only_odot needs TR, attention
+    dims only for decoupled variants, "add" widths), and those it leaves to a crash."""
     name = spec.name
-    for field in ("item", "category", "time"):
+    for field in FIELDS:
         key = f"{field}_embedding_dim"
         if getattr(spec, key) < 1:
             _fail(key, getattr(spec, key), "must be a positive integer")
@@ -131,12 +124,9 @@ def _validate(spec: ModelSpec, variant: VariantSpec) -> None:
         for kind in ("representation", "attention"):
             d = spec.embedding_dims(kind)
             if d["time"] != d["item"] + d["category"]:
-                _fail(
-                    f"{'attention_' if kind == 'attention' else ''}time_embedding_dim",
-                    d["time"],
-                    f"time mode 'add' needs it to equal the {kind} item + category dims "
-                    f"({d['item']} + {d['category']})",
-                )
+                key = f"{'attention_' if kind == 'attention' else ''}time_embedding_dim"
+                why = f"time mode 'add' needs it to equal the {kind} item + category dims "
+                _fail(key, d["time"], why + f"({d['item']} + {d['category']})")
     if not spec.use_time and spec.time_mode == "concat" and name != "din":
         # Without time the official score still splits the vector at its last
         # attention_time_embedding_dim entries (see search.dot_product_scores).
@@ -151,26 +141,21 @@ def _validate(spec: ModelSpec, variant: VariantSpec) -> None:
             )
     if name == "din" and spec.use_time:
         _fail("use_time", spec.use_time, "DIN uses no time field (official assertion)")
-    if name == "projection_large_emb_small_output" and not (
-        spec.use_time and spec.time_mode == "concat"
-    ):
+    concat_time = spec.use_time and spec.time_mode == "concat"
+    if name == "projection_large_emb_small_output" and not concat_time:
         _fail("use_time", spec.use_time, f"{name} needs time in mode 'concat' (output is 3 x 16)")
     if spec.only_odot and not spec.use_cross_feature:
         _fail("only_odot", spec.only_odot, "needs use_cross_feature=True")
     if spec.top_k < 1:
         _fail("top_k", spec.top_k, "must be positive")
-    if name in PER_FIELD_PROJECTION_NAMES - AFTER_CONCAT_PROJECTION_NAMES and (
-        spec.mlp_position_after_concat
-    ):
+    after_concat = spec.mlp_position_after_concat
+    if name in PER_FIELD_PROJECTION_NAMES - AFTER_CONCAT_PROJECTION_NAMES and after_concat:
         _fail("mlp_position_after_concat", True, f"{name} has per-field maps only (official)")
-    if name in AFTER_CONCAT_PROJECTION_NAMES - PER_FIELD_PROJECTION_NAMES and not (
-        spec.mlp_position_after_concat
-    ):
+    if name in AFTER_CONCAT_PROJECTION_NAMES - PER_FIELD_PROJECTION_NAMES and not after_concat:
         _fail("mlp_position_after_concat", False, f"{name} maps the concatenation only (official)")
-    if name == "projection_with_mlp":
-        hidden = spec.mlp_hidden_layer
-        if len(hidden) not in (1, 2) or any(h < 1 for h in hidden):
-            _fail("mlp_hidden_layer", hidden, "needs one or two positive hidden sizes")
+    hidden = spec.mlp_hidden_layer
+    if name == "projection_with_mlp" and (len(hidden) not in (1, 2) or any(h < 1 for h in hidden)):
+        _fail("mlp_hidden_layer", hidden, "needs one or two positive hidden sizes")
     if spec.observe_attn_repr_grad or spec.avoid_domination:
         field = "observe_attn_repr_grad" if spec.observe_attn_repr_grad else "avoid_domination"
         if name == "sdim":

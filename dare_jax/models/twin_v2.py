@@ -1,11 +1,8 @@
 """TWIN-V2 (Si et al. 2024): hierarchical clustering of the history, cluster-aware attention.
 
-Where the clustering happens: inside the model, as a per-batch, jit-compiled step on the
-(stop_gradient-ed) behaviour attention vectors, so that it needs no offline pass and no change
-to the data pipeline. The paper clusters offline on item features; clustering per batch on
-the current embeddings is the jit-able equivalent (documented decision).
-
-Clustering of one user's L behaviours (static shapes, per example):
+The clustering runs inside the model, jit-compiled, on the (stop_gradient-ed) behaviour
+attention vectors: the paper clusters offline on item features; this needs no offline pass.
+Clustering of one user's L behaviours (static shapes):
   1. Sketch: the vectors' coordinates on an estimate of their top SKETCH_DIM principal
      directions (subspace iteration on the valid behaviours' covariance).
   2. Balanced bisection, levels = ceil(log2(L / max_cluster_size)) times. The positions,
@@ -15,11 +12,8 @@ Clustering of one user's L behaviours (static shapes, per example):
      their projection on the block's 2-means direction (start: the earliest member and the
      member farthest from it; `iterations` Lloyd steps) go to the first half, the rest to
      the second (a block of at most max_cluster_size members stays whole if it fits);
-     padding fills the free slots. The cut is a radix select (32 counting passes), not a
-     sort; block statistics are reductions over static slices, not scatters.
-  Cluster c is block c (at most b members); padding positions get the label S. This
-  replaced a bisecting 2-means on `[L, D]` with scatters and a sort per level:
-  benchmarks/twin_v2_clustering.py measures the quality and speed of both.
+     padding fills the free slots. The cut is a radix select, not a sort.
+  Cluster c is block c (at most b members); padding positions get the label S.
 Virtual behaviour of a cluster: the mean of its members' vectors; the cluster-aware logit
 adds ln(cluster size) to the scaled dot-product score (in search and aggregation).
 """
@@ -32,7 +26,6 @@ import jax
 import jax.numpy as jnp
 
 from dare_jax.models.search import (
-    Behaviours,
     History,
     Retrieval,
     aggregate_selected,
@@ -66,11 +59,9 @@ def principal_sketch(history: History, rank: int = SKETCH_DIM) -> jax.Array:
         return weights @ x, (x * weights[:, None]).T @ x, jnp.sum(weights)
 
     def project(directions):
-        def coordinates(positions):
-            parts = keys(positions)
-            return sum(p @ directions[o : o + p.shape[-1]] for o, p in part_slices(parts))
-
-        return history.map(coordinates)
+        return history.map(
+            lambda at: sum(p @ directions[o : o + p.shape[-1]] for o, p in part_slices(keys(at)))
+        )
 
     total, gram, count = history.total(statistics)
     width = total.shape[0]
@@ -84,19 +75,12 @@ def principal_sketch(history: History, rank: int = SKETCH_DIM) -> jax.Array:
     return project(directions)
 
 
-def _order_keys(values: jax.Array) -> jax.Array:
-    """uint32 keys ordered as the float32 `values` (+inf last)."""
-    bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.uint32)
-    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
-
-
 def smallest(values: jax.Array, counts: jax.Array) -> jax.Array:
     """bool `[n, s]`: the `counts[i]` smallest entries of each row of `values [n, s]` (ties:
-    the earlier in the row).
-
-    Radix select: the counts[i]-th smallest key is built bit by bit, each bit by counting the
-    row's keys that match the prefix so far (32 passes over the row, no sort)."""
-    keys = _order_keys(values)
+    the earlier). Radix select: the counts[i]-th smallest key is built bit by bit, each bit by
+    counting the row's keys that match the prefix so far (32 passes, no sort)."""
+    bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.uint32)
+    keys = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))  # ordered as values
 
     def next_bit(step, carry):  # a loop, not 32 unrolled passes: compiles much faster
         prefix, wanted = carry
@@ -117,10 +101,8 @@ def smallest(values: jax.Array, counts: jax.Array) -> jax.Array:
 def balanced_bisection(
     sketch: jax.Array, valid: jax.Array, max_cluster_size: int, iterations: int = 3
 ) -> jax.Array:
-    """Cluster labels int32 `[L]` in [0, S) of one user (module docstring; padding: S).
-
-    sketch `[L, r]` float coordinates, valid `[L]` bool.
-    """
+    """Cluster labels int32 `[L]` in [0, S) of one user (module docstring; padding: S) from
+    sketch `[L, r]` and valid `[L]`."""
     length = valid.shape[0]
     levels = cluster_levels(length, max_cluster_size)
     clusters = 2**levels
@@ -137,8 +119,7 @@ def balanced_bisection(
         rows = jnp.arange(blocks.shape[0])
 
         def dot(direction: jax.Array) -> jax.Array:  # [n, r] -> [n, s]
-            # Written as products (|x - c|^2 = |x|^2 - 2 x.c + |c|^2): XLA:CPU runs these
-            # much faster than the subtract-square-sum form.
+            # Distances as products, |x - c|^2 = |x|^2 - 2 x.c + |c|^2: much faster on XLA:CPU.
             return jnp.einsum("nsr,nr->ns", xb, direction)
 
         c0 = xb[rows, jnp.argmin(jnp.where(vb, blocks, padded), axis=1)]  # the earliest
@@ -172,22 +153,16 @@ def balanced_bisection(
     return jnp.where(is_valid, cluster, clusters)[:length]
 
 
-def size_bias(sizes: jax.Array) -> jax.Array:
-    """ln(size) `[..., S]` added to a cluster's attention logit (0 for empty clusters, masked)."""
-    return jnp.log(jnp.maximum(sizes, 1.0))
-
-
 def cluster_means(history: History, labels: jax.Array, clusters: int):
     """(sizes `[S]`, key means, value means: parts `[S, d]`): the clusters' virtual behaviours
     (differentiable in the vectors; empty clusters 0)."""
 
     def sums(positions):
         label = jnp.where(positions["valid"], positions["_cluster"], clusters)  # chunk padding
-
-        def per_cluster(vectors: Behaviours):
-            return tuple(jax.ops.segment_sum(p, label, clusters) for p in as_parts(vectors))
-
-        return per_cluster(history.keys(positions)), per_cluster(history.values(positions))
+        return tuple(
+            tuple(jax.ops.segment_sum(p, label, clusters) for p in as_parts(vectors))
+            for vectors in (history.keys(positions), history.values(positions))
+        )
 
     sizes = jax.ops.segment_sum(jnp.ones(labels.shape), labels, clusters)
     key_sums, value_sums = history.with_arrays(_cluster=labels).total(sums)
@@ -195,25 +170,18 @@ def cluster_means(history: History, labels: jax.Array, clusters: int):
     return sizes, tuple(s / count for s in key_sums), tuple(s / count for s in value_sums)
 
 
-def search(
-    query: jax.Array, target: dict[str, jax.Array], history: History, cfg, want_full: bool
-) -> Retrieval:
+def search(query: jax.Array, target, history: History, cfg, want_full: bool) -> Retrieval:
     """TWIN-V2 for one example: cluster, then soft search over the S virtual behaviours with
     ln(size) added to their scores."""
     valid = history.positions["valid"]
     max_size = int(cfg.cluster_max_size)
-    labels = balanced_bisection(
-        principal_sketch(history), valid, max_size, int(cfg.cluster_iterations)
-    )
+    sketch = principal_sketch(history)
+    labels = balanced_bisection(sketch, valid, max_size, int(cfg.cluster_iterations))
     clusters = 2 ** cluster_levels(history.length, max_size)
     sizes, keys, values = cluster_means(history, labels, clusters)
-    masked = mask_scores(history.score(query, keys) + size_bias(sizes), sizes > 0)
+    masked = mask_scores(history.score(query, keys) + jnp.log(jnp.maximum(sizes, 1.0)), sizes > 0)
     indices = soft_search_indices(masked, min(int(cfg.top_k), clusters))
-    outputs = {
-        "attention_scores": masked,
-        "topk_indices": indices,
-        "cluster_ids": labels,
-        "cluster_sizes": sizes,
-    }
+    outputs = {"attention_scores": masked, "topk_indices": indices, "cluster_ids": labels}
+    outputs["cluster_sizes"] = sizes
     full = full_attention(masked, values) if want_full else None
     return Retrieval(aggregate_selected(masked, values, indices), full, valid, outputs)

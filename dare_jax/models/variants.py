@@ -1,15 +1,11 @@
 """Variants as data: which embedding tables exist, who shares them, which projections, which
 score, which search.
 
-Every vector the model uses plays one of four ROLES: the attention vector of the target
-(the search query), the attention vector of a behaviour (a search key), the representation
-of the target, the representation of a behaviour (a search value). A variant says, per role,
-which table GROUP it reads (roles that read the same group share tables) and which projection
-GROUP maps it (roles that name the same projection group share the map).
-
-Parameter paths follow from the group names: `embed/<table group>/<field>` for tables,
-`project/<projection group>/<field>/...` for per-field maps and `project/<projection group>/...`
-for maps after concatenation.
+Every vector plays one of four ROLES: the attention vector of the target (the search query)
+or of a behaviour (a key), the representation of the target or of a behaviour (a value). A
+variant says, per role, which table GROUP it reads and which projection GROUP maps it (roles
+of one group share it). Parameter paths follow: `embed/<table group>/<field>`,
+`project/<projection group>/<field>/...` (per-field maps), `project/<projection group>/...`.
 """
 
 from __future__ import annotations
@@ -17,8 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-# Models of the paper's comparison that the official code lacks (no official `model_name`),
-# written from their own papers; each is the two-stage model with its own search strategy.
+# Models of the paper's comparison that the official code lacks, written from their papers.
 OWN_SEARCH_NAMES: tuple[str, ...] = ("eta", "sdim", "twin_v2")
 
 # Official `model_name` strings (github thuml/DARE) -> our names.
@@ -29,17 +24,9 @@ OFFICIAL_TO_CANONICAL: dict[str, str] = {
     "four_embedding": "twin_4e",
     "three_embedding": "three_embedding",
     **{
-        name: name
-        for name in (
-            "projection",
-            "projection_two_linear",
-            "projection_with_mlp",
-            "projection_no_item",
-            "projection_only_time",
-            "projection_only_category",
-            "projection_only_item",
-            "projection_large_emb_small_output",
-        )
+        f"projection{suffix}": f"projection{suffix}"
+        for suffix in ("", "_two_linear", "_with_mlp", "_no_item", "_only_time")
+        + ("_only_category", "_only_item", "_large_emb_small_output")
     },
 }
 CANONICAL_NAMES: tuple[str, ...] = tuple(OFFICIAL_TO_CANONICAL.values()) + OWN_SEARCH_NAMES
@@ -66,10 +53,8 @@ LARGE_EMB_SMALL_OUTPUT_DIM = 16
 
 def canonical_name(name: str) -> str:
     """Our variant name for `name` (ours or an official `model_name`); ValueError if unknown."""
-    if name in CANONICAL_NAMES:
-        return name
-    if name in OFFICIAL_TO_CANONICAL:
-        return OFFICIAL_TO_CANONICAL[name]
+    if name in CANONICAL_NAMES or name in OFFICIAL_TO_CANONICAL:
+        return OFFICIAL_TO_CANONICAL.get(name, name)
     known = sorted(set(CANONICAL_NAMES) | set(OFFICIAL_TO_CANONICAL))
     raise ValueError(f"model config field 'name': unknown model name {name!r}; known: {known}")
 
@@ -81,99 +66,59 @@ ROLES: tuple[str, ...] = (
     "representation_behavior",
 )
 FIELDS: tuple[str, ...] = ("item", "category", "time")
-
-# Table layouts, role -> table group (the group name is the parameter path under `embed/`).
-_ONE_TABLE = {role: "shared" for role in ROLES}
-_TWO_TABLES = {
-    "attention_target": "attention",
-    "attention_behavior": "attention",
-    "representation_target": "representation",
-    "representation_behavior": "representation",
-}
-_THREE_TABLES = {
-    "attention_target": "attention_target",
-    "attention_behavior": "attention_behavior",
-    "representation_target": "representation",
-    "representation_behavior": "representation",
-}
-_FOUR_TABLES = {role: role for role in ROLES}
-# Projection sharing: one map per role, or one per kind (target and behaviour share).
+# Per role: one map (or table) per role, or one per kind (attention / representation).
 _PER_ROLE = {role: role for role in ROLES}
 _PER_KIND = {role: role.split("_")[0] for role in ROLES}
 
 
 @dataclasses.dataclass(frozen=True)
 class ProjectionSpec:
-    """Linear maps (or small MLPs) applied to embeddings before search and aggregation.
+    """Linear maps (or small MLPs) applied to embeddings before search and aggregation."""
 
-    per_field: True -> one map per field (item/category/time) on that field's embedding;
-      False -> one map on the concatenated vector.
-    fields: the fields that are mapped (per_field only); the others pass through.
-    groups: role -> projection group (roles with the same group share the map).
-    use_bias: whether the linear layers have a bias.
-    hidden: hidden sizes of an MLP (PReLU between layers); () for a single linear map.
-    output_dim: per-field output width; None keeps the input width.
-    """
-
-    per_field: bool
-    fields: tuple[str, ...]
-    groups: dict[str, str]
+    per_field: bool  # one map per field (on its embedding), else one on the concatenation
+    fields: tuple[str, ...]  # the mapped fields (per_field only); the others pass through
+    groups: dict[str, str]  # role -> projection group (roles of one group share the map)
     use_bias: bool
-    hidden: tuple[int, ...] = ()
-    output_dim: int | None = None
+    hidden: tuple[int, ...] = ()  # hidden sizes of an MLP (PReLU between); () a linear map
+    output_dim: int | None = None  # per-field output width; None keeps the input width
 
 
 @dataclasses.dataclass(frozen=True)
 class VariantSpec:
-    """Everything that distinguishes one model of the zoo from another.
-
-    name / official_name: ours and the official `model_name`.
-    tables: role -> table group (see module docstring).
-    table_dims: table group -> {field: width}.
-    projection: the projection maps, or None.
-    score: 'dot' (scaled dot product, TWIN family) or 'din_mlp' (DIN's learnable MLP).
-    has_attention_tables: the attention has tables of its own (DARE's decoupling).
-    observes_gradients: a single-table variant whose shared tables are kept as two
-      synchronised copies, `attention` and `representation`, so that the gradient hooks
-      (observe_attn_repr_grad / avoid_domination, `dare_jax.models.gradient_paths`) see
-      each path's gradient.
-    search: the first stage, a key of `dare_jax.models.model.SEARCHES`: 'soft' (top-k of the
-      scores), 'hard' (SIM's category search), 'eta', 'sdim' or 'twin_v2'.
-    """
+    """Everything that distinguishes one model of the zoo from another. observes_gradients: a
+    single-table variant whose shared tables are kept as two synchronised copies, `attention`
+    and `representation`, so that the hooks of `gradient_paths` see each path's gradient."""
 
     name: str
-    official_name: str
-    tables: dict[str, str]
-    table_dims: dict[str, dict[str, int]]
+    official_name: str  # the official `model_name`
+    tables: dict[str, str]  # role -> table group
+    table_dims: dict[str, dict[str, int]]  # table group -> {field: width}
     projection: ProjectionSpec | None
-    score: str
-    has_attention_tables: bool
+    score: str  # 'dot' (scaled dot product, TWIN family) or 'din_mlp' (DIN's learnable MLP)
+    has_attention_tables: bool  # the attention has tables of its own (DARE's decoupling)
     observes_gradients: bool
+    # A key of `dare_jax.models.model.SEARCHES`: 'soft' (top-k of the scores), 'hard' (SIM's
+    # category search), 'eta', 'sdim' or 'twin_v2'.
     search: str
 
     @property
     def table_groups(self) -> tuple[str, ...]:
         """Distinct table groups in a fixed order (roles' order of first use)."""
-        seen: list[str] = []
-        for role in ROLES:
-            if self.tables[role] not in seen:
-                seen.append(self.tables[role])
-        return tuple(seen)
+        return tuple(dict.fromkeys(self.tables[role] for role in ROLES))
 
 
 def _projection_spec(name: str, options: Any) -> ProjectionSpec | None:
     if not name.startswith("projection"):
         return None
     # (projection_two_linear is after-concat only; ModelSpec refuses it otherwise.)
+    groups = dict(_PER_ROLE if name == "projection" else _PER_KIND)
     if options.mlp_position_after_concat or name == "projection_two_linear":
-        if name == "projection":
-            return ProjectionSpec(False, (), dict(_PER_ROLE), use_bias=True)
-        return ProjectionSpec(False, (), dict(_PER_KIND), use_bias=True)  # two_linear
+        return ProjectionSpec(False, (), groups, use_bias=True)
     if name == "projection":
-        return ProjectionSpec(True, FIELDS, dict(_PER_ROLE), use_bias=False)
+        return ProjectionSpec(True, FIELDS, groups, use_bias=False)
     if name == "projection_with_mlp":
         hidden = tuple(options.mlp_hidden_layer)
-        return ProjectionSpec(True, FIELDS, dict(_PER_KIND), use_bias=True, hidden=hidden)
+        return ProjectionSpec(True, FIELDS, groups, use_bias=True, hidden=hidden)
     fields = {
         "projection_no_item": ("category", "time"),
         "projection_only_time": ("time",),
@@ -182,7 +127,7 @@ def _projection_spec(name: str, options: Any) -> ProjectionSpec | None:
         "projection_large_emb_small_output": FIELDS,
     }[name]
     out = LARGE_EMB_SMALL_OUTPUT_DIM if name.endswith("small_output") else None
-    return ProjectionSpec(True, fields, dict(_PER_KIND), use_bias=False, output_dim=out)
+    return ProjectionSpec(True, fields, groups, use_bias=False, output_dim=out)
 
 
 def resolve_variant(options: Any) -> VariantSpec:
@@ -193,22 +138,15 @@ def resolve_variant(options: Any) -> VariantSpec:
     decoupled = name in DECOUPLED_NAMES or (
         name in OWN_SEARCH_NAMES and bool(options.decoupled_tables)
     )
+    # Table layouts: one shared group, two (per kind), three (per attention role) or four.
     if name == "twin_4e":
-        tables = dict(_FOUR_TABLES)
+        tables = dict(_PER_ROLE)
     elif name == "three_embedding":
-        tables = dict(_THREE_TABLES)
-    elif observes or decoupled:
-        tables = dict(_TWO_TABLES)
+        tables = {r: r if r.startswith("attention") else "representation" for r in ROLES}
     else:
-        tables = dict(_ONE_TABLE)
-    table_dims = {}
-    for role in ROLES:
-        kind = "attention" if role.startswith("attention") else "representation"
-        table_dims[tables[role]] = options.embedding_dims(kind)
-    if name in OWN_SEARCH_NAMES:
-        search = name
-    else:
-        search = "soft" if options.soft_search else "hard"
+        tables = dict(_PER_KIND) if observes or decoupled else {r: "shared" for r in ROLES}
+    table_dims = {tables[role]: options.embedding_dims(role.split("_")[0]) for role in ROLES}
+    search = name if name in OWN_SEARCH_NAMES else "soft" if options.soft_search else "hard"
     return VariantSpec(
         name=name,
         official_name=CANONICAL_TO_OFFICIAL[name],
