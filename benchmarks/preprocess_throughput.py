@@ -22,7 +22,7 @@ targets, same number of negatives; a difference is printed, not hidden).
         --rows 300000 --official /work/official_dare    # a quick rehearsal
 
 The log is shaped like the real sample (``UserBehavior_head_84k.csv``; its statistics:
-``python -m preprocessing.log_stats FILE``): 812 users in 84,287 rows, so users =
+``python -m analysis.log_stats FILE``): 812 users in 84,287 rows, so users =
 rows // 104 by default, and per-user lengths log-normal with ``--length-sigma`` fitted
 to the sample's median and 90th percentile of pv events per user (69 and 205): a
 log-normal's p90 / median is exp(1.2816 sigma), so sigma = ln(205 / 69) / 1.2816
@@ -72,7 +72,7 @@ from child_process import run_measured  # benchmarks/ is on sys.path when run as
 REPO = Path(__file__).resolve().parent.parent
 
 # The real sample (/work/shared/data/taobao/UserBehavior_head_84k.csv), from
-# `python -m preprocessing.log_stats`: users with pv events, rows, median and 90th
+# `python -m analysis.log_stats`: users with pv events, rows, median and 90th
 # percentile of pv events per user, users with >= 210 pv events.
 REAL_USERS, REAL_ROWS = 812, 84_287
 REAL_MEDIAN_PV, REAL_P90_PV = 69, 205

@@ -153,7 +153,7 @@ def train_seed(experiment: Experiment, seed: int, seed_dir: Path) -> dict:
         checkpoints = SeedCheckpoints(experiment, seed_dir / "checkpoints")
         state, progress = checkpoints.resume(seed)
         first_step = int(state["step"])
-        log = SeedLog(seed_dir, spec.log, seed, first_step or None)
+        log = SeedLog(seed_dir, experiment, seed, first_step)
         batches = experiment.train_batches(seed, progress.data_iterator)
     with checkpoints:
         state = train_steps(experiment, state, batches, progress, checkpoints, log, timer)
@@ -192,7 +192,7 @@ def train_steps(experiment, state, batches, progress, checkpoints, log, timer) -
     their steps (`progress` is updated in place); returns the last state."""
     spec, step = experiment.spec, int(state["step"])
     losses = LossCheck(spec.train.dispatch_ahead)
-    with log.progress_bar(step, experiment.total_steps, experiment.batch_size) as bar:
+    with log.bar:
         while step < experiment.total_steps:
             with timer.phase("input"):
                 batch = next(batches)
@@ -202,8 +202,8 @@ def train_steps(experiment, state, batches, progress, checkpoints, log, timer) -
                 losses.push(step, out["total"])
                 if step % spec.log.every_steps == 0:
                     losses_now = {k: float(v) for k, v in out.items() if k != "observed"}
-                    log.train(step, losses_now, bar)
-            bar.update(experiment.batch_size)
+                    log.train(step, losses_now)
+            log.bar.update(experiment.batch_size)
             if spec.export.gradients and step % spec.export.gradients_every_steps == 0:
                 with timer.phase("export"):
                     directory = log.seed_dir / "gradients"
@@ -214,7 +214,7 @@ def train_steps(experiment, state, batches, progress, checkpoints, log, timer) -
                 with timer.phase("eval"):
                     val = evaluate(experiment, state, "val")
                 improved = progress.record(step, val, batches.get_state())
-                log.val(step, val, progress, bar)
+                log.val(step, val, progress)
                 with timer.phase("checkpoint"):
                     checkpoints.save(step, state, progress, improved)
     return state
@@ -302,27 +302,27 @@ class LossCheck:
 
 
 class SeedLog:
-    """A seed's metrics.jsonl, TensorBoard events and console lines; silent on processes
-    other than 0. `resume_step`: forget what was logged after it (None: a fresh seed)."""
+    """A seed's metrics.jsonl, TensorBoard events, progress bar and console lines; silent on
+    processes other than 0. A resumed seed (`step` > 0) forgets what was logged after it."""
 
-    def __init__(self, seed_dir: Path, spec: config.LogSpec, seed: int, resume_step: int | None):
-        self.main, self.spec, self.seed = sharding.is_main_process(), spec, seed
-        self.seed_dir = seed_dir
+    def __init__(self, seed_dir: Path, experiment: Experiment, seed: int, step: int):
+        self.main, self.spec, self.seed_dir = sharding.is_main_process(), experiment.spec, seed_dir
+        self.seed = seed
         if self.main:
-            self.jsonl = run_logging.MetricsLog(seed_dir / "metrics.jsonl", resume_step)
+            resumed = step or None
+            self.jsonl = run_logging.MetricsLog(seed_dir / "metrics.jsonl", resumed)
             self.board = run_logging.TensorBoard(
-                seed_dir / "tensorboard", spec.tensorboard, resume_step
+                seed_dir / "tensorboard", self.spec.log.tensorboard, resumed
             )
-
-    def progress_bar(self, step: int, total: int, batch_size: int) -> tqdm:
-        return tqdm(
-            total=total * batch_size,
-            initial=step * batch_size,
+        b = experiment.batch_size
+        self.bar = tqdm(
+            total=experiment.total_steps * b,
+            initial=step * b,
             unit="sample",
             unit_scale=True,
-            desc=f"seed {self.seed}",
-            disable=not (self.spec.progress_bar and self.main),
+            desc=f"seed {seed}",
             dynamic_ncols=True,
+            disable=not (self.spec.log.progress_bar and self.main),
         )
 
     def _write(self, split: str, step: int, values: dict, **extra: Any) -> None:
@@ -330,20 +330,21 @@ class SeedLog:
             self.jsonl.write({"step": step, "split": split, **extra, **values})
             self.board.scalars(split, values, extra.get("best_step", step))
 
-    def train(self, step: int, losses: dict, bar: tqdm) -> None:
+    def train(self, step: int, losses: dict) -> None:
         self._write("train", step, losses)
-        bar.set_postfix(step=step, loss=f"{losses['total']:.4f}")
+        self.bar.set_postfix(step=step, loss=f"{losses['total']:.4f}")
 
-    def val(self, step: int, val: dict, progress: Progress, bar: tqdm) -> None:
+    def val(self, step: int, val: dict, progress: Progress) -> None:
         self._write("val", step, val)
+        best = "nan" if progress.best_auc is None else f"{progress.best_auc:.5f}"
         if self.main:
-            best = "nan" if progress.best_auc is None else f"{progress.best_auc:.5f}"
-            bar.write(
+            self.bar.write(
                 f"seed {self.seed} step {step}: val auc {val['auc']:.5f} "
                 f"(best {best} at step {progress.best_step})"
             )
 
     def test(self, step: int, best_step: int, test: dict) -> None:
+        self.bar.close()
         self._write("test", step, test, best_step=best_step)
         if self.main:
             self.jsonl.close()

@@ -21,14 +21,14 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from dare_jax.data import synthetic
-from dare_jax.data.log_stats import taobao_log_statistics
+from analysis.log_stats import taobao_log_statistics
 from dare_jax.data.raw_logs import RawLogError
 from dare_jax.data.synthetic import (
     TAOBAO_END_TIMESTAMP,
     TAOBAO_START_TIMESTAMP,
     write_taobao_log,
 )
-from preprocessing import log_stats as log_stats_cli
+from analysis import log_stats as log_stats_cli
 from preprocessing import synthetic as synthetic_cli
 from tests.conftest import shared_path
 

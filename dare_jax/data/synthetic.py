@@ -42,50 +42,17 @@ touched, so their categories rarely appear in the history while the positives'
 categories usually do: a model that reads the history with target-aware
 attention clearly beats one that does not.
 
-Per-user lengths are log-normal (median ``median_events`` rows, ``length_sigma``)
-so that most users pass the protocol's 210-event filter (the real sample's
-median is 69 pv events; here it is about 300 on purpose); ``target_rows``
-rescales them so that the file has exactly that many rows. The catalogue is
-Taobao-sized by default (4.5 M items, 9,439 categories): a file of n users is a
-sample of users from one world, like the real head sample, so item-count
-statistics (distinct items, top-1 % share, items seen once) depend on the file
-size as they do for real samples. Small demos may pass a smaller ``n_items``.
+Per-user lengths are log-normal (median ``median_events`` rows, ``length_sigma``) so that
+most users pass the protocol's 210-event filter (on purpose: the real logs' median is far
+lower); ``target_rows`` rescales them so that the file has exactly that many rows. The
+catalogue is Taobao-sized by default (4.5 M items, 9,439 categories): a file of n users is a
+sample of users from one world, like the real head sample, so item-count statistics depend
+on the file size as they do for real samples. ``python -m analysis.log_stats`` prints the
+statistics that compare a synthetic file with the real sample (README, "Data").
 
-Real sample vs synthetic (SPEC.md 5b statistics; ``s250`` matches the sample's
-row count, ``s2000`` is 2,000 users with default lengths)::
-
-    python -m preprocessing.synthetic --output /tmp/s250.csv --users 250 --rows 84287 --seed 1
-    python -m preprocessing.synthetic --output /tmp/s2000.csv --users 2000 --seed 1
-    python -m preprocessing.log_stats \\
-        ../shared/data/taobao/UserBehavior_head_84k.csv /tmp/s250.csv /tmp/s2000.csv
-
-    | statistic                                    |   real |   s250 |  s2000 |
-    |----------------------------------------------|--------|--------|--------|
-    | users with pv events                         |    812 |    250 |  2,000 |
-    | pv events                                    | 75,693 | 75,800 | 671,379|
-    | median / 90th pct pv events per user         | 69/205 |257.5/496|299/553|
-    | users with >= 210 pv events                  |     78 |    173 |  1,527 |
-    | target category == most recent behaviour's   |  0.392 |  0.403 |  0.388 |
-    | target category among last 10 behaviours     |  0.638 |  0.631 |  0.629 |
-    | target category anywhere in 200-long history |  0.854 |  0.850 |  0.848 |
-    | target item in 200-long history (re-visit)   |  0.276 |  0.273 |  0.278 |
-    | distinct categories per long user (median)   |   47.5 |     52 |     56 |
-    | share of events on top 1% of items           |  0.068 |  0.082 |  0.169 |
-    | share of items seen once                     |  0.761 |  0.721 |  0.676 |
-
-Signal check (tests/test_synthetic.py::test_history_signal_beats_popularity):
-last pv event of each long user vs two popularity-drawn never-viewed items;
-AUC of "number of the last 200 events in the target's category" is 0.83 on a
-400-user synthetic file and 0.84 on the real sample (last 20 events per user),
-while AUC of the target's popularity alone is 0.46 and 0.52.
-
-The generation is vectorised over the users of a chunk (a Python loop over the
-event position, never over rows or users) and chunked by users, so memory stays
-bounded; the same seed gives a byte-identical file.
-Measured: 10 M rows (``--users 30000 --rows 10000000``) in 43 s wall, 19 s CPU,
-peak RSS 0.63 GB, on the shared 2-core development machine at load average ~6;
-100 M rows (``--users 1000000 --rows 100000000``, 3.7 GB) in 4 min 21 s wall under
-``nice -n 19`` at load average ~5-7, 136 s CPU, peak RSS 0.66 GB.
+The generation is vectorised over the users of a chunk (a Python loop over the event
+position, never over rows or users) and chunked by users, so memory stays bounded; the same
+seed gives a byte-identical file.
 """
 
 from __future__ import annotations

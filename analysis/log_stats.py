@@ -1,4 +1,9 @@
-"""Statistics of a Taobao-format behaviour log (SPEC.md section 5b).
+"""Statistics of Taobao-format behaviour logs (SPEC.md section 5b), side by side.
+
+    python -m analysis.log_stats FILE [FILE ...] [--json]
+
+One column per file (Markdown table), or one JSON object per file with --json; exit code 2
+on a missing or malformed file (the message names file, line, field and value).
 
 The signal a long-sequence CTR model can find in a log: how long user histories are, how
 strongly the next event follows the recent ones (category continuity, re-visits) and how
@@ -24,12 +29,15 @@ protocol orders them):
 
 from __future__ import annotations
 
+import argparse
+import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from dare_jax.data.raw_logs import read_taobao_log
+from dare_jax.data.raw_logs import RawLogError, read_taobao_log
 
 # Targets processed at once in the windowed comparisons: [block, history_length] matrices.
 _TARGET_BLOCK = 16_384
@@ -168,3 +176,30 @@ def format_statistics_table(columns: dict[str, dict]) -> str:
         cells = (cell(stats.get(key)) for stats in columns.values())
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.log_stats",
+        description="Statistics of Taobao UserBehavior.csv-format logs (SPEC.md section 5b).",
+    )
+    parser.add_argument("files", nargs="+", type=Path, help="Taobao-format CSV files")
+    parser.add_argument("--json", action="store_true", help="print JSON lines instead")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    args = parser.parse_args(argv)
+    columns = {}
+    for path in args.files:
+        try:
+            columns[str(path)] = taobao_log_statistics(path, progress=not args.no_progress)
+        except (FileNotFoundError, RawLogError, ValueError, OSError) as exc:
+            parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    if args.json:
+        for stats in columns.values():
+            print(json.dumps(stats))
+    else:
+        print(format_statistics_table(columns))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
