@@ -13,25 +13,21 @@ The first run writes a synthetic `UserBehavior.csv`-format log
 top-20) with a small setup (batch 256, 1 epoch, histories of 100) and tests
 its best-validation checkpoint.
 
-What it should give (measured 2026-11-27 on the shared 2-core machine, load average
-1.2-1.8; dare, twin, din and target_only at commit 2e1dc94 (row-sparse Adam, per-part
-behaviour vectors), eta, sdim and twin_v2 unchanged since ff862cf (they train with
-optax.adam); `--config configs/demo.py:model=M`, seed 0, test AUC of the best-validation
-checkpoint, wall time including data check and compilation):
+What it should give (`python -m dare_jax.main --config configs/demo.py:model=M`, seed 0,
+test metrics of the best-validation checkpoint; the 2-core CPU development machine,
+2026-12-06):
 
-    model=dare         0.8289   (16 s)
-    model=twin         0.8228   (12 s)
-    model=din          0.8328   (16 s)
-    model=eta          0.8290   (19 s)
-    model=sdim         0.8068   (15 s)
-    model=twin_v2      0.8021   (39 s)
-    model=target_only  0.5566   (14 s)   history-blind baseline
+    model=dare         AUC 0.8191   GAUC 0.8240   log loss 0.5191
+    model=twin         AUC 0.8195   GAUC 0.8179   log loss 0.5033
+    model=din          AUC 0.8285   GAUC 0.8332   log loss 0.5906
+    model=eta          AUC 0.8195   GAUC 0.8275   log loss 0.4880
+    model=sdim         AUC 0.7889   GAUC 0.7828   log loss 0.5760
+    model=twin_v2      AUC 0.7893   GAUC 0.7942   log loss 0.5113
+    model=target_only  AUC 0.5620   GAUC 0.5613   log loss 0.6323   history-blind baseline
 
-so every history-using model beats the history-blind baseline by more than
-0.24 AUC. (One seed of this demo does not rank the models: seeds differ by about
-0.01. On these synthetic logs DARE has no clear edge over TWIN; that is a property
-of the generator and the scale, not the paper's claim.) The first run also
-generates the data (a few seconds).
+Every history-using model beats the history-blind baseline by far; one seed of this demo
+does not rank the models (on the default synthetic logs DARE has no edge over TWIN: see
+configs/decoupling.py for a log where it has).
 """
 
 from configs.base import apply_variant, base_config

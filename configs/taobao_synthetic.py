@@ -6,22 +6,19 @@ Run (DARE, 300 steps, then one evaluation and one checkpoint):
     python -m dare_jax.main --config configs/taobao_synthetic.py:model=twin
     python -m dare_jax.main --config configs/taobao_synthetic.py --config.data.histories=device
 
-The paper's Taobao setup where it costs time (batch 2048, histories of 200, dims 16,
-top-20, dense Adam of every row of tables with Taobao's row counts: item_n 4,068,791,
-cate_n 9,408) on a synthetic Taobao-format log of 3,000 users (about 0.9 M events, written
-and preprocessed on first use into `data/taobao_synthetic/`, about 25 s on a 2-core
-machine). Generating a log whose ids reach 4 M items would take 100 M rows (minutes), so
-the tables are sized by `data.min_item_rows` / `data.min_category_rows` instead: the extra
-rows are never looked up but are updated at every step like every row (what dominates the
-step), while the lookups reach the log's ~0.5 M items. One evaluation (validation, then test
-of the best checkpoint, ~6,800 samples each, far fewer than Taobao's) at the last step.
+The paper's Taobao setup where it costs time (batch 2048, histories of 200, dims 16, top-20,
+Adam on every row of tables with Taobao's row counts: item_n 4,068,791, cate_n 9,408) on a
+synthetic Taobao-format log of 3,000 users, written and preprocessed on first use into
+`data/taobao_synthetic/`. A log whose ids reach 4 M items would take 100 M rows, so the
+tables are sized by `data.min_item_rows` / `data.min_category_rows` instead: the extra rows
+are never looked up but are updated at every step like every row, while the lookups reach
+the log's items. One evaluation (validation, then test of the best checkpoint) at the last
+step.
 
 What it should give: not an AUC (a few hundred steps on a small log) but each seed's
 `result.json` "timings" (seconds per phase, compile seconds, peak memory), from which
 `benchmarks/training_loop.py` reports samples/s of the steps, of the loop with its input
-pipeline, and of the whole run with its evaluation and checkpoint. No such figure at this
-scale is recorded yet (`benchmarks/device_check.sh` measures it on a GPU); on a quiet 2-core
-CPU, DARE's training step alone runs at about 10,000 samples/s (`benchmarks/README.md`).
+pipeline, and of the whole run with its evaluation and checkpoint (`benchmarks/README.md`).
 """
 
 from configs.base import apply_variant, base_config

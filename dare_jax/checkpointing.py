@@ -14,13 +14,13 @@ training resumes from the newer of `latest` and `best` (`newest`), which both re
 data position and the best so far. So a process killed at any moment, a write in flight
 included, leaves complete checkpoints to resume from exactly.
 
-Sharded state and several processes: every process calls `save`/`restore` together; Orbax
-writes each array shard once into one array per leaf, so a checkpoint restores under any
-mesh, into the shardings of the restore target.
+Sharded state and several processes: every process calls `save`/`restore` together; Orbax writes
+each array shard once into one array per leaf, so a checkpoint restores under any mesh, into the
+shardings of the restore target.
 
-Arrays are written at most `SAVE_CONCURRENT_GB` at a time, which bounds the host memory a
-save takes; Orbax refuses an array larger than that bound, so a state with a larger one
-raises it to the largest array's size (`save_limit_gb`).
+Arrays are written at most `SAVE_CONCURRENT_GB` at a time, which bounds the host memory a save
+takes; Orbax refuses an array larger than that bound, so a state with a larger one raises it to
+the largest array's size (`save_limit_gb`).
 """
 
 from __future__ import annotations

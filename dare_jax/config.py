@@ -11,11 +11,13 @@ paper's training setup (`default_config()`); a run's `config.json` is `flat(spec
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+from flax import traverse_util
 
 from dare_jax.models.spec import ModelSpec
 
@@ -75,7 +77,7 @@ class DataSpec:
         _require(histories in HISTORIES, "data.histories", histories, f"one of {HISTORIES}")
         _at_least(self, "data", 1, "max_length")
         _at_least(self, "data", 0, "prefetch_threads", "min_item_rows", "min_category_rows")
-        _at_least(self, "data", 0, "synthetic_users", "synthetic_rows")
+        _at_least(self, "data", 0, "synthetic_users", "synthetic_rows", "synthetic_seed")
         from dare_jax.data.synthetic import LogStructure
 
         try:
@@ -274,41 +276,17 @@ def to_dict(spec: ExperimentSpec) -> dict[str, Any]:
         values = {f.name: getattr(section, f.name) for f in dataclasses.fields(section) if f.init}
         if name == "data":
             values["synthetic_structure"] = section.structure
-        tree[name] = _jsonable(values)
-    return tree
+        tree[name] = values
+    return json.loads(json.dumps(tree))
 
 
 def flat(spec: ExperimentSpec) -> dict[str, Any]:
     """{'optim.lr': 0.01, ...}: every field by dotted path (a run's `config.json`)."""
-    out: dict[str, Any] = {}
-
-    def visit(prefix: str, node: Any) -> None:
-        if isinstance(node, dict):
-            for key in sorted(node):
-                visit(f"{prefix}.{key}" if prefix else key, node[key])
-        else:
-            out[prefix] = node
-
-    visit("", to_dict(spec))
-    return out
+    return traverse_util.flatten_dict(to_dict(spec), sep=".")
 
 
 def unflatten(flat_config: Mapping[str, Any]) -> dict[str, Any]:
     """{'model.top_k': 20} -> {'model': {'top_k': 20}}; an empty structure stays a section."""
-    nested: dict[str, Any] = {name: {} for name in SECTIONS}
-    nested["data"]["synthetic_structure"] = {}
-    for key, value in flat_config.items():
-        node = nested
-        *parents, leaf = key.split(".")
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
+    nested = traverse_util.unflatten_dict(dict(flat_config), sep=".")
+    nested.setdefault("data", {}).setdefault("synthetic_structure", {})
     return nested
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, tuple | list):
-        return [_jsonable(v) for v in value]
-    return value

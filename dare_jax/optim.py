@@ -24,9 +24,9 @@ b2 0.999, eps 1e-8, bias correction; the L2 penalty is part of the loss):
   SparseAdam, a row first seen at step 1,000 takes a first step 0.1 sqrt(1 - 0.999^1000) /
   sqrt(0.001) = 2.5 times Adam's). A row looked up at every step follows dense Adam.
 
-Checkpoints hold RowSparseAdam's state in `adam`'s layout (`to_optax_state`) without the
-scratch buffers, so a run can be resumed or analysed with either; LazyAdam's state (row
-counts included) is checkpointed as it is.
+Checkpoints hold RowSparseAdam's state in `adam`'s layout (`to_optax_state`) without the scratch
+buffers, so a run can be resumed or analysed with either; LazyAdam's state (row counts included)
+is checkpointed as it is.
 """
 
 from __future__ import annotations

@@ -16,11 +16,11 @@ Run directory (`spec.workdir`):
     seed_<s>/result.json        the seed's best step, best validation and test metrics
 
 A seed killed at any point and restarted with the same command resumes from its latest
-checkpoint (state, data iterator position, best so far) and ends with exactly the metrics
-of an uninterrupted run. The same loop runs on one device, on a mesh of many, and across
-processes: every process computes the same numbers, only process 0 writes logs, exports and
-JSON, and checkpoints are written by all processes together. A run may resume on another
-mesh (`RESUMABLE_FIELDS`); its numbers then agree to float tolerance.
+checkpoint (state, data iterator position, best so far) and ends with exactly the metrics of an
+uninterrupted run. The same loop runs on one device, on a mesh of many, and across processes:
+every process computes the same numbers, only process 0 writes logs, exports and JSON, and
+checkpoints are written by all processes together. A run may resume on another mesh
+(`RESUMABLE_FIELDS`); its numbers then agree to float tolerance.
 """
 
 from __future__ import annotations

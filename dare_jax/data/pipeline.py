@@ -1,7 +1,7 @@
 """Grain input pipelines over a preprocessed dataset.
 
-Each grain element is a whole batch: its sample indices are drawn first, then the data
-layer's vectorised `gather` builds the `[B, L]` histories for all of them in one call.
+Each grain element is a whole batch: its sample indices are drawn first, then the data layer's
+vectorised `gather` builds the `[B, L]` histories for all of them in one call.
 
 - Training: the batches of `MapDataset.range(N).shuffle(seed).batch(B,
   drop_remainder=True).repeat(epochs)`: a fresh permutation per epoch (grain seeds epoch
@@ -18,12 +18,12 @@ layer's vectorised `gather` builds the `[B, L]` histories for all of them in one
 - Evaluation: every sample once, in file order; the last batch is filled up to the
   static batch size with its own samples, and a `valid` mask `[B]` is False on those.
 
-Several processes: each builds the same global batches of indices and gathers only the
-rows its own devices hold (`rows=(start, stop)`, from `Partitioner.local_rows`).
+Several processes: each builds the same global batches of indices and gathers only the rows its
+own devices hold (`rows=(start, stop)`, from `Partitioner.local_rows`).
 
-Histories (`histories=`): "host" builds each batch's `[B, L]` histories here; "device"
-sends only each sample's history span (`gather_spans`) and `dare_jax.data.device_histories`
-builds them on the device. Both give the model the same batches.
+Histories (`histories=`): "host" builds each batch's `[B, L]` histories here; "device" sends
+only each sample's history span (`gather_spans`) and `dare_jax.data.device_histories` builds
+them on the device. Both give the model the same batches.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 segment maths, no per-row or per-user Python loop.
 
 Input: the kept events of a raw log in file order (:class:`~dare_jax.data.raw_logs.EventLog`).
-Output: :class:`ProtocolResult`: each long user's event sequence stored once plus, per
-split, samples that point into it (sequence row, position of the target). Steps:
+Output: :class:`ProtocolResult`: each long user's event sequence stored once plus, per split,
+samples that point into it (sequence row, position of the target). Steps:
 
 1. users are numbered densely from 1 by first appearance in the file;
 2. events are ordered by (user number, time), stably (the Tmall official pre-sort; the

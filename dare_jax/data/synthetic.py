@@ -1,58 +1,53 @@
 """Synthetic logs in the Taobao `UserBehavior.csv` format.
 
-The real Taobao log (100 M rows) is not available everywhere, so the demo, the
-at-scale benchmarks and several tests run on logs written here. The file has
-no header and five columns, exactly like the Tianchi original::
+The real Taobao log (100 M rows) is not available everywhere, so the demo, the at-scale
+benchmarks and several tests run on logs written here. The file has no header and five columns,
+exactly like the Tianchi original::
 
     user_id,item_id,category_id,behavior_type,timestamp
 
-Rows are grouped by user (users in a shuffled order, as in the real file),
-time-ordered within a user, ``behavior_type`` in ``pv``/``cart``/``fav``/``buy``
-with the real shares (about 90 % ``pv``), Unix-second timestamps inside
-2017-11-25 .. 2017-12-03 (Beijing time, as the real log) and sparse raw ids in
-Taobao's ranges (items and categories up to ~5.2 M, users up to ~1 M).
+Rows are grouped by user (users in a shuffled order, as in the real file), time-ordered within a
+user, ``behavior_type`` in ``pv``/``cart``/``fav``/``buy`` with the real shares (about 90 %
+``pv``), Unix-second timestamps inside 2017-11-25 .. 2017-12-03 (Beijing time, as the real log)
+and sparse raw ids in Taobao's ranges (items and categories up to ~5.2 M, users up to ~1 M).
 
 How a user's ``pv`` sequence is generated (the planted, learnable structure):
 
-* The world: a catalogue of items with power-law (Zipf) popularity, each item
-  in exactly one category; category sizes are power-law too, so category
-  popularity is heavy-tailed. Categories sit on a hidden ring in random order;
-  the ``n_related`` nearest on the ring are "related" (phones -> phone cases),
-  so related categories form overlapping clusters independent of popularity.
-* Each event either **copies from the user's own past** (probability
-  ``1 - p_fresh``) or **opens a fresh category**. A copy picks an earlier event
-  at distance ``d`` (``d = 1`` with probability ``p_last``, otherwise a power
-  law P(d) ~ d**-lookback_exponent on ``[2, max_lookback]``: strong recency
-  with a long tail) and takes its category; with probability ``p_revisit`` it also
-  takes its item (a re-visit), otherwise it draws a new item of that category
-  by popularity.
-* A fresh category is a related category of the last event's (``p_related``),
-  one of the user's ``n_interests`` long-term interests (``p_interest``), or a
-  draw by global popularity (the rest). Interests drift: each event replaces
-  one interest with probability ``interest_drift`` (by a related category or a
-  popularity draw).
-* ``cart``/``fav``/``buy`` rows follow a random ``pv`` event of the same user,
-  on the same item a quarter of the time (as in the real sample) and otherwise
-  on another item of its category.
-* Timestamps: short gaps inside sessions, long gaps between sessions, each
-  user's span squeezed into the 9-day window if needed.
+* The world: a catalogue of items with power-law (Zipf) popularity, each item in exactly one
+  category; category sizes are power-law too, so category popularity is heavy-tailed. Categories
+  sit on a hidden ring in random order; the ``n_related`` nearest on the ring are "related"
+  (phones -> phone cases), so related categories form overlapping clusters independent of
+  popularity.
+* Each event either **copies from the user's own past** (probability ``1 - p_fresh``) or **opens
+  a fresh category**. A copy picks an earlier event at distance ``d`` (``d = 1`` with
+  probability ``p_last``, otherwise a power law P(d) ~ d**-lookback_exponent on ``[2,
+  max_lookback]``: strong recency with a long tail) and takes its category; with probability
+  ``p_revisit`` it also takes its item (a re-visit), otherwise it draws a new item of that
+  category by popularity.
+* A fresh category is a related category of the last event's (``p_related``), one of the user's
+  ``n_interests`` long-term interests (``p_interest``), or a draw by global popularity (the
+  rest). Interests drift: each event replaces one interest with probability ``interest_drift``
+  (by a related category or a popularity draw).
+* ``cart``/``fav``/``buy`` rows follow a random ``pv`` event of the same user, on the same item
+  a quarter of the time (as in the real sample) and otherwise on another item of its category.
+* Timestamps: short gaps inside sessions, long gaps between sessions, each user's span squeezed
+  into the 9-day window if needed.
 
-Negatives of the protocol are drawn by popularity among items the user never
-touched, so their categories rarely appear in the history while the positives'
-categories usually do: a model that reads the history with target-aware
-attention clearly beats one that does not.
+Negatives of the protocol are drawn by popularity among items the user never touched, so their
+categories rarely appear in the history while the positives' categories usually do: a model that
+reads the history with target-aware attention clearly beats one that does not.
 
-Per-user lengths are log-normal (median ``median_events`` rows, ``length_sigma``) so that
-most users pass the protocol's 210-event filter (on purpose: the real logs' median is far
-lower); ``target_rows`` rescales them so that the file has exactly that many rows. The
-catalogue is Taobao-sized by default (4.5 M items, 9,439 categories): a file of n users is a
-sample of users from one world, like the real head sample, so item-count statistics depend
-on the file size as they do for real samples. ``python -m analysis.log_stats`` prints the
-statistics that compare a synthetic file with the real sample (README, "Data").
+Per-user lengths are log-normal (median ``median_events`` rows, ``length_sigma``) so that most
+users pass the protocol's 210-event filter (on purpose: the real logs' median is far lower);
+``target_rows`` rescales them so that the file has exactly that many rows. The catalogue is
+Taobao-sized by default (4.5 M items, 9,439 categories): a file of n users is a sample of users
+from one world, like the real head sample, so item-count statistics depend on the file size as
+they do for real samples. ``python -m analysis.log_stats`` prints the statistics that compare a
+synthetic file with the real sample (README, "Data").
 
-The generation is vectorised over the users of a chunk (a Python loop over the event
-position, never over rows or users) and chunked by users, so memory stays bounded; the same
-seed gives a byte-identical file.
+The generation is vectorised over the users of a chunk (a Python loop over the event position,
+never over rows or users) and chunked by users, so memory stays bounded; the same seed gives a
+byte-identical file.
 """
 
 from __future__ import annotations
@@ -121,6 +116,15 @@ class LogStructure:
     domain_size: int = 0
     p_taste: float = 0.0
     taste_drift: float = 0.0
+    # How far the tiers follow the ring, in [0, 1] (with n_tiers > 1): 0 is the assignment
+    # above (domain and tier two unrelated partitions); 1 makes each domain's tiers
+    # contiguous blocks of the ring (with the same tier counts), so ring neighbours share a
+    # tier and one geometry serves attention and representation. In between, a uniformly
+    # random round(tier_alignment * size) categories of each domain keep their contiguous
+    # tier and the others' tiers are shuffled among themselves (about a + (1 - a) / n_tiers
+    # of the categories then sit on their contiguous tier). 0 draws no extra number: it is
+    # exactly the world without this field.
+    tier_alignment: float = 0.0
     # Behaviour types (pv, cart, fav, buy): shares in the real sample.
     behavior_shares: tuple[float, float, float, float] = (0.898, 0.053, 0.028, 0.021)
     p_nonpv_same_item: float = 0.25
@@ -143,6 +147,7 @@ class LogStructure:
             "p_copy_related",
             "p_taste",
             "taste_drift",
+            "tier_alignment",
         ]
         for name in probabilities:
             value = getattr(self, name)
@@ -299,6 +304,8 @@ def _price_tiers(
     first_of_domain = np.searchsorted(domain[order], domain[order], "left")
     tier = np.empty(n_categories, dtype=np.int32)
     tier[order] = (np.arange(n_categories) - first_of_domain) % s.n_tiers
+    if s.tier_alignment > 0:
+        tier = _aligned_tiers(order, domain, position, s)
     neighbours = np.empty((n_categories, s.n_tiers, related.shape[1]), dtype=np.int32)
     counts = np.empty((n_categories, s.n_tiers), dtype=np.int32)
     same_domain = domain[related] == domain[:, None]
@@ -316,6 +323,39 @@ def _price_tiers(
     }
 
 
+def _aligned_tiers(
+    order: np.ndarray, domain: np.ndarray, position: np.ndarray, s: LogStructure
+) -> np.ndarray:
+    """Tiers [n_categories] int32 at `s.tier_alignment` (see `LogStructure`).
+
+    order: the categories domain by domain, each domain's in the random order of the
+    unaligned assignment; domain, position: [n_categories] domain and ring position.
+    """
+    tier = np.empty(len(order), dtype=np.int32)
+    n = s.n_tiers
+    for d in np.unique(domain):
+        members = order[domain[order] == d]  # this domain's categories, in random order
+        size = len(members)
+        ranks = np.arange(size)
+        # The unaligned assignment gives the k-th of the random order the tier k mod n:
+        # the contiguous blocks have those counts, in tier order along the ring.
+        counts = np.bincount(ranks % n, minlength=n)
+        blocks = np.repeat(np.arange(n, dtype=np.int32), counts)
+        along_ring = np.argsort(position[members], kind="stable")
+        contiguous = np.empty(size, dtype=np.int32)
+        contiguous[along_ring] = blocks  # contiguous[i]: members[i]'s block tier
+        kept = int(math.floor(s.tier_alignment * size + 0.5))
+        shuffled = size - kept  # the first `shuffled` of the random order
+        tier[members[shuffled:]] = contiguous[shuffled:]
+        # The shuffled ones' tiers, dealt in the order k mod n would deal them (by
+        # occurrence, then tier), to the shuffled categories in their random order: with
+        # every category shuffled this is exactly the unaligned assignment.
+        labels = np.sort(contiguous[:shuffled])
+        occurrence = ranks[:shuffled] - np.searchsorted(labels, labels, "left")
+        tier[members[:shuffled]] = labels[np.lexsort((labels, occurrence))]
+    return tier
+
+
 @functools.lru_cache(maxsize=1)
 def _cached_world(
     seed: int,
@@ -326,6 +366,7 @@ def _cached_world(
     n_related: int,
     n_tiers: int = 1,
     domain_size: int = 0,
+    tier_alignment: float = 0.0,
 ) -> _World:
     """The world of a seed (cached: building a 4.5 M-item catalogue takes about a second)."""
     world_seed = np.random.SeedSequence(seed).spawn(4)[1]
@@ -337,6 +378,7 @@ def _cached_world(
         n_related=n_related,
         n_tiers=n_tiers,
         domain_size=domain_size,
+        tier_alignment=tier_alignment,
     )
     return _build_world(np.random.default_rng(world_seed), n_items, n_categories, structure)
 
@@ -354,6 +396,7 @@ def world_of(seed: int, structure: LogStructure) -> _World:
         s.n_related,
         s.n_tiers,
         s.domain_size,
+        s.tier_alignment,
     )
 
 

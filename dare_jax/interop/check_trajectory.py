@@ -194,57 +194,57 @@ def check_fixture(
                 state,
             )
         batches = experiment.train_batches(seed)
-        comparisons = []
         last = experiment.total_steps if steps is None else min(steps, experiment.total_steps)
-        for step in range(last):
+        ours = []
+        for _ in range(last):
             state, out = experiment.train_step(state, next(batches))
             v = {k: np.float64(x) for k, x in jax.device_get(out).items()}
-            ours = np.array([v["total"], v["ctr"] + v["aux"], v["aux"], v["l2"]])  # TERMS
-            if float64:
-                tolerance = FLOAT64_RTOL * np.abs(f64[step])
-            else:
-                tolerance = np.maximum(
-                    RELATIVE_FLOOR * np.abs(f64[step]),
-                    REFERENCE_DRIFT_FACTOR * np.abs(f32[step] - f64[step]),
-                )
-            tolerance = np.maximum(tolerance, np.finfo(np.float64).tiny)
-            comparisons.append(
-                StepComparison(
-                    step, ours, f32[step], f64[step], tolerance, float64 or step < required
-                )
+            ours.append([v["total"], v["ctr"] + v["aux"], v["aux"], v["l2"]])  # TERMS
+        f32, f64 = f32[:last], f64[:last]
+        if float64:
+            tolerance = FLOAT64_RTOL * np.abs(f64)
+        else:
+            drift = REFERENCE_DRIFT_FACTOR * np.abs(f32 - f64)
+            tolerance = np.maximum(RELATIVE_FLOOR * np.abs(f64), drift)
+        tolerance = np.maximum(tolerance, np.finfo(np.float64).tiny)
+        comparisons = [
+            StepComparison(
+                t, np.array(ours[t]), f32[t], f64[t], tolerance[t], float64 or t < required
             )
-        label = np.asarray(fixture["test_label"])
-        tests = []
-        for mode in BATCHNORM_MODES if steps is None else ():  # test clicks [N], file order
-            model = spec.model.replace(eval_batchnorm_uses_batch_stats=mode == "batch_stats")
-            prob = predict(Experiment(spec.replace(model=model), dataset), state, "test")["prob"]
-            ref64 = np.asarray(fixture[f"test_prob_f64/{mode}"], np.float64)
-            if prob.shape != ref64.shape:
-                raise ValueError(
-                    f"{path}: {ref64.shape[0]} test predictions, {data_dir} has {prob.shape[0]}"
-                )
-            diff = float(np.max(np.abs(prob - ref64)))
-            tests.append(
-                TestComparison(
-                    mode,
-                    metrics.auc(label, prob),
-                    metrics.auc(label, np.asarray(fixture[f"test_prob_f32/{mode}"])),
-                    metrics.auc(label, ref64),
-                    float(fixture[f"test_auc_f32/{mode}"]),
-                    float(fixture[f"test_auc_f64/{mode}"]),
-                    diff,
-                    required=float64,
-                    ok=diff <= FLOAT64_RTOL * float(np.max(np.abs(ref64))),
-                )
-            )
+            for t in range(last)
+        ]
+        modes = BATCHNORM_MODES if steps is None else ()
+        tests = [_test(fixture, spec, dataset, state, mode, float64) for mode in modes]
     return TrajectoryResult(
         str(path),
         spec.model.name,
         optimizer,
         "float64" if float64 else "float32",
-        min(last, len(f64) if float64 else required),
+        min(last, len(fixture["steps_f64"]) if float64 else required),
         comparisons,
         tests,
+    )
+
+
+def _test(fixture: dict, spec: ExperimentSpec, dataset, state, mode: str, float64: bool):
+    """The final test click probabilities `[N]` (file order) in one BatchNorm mode against the
+    official ones."""
+    model = spec.model.replace(eval_batchnorm_uses_batch_stats=mode == "batch_stats")
+    prob = predict(Experiment(spec.replace(model=model), dataset), state, "test")["prob"]
+    ref64 = np.asarray(fixture[f"test_prob_f64/{mode}"], np.float64)
+    if prob.shape != ref64.shape:
+        raise ValueError(f"{ref64.shape[0]} test predictions, {spec.data.dir} has {len(prob)}")
+    label, diff = np.asarray(fixture["test_label"]), float(np.max(np.abs(prob - ref64)))
+    return TestComparison(
+        mode,
+        metrics.auc(label, prob),
+        metrics.auc(label, np.asarray(fixture[f"test_prob_f32/{mode}"])),
+        metrics.auc(label, ref64),
+        float(fixture[f"test_auc_f32/{mode}"]),
+        float(fixture[f"test_auc_f64/{mode}"]),
+        diff,
+        required=float64,
+        ok=diff <= FLOAT64_RTOL * float(np.max(np.abs(ref64))),
     )
 
 

@@ -8,17 +8,17 @@ dense id).
 **Security:** these files can only be read with ``allow_pickle=True``, which can run
 arbitrary code from the file. Only import files you produced yourself or trust.
 
-Each distinct window ``(uid, hist_iid, hist_cid)`` becomes one sequence row of exactly 200
-ids (padding zeros included), numbered in order of first use; every sample points at its
-row with position 200 (``max_length = 200``). Samples keep their order: train in file order
-(already shuffled by the official script), then val, test.
+Each distinct window ``(uid, hist_iid, hist_cid)`` becomes one sequence row of exactly 200 ids
+(padding zeros included), numbered in order of first use; every sample points at its row with
+position 200 (``max_length = 200``). Samples keep their order: train in file order (already
+shuffled by the official script), then val, test.
 
 Files are read one at a time, converted to int32 and appended to the output ``.npy`` files
-(header fixed at the end), so memory does not grow with their number: one file's Python
-objects, the largest mapping dict, plus 28 bytes per distinct window. Windows are matched
-across files by 128-bit hashes (two independent 64-bit polynomial hashes), then compared
-element by element with their row (earlier files' rows read back from the output), so a
-hash collision raises instead of merging different histories.
+(header fixed at the end), so memory does not grow with their number: one file's Python objects,
+the largest mapping dict, plus 28 bytes per distinct window. Windows are matched across files by
+128-bit hashes (two independent 64-bit polynomial hashes), then compared element by element with
+their row (earlier files' rows read back from the output), so a hash collision raises instead of
+merging different histories.
 """
 
 from __future__ import annotations
