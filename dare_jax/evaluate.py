@@ -37,9 +37,11 @@ def predict(experiment: Experiment, state: dict, split: str) -> dict[str, np.nda
         rows=rows,
         histories=spec.data.histories,
     ):
+        columns = {key: batch[key] for key in COLUMNS}  # this process's rows, on the host
         batch = {**batch, "example_mask": valid[rows[0] : rows[1]]}
         batch = experiment.device_batch(batch, batch_size)
-        columns = experiment.replicate({key: batch[key] for key in COLUMNS})
+        if jax.process_count() > 1:  # every process needs every row's columns
+            columns = experiment.replicate({key: batch[key] for key in COLUMNS})
         outputs.append((experiment.eval_step(state, batch), columns, valid))  # fetched later
     out = {"prob": np.concatenate([np.asarray(p, np.float64)[v] for p, _, v in outputs])}
     for key in COLUMNS:
