@@ -16,12 +16,20 @@ test AUC) give:
   with its two-sided p;
 - the sign test (two-sided binomial p of the count of d_s > 0 among the non-zero d_s) and
   the Wilcoxon signed-rank test (two-sided, exact for small n without ties; scipy). With 5
-  seeds neither can go below p = 0.0625: 5 of 5 in one direction is the strongest they see.
+  seeds neither can go below p = 0.0625: 5 of 5 in one direction is the strongest they see;
+- the comparison of the two runs' spreads over the paired seeds (do A and B differ in
+  seed-to-seed variability?): the ratio of sample stds B/A, and the Pitman-Morgan test of
+  equal variances of paired samples (seed s of both runs shares initialisation and batch
+  order, so the two samples are not independent): with r the Pearson correlation of (a + b)
+  and (a - b) over the pairs (cov(a + b, a - b) = var(a) - var(b), so r = 0 <=> equal
+  variances), t = r sqrt((n - 2) / (1 - r^2)) and its two-sided p from Student's t with
+  n - 2 degrees of freedom (needs n >= 3; none when a + b or a - b is constant).
 
 With two --pair or more, two pooled rows: "pooled (pairs)" takes every pair's differences as
 one sample (the seed-level test: it ignores that the pairs' logs differ), "pooled (means)"
 takes each pair's mean gap as one observation (n = the number of pairs; the log-level
-test). Prints a markdown table; --out DIR also writes paired_gap.json and paired_gap.md.
+test); the spread columns are per pair only. Prints a markdown table; --out DIR also writes
+paired_gap.json and paired_gap.md.
 """
 
 from __future__ import annotations
@@ -82,6 +90,40 @@ def paired_statistics(differences: Sequence[float]) -> dict[str, Any]:
     return out
 
 
+def spread_statistics(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """Ratio of sample stds B/A and the Pitman-Morgan test of var(A) = var(B) of paired
+    samples a, b [n]: r = corr(a + b, a - b), t = r sqrt((n-2)/(1-r^2)), two-sided p (t, n-2)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    n = int(a.size)
+    out: dict[str, Any] = {
+        "std_ratio": math.nan,
+        "pitman_morgan_r": math.nan,
+        "pitman_morgan_t": math.nan,
+        "pitman_morgan_p": math.nan,
+    }
+    if n >= 2:
+        std_a, std_b = float(a.std(ddof=1)), float(b.std(ddof=1))
+        if std_a > 1e-12:
+            out["std_ratio"] = std_b / std_a
+    if n < 3:
+        return out
+    total, difference = a + b, a - b
+    total, difference = total - total.mean(), difference - difference.mean()
+    sd_total = math.sqrt(float(total @ total) / (n - 1))
+    sd_difference = math.sqrt(float(difference @ difference) / (n - 1))
+    if sd_total <= 1e-12 or sd_difference <= 1e-12:  # constant sum or difference: no r
+        return out
+    r = float(np.clip((total @ difference) / (n - 1) / (sd_total * sd_difference), -1.0, 1.0))
+    out["pitman_morgan_r"] = r
+    if r * r >= 1.0:
+        out["pitman_morgan_t"], out["pitman_morgan_p"] = math.copysign(math.inf, r), 0.0
+    else:
+        t = r * math.sqrt((n - 2) / (1.0 - r * r))
+        out["pitman_morgan_t"] = t
+        out["pitman_morgan_p"] = float(2 * stats.t.sf(abs(t), n - 2))
+    return out
+
+
 def compare(
     label: str,
     a: tuple[str, str | Path],
@@ -117,6 +159,7 @@ def compare(
         "differences": (xa - xb).tolist(),
     }
     row.update(paired_statistics(xa - xb))
+    row.update(spread_statistics(xa, xb))
     return row
 
 
@@ -139,23 +182,29 @@ def _number(value: float, digits: int = 4) -> str:
 def to_markdown(report: dict[str, Any]) -> str:
     metric = f"{report['split']} {report['metric']}"
     lines = [
-        f"| comparison | n | A: mean ± std | B: mean ± std | gap A-B | paired t 95 % CI | t p "
-        f"| A>B | sign p | Wilcoxon p |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        (
+            "| comparison | n | A: mean ± std | B: mean ± std | gap A-B | paired t 95 % CI | t p "
+            "| A>B | sign p | Wilcoxon p | std ratio B/A | Pitman-Morgan r | Pitman-Morgan p |"
+        ),
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in report["rows"] + report["pooled"]:
         if "mean_a" in row:
             names = f"{row['label']} ({row['a']['name']} - {row['b']['name']})"
             a = f"{_number(row['mean_a'])} ± {_number(row['std_a'])}"
             b = f"{_number(row['mean_b'])} ± {_number(row['std_b'])}"
+            spread = (
+                f"{_number(row['std_ratio'], 3)} | {_number(row['pitman_morgan_r'], 3)} "
+                f"| {_number(row['pitman_morgan_p'], 3)}"
+            )
         else:
-            names, a, b = row["label"], "", ""
+            names, a, b, spread = row["label"], "", "", " |  | "
         low, high = row["ci95"]
         lines.append(
             f"| {names} | {row['n']} | {a} | {b} | {_number(row['mean_gap'])} "
             f"| [{_number(low)}, {_number(high)}] | {_number(row['t_p'], 3)} "
             f"| {row['positive']}/{row['positive'] + row['negative']} "
-            f"| {_number(row['sign_p'], 3)} | {_number(row['wilcoxon_p'], 3)} |"
+            f"| {_number(row['sign_p'], 3)} | {_number(row['wilcoxon_p'], 3)} | {spread} |"
         )
     title = f"Paired gap of the {metric} (seed s of A with seed s of B)"
     return title + "\n\n" + "\n".join(lines) + "\n"

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
 import pytest
+from scipy import stats
 
 from analysis import paired_gap
 
@@ -39,6 +42,42 @@ def test_one_pair_matches_the_hand_computation(tmp_path):
     assert row["sign_p"] == pytest.approx(0.625)
     assert row["wilcoxon_p"] == pytest.approx(0.25)
     assert row["mean_a"] == pytest.approx(0.9225) and row["mean_b"] == pytest.approx(0.9025)
+    # Spreads over the 4 paired seeds. By hand: A deviations -.0025, .0175, -.0225, .0075,
+    # squares sum 8.75e-4, var 2.91667e-4; B deviations -.0025 (x3), .0075, squares sum 7.5e-5,
+    # var 2.5e-5; std ratio B/A = sqrt(2.5e-5 / 2.91667e-4) = 0.292770.
+    assert row["std_ratio"] == pytest.approx(0.292770, abs=1e-6)
+    # Pitman-Morgan, the oracle from numpy/scipy: r = corr(a + b, a - b), t with n - 2 = 2 df.
+    xa, xb = np.array([0.92, 0.94, 0.90, 0.93]), np.array([0.90, 0.90, 0.91, 0.90])
+    r = stats.pearsonr(xa + xb, xa - xb)[0]
+    t = r * math.sqrt(2 / (1 - r**2))
+    p = 2 * stats.t.sf(abs(t), 2)
+    # cov(a + b, a - b) = var(a) - var(b) > 0 here: r is positive (A spreads more).
+    assert r > 0
+    assert row["pitman_morgan_r"] == pytest.approx(r, rel=1e-9)
+    assert row["pitman_morgan_t"] == pytest.approx(t, rel=1e-9)
+    assert row["pitman_morgan_p"] == pytest.approx(p, rel=1e-9)
+
+
+def test_spread_statistics_edge_cases():
+    # Swapping A and B inverts the ratio and flips r and t; p is unchanged.
+    a, b = [0.1, 0.4, 0.2, 0.7, 0.5], [0.3, 0.35, 0.2, 0.4, 0.33]
+    forward, backward = paired_gap.spread_statistics(a, b), paired_gap.spread_statistics(b, a)
+    assert forward["std_ratio"] * backward["std_ratio"] == pytest.approx(1.0)
+    assert forward["pitman_morgan_r"] == pytest.approx(-backward["pitman_morgan_r"])
+    assert forward["pitman_morgan_p"] == pytest.approx(backward["pitman_morgan_p"])
+    r = np.corrcoef(np.add(a, b), np.subtract(a, b))[0, 1]
+    assert forward["pitman_morgan_r"] == pytest.approx(r)
+    assert forward["pitman_morgan_p"] == pytest.approx(
+        2 * stats.t.sf(abs(r) * math.sqrt(3 / (1 - r * r)), 3)
+    )
+    # Two pairs: a ratio but no test (n - 2 = 0 degrees of freedom).
+    two = paired_gap.spread_statistics([0.1, 0.3], [0.2, 0.3])
+    assert two["std_ratio"] == pytest.approx(0.5)
+    assert math.isnan(two["pitman_morgan_r"]) and math.isnan(two["pitman_morgan_p"])
+    # B = A + constant: a - b is constant, r is undefined (equal spreads, nothing to test).
+    shifted = paired_gap.spread_statistics([0.1, 0.4, 0.2], [0.2, 0.5, 0.3])
+    assert shifted["std_ratio"] == pytest.approx(1.0)
+    assert math.isnan(shifted["pitman_morgan_p"])
 
 
 def test_pooled_rows_and_the_cli(tmp_path, capsys):
@@ -70,6 +109,12 @@ def test_pooled_rows_and_the_cli(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| second (DARE - TWIN) | 3 |" in text and "pooled (pairs)" in text
     assert (out / "paired_gap.md").read_text() == text
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert table[0].endswith("| std ratio B/A | Pitman-Morgan r | Pitman-Morgan p |")
+    assert {line.count("|") for line in table} == {14}  # 13 columns on every row, pooled too
+    second = report["rows"][1]  # B constant: var(B) = 0, a + b = a - b + 1.8, r = 1
+    assert second["std_ratio"] == 0.0 and second["pitman_morgan_r"] == pytest.approx(1.0)
+    assert second["pitman_morgan_p"] == pytest.approx(0.0, abs=1e-6)
     # The validation split reads val.
     report = paired_gap.report_of([f"DARE={tmp_path}/y/dare,TWIN={tmp_path}/y/twin"], split="val")
     assert report["rows"][0]["mean_a"] == pytest.approx(0.43)
@@ -78,6 +123,7 @@ def test_pooled_rows_and_the_cli(tmp_path, capsys):
                             "--seeds", "0,2", "--out", str(out)]) == 0  # fmt: skip
     row = json.loads((out / "paired_gap.json").read_text())["rows"][0]
     assert row["seeds"] == [0, 2] and row["mean_gap"] == pytest.approx(0.005)
+    assert row["pitman_morgan_p"] is None  # n = 2: no Pitman-Morgan test (JSON null)
 
 
 def test_bad_pairs_are_named(tmp_path, capsys):
