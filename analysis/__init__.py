@@ -8,6 +8,10 @@ command line that writes its numbers as JSON next to its PNG figures.
     python -m analysis.discriminability --run DARE=RUN --run "DARE w/o TR=RUN" --out OUT
     python -m analysis.training_curves --run TWIN=RUN --run DARE=RUN --out OUT
     python -m analysis.efficiency --run DARE=RUN --run DARE-half=RUN --run TWIN=RUN --out OUT
+    python -m analysis.table --run RUN --run RUN --out OUT                   # Table 1
+    python -m analysis.paired_gap --pair LABEL:A=RUN,B=RUN --out OUT         # seed-paired gaps
+    python -m analysis.seed_summary ROOT --out OUT    # mean ± std of per-seed analyses
+    python -m analysis.log_stats FILE [FILE ...]      # SPEC 5b statistics of raw logs
 
 RUN is a run directory of `python -m dare_jax.main`; analyses that need the model restore its
 best Orbax checkpoint (`analysis.common.load_run`). Bad input ends with `error: ...` naming the
