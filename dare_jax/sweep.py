@@ -144,7 +144,7 @@ def run_sweep(specs: Sequence[config_lib.ExperimentSpec]) -> None:
             train.run(spec)
 
 
-def _dims(values: Sequence[str] | None) -> list[int] | None:
+def parse_dims(values: Sequence[str] | None) -> list[int] | None:
     """--dims as positive integers (None when not given)."""
     if not values:
         return None
@@ -168,7 +168,7 @@ def main(argv: list[str]) -> None:
     try:
         config_file = config_flags.get_config_filename(config_flag)
         overrides = config_flags.get_override_values(config_flag)
-        specs = sweep_specs(config_file, _MODELS.value, _dims(_DIMS.value), overrides, _OUT.value)
+        specs = sweep_specs(config_file, _MODELS.value, parse_dims(_DIMS.value), overrides, _OUT.value)
         run_sweep(specs)
     except (SweepError, *driver.user_errors()) as error:
         print(f"error: {error}", file=sys.stderr)

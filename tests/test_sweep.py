@@ -132,7 +132,7 @@ def test_grid_configs_and_refusals(tmp_path, monkeypatch):
         (["dare"], None, {"workdir": "x"}, "use --out DIR"),
     ]
     with pytest.raises(sweep.SweepError, match="--dims 'x'"):
-        sweep._dims(["16", "x"])
+        sweep.parse_dims(["16", "x"])
     for models, dims, overrides, message in refusals:
         with pytest.raises(sweep.SweepError, match=message):
             sweep.sweep_specs("configs/taobao.py", models, dims, overrides)
