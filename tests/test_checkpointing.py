@@ -126,6 +126,7 @@ def test_array_larger_than_the_save_limit_round_trips(tmp_path):
     checkpoints.save(LATEST, 1, big, {"n": 1})
     checkpoints.save(LATEST, 2, _state(2.0), {"n": 2})
     checkpoints.save(BEST, 3, big, {"n": 3})
+    checkpoints.close()  # saves are asynchronous: a second reader sees only finished writes
     restored, progress = RunCheckpoints(tmp_path).restore(
         BEST, {"table": jax.ShapeDtypeStruct((10**9 + 1,), jnp.uint8)}
     )
