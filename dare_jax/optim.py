@@ -289,9 +289,8 @@ class RowSparseAdam(_Adam):
         def shaped(moments):
             return jax.tree.map(lambda m, p: m.reshape(p.shape), moments, params)
 
-        template = adam(self.lr, self.b1, self.b2, self.eps).init(
-            jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
-        )
+        # Shapes only: materialising the template's zero moments cost every save a second or more.
+        template = jax.eval_shape(adam(self.lr, self.b1, self.b2, self.eps).init, params)
         head = template[0]._replace(count=state.count, mu=shaped(state.mu), nu=shaped(state.nu))
         return (head, *template[1:])
 
