@@ -200,9 +200,8 @@ class Experiment:
 
     def checkpoint_template(self) -> dict:
         """Shapes, dtypes and shardings of the state as checkpoints hold it, uncomputed."""
-        optimizer = steps.checkpoint_optimizer(self.optimizer)
-        abstract = steps.abstract_state(self.model, optimizer, self.example_batch())
-        return self.partitioner.abstract(abstract)
+        abstract = steps.abstract_state(self.model, self.optimizer, self.example_batch())
+        return self.partitioner.abstract(steps.to_checkpoint(abstract))
 
     def restore(self, checkpoints, which: str, step: int | None = None) -> tuple[dict, dict]:
         """(state, progress) from a `latest` or `best` checkpoint of a `RunCheckpoints`."""
@@ -210,7 +209,7 @@ class Experiment:
         return self._compiled.from_checkpoint(saved), progress
 
     def save(self, checkpoints, which: str, step: int, state: dict, progress: dict) -> None:
-        checkpoints.save(which, step, steps.to_checkpoint(state, self.optimizer), progress)
+        checkpoints.save(which, step, steps.to_checkpoint(state), progress)
 
     @functools.cached_property
     def replicate(self):

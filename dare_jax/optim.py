@@ -24,9 +24,8 @@ b2 0.999, eps 1e-8, bias correction; the L2 penalty is part of the loss):
   SparseAdam, a row first seen at step 1,000 takes a first step 0.1 sqrt(1 - 0.999^1000) /
   sqrt(0.001) = 2.5 times Adam's). A row looked up at every step follows dense Adam.
 
-Checkpoints hold RowSparseAdam's state in `adam`'s layout (`to_optax_state`) without the scratch
-buffers, so a run can be resumed or analysed with either; LazyAdam's state (row counts included)
-is checkpointed as it is.
+Checkpoints hold each optimizer's state as it is (RowSparseAdam's flat moments too, without
+its scratch buffers): converting them would copy every table's moments at every save.
 """
 
 from __future__ import annotations
@@ -59,7 +58,7 @@ Rows = dict[TableKey, list[tuple[jax.Array, jax.Array]]]
 
 class RowSparseAdamState(NamedTuple):
     """count: int32 `[]` steps done; mu, nu: nested like the params, table leaves flat
-    `[rows * d]` (the checkpointed part; see `to_optax_state`)."""
+    `[rows * d]` (the checkpointed part)."""
 
     count: jax.Array
     mu: Any
@@ -282,22 +281,6 @@ class RowSparseAdam(_Adam):
         params, mu, nu = self._update_all(params, state, dense_grads, table_rows, count, table_step)
         scratch = TableScratch(**{name: unflatten_params(flat) for name, flat in new.items()})
         return params, RowSparseAdamState(count, mu, nu), scratch
-
-    def to_optax_state(self, state: RowSparseAdamState, params: Any) -> Any:
-        """The same state in optax.adam's layout (moments shaped like the params)."""
-
-        def shaped(moments):
-            return jax.tree.map(lambda m, p: m.reshape(p.shape), moments, params)
-
-        # Shapes only: materialising the template's zero moments cost every save a second or more.
-        template = jax.eval_shape(adam(self.lr, self.b1, self.b2, self.eps).init, params)
-        head = template[0]._replace(count=state.count, mu=shaped(state.mu), nu=shaped(state.nu))
-        return (head, *template[1:])
-
-    def from_optax_state(self, optax_state: Any) -> RowSparseAdamState:
-        """Inverse of `to_optax_state`."""
-        count, mu, nu = optax_state[0]  # optax.ScaleByAdamState
-        return RowSparseAdamState(count, _flat_tables(mu), _flat_tables(nu))
 
 
 @dataclasses.dataclass(frozen=True)

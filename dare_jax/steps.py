@@ -31,13 +31,6 @@ Optimizer = optax.GradientTransformation | optim_lib.RowSparseAdam | optim_lib.L
 RowGradientOptimizer = (optim_lib.RowSparseAdam, optim_lib.LazyAdam)
 
 
-def checkpoint_optimizer(optimizer: Optimizer) -> Optimizer:
-    """The optimizer whose state layout checkpoints use (`adam`'s for RowSparseAdam)."""
-    if isinstance(optimizer, optim_lib.RowSparseAdam):
-        return optim_lib.adam(optimizer.lr, optimizer.b1, optimizer.b2, optimizer.eps)
-    return optimizer
-
-
 def init_state_fn(model: Any, optimizer: Optimizer, first=lambda f: f, second=lambda f: f):
     """The pure `init_state(init_rng, example_batch, step_rng) -> State`, in two parts passed
     through `first` / `second` (`make_init_state` jits them): the state without the
@@ -74,13 +67,11 @@ def _init_scratch(model, optimizer, variables, batch) -> optim_lib.TableScratch:
     return optimizer.init_scratch(variables["params"], sizes)
 
 
-def to_checkpoint(state: State, optimizer: Optimizer) -> State:
-    """The state as checkpoints hold it: optax.adam's layout, without scratch buffers."""
-    if not isinstance(optimizer, optim_lib.RowSparseAdam):
-        return state
-    saved = {key: value for key, value in state.items() if key != "scratch"}
-    saved["opt_state"] = optimizer.to_optax_state(state["opt_state"], state["params"])
-    return saved
+def to_checkpoint(state: State) -> State:
+    """The state as checkpoints hold it: every optimizer's state as it is, without
+    RowSparseAdam's scratch buffers; the same arrays, nothing copied (a save stalls the
+    training loop for as long as this takes)."""
+    return {key: value for key, value in state.items() if key != "scratch"}
 
 
 def make_from_checkpoint(
@@ -92,9 +83,8 @@ def make_from_checkpoint(
         return lambda saved: saved
 
     def from_checkpoint(saved: State) -> State:
-        state = {**saved, "opt_state": optimizer.from_optax_state(saved["opt_state"])}
         variables = {"params": saved["params"], "batch_stats": saved["batch_stats"]}
-        return {**state, "scratch": _init_scratch(model, optimizer, variables, example_batch)}
+        return {**saved, "scratch": _init_scratch(model, optimizer, variables, example_batch)}
 
     return jax.jit(from_checkpoint, out_shardings=state_shardings)
 

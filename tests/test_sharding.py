@@ -37,6 +37,10 @@ TABLES = "embed/.*/(item|category)$"  # item and category tables split by rows
 # setup: DARE's losses agree to 2e-7 at every step, TWIN's to 6e-4 by step 10).
 FIRST_STEPS_RTOL = 1e-5  # steps 1-2: the same initial state and the same global batches
 LOSS_RTOL = 2e-3
+# The L2 penalty sums the squares of weights that Adam moves by ~lr whatever their gradient:
+# on another CPU (AMD EPYC, 2026-12) TWIN's differed by 3e-3 at step 8 and 5e-3 at step 10,
+# its losses by 4e-4, growing smoothly from step 3 (metrics.jsonl of both runs).
+L2_RTOL = 1e-2
 LOG_LOSS_ATOL = 1e-3
 # AUC-type metrics are rank statistics: the 10-step models' probabilities are nearly
 # tied, so a rounding-level difference swaps pairs (measured up to 1.3e-2 for TWIN);
@@ -94,7 +98,8 @@ def assert_same_run(workdir: Path, reference: Path, seed: int = 0) -> None:
             if key in ("step", "split", "best_step"):
                 continue
             if mine["split"] == "train":
-                rtol = FIRST_STEPS_RTOL if mine["step"] <= 2 else LOSS_RTOL
+                later = L2_RTOL if key == "l2" else LOSS_RTOL
+                rtol = FIRST_STEPS_RTOL if mine["step"] <= 2 else later
                 assert mine[key] == pytest.approx(value, rel=rtol, abs=1e-7), (key, mine)
             else:
                 assert mine[key] == pytest.approx(value, abs=_tolerance(key)), (key, mine)
@@ -185,8 +190,11 @@ def test_8_devices_give_the_1_device_numbers(runs, name):
         eight = np.load(root / f"{name}_8/seed_0/embeddings" / table)
         assert one.shape == eight.shape
         # Tables move by ~lr (0.01) per Adam step; rounding-level gradient differences
-        # flip a few near-zero updates (see the tolerances above).
-        np.testing.assert_allclose(eight, one, atol=2e-3)
+        # flip a few near-zero updates (see the tolerances above): on the AMD EPYC machine 10
+        # of TWIN's 15,580 item-table entries differed by 2e-3 to 2.3e-2 after 10 steps.
+        far = np.abs(eight - one) > 2e-3
+        assert far.mean() < 2e-3, (table, int(far.sum()))
+        np.testing.assert_allclose(eight, one, atol=10 * 0.01)  # never more than 10 steps' lr
 
 
 def test_run_killed_on_1_device_resumes_on_8(runs):
